@@ -1,0 +1,1 @@
+"""medsilo tests: ``unit`` (seconds), ``sim`` (simulator jobs), ``deploy`` (real processes)."""
