@@ -1,0 +1,227 @@
+"""Job spec (``jobs/*.yml``): what a data scientist asks the federation to train (DESIGN §7).
+
+A job names a dataset, never a path; each site resolves the name through its own config. Example::
+
+    name: cxr-fedavg
+    modality: cxr
+    classes: [normal, pneumonia]
+    dataset: cxr
+    image_size: 64
+    model: cnn                     # or a map site -> backbone for heterogeneous jobs
+    feature_dim: 64
+    algorithm: {name: fedavg, params: {}}
+    training: {rounds: 10, local_epochs: 1, batch_size: 32, lr: 0.01}
+    privacy: {mode: none}
+    seed: 0
+
+Algorithm hyper-parameters (``algorithm.params``) are checked by the algorithm's own config when the
+job is built; here they only have to be plain scalars or lists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from medsilo.config.common import SITE_NAME_PATTERN, Modality, PrivacyMode, Strict
+from medsilo.config.loading import load_yaml
+from medsilo.errors import did_you_mean
+from medsilo.medical.models import BACKBONES
+
+ALGORITHMS: tuple[str, ...] = (
+    # personalized FL, one backbone everywhere (DESIGN §4)
+    "local", "fedavg", "fedprox", "ditto", "fedrep", "fedper", "fedala", "feddbe", "gpfl", "fedcp",
+    # heterogeneous FL, a backbone per site with a shared feature dimension
+    "fedproto", "fedtgp", "fedktl", "feddistill", "lg-fedavg",
+)  # fmt: skip
+"""Algorithm names a job may use; ``medsilo.components.algorithms`` registers one module per name."""
+
+ClassName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_ .-]{0,62}$")]
+Scalar = bool | int | float | str
+
+
+def check_algorithm(name: str) -> str:
+    """Lower-case ``name`` and check it is a known algorithm (with a "did you mean" otherwise)."""
+    key = str(name).lower()
+    if key not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm; {did_you_mean(key, ALGORITHMS)}choose from {', '.join(ALGORITHMS)}")
+    return key
+
+
+def check_backbone(name: str) -> str:
+    """Check ``name`` is a model-zoo backbone (with a "did you mean" otherwise)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone; {did_you_mean(name, BACKBONES)}choose from {', '.join(BACKBONES)}")
+    return name
+
+
+class AlgorithmSpec(Strict):
+    """Which algorithm runs and its hyper-parameters (names as in the algorithm's ``Config``)."""
+
+    name: str
+    params: dict[str, Scalar | list[Scalar]] = {}
+
+    _name = field_validator("name")(check_algorithm)
+
+
+class Training(Strict):
+    """The shared local-training loop's settings.
+
+    Attributes:
+        rounds: federated rounds (≥ 1).
+        local_epochs: passes over the local train split per round (≥ 1).
+        batch_size: mini-batch size (≥ 1; a site may cap it).
+        lr: learning rate of the local optimizer (> 0).
+        optimizer: ``sgd`` (momentum below) or ``adam``.
+        momentum: SGD momentum in [0, 1).
+        weight_decay: L2 penalty (≥ 0).
+    """
+
+    rounds: int = Field(default=10, ge=1)
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=0.01, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class DPSpec(Strict):
+    """Gaussian-mechanism parameters for ``dp`` and ``ckks+dp`` (DESIGN §5).
+
+    Attributes:
+        noise_multiplier: noise std as a multiple of the clipping bound (> 0).
+        clip: L2 clipping bound of each per-site contribution (> 0).
+        delta: δ the site's accountant reports ε at (0 < δ < 1).
+    """
+
+    noise_multiplier: float = Field(gt=0)
+    clip: float = Field(gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+
+
+class PrivacySpec(Strict):
+    """What the job asks sites to protect; a site may demand more (its own policy wins).
+
+    Attributes:
+        mode: ``none``, ``dp``, ``ckks`` or ``ckks+dp``.
+        dp: required for the ``dp`` modes.
+        min_contributors: distinct sites an encrypted aggregate needs before anyone decrypts it (≥ 1).
+        poly_modulus_degree: CKKS ring size N (slots = N/2).
+    """
+
+    mode: PrivacyMode = "none"
+    dp: DPSpec | None = None
+    min_contributors: int = Field(default=2, ge=1)
+    poly_modulus_degree: Literal[4096, 8192, 16384] = 8192
+
+    @model_validator(mode="after")
+    def _dp_given_when_needed(self) -> "PrivacySpec":
+        if "dp" in self.mode and self.dp is None:
+            raise ValueError(f"mode '{self.mode}' needs a 'dp' section (noise_multiplier, clip, delta)")
+        return self
+
+
+class PCEvolveSpec(Strict):
+    """PCEvolve at named scarce sites before federated training (DESIGN §9).
+
+    Attributes:
+        sites: sites that synthesize data for themselves.
+        epsilon: total ε each of those sites spends on selection (> 0).
+        images_per_class: synthetic images kept per class (≥ 1).
+        iterations: evolution iterations (≥ 1).
+        generator: generator plug-in name (``procedural`` needs no download).
+    """
+
+    sites: list[Annotated[str, StringConstraints(pattern=SITE_NAME_PATTERN)]] = Field(min_length=1)
+    epsilon: float = Field(gt=0)
+    images_per_class: int = Field(default=50, ge=1)
+    iterations: int = Field(default=5, ge=1)
+    generator: str = "procedural"
+
+
+class Augmentation(Strict):
+    """Optional data augmentation that runs before training."""
+
+    pcevolve: PCEvolveSpec | None = None
+
+
+class Evaluation(Strict):
+    """How rounds are scored: the reported round is chosen on ``select_on``, never on test."""
+
+    select_on: Literal["val_acc"] = "val_acc"
+
+
+class JobSpec(Strict):
+    """A job spec file, validated.
+
+    Attributes:
+        name: job name (letters, digits, ``_ . -``).
+        modality: ``cxr`` or ``pathology``.
+        classes: class names in label order (≥ 2, unique).
+        dataset: the dataset name each site resolves through its own config.
+        image_size: square input side in pixels (8–512).
+        model: one backbone for every site, or a map site → backbone (heterogeneous FL).
+        feature_dim: the shared feature dimension d every backbone emits (≥ 2).
+        algorithm, training, privacy, augmentation, evaluation: see their classes.
+        seed: seeds model initialisation, data order and augmentation.
+    """
+
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+    modality: Modality
+    classes: list[ClassName] = Field(min_length=2)
+    dataset: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+    image_size: int = Field(default=64, ge=8, le=512)
+    model: Any = "cnn"
+    feature_dim: int = Field(default=64, ge=2)
+    algorithm: AlgorithmSpec
+    training: Training = Training()
+    privacy: PrivacySpec = PrivacySpec()
+    augmentation: Augmentation = Augmentation()
+    evaluation: Evaluation = Evaluation()
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, value: list[str]) -> list[str]:
+        dupes = sorted({c for c in value if value.count(c) > 1})
+        if dupes:
+            raise ValueError(f"class names must be unique; repeated: {', '.join(dupes)}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: Any) -> str | dict[str, str]:
+        if isinstance(value, str):
+            return check_backbone(value)
+        if isinstance(value, dict) and value:
+            out = {}
+            for site, backbone in value.items():
+                if not isinstance(site, str) or not isinstance(backbone, str):
+                    raise ValueError("must map site names to backbone names")
+                try:
+                    out[site] = check_backbone(backbone)
+                except ValueError as exc:
+                    raise ValueError(f"site '{site}': {exc}") from None
+            return out
+        raise ValueError("must be a backbone name or a non-empty map site -> backbone name")
+
+    @property
+    def heterogeneous(self) -> bool:
+        """True when sites may run different backbones."""
+        return isinstance(self.model, dict)
+
+    def backbone_for(self, site: str) -> str:
+        """The backbone ``site`` trains; raises ``KeyError`` naming the site if the map lacks it."""
+        if isinstance(self.model, str):
+            return self.model
+        if site not in self.model:
+            raise KeyError(f"job '{self.name}': model: no backbone given for site '{site}'")
+        return self.model[site]
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Read and validate a job spec file."""
+    return load_yaml(path, JobSpec)

@@ -1,0 +1,125 @@
+"""Read a YAML file into a validated pydantic model, with errors that name file, field and value.
+
+Every config in medsilo (site config, job spec, ``sites.yml``) goes through :func:`load_yaml`, so a
+user sees one style of message everywhere::
+
+    jobs/cxr.yml: training.rounds: must be greater than 0, got -3
+    site.yml: privacy.required_mode: must be one of 'none', 'dp', 'ckks', 'ckks+dp', got 'ckk'
+    site.yml: datasets.cxr.manifst: unknown field; did you mean 'manifest'? (allowed: manifest, modality)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from medsilo.errors import MedsiloError, did_you_mean
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(MedsiloError):
+    """A config file that cannot be used.
+
+    Attributes:
+        file: the file (or a label such as ``<job spec>`` for in-memory configs).
+        problems: one ``"field: what is wrong"`` string per problem.
+    """
+
+    def __init__(self, file: str | Path, problems: list[str]):
+        self.file = str(file)
+        self.problems = problems
+        super().__init__("; ".join(f"{self.file}: {p}" for p in problems))
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-"))]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The pydantic model inside an annotation, and whether it sits behind a ``dict[str, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    is_mapping = getattr(annotation, "__origin__", None) is dict
+    for arg in getattr(annotation, "__args__", ()):
+        found, inner_mapping = _model_in(arg)
+        if found is not None:
+            return found, is_mapping or inner_mapping
+    return None, False
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the sub-model that holds the unknown key ``loc[-1]``."""
+    current: type[BaseModel] | None = model
+    parts = list(loc[:-1])
+    while parts and current is not None:
+        field = current.model_fields.get(str(parts.pop(0)))
+        if field is None:
+            return []
+        current, is_mapping = _model_in(field.annotation)
+        if is_mapping and parts:
+            parts.pop(0)  # the user's key, e.g. a site or dataset name
+    return list(current.model_fields) if current is not None else []
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = tuple(err["loc"])
+    field = _field_name(loc)
+    kind = err["type"]
+    if kind == "missing":
+        return f"{field}: required field is missing"
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(model, loc)
+        hint = did_you_mean(str(loc[-1]), allowed)
+        return f"{field}: unknown field; {hint}(allowed: {', '.join(allowed)})"
+    msg = str(err["msg"])
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    msg = msg.replace("Input should be", "must be")
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    value = err.get("input")
+    if isinstance(value, (dict, list)):
+        return f"{field}: {msg}"
+    return f"{field}: {msg}, got {value!r}"
+
+
+def validate(data: Any, model: type[M], file: str | Path, *, context: dict[str, Any] | None = None) -> M:
+    """Validate already-parsed data against ``model``; raise :class:`ConfigError` naming each bad field.
+
+    Args:
+        data: the parsed YAML/JSON object.
+        model: the pydantic model class.
+        file: what to call the source in messages.
+        context: passed to pydantic validators (e.g. the file's directory for relative paths).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(file, [f"expected a mapping of fields at the top level, got {type(data).__name__}"])
+    try:
+        return model.model_validate(data, context={"file": Path(file), **(context or {})})
+    except ValidationError as exc:
+        raise ConfigError(file, [_describe(e, model) for e in exc.errors()]) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error becomes a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, ["file not found; check the path"])
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(path, [f"{where}not valid YAML ({exc.problem}); fix the syntax there"]) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, [f"not valid YAML ({exc})"]) from None
+
+
+def load_yaml(path: str | Path, model: type[M]) -> M:
+    """Read ``path`` and validate it as ``model`` (relative paths inside resolve against its folder)."""
+    path = Path(path)
+    return validate(read_yaml(path), model, path, context={"base_dir": path.resolve().parent})

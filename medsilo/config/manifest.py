@@ -1,0 +1,223 @@
+"""Dataset manifests: ``path,label[,patient_id,split]`` CSV files (DESIGN §7).
+
+One row per image. ``path`` is relative to the manifest's folder (or absolute); ``label`` is a class
+name; ``patient_id`` is the site's pseudonym of the patient; ``split`` is ``train``, ``val`` or ``test``.
+
+Splits are by patient, never by image: a patient whose rows name two different splits is an error.
+When the manifest has no ``split`` column, every patient is assigned one from a hash of its
+``patient_id`` (60 / 20 / 20 by default), so the assignment is stable across runs and machines.
+When it has no ``patient_id`` column, each image counts as its own patient, and a warning says so.
+
+Messages name the manifest, the line and the column; they never repeat patient IDs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medsilo.errors import did_you_mean
+from medsilo.errors import DataError
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "split", "source")
+"""Known columns. ``source`` marks where an image came from (e.g. ``pcevolve`` for synthetic images)."""
+
+
+class ManifestError(DataError):
+    """A manifest that cannot be used as it is."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One image of a manifest.
+
+    Attributes:
+        path: absolute path of the image file.
+        label: index into the manifest's ``classes``.
+        patient_id: the site's pseudonym of the patient (never logged).
+        split: ``train``, ``val`` or ``test``.
+        line: 1-based line number in the CSV, for messages.
+        source: empty for the site's own images; otherwise what produced the image.
+    """
+
+    path: Path
+    label: int
+    patient_id: str
+    split: str
+    line: int
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed manifest: its file, class names in label order, and rows."""
+
+    file: Path
+    classes: tuple[str, ...]
+    rows: tuple[ManifestRow, ...]
+
+    def split(self, name: str) -> list[ManifestRow]:
+        """Rows of one split (``train``, ``val`` or ``test``)."""
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return [r for r in self.rows if r.split == name]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class: ``{split: {class: n}}`` (every class listed, zeros included)."""
+        tally = Counter((r.split, r.label) for r in self.rows)
+        return {s: {c: tally[(s, k)] for k, c in enumerate(self.classes)} for s in SPLITS}
+
+
+def assign_split(patient_id: str, fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> str:
+    """Deterministic split of a patient from a hash of its ID (same answer on every machine)."""
+    digest = hashlib.sha256(patient_id.encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    edge = 0.0
+    for name, frac in zip(SPLITS, fractions):
+        edge += frac
+        if u < edge:
+            return name
+    return SPLITS[-1]
+
+
+def read_manifest(
+    path: str | Path,
+    classes: Sequence[str] | None = None,
+    *,
+    split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+) -> Manifest:
+    """Parse and check a manifest.
+
+    Args:
+        path: the CSV file.
+        classes: class names in label order (from the job). ``None`` takes the sorted labels found.
+        split_fractions: train/val/test shares used only when the manifest has no ``split`` column.
+
+    Returns:
+        The manifest with absolute image paths and integer labels.
+
+    Raises:
+        ManifestError: missing file, missing or unknown column, empty file, unknown label or split,
+            duplicate path, a patient in two splits — each naming the file, line and column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found; check the dataset's 'manifest' path in the site config")
+    try:
+        with path.open("r", encoding="utf-8-sig", newline="") as fh:
+            raw = list(csv.reader(fh))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(f"{path}: not a readable UTF-8 CSV file ({exc})") from None
+    if not raw or not any(cell.strip() for cell in raw[0]):
+        raise ManifestError(f"{path}: empty manifest; expected a header line 'path,label[,patient_id,split]'")
+
+    header = [h.strip().lower() for h in raw[0]]
+    for name in header:
+        if name not in COLUMNS:
+            raise ManifestError(
+                f"{path}: line 1: unknown column '{name}'; {did_you_mean(name, COLUMNS)}"
+                f"allowed columns: {', '.join(COLUMNS)}"
+            )
+    for required in ("path", "label"):
+        if required not in header:
+            raise ManifestError(f"{path}: line 1: missing required column '{required}' (header: {','.join(header)})")
+    if len(set(header)) != len(header):
+        raise ManifestError(f"{path}: line 1: repeated column name in header {','.join(header)}")
+
+    records: list[tuple[int, dict[str, str]]] = []
+    for lineno, cells in enumerate(raw[1:], start=2):
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            raise ManifestError(f"{path}: line {lineno}: expected {len(header)} values, got {len(cells)}")
+        records.append((lineno, {h: c.strip() for h, c in zip(header, cells)}))
+    if not records:
+        raise ManifestError(f"{path}: manifest has a header but no rows")
+
+    if classes is None:
+        classes = sorted({rec["label"] for _, rec in records if rec["label"]})
+    classes = tuple(classes)
+    has_patient = "patient_id" in header
+    has_split = "split" in header and any(rec["split"] for _, rec in records)
+    if not has_patient:
+        warnings.warn(
+            f"{path}: no patient_id column; each image is treated as its own patient, "
+            "so splits cannot keep a patient's images together",
+            stacklevel=2,
+        )
+
+    base = path.resolve().parent
+    rows: list[ManifestRow] = []
+    seen_paths: dict[Path, int] = {}
+    patient_split: dict[str, tuple[str, int]] = {}
+    for lineno, rec in records:
+        where = f"{path}: line {lineno}"
+        if not rec["path"]:
+            raise ManifestError(f"{where}: path: empty")
+        img = Path(rec["path"]).expanduser()
+        img = img if img.is_absolute() else base / img
+        if img in seen_paths:
+            raise ManifestError(f"{where}: path: same image as line {seen_paths[img]}; list each image once")
+        seen_paths[img] = lineno
+
+        label = rec["label"]
+        if label not in classes:
+            raise ManifestError(
+                f"{where}: label: '{label}' is not a class of this job; "
+                f"{did_you_mean(label, classes)}classes: {', '.join(classes)}"
+            )
+        patient = rec.get("patient_id", "") if has_patient else ""
+        if has_patient and not patient:
+            raise ManifestError(f"{where}: patient_id: empty; give every row the patient's pseudonym")
+        patient = patient or f"image:{rec['path']}"
+
+        if has_split:
+            split = rec["split"].lower()
+            if split not in SPLITS:
+                raise ManifestError(
+                    f"{where}: split: '{rec['split']}' is not a split; {did_you_mean(split, SPLITS)}"
+                    f"use one of {', '.join(SPLITS)}"
+                )
+        else:
+            split = assign_split(patient, split_fractions)
+        if patient in patient_split and patient_split[patient][0] != split:
+            other_split, other_line = patient_split[patient]
+            raise ManifestError(
+                f"{where}: split: this patient is in '{other_split}' on line {other_line} and in '{split}' here; "
+                "splits must be by patient"
+            )
+        patient_split.setdefault(patient, (split, lineno))
+        rows.append(
+            ManifestRow(
+                path=img,
+                label=classes.index(label),
+                patient_id=patient,
+                split=split,
+                line=lineno,
+                source=rec.get("source", ""),
+            )
+        )
+    return Manifest(file=path, classes=classes, rows=tuple(rows))
+
+
+def write_manifest(path: str | Path, rows: Sequence[dict[str, str]]) -> None:
+    """Write a manifest from dicts with the keys of :data:`COLUMNS` (``source`` optional).
+
+    Paths should already be relative to ``path``'s folder. Written to a temporary file first and
+    renamed, so a reader never sees half a manifest.
+    """
+    path = Path(path)
+    columns = [c for c in COLUMNS if c != "source" or any(r.get("source") for r in rows)]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="raise", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in columns})
+    tmp.replace(path)

@@ -1,0 +1,144 @@
+"""Job spec, site config and sites.yml: valid files load; bad ones name file, field, value and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medsilo.config import ConfigError, load_job_spec, load_site_config, load_sites_file
+from medsilo.config.job import ALGORITHMS, JobSpec
+from medsilo.config.loading import validate
+from medsilo.medical.models import BACKBONES
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+MINIMAL_JOB = {
+    "name": "t",
+    "modality": "cxr",
+    "classes": ["normal", "pneumonia"],
+    "dataset": "cxr",
+    "algorithm": {"name": "fedavg"},
+}
+
+
+def _yaml(tmp_path: Path, data, name: str = "f.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("spec", sorted(JOBS.glob("*.yml")), ids=lambda p: p.name)
+def test_ready_made_job_specs_are_valid(spec):
+    job = load_job_spec(spec)
+    assert job.algorithm.name in ALGORITHMS
+    assert job.model in BACKBONES
+
+
+def test_defaults_and_normalisation():
+    job = validate({**MINIMAL_JOB, "algorithm": {"name": "FedAvg"}}, JobSpec, "j.yml")
+    assert job.algorithm.name == "fedavg"
+    assert job.training.rounds == 10 and job.privacy.mode == "none" and job.image_size == 64
+    assert not job.heterogeneous and job.backbone_for("any-site") == "cnn"
+
+
+def test_heterogeneous_model_map():
+    job = validate({**MINIMAL_JOB, "model": {"hospital-1": "cnn", "hospital-2": "resnet18"}}, JobSpec, "j.yml")
+    assert job.heterogeneous
+    assert job.backbone_for("hospital-2") == "resnet18"
+    with pytest.raises(KeyError, match="no backbone given for site 'hospital-9'"):
+        job.backbone_for("hospital-9")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"training": {"rounds": -3}}, r"training\.rounds: must be greater than or equal to 1, got -3"),
+        ({"algorithm": {"name": "fedavgg"}}, r"algorithm\.name: unknown algorithm; did you mean 'fedavg'\?"),
+        ({"modality": "ct"}, r"modality: must be 'cxr' or 'pathology', got 'ct'"),
+        ({"privacy": {"mode": "ckk"}}, r"privacy\.mode: must be 'none', 'dp', 'ckks' or 'ckks\+dp', got 'ckk'"),
+        ({"privacy": {"mode": "dp"}}, r"privacy: mode 'dp' needs a 'dp' section"),
+        ({"privacy": {"mode": "dp", "dp": {"noise_multiplier": 1.0, "clip": 0}}},
+         r"privacy\.dp\.clip: must be greater than 0, got 0"),
+        ({"classes": ["normal"]}, r"classes: list should have at least 2 items"),
+        ({"classes": ["a", "b", "a"]}, r"classes: class names must be unique; repeated: a"),
+        ({"model": "resnet-18"}, r"model: unknown backbone; did you mean 'resnet18'\?"),
+        ({"model": {"hospital-1": "vit"}}, r"model: site 'hospital-1': unknown backbone"),
+        ({"trainning": {}}, r"trainning: unknown field; did you mean 'training'\? \(allowed: name, modality"),
+        ({"training": {"epochs": 2}}, r"training\.epochs: unknown field; .*allowed: rounds, local_epochs"),
+        ({"augmentation": {"pcevolve": {"sites": [], "epsilon": 1}}}, r"augmentation\.pcevolve\.sites: list should have at least 1 item"),
+    ],
+)  # fmt: skip
+def test_bad_job_specs_name_the_field(tmp_path, change, match):
+    path = _yaml(tmp_path, {**MINIMAL_JOB, **change}, "job.yml")
+    with pytest.raises(ConfigError, match=match) as info:
+        load_job_spec(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_missing_required_field(tmp_path):
+    data = {k: v for k, v in MINIMAL_JOB.items() if k != "dataset"}
+    with pytest.raises(ConfigError, match=r"dataset: required field is missing"):
+        load_job_spec(_yaml(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("name: [unclosed\n", r"line 2, column 1: not valid YAML"),
+        ("- a\n- b\n", r"expected a mapping of fields at the top level, got list"),
+        ("", r"expected a mapping of fields at the top level, got NoneType"),
+    ],
+)
+def test_malformed_yaml(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_job_spec(_yaml(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yml: file not found"):
+        load_job_spec(tmp_path / "nope.yml")
+
+
+def test_site_config_resolves_relative_manifest_and_defaults(tmp_path):
+    path = _yaml(tmp_path, {"site": "hospital-1", "datasets": {"cxr": {"manifest": "data/m.csv", "modality": "cxr"}}})
+    cfg = load_site_config(path)
+    assert cfg.datasets["cxr"].manifest == tmp_path / "data" / "m.csv"
+    assert cfg.privacy.required_mode == "none" and cfg.privacy.min_contributors == 2
+    assert cfg.data.max_unreadable_fraction == 0.05 and not cfg.data.allow_identifiable_dicom
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"site": "hospital 1"}, r"site: string should match pattern"),
+        ({"datasets": {}}, r"datasets: dictionary should have at least 1 item"),
+        ({"datasets": {"cxr": {"manifst": "m.csv", "modality": "cxr"}}},
+         r"datasets\.cxr\.manifst: unknown field; did you mean 'manifest'\? \(allowed: manifest, modality\)"),
+        ({"privacy": {"budget": {"epsilon": 0, "delta": 1e-5}}}, r"privacy\.budget\.epsilon: must be greater than 0, got 0"),
+        ({"privacy": {"budget": {"epsilon": 1, "delta": 1.5}}}, r"privacy\.budget\.delta: must be less than 1, got 1\.5"),
+        ({"privacy": {"min_contributors": 0}}, r"privacy\.min_contributors: must be greater than or equal to 1, got 0"),
+        ({"data": {"max_unreadable_fraction": 1}}, r"data\.max_unreadable_fraction: must be less than 1, got 1"),
+        ({"compute": {"device": "tpu"}}, r"compute\.device: must be 'cpu' or 'cuda', got 'tpu'"),
+    ],
+)  # fmt: skip
+def test_bad_site_configs(tmp_path, change, match):
+    base = {"site": "hospital-1", "datasets": {"cxr": {"manifest": "m.csv", "modality": "cxr"}}}
+    with pytest.raises(ConfigError, match=match):
+        load_site_config(_yaml(tmp_path, {**base, **change}))
+
+
+def test_sites_file(tmp_path):
+    path = _yaml(tmp_path, {"sites": {"h1": {"dataset": "cxr", "manifest": "h1/m.csv", "modality": "cxr"}}})
+    sites = load_sites_file(path)
+    assert sites.sites["h1"].manifest == tmp_path / "h1" / "m.csv"
+    cfg = sites.site_configs()["h1"]
+    assert cfg.site == "h1" and cfg.datasets["cxr"].modality == "cxr"
+
+
+def test_sites_file_rejects_mixed_modalities(tmp_path):
+    data = {"sites": {"a": {"dataset": "x", "manifest": "a.csv", "modality": "cxr"},
+                      "b": {"dataset": "x", "manifest": "b.csv", "modality": "pathology"}}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"all sites must share one modality"):
+        load_sites_file(_yaml(tmp_path, data))
