@@ -1,0 +1,95 @@
+"""Loading a site's dataset: splits in memory, unusable files skipped up to a limit, clear failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsilo.config import read_manifest
+from medsilo.errors import DataError
+from medsilo.medical.data import load_site_data
+from medsilo.medical.data.transforms import normalize
+from medsilo.medical.synth import SynthRequest, synthesize
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds") / "h"
+    synthesize(out, SynthRequest("cxr", sites=1, images_per_site=30, seed=5), workers=1, progress=False)
+    return out / "hospital-1"
+
+
+def _manifest(site):
+    return read_manifest(site / "manifest.csv", ["normal", "pneumonia"])
+
+
+def test_loads_splits_as_small_tensors(site):
+    data = load_site_data(_manifest(site), modality="cxr", image_size=16, seed=0)
+    m = _manifest(site)
+    for split in ("train", "val", "test"):
+        ds = data.split(split)
+        assert len(ds) == len(m.split(split))
+        assert ds.images.shape[1:] == (1, 16, 16) and ds.images.dtype == torch.float32
+        assert 0.0 <= ds.images.min() and ds.images.max() <= 1.0
+        assert ds.labels.tolist() == [r.label for r in m.split(split)]
+    assert data.failures == []
+    # evaluation items are just the normalised cached image; training items are augmented
+    x, y = data.test[0]
+    torch.testing.assert_close(x, normalize(data.test.images[0]))
+    assert data.test.augment is None and data.train.augment is not None
+
+
+def test_training_augmentation_is_seeded(site):
+    a = load_site_data(_manifest(site), modality="cxr", image_size=16, seed=1)
+    b = load_site_data(_manifest(site), modality="cxr", image_size=16, seed=1)
+    xa = torch.stack([a.train[i][0] for i in range(len(a.train))])
+    xb = torch.stack([b.train[i][0] for i in range(len(b.train))])
+    torch.testing.assert_close(xa, xb)
+    plain = normalize(a.train.images)
+    assert not torch.allclose(xa, plain)  # something was augmented
+
+
+def _damage(site, count: int) -> list[str]:
+    rows = [r for r in _manifest(site).rows if r.split == "train"][:count]
+    for r in rows:
+        r.path.write_bytes(r.path.read_bytes()[:700])
+    return [str(r.path) for r in rows]
+
+
+def test_a_few_unreadable_files_are_skipped_and_reported(tmp_path, site):
+    import shutil
+
+    copy = tmp_path / "site"
+    shutil.copytree(site, copy)
+    damaged = _damage(copy, 1)
+    data = load_site_data(_manifest(copy), modality="cxr", image_size=16, max_unreadable_fraction=0.1)
+    assert [f.path for f in data.failures] == damaged
+    assert "not a readable DICOM image" in data.failures[0].reason
+    assert len(data.train) == len(_manifest(copy).split("train")) - 1
+
+
+def test_too_many_unreadable_files_fail_with_a_summary(tmp_path, site):
+    import shutil
+
+    copy = tmp_path / "site"
+    shutil.copytree(site, copy)
+    _damage(copy, 4)
+    with pytest.raises(DataError, match=r"4 of 30 images \(13%\) could not be used, more than the allowed 5% "
+                                         r"\(data.max_unreadable_fraction\): 4× not a readable DICOM image"):  # fmt: skip
+        load_site_data(_manifest(copy), modality="cxr", image_size=16)
+
+
+def test_an_empty_split_fails(tmp_path, site):
+    import shutil
+
+    copy = tmp_path / "site"
+    shutil.copytree(site, copy)
+    for r in _manifest(copy).split("val"):
+        r.path.unlink()
+    with pytest.raises(DataError, match=r"no usable image in split\(s\) val"):
+        load_site_data(_manifest(copy), modality="cxr", image_size=16, max_unreadable_fraction=0.9)
+
+
+def test_wrong_modality_files_are_unusable(site):
+    with pytest.raises(DataError, match="not a readable image"):
+        load_site_data(_manifest(site), modality="pathology", image_size=16)

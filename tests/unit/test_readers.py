@@ -1,0 +1,164 @@
+"""Chest X-ray DICOM and pathology patch readers: orientation, polarity, modality/VOI LUT, bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medsilo.medical.data.readers import IdentifyingImage, LoadCXR, LoadPatch, UnreadableImage, apply_window
+from medsilo.tests.helpers import write_dicom
+
+
+def _ramp(rows: int = 6, cols: int = 10, top: int = 4095) -> np.ndarray:
+    """Stored values increasing along columns, with a bright marker in the top-left pixel row."""
+    x = np.tile(np.linspace(0, top, cols), (rows, 1))
+    x[0, :3] = top
+    return np.rint(x).astype(np.uint16)
+
+
+def test_orientation_is_rows_by_columns(tmp_path):
+    # Prepare: a non-square image whose top-left corner is bright
+    stored = _ramp()
+    path = write_dicom(tmp_path / "a.dcm", stored)
+    # Execute
+    img = LoadCXR()(path)
+    # Assert: (1, Rows, Columns), not transposed; no window and 12 bits -> stored / 4095
+    assert img.shape == (1, 6, 10)
+    assert img.dtype == np.float32
+    np.testing.assert_allclose(img[0], stored / 4095.0, atol=1e-6)
+
+
+def test_monochrome1_is_inverted_to_monochrome2(tmp_path):
+    stored = _ramp()
+    mono2 = LoadCXR()(write_dicom(tmp_path / "m2.dcm", stored, photometric="MONOCHROME2"))
+    mono1 = LoadCXR()(write_dicom(tmp_path / "m1.dcm", 4095 - stored, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(mono1, mono2, atol=1e-6)
+
+
+def test_rescale_slope_intercept_and_window_in_modality_units(tmp_path):
+    # stored s -> modality v = 2 s - 1024; a window centred at v = 0, width 1024 spans s in [256, 768]
+    stored = np.array([[0, 256, 512, 768, 1023]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "r.dcm", stored, bits_stored=10, slope=2, intercept=-1024, window=(0, 1024))
+    img = LoadCXR()(path)[0, 0]
+    modality = 2.0 * stored[0] - 1024
+    expected = np.clip((modality - (0 - 0.5)) / (1024 - 1) + 0.5, 0, 1)  # PS3.3 C.11.2.1.2.1
+    np.testing.assert_allclose(img, expected, atol=1e-5)
+    assert img[0] == 0.0 and img[-1] == 1.0 and 0.4 < img[2] < 0.6
+
+
+def test_rescale_without_window_uses_bits_stored_range(tmp_path):
+    stored = np.array([[0, 511, 1023]], dtype=np.uint16)
+    img = LoadCXR()(write_dicom(tmp_path / "r.dcm", stored, bits_stored=10, slope=2, intercept=-1024))[0, 0]
+    np.testing.assert_allclose(img, stored[0] / 1023.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "function, expected",
+    [
+        ("LINEAR_EXACT", lambda v, c, w: np.clip((v - c) / w + 0.5, 0, 1)),
+        ("SIGMOID", lambda v, c, w: 1 / (1 + np.exp(-4 * (v - c) / w))),
+    ],
+)
+def test_voi_lut_functions(tmp_path, function, expected):
+    stored = np.array([[100, 400, 500, 600, 900]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "v.dcm", stored, window=(500, 400), voi_function=function)
+    img = LoadCXR()(path)[0, 0]
+    np.testing.assert_allclose(img, expected(stored[0].astype(float), 500, 400), atol=1e-5)
+
+
+def test_apply_window_linear_endpoints():
+    y = apply_window(np.array([-1000.0, 39.5, 1000.0]), center=40, width=400)
+    np.testing.assert_allclose(y, [0.0, 0.5, 1.0], atol=1e-6)
+
+
+def test_real_monochrome1_radiograph_lungs_darker_than_mediastinum():
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("RG1_UNCI.dcm")  # real PA chest, MONOCHROME1, 15-bit, identifiable test tags
+    img = LoadCXR(allow_identifiable=True)(path)[0]
+    assert img.shape == (1955, 1841)  # Rows x Columns: not transposed
+    h, w = img.shape
+    band = slice(int(0.3 * h), int(0.55 * h))
+    right_lung = img[band, int(0.2 * w) : int(0.35 * w)].mean()
+    left_lung = img[band, int(0.65 * w) : int(0.8 * w)].mean()
+    mediastinum = img[band, int(0.45 * w) : int(0.55 * w)].mean()
+    assert right_lung < mediastinum - 0.15
+    assert left_lung < mediastinum - 0.15
+
+
+def test_identifying_file_is_refused_naming_tags_not_values(tmp_path):
+    stored = _ramp()
+    path = write_dicom(tmp_path / "phi.dcm", stored, PatientBirthDate="19400305", PatientAddress="1 Main St")
+    with pytest.raises(IdentifyingImage, match="PatientBirthDate, PatientAddress") as info:
+        LoadCXR()(path)
+    assert "19400305" not in str(info.value) and "Main St" not in str(info.value)
+    assert "allow_identifiable_dicom" in str(info.value)
+    # the site may accept it explicitly
+    assert LoadCXR(allow_identifiable=True)(path).shape == (1, 6, 10)
+
+
+def test_names_need_patient_identity_removed(tmp_path):
+    stored = _ramp()
+    named = write_dicom(tmp_path / "named.dcm", stored, deidentified=False, PatientName="Doe^Jane", PatientID="123")
+    with pytest.raises(IdentifyingImage, match="PatientName, PatientID"):
+        LoadCXR()(named)
+    pseudonymised = write_dicom(tmp_path / "pseudo.dcm", stored)  # pseudonym + PatientIdentityRemoved=YES
+    assert LoadCXR()(pseudonymised).shape == (1, 6, 10)
+
+
+def test_burned_in_annotation_is_refused(tmp_path):
+    path = write_dicom(tmp_path / "b.dcm", _ramp(), BurnedInAnnotation="YES")
+    with pytest.raises(IdentifyingImage, match="BurnedInAnnotation"):
+        LoadCXR()(path)
+
+
+def test_corrupt_files_give_a_reason(tmp_path):
+    good = write_dicom(tmp_path / "good.dcm", _ramp(60, 60))
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(good.read_bytes()[:1500])
+    not_dicom = tmp_path / "notes.dcm"
+    not_dicom.write_text("this is not an image")
+    for path, reason in [
+        (truncated, "not a readable DICOM image"),
+        (not_dicom, "not a readable DICOM image"),
+        (tmp_path / "missing.dcm", "file not found"),
+    ]:
+        with pytest.raises(UnreadableImage, match=reason) as info:
+            LoadCXR()(path)
+        assert info.value.path == str(path)
+
+
+def test_colour_dicom_is_refused(tmp_path):
+    import pydicom
+
+    path = write_dicom(tmp_path / "c.dcm", _ramp())
+    ds = pydicom.dcmread(path)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.save_as(path)
+    with pytest.raises(UnreadableImage, match="PhotometricInterpretation is 'PALETTE COLOR'"):
+        LoadCXR()(path)
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_patch_reader_keeps_rows_and_rgb(tmp_path, suffix):
+    rgb = np.zeros((12, 20, 3), dtype=np.uint8)
+    rgb[:4, :, 0] = 255  # red top rows
+    rgb[:, -5:, 2] = 128  # blue right columns
+    path = tmp_path / f"p.{suffix}"
+    Image.fromarray(rgb).save(path)
+    img = LoadPatch()(path)
+    assert img.shape == (3, 12, 20)
+    np.testing.assert_allclose(img, rgb.transpose(2, 0, 1) / 255.0, atol=1e-6)
+
+
+def test_patch_reader_converts_grayscale_and_rejects_garbage(tmp_path):
+    gray = tmp_path / "g.png"
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)).save(gray)
+    img = LoadPatch()(gray)
+    assert img.shape == (3, 8, 8)
+    np.testing.assert_allclose(img, 200 / 255.0, atol=1e-6)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n-truncated")
+    with pytest.raises(UnreadableImage, match="not a readable image"):
+        LoadPatch()(bad)
