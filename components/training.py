@@ -20,6 +20,10 @@ from torch import nn
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``extra_loss(features (B, d), logits (B, K), labels (B,)) -> scalar`` added to the task loss."""
 
+Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``forward(x (B, C, H, W), y (B,)) -> (logits (B, K), extra_loss scalar)`` for algorithms whose
+prediction path is not ``head(features(x))`` (FedCP, GPFL, FedDBE …)."""
+
 
 def make_optimizer(
     params: Iterable[torch.nn.Parameter],
@@ -46,19 +50,23 @@ def local_epochs(
     *,
     epochs: int,
     extra_loss: ExtraLoss | None = None,
+    forward: Forward | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
-    """Train ``model`` for ``epochs`` passes over ``loader``; returns the mean task loss.
+    """Train for ``epochs`` passes over ``loader``; returns the mean task (cross-entropy) loss.
 
-    The model must expose ``features(x) -> (B, d)`` and ``head`` (see the model zoo); the task loss is
-    cross-entropy on ``head(features(x))``. ``extra_loss`` sees features, logits and labels.
+    By default the logits are ``model.head(model.features(x))`` and ``extra_loss`` (if any) sees
+    features, logits and labels. An algorithm with its own prediction path passes ``forward`` instead,
+    returning logits and its extra term.
 
     Args:
-        model: a :class:`~medsilo.medical.models.zoo.SplitModel` (or anything with ``features``/``head``).
+        model: the module put in train mode: a :class:`~medsilo.medical.models.zoo.SplitModel`, or a
+            container holding every module ``forward`` uses.
         loader: yields ``(x (B, C, H, W), y (B,))``.
         optimizer: steps whatever parameters the algorithm chose.
         epochs: full passes (≥ 1).
-        extra_loss: algorithm-specific term, or ``None``.
+        extra_loss: algorithm-specific term for the default path, or ``None``.
+        forward: replaces the default path (then ``extra_loss`` must be ``None``).
         scheduler: stepped after every batch when given.
 
     Raises:
@@ -66,14 +74,23 @@ def local_epochs(
     """
     if epochs < 1:
         raise ValueError(f"epochs: must be ≥ 1, got {epochs}")
+    if forward is not None and extra_loss is not None:
+        raise ValueError("pass either forward or extra_loss, not both")
+    if forward is None:
+
+        def forward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = model.features(x)
+            logits = model.head(features)
+            extra = extra_loss(features, logits, y) if extra_loss is not None else torch.zeros(())
+            return logits, extra
+
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
         for x, y in loader:
-            features = model.features(x)
-            logits = model.head(features)
+            logits, extra = forward(x, y)
             loss = nn.functional.cross_entropy(logits, y)
-            objective = loss if extra_loss is None else loss + extra_loss(features, logits, y)
+            objective = loss + extra
             if not torch.isfinite(objective):
                 raise FloatingPointError("training loss is not finite; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)

@@ -68,7 +68,7 @@ class CXRScanner:
     rescale_slope: float = 1.0
     rescale_intercept: float = 0.0
 
-    def scaled(self, strength: float) -> "CXRScanner":
+    def scaled(self, strength: float) -> CXRScanner:
         """This scanner with its intensity, blur and noise shift scaled from neutral (0) to full (1).
 
         Encoding (matrix, bits, photometric, rescale, marker) is kept: the reader undoes it exactly.

@@ -52,7 +52,7 @@ class StainSite:
     noise: float = 2.0
     jpeg_quality: int | None = None
 
-    def scaled(self, strength: float) -> "StainSite":
+    def scaled(self, strength: float) -> StainSite:
         """This site with its stain, optics and noise shift scaled from neutral (0) to full (1)."""
         s = float(strength)
         neutral = StainSite()

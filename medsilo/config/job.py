@@ -14,8 +14,8 @@ A job names a dataset, never a path; each site resolves the name through its own
     privacy: {mode: none}
     seed: 0
 
-Algorithm hyper-parameters (``algorithm.params``) are checked by the algorithm's own config when the
-job is built; here they only have to be plain scalars or lists.
+Algorithm hyper-parameters (``algorithm.params``) are checked against the algorithm's own ``Config``
+(its names, types and ranges) as part of validating the spec.
 """
 
 from __future__ import annotations
@@ -23,20 +23,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from medsilo.config.common import SITE_NAME_PATTERN, Modality, PrivacyMode, Strict
-from medsilo.config.loading import load_yaml
+from medsilo.components.algorithms import ALGORITHMS
+from medsilo.config.loading import load_yaml, validate
 from medsilo.errors import did_you_mean
 from medsilo.medical.models import BACKBONES
-
-ALGORITHMS: tuple[str, ...] = (
-    # personalized FL, one backbone everywhere (DESIGN §4)
-    "local", "fedavg", "fedprox", "ditto", "fedrep", "fedper", "fedala", "feddbe", "gpfl", "fedcp",
-    # heterogeneous FL, a backbone per site with a shared feature dimension
-    "fedproto", "fedtgp", "fedktl", "feddistill", "lg-fedavg",
-)  # fmt: skip
-"""Algorithm names a job may use; ``medsilo.components.algorithms`` registers one module per name."""
 
 ClassName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_ .-]{0,62}$")]
 Scalar = bool | int | float | str
@@ -64,6 +57,17 @@ class AlgorithmSpec(Strict):
     params: dict[str, Scalar | list[Scalar]] = {}
 
     _name = field_validator("name")(check_algorithm)
+
+    def config(self, file: str | Path = "<job spec>"):
+        """The algorithm's validated ``Config`` (defaults filled in).
+
+        Raises:
+            ConfigError: a parameter the algorithm does not have, or a bad value, named as
+                ``algorithm.params.<name>``.
+        """
+        from medsilo.components.algorithms import algorithm_module
+
+        return validate(dict(self.params), algorithm_module(self.name).Config, file, field_prefix="algorithm.params")
 
 
 class Training(Strict):
@@ -207,6 +211,12 @@ class JobSpec(Strict):
                     raise ValueError(f"site '{site}': {exc}") from None
             return out
         raise ValueError("must be a backbone name or a non-empty map site -> backbone name")
+
+    @model_validator(mode="after")
+    def _algorithm_params(self, info: ValidationInfo) -> "JobSpec":
+        # raises ConfigError (not a ValueError), which pydantic lets through with its own field names
+        self.algorithm.config((info.context or {}).get("file", "<job spec>"))
+        return self
 
     @property
     def heterogeneous(self) -> bool:

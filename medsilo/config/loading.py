@@ -74,6 +74,8 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
         return f"{field}: required field is missing"
     if kind == "extra_forbidden":
         allowed = _allowed_fields(model, loc)
+        if not allowed:
+            return f"{field}: unknown field; this section takes no fields"
         hint = did_you_mean(str(loc[-1]), allowed)
         return f"{field}: unknown field; {hint}(allowed: {', '.join(allowed)})"
     msg = str(err["msg"])
@@ -86,7 +88,14 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
     return f"{field}: {msg}, got {value!r}"
 
 
-def validate(data: Any, model: type[M], file: str | Path, *, context: dict[str, Any] | None = None) -> M:
+def validate(
+    data: Any,
+    model: type[M],
+    file: str | Path,
+    *,
+    context: dict[str, Any] | None = None,
+    field_prefix: str = "",
+) -> M:
     """Validate already-parsed data against ``model``; raise :class:`ConfigError` naming each bad field.
 
     Args:
@@ -94,13 +103,16 @@ def validate(data: Any, model: type[M], file: str | Path, *, context: dict[str, 
         model: the pydantic model class.
         file: what to call the source in messages.
         context: passed to pydantic validators (e.g. the file's directory for relative paths).
+        field_prefix: dotted path of ``data`` inside its file (e.g. ``algorithm.params``), for messages.
     """
     if not isinstance(data, dict):
-        raise ConfigError(file, [f"expected a mapping of fields at the top level, got {type(data).__name__}"])
+        where = f"{field_prefix}: expected a mapping of fields" if field_prefix else "expected a mapping of fields at the top level"
+        raise ConfigError(file, [f"{where}, got {type(data).__name__}"])
     try:
         return model.model_validate(data, context={"file": Path(file), **(context or {})})
     except ValidationError as exc:
-        raise ConfigError(file, [_describe(e, model) for e in exc.errors()]) from None
+        prefix = f"{field_prefix}." if field_prefix else ""
+        raise ConfigError(file, [prefix + _describe(e, model) for e in exc.errors()]) from None
 
 
 def read_yaml(path: str | Path) -> Any:

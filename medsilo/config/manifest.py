@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsilo.errors import did_you_mean
-from medsilo.errors import DataError
+from medsilo.errors import DataError, did_you_mean
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "split", "source")

@@ -135,7 +135,7 @@ class SitesFile(Strict):
     sites: dict[SiteName, SitesEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _one_modality(self) -> "SitesFile":
+    def _one_modality(self) -> SitesFile:
         modalities = {entry.modality for entry in self.sites.values()}
         if len(modalities) > 1:
             raise ValueError(f"all sites must share one modality, got {sorted(modalities)}")

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from medsilo.config import ConfigError, load_job_spec, load_site_config, load_sites_file
-from medsilo.config.job import ALGORITHMS, JobSpec
+from medsilo.components.algorithms import ALGORITHMS
+from medsilo.config.job import JobSpec
 from medsilo.config.loading import validate
 from medsilo.medical.models import BACKBONES
 
@@ -142,3 +143,9 @@ def test_sites_file_rejects_mixed_modalities(tmp_path):
                       "b": {"dataset": "x", "manifest": "b.csv", "modality": "pathology"}}}  # fmt: skip
     with pytest.raises(ConfigError, match=r"all sites must share one modality"):
         load_sites_file(_yaml(tmp_path, data))
+
+
+def test_algorithm_params_are_checked_against_the_algorithm_config(tmp_path):
+    data = {**MINIMAL_JOB, "algorithm": {"name": "fedavg", "params": {"mu": 0.1}}}
+    with pytest.raises(ConfigError, match=r"job\.yml: algorithm\.params\.mu: unknown field; this section takes no fields"):
+        load_job_spec(_yaml(tmp_path, data, "job.yml"))

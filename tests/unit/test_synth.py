@@ -12,8 +12,7 @@ import pytest
 
 from medsilo.config import load_sites_file, read_manifest
 from medsilo.errors import MedsiloError
-from medsilo.medical.synth import SynthRequest, synthesize
-from medsilo.medical.synth import cxr, pathology
+from medsilo.medical.synth import SynthRequest, cxr, pathology, synthesize
 
 
 @pytest.fixture(scope="module")

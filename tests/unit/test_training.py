@@ -77,7 +77,7 @@ def test_non_finite_loss_stops_training():
     model = build_model("cnn", in_channels=1, num_classes=2, feature_dim=8, seed=0)
     opt = make_optimizer(model.parameters(), lr=0.01)
     with pytest.raises(FloatingPointError, match="not finite"):
-        local_epochs(model, _toy_loader(), opt, epochs=1, extra_loss=lambda f, l, y: torch.tensor(float("nan")))
+        local_epochs(model, _toy_loader(), opt, epochs=1, extra_loss=lambda f, logits, y: torch.tensor(float("nan")))
 
 
 def test_unknown_optimizer():

@@ -1,0 +1,214 @@
+"""The contract between the round engine and an FL algorithm, plus the helpers every algorithm shares.
+
+An algorithm is one module in ``components/algorithms/`` holding a ``Config`` (its validated
+hyper-parameters), a :class:`Client` half that runs at each site and a :class:`Server` half. Neither
+half imports NVFlare: the site executor and the round controller call them.
+
+One round, as the engine drives it (DESIGN §3)::
+
+    site:   client.receive(payload, rnd)         # apply what the server sent (None before round 1)
+            metrics = evaluate(client.scores)    # the model this site would deploy now (val, test)
+            upload, loss = client.train(rnd)     # local training; upload is a dict of *sums*
+    server: aggregate = Σ_sites upload           # element-wise, per name (on ciphertexts under CKKS)
+            payload = server.update(aggregate, rnd)
+
+**Uploads are sums.** Every tensor a client uploads is something the server adds across sites:
+parameters × n, per-class feature sums, per-class counts, logit sums, and ``n`` itself. That one rule
+lets the same algorithm run in plaintext, with DP noise or under CKKS. For *linear* algorithms the
+server passes the aggregate through unchanged (``Server.update`` default) and each site finishes the
+mean itself (``Σ θ·n / Σ n``), which is what makes encrypted aggregation possible without the server
+ever decrypting. Algorithms that learn on the server from the aggregate set
+``Server.needs_plaintext_aggregate``.
+
+**BatchNorm.** Only ``nn.Parameter`` tensors are shared; BatchNorm running statistics never leave a
+site (as in the PFLlib reference, i.e. FedBN-style normalisation). With the severe scanner shift of
+chest X-rays this keeps every hospital's intensity statistics its own.
+
+Shapes: ``n`` is a 0-d float32 tensor (training images this round); parameters keep their shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import ConfigDict
+from torch import nn
+
+from medsilo.components.training import ExtraLoss, Forward, local_epochs, make_optimizer
+from medsilo.config.common import Strict
+from medsilo.config.job import Training
+from medsilo.medical.data import SiteData
+
+Tensors = dict[str, torch.Tensor]
+"""Named tensors: uploads (sums) and payloads."""
+
+
+class AlgorithmConfig(Strict):
+    """Base of every algorithm's ``Config``: validated from the job's ``algorithm.params``, frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class SiteSetup:
+    """What the site executor hands an algorithm's client half.
+
+    Attributes:
+        site: the site's name.
+        model: a freshly built :class:`~medsilo.medical.models.zoo.SplitModel`. Homogeneous jobs build
+            it from the job seed, so every site starts from the same weights.
+        data: the site's train/val/test splits.
+        num_classes: K.
+        training: the job's local-training settings (epochs, batch size, optimiser …).
+        seed: this site's seed (data order); differs between sites.
+        batch_size: the batch size after the site's cap.
+    """
+
+    site: str
+    model: nn.Module
+    data: SiteData
+    num_classes: int
+    training: Training
+    seed: int
+    batch_size: int
+
+    @property
+    def n_train(self) -> int:
+        """Training images at this site."""
+        return len(self.data.train)
+
+
+@dataclass
+class Upload:
+    """What one local round produces: the sums to upload and the mean training loss."""
+
+    sums: Tensors
+    train_loss: float
+
+
+class Client:
+    """Client half: runs at one site, holds that site's personal state between rounds.
+
+    Subclasses override :meth:`receive`, :meth:`train` and, when the deployed model is not
+    ``self.model``, :meth:`scores`. Their ``train`` docstring lists every uploaded tensor with its shape,
+    dtype and what it reveals (house style).
+    """
+
+    def __init__(self, setup: SiteSetup, config: AlgorithmConfig):
+        self.setup = setup
+        self.config = config
+        self.model = setup.model
+
+    def receive(self, payload: Tensors | None, rnd: int) -> None:
+        """Apply the server's payload before round ``rnd`` (``payload`` is ``None`` before round 1)."""
+
+    def train(self, rnd: int) -> Upload:
+        """Run local training for round ``rnd`` (1-based) and return the sums to upload."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(B, K)`` of the model this site deploys, for a batch ``(B, C, H, W)``."""
+        self.model.eval()
+        return torch.softmax(self.model(x), dim=1)
+
+    # ---- helpers shared by algorithms -------------------------------------------------------------
+
+    def train_loader(self, rnd: int) -> torch.utils.data.DataLoader:
+        """Shuffled training batches, ordered by (site seed, round): reproducible, different per round.
+
+        A final batch of exactly one image is dropped (BatchNorm cannot train on it); nothing else is.
+        """
+        data = self.setup.data.train
+        batch = min(self.setup.batch_size, len(data))
+        g = torch.Generator().manual_seed(self.setup.seed * 100_003 + rnd)
+        return torch.utils.data.DataLoader(
+            data, batch_size=batch, shuffle=True, generator=g, drop_last=len(data) % batch == 1
+        )
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        """A fresh local optimiser over ``params`` with the job's settings."""
+        t = self.setup.training
+        return make_optimizer(params, name=t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def fit(
+        self,
+        rnd: int,
+        *,
+        model: nn.Module | None = None,
+        params=None,
+        epochs: int | None = None,
+        extra_loss: ExtraLoss | None = None,
+        forward: Forward | None = None,
+    ) -> float:
+        """Train with the shared loop (:func:`~medsilo.components.training.local_epochs`); returns the
+        mean task loss.
+
+        Args:
+            rnd: the round (seeds the data order).
+            model: the module put in train mode (default ``self.model``; pass a container when
+                ``forward`` uses extra modules).
+            params: parameters the optimiser updates (default: all of ``model``'s).
+            epochs: passes over the data (default: the job's ``local_epochs``).
+            extra_loss: the algorithm's extra loss term on the default path.
+            forward: the algorithm's own prediction path ``(x, y) -> (logits, extra)``.
+        """
+        model = self.model if model is None else model
+        opt = self.optimizer(model.parameters() if params is None else params)
+        epochs = self.setup.training.local_epochs if epochs is None else epochs
+        return local_epochs(
+            model, self.train_loader(rnd), opt, epochs=epochs, extra_loss=extra_loss, forward=forward
+        )
+
+
+class Server:
+    """Server half: turns the sum of the sites' uploads into the next payload.
+
+    The default is the linear case: the payload *is* the aggregate, and sites finish the mean.
+    """
+
+    needs_plaintext_aggregate: ClassVar[bool] = False
+    """True when :meth:`update` must read the aggregate (server-side learning), i.e. it cannot run on
+    ciphertexts; under CKKS such algorithms need an aggregate release (DESIGN §5)."""
+
+    def __init__(self, config: AlgorithmConfig, num_classes: int, sites: list[str]):
+        self.config = config
+        self.num_classes = num_classes
+        self.sites = sites
+
+    def update(self, aggregate: Tensors, rnd: int) -> Tensors:
+        """Payload for round ``rnd + 1`` from ``aggregate`` = Σ of round ``rnd``'s uploads."""
+        return aggregate
+
+
+# ---- pure helpers ---------------------------------------------------------------------------------
+
+
+def weighted_params(module: nn.Module, n: int, prefix: str) -> Tensors:
+    """``{prefix + name: θ · n}`` for every parameter of ``module`` (BatchNorm statistics excluded)."""
+    return {f"{prefix}{name}": p.detach().float() * float(n) for name, p in module.named_parameters()}
+
+
+def count(n: int) -> Tensors:
+    """``{"n": n}`` as a 0-d float32 tensor (summed into the total training-image count)."""
+    return {"n": torch.tensor(float(n))}
+
+
+@torch.no_grad()
+def load_mean(module: nn.Module, payload: Tensors, prefix: str) -> None:
+    """Set every parameter of ``module`` to ``payload[prefix + name] / payload["n"]`` (the weighted mean).
+
+    Raises:
+        KeyError: the payload lacks a parameter of ``module`` (names the parameter).
+        ValueError: ``n`` is not positive.
+    """
+    total = float(payload["n"])
+    if total <= 0:
+        raise ValueError(f"aggregate count n must be > 0, got {total}")
+    for name, p in module.named_parameters():
+        key = f"{prefix}{name}"
+        if key not in payload:
+            raise KeyError(f"payload has no '{key}'; sites and server disagree on the model")
+        p.copy_(payload[key] / total)

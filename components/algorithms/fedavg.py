@@ -1,0 +1,52 @@
+"""FedAvg: federated averaging (McMahan et al., 2017, `arXiv:1602.05629 <https://arxiv.org/abs/1602.05629>`_).
+
+Each site starts the round from the global model, trains ``local_epochs`` on cross-entropy, and
+uploads its parameters weighted by its number of training images; the new global model is
+``θ = Σ_i n_i θ_i / Σ_i n_i``. Sites finish that mean themselves from the aggregate, so the server
+only ever adds (works under CKKS). BatchNorm statistics stay local (see :mod:`.base`).
+
+Deployed model at a site: the global parameters with the site's own BatchNorm statistics.
+
+Uploads (per site, per round):
+    ``w.<param>``  same shape as the parameter, float32: parameters × n_i. Reveals the locally trained
+    model (model-inversion risk); encrypted under ``ckks``.
+    ``n``          () float32: training images. Reveals dataset size; encrypted under ``ckks``.
+
+Privacy modes: all. No hyper-parameters.
+"""
+
+from __future__ import annotations
+
+from medsilo.components.algorithms.base import (
+    AlgorithmConfig,
+    Client as BaseClient,
+    Server as BaseServer,
+    Tensors,
+    Upload,
+    count,
+    load_mean,
+    weighted_params,
+)
+
+
+class Config(AlgorithmConfig):
+    """FedAvg has no hyper-parameters."""
+
+
+class Client(BaseClient):
+    """FedAvg at one site."""
+
+    def receive(self, payload: Tensors | None, rnd: int) -> None:
+        """Load the global weighted mean (before round 1 the shared seeded initialisation is kept)."""
+        if payload:
+            load_mean(self.model, payload, "w.")
+
+    def train(self, rnd: int) -> Upload:
+        """Train the global model locally; upload ``w.*`` = θ_i · n_i and ``n`` = n_i."""
+        loss = self.fit(rnd)
+        n = self.setup.n_train
+        return Upload({**weighted_params(self.model, n, "w."), **count(n)}, loss)
+
+
+class Server(BaseServer):
+    """Linear: the payload is the aggregate Σ θ_i n_i, Σ n_i."""

@@ -1,0 +1,27 @@
+"""Local: every site trains on its own data only — the no-federation baseline.
+
+Nothing is uploaded and nothing is received; the round engine still evaluates every site each round,
+so Local is directly comparable with the federated methods run on the same sites and seeds.
+
+Uploads: none. Privacy modes: all (nothing leaves the site). No hyper-parameters.
+"""
+
+from __future__ import annotations
+
+from medsilo.components.algorithms.base import AlgorithmConfig, Client as BaseClient, Server as BaseServer, Upload
+
+
+class Config(AlgorithmConfig):
+    """Local has no hyper-parameters."""
+
+
+class Client(BaseClient):
+    """A site training alone."""
+
+    def train(self, rnd: int) -> Upload:
+        """Train locally; upload nothing."""
+        return Upload({}, self.fit(rnd))
+
+
+class Server(BaseServer):
+    """Nothing to aggregate: the payload stays empty."""

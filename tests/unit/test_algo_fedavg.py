@@ -1,0 +1,79 @@
+"""FedAvg and Local: uploads are parameter×n sums; sites recover the weighted mean; BN stats stay local."""
+
+from __future__ import annotations
+
+import torch
+
+from medsilo.components.algorithms import fedavg, local
+from medsilo.components.algorithms.base import load_mean, weighted_params
+from medsilo.tests.helpers import aggregate, tiny_setup
+
+
+def test_upload_is_parameters_times_n():
+    setup = tiny_setup(n=12)
+    client = fedavg.Client(setup, fedavg.Config())
+    up = client.train(1)
+    params = dict(setup.model.named_parameters())
+    assert set(up.sums) == {f"w.{k}" for k in params} | {"n"}
+    assert float(up.sums["n"]) == 12.0
+    torch.testing.assert_close(up.sums["w.head.weight"], params["head.weight"].detach() * 12)
+    assert not any("running" in k for k in up.sums)  # BatchNorm statistics never leave the site
+    assert up.train_loss > 0
+
+
+def test_sites_recover_the_weighted_mean_and_keep_their_bn_statistics():
+    a = fedavg.Client(tiny_setup("a", n=12, seed=1), fedavg.Config())
+    b = fedavg.Client(tiny_setup("b", n=4, seed=2), fedavg.Config())
+    ua, ub = a.train(1), b.train(1)
+    head_a = a.model.head.weight.detach().clone()
+    head_b = b.model.head.weight.detach().clone()
+    buffers_a = {k: v.clone() for k, v in a.model.named_buffers()}
+
+    payload = fedavg.Server(fedavg.Config(), 3, ["a", "b"]).update(aggregate([ua.sums, ub.sums]), 1)
+    a.receive(payload, 2)
+    b.receive(payload, 2)
+
+    expected = (12 * head_a + 4 * head_b) / 16  # written out: n-weighted mean
+    torch.testing.assert_close(a.model.head.weight, expected)
+    torch.testing.assert_close(b.model.head.weight, expected)
+    for k, v in a.model.named_buffers():  # running statistics untouched by aggregation
+        torch.testing.assert_close(v, buffers_a[k])
+
+
+def test_first_round_keeps_the_shared_initialisation():
+    a = fedavg.Client(tiny_setup("a", seed=1), fedavg.Config())
+    b = fedavg.Client(tiny_setup("b", seed=2), fedavg.Config())
+    a.receive(None, 1)
+    b.receive(None, 1)
+    for (_, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_load_mean_names_a_missing_parameter():
+    setup = tiny_setup()
+    payload = {**weighted_params(setup.model, 2, "w."), "n": torch.tensor(2.0)}
+    del payload["w.head.bias"]
+    try:
+        load_mean(setup.model, payload, "w.")
+    except KeyError as exc:
+        assert "w.head.bias" in str(exc)
+    else:
+        raise AssertionError("missing parameter not reported")
+
+
+def test_local_uploads_nothing_and_still_learns():
+    setup = tiny_setup(n=24, local_epochs=3)
+    client = local.Client(setup, local.Config())
+    first = client.train(1)
+    later = client.train(2)
+    assert first.sums == {} and later.train_loss < first.train_loss
+    assert local.Server(local.Config(), 3, ["a"]).update({}, 1) == {}
+
+
+def test_data_order_is_seeded_per_site_and_round():
+    client = fedavg.Client(tiny_setup(seed=3), fedavg.Config())
+    order = lambda rnd: torch.cat([y for _, y in client.train_loader(rnd)]).tolist()  # noqa: E731
+    first_batch = lambda rnd: next(iter(client.train_loader(rnd)))[0]  # noqa: E731
+    torch.testing.assert_close(first_batch(1), first_batch(1))
+    assert sorted(order(1)) == sorted(order(2))
+    assert not torch.equal(first_batch(1), first_batch(2))
