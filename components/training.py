@@ -153,3 +153,28 @@ def recalibrate_batchnorm(model: nn.Module, loader: torch.utils.data.DataLoader)
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     model.eval()
+
+
+@torch.no_grad()
+def evaluate_split(
+    scores: Callable[[torch.Tensor], torch.Tensor], data: torch.utils.data.Dataset, batch_size: int = 256
+) -> dict[str, float]:
+    """Score one split with a site's deployed model: accuracy, AUROC, and the counts pooling needs.
+
+    Args:
+        scores: maps a batch ``(B, C, H, W)`` to class probabilities ``(B, K)`` (an algorithm's
+            ``Client.scores``).
+        data: yields ``(x, y)``.
+        batch_size: evaluation batch size.
+
+    Returns:
+        ``{"acc", "auroc", "correct", "n"}`` (``correct`` and ``n`` are counts).
+    """
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    probs, labels = [], []
+    for x, y in loader:
+        probs.append(scores(x))
+        labels.append(y)
+    p, y = torch.cat(probs), torch.cat(labels)
+    out = classification_metrics(p, y)
+    return {**out, "correct": int((p.argmax(1) == y).sum()), "n": int(len(y))}

@@ -29,6 +29,9 @@ Shapes: ``n`` is a 0-d float32 tensor (training images this round); parameters k
 
 from __future__ import annotations
 
+import contextlib
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -212,3 +215,49 @@ def load_mean(module: nn.Module, payload: Tensors, prefix: str) -> None:
         if key not in payload:
             raise KeyError(f"payload has no '{key}'; sites and server disagree on the model")
         p.copy_(payload[key] / total)
+
+
+def frozen_copy(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """Detached clones of ``params`` (same shapes), the fixed anchor ``w_g`` of a proximal term."""
+    return [p.detach().clone() for p in params]
+
+
+def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """The proximal term ``(μ/2) Σ_j ‖params_j − anchor_j‖²``.
+
+    Its gradient w.r.t. ``params_j`` is ``μ (params_j − anchor_j)``.
+
+    Args:
+        params: the tensors being trained (any shapes).
+        anchor: frozen tensors of the same shapes (no gradient flows into them).
+        mu: proximal weight μ.
+
+    Returns:
+        0-d tensor.
+    """
+    if len(params) != len(anchor):
+        raise ValueError(f"proximal term: {len(params)} parameters but {len(anchor)} anchor tensors")
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+
+
+def proximal_loss(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> ExtraLoss:
+    """:func:`proximal_term` as an ``extra_loss(features, logits, labels)`` for the shared training loop."""
+
+    def extra(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return proximal_term(params, anchor, mu)
+
+    return extra
+
+
+@contextlib.contextmanager
+def shared_init(model: nn.Module) -> Iterator[None]:
+    """Build extra shared modules (CPN, CoV, GCE …) identically at every site.
+
+    Inside the block torch's CPU generator is seeded from a CRC-32 of ``model``'s initial head weights,
+    which every site of a homogeneous job shares (the model is built from the job seed); the caller's
+    generator state is restored afterwards, so nothing global is seeded.
+    """
+    seed = zlib.crc32(model.head.weight.detach().cpu().numpy().tobytes())
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield

@@ -25,8 +25,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
-from medsilo.config.common import SITE_NAME_PATTERN, Modality, PrivacyMode, Strict
 from medsilo.components.algorithms import ALGORITHMS
+from medsilo.config.common import SITE_NAME_PATTERN, Modality, PrivacyMode, Strict
 from medsilo.config.loading import load_yaml, validate
 from medsilo.errors import did_you_mean
 from medsilo.medical.models import BACKBONES
@@ -122,7 +122,7 @@ class PrivacySpec(Strict):
     poly_modulus_degree: Literal[4096, 8192, 16384] = 8192
 
     @model_validator(mode="after")
-    def _dp_given_when_needed(self) -> "PrivacySpec":
+    def _dp_given_when_needed(self) -> PrivacySpec:
         if "dp" in self.mode and self.dp is None:
             raise ValueError(f"mode '{self.mode}' needs a 'dp' section (noise_multiplier, clip, delta)")
         return self
@@ -213,7 +213,7 @@ class JobSpec(Strict):
         raise ValueError("must be a backbone name or a non-empty map site -> backbone name")
 
     @model_validator(mode="after")
-    def _algorithm_params(self, info: ValidationInfo) -> "JobSpec":
+    def _algorithm_params(self, info: ValidationInfo) -> JobSpec:
         # raises ConfigError (not a ValueError), which pydantic lets through with its own field names
         self.algorithm.config((info.context or {}).get("file", "<job spec>"))
         return self

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medsilo.config import ConfigError, load_job_spec, load_site_config, load_sites_file
 from medsilo.components.algorithms import ALGORITHMS
+from medsilo.config import ConfigError, load_job_spec, load_site_config, load_sites_file
 from medsilo.config.job import JobSpec
 from medsilo.config.loading import validate
 from medsilo.medical.models import BACKBONES
