@@ -1,0 +1,161 @@
+"""RoundController: the NVFlare ``ModelController`` that hosts an algorithm's server half.
+
+For each round it sends the current payload to every site with the ``train`` task, adds the sites'
+upload sums name by name, lets the algorithm's server half turn the aggregate into the next payload,
+and records timings, payload bytes and the metrics the sites report. After the last round a final
+``evaluate`` task scores the last payload. It then writes, into its run folder (which
+``nvflare job download`` and the simulator workspace both expose):
+
+* ``progress.jsonl`` — one line per round as it completes (read by ``medsilo sim`` for its display);
+* ``results.json`` — DESIGN §12, written only when every round completed at every site;
+* ``failure.json`` — instead of ``results.json`` when the job stopped: the sites' own reasons.
+
+A site that answers with an error (policy refusal, missing dataset, unreadable data …) or does not
+answer at all stops the job: nothing is written as if it were complete. (Continuing with fewer sites
+is a later feature with its own ``min_sites`` rule.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.workflows.model_controller import ModelController
+
+from medsilo.components.executor import TASK_EVALUATE, TASK_TRAIN, payload_bytes, to_numpy, to_torch
+
+RESULTS_FILE, PROGRESS_FILE, FAILURE_FILE = "results.json", "progress.jsonl", "failure.json"
+
+
+class JobStopped(Exception):
+    """The round loop cannot continue; the message says which sites failed and why."""
+
+
+def sum_uploads(uploads: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Element-wise sum per name over sites' uploads.
+
+    Args:
+        uploads: site → {name: array}. Every site must upload the same names and shapes.
+
+    Raises:
+        JobStopped: sites disagree on names or shapes (fail closed: never aggregate a partial set).
+    """
+    names = {site: set(u) for site, u in uploads.items()}
+    reference_site, reference = next(iter(names.items()))
+    for site, keys in names.items():
+        if keys != reference:
+            diff = sorted(keys ^ reference)[:5]
+            raise JobStopped(f"sites {reference_site} and {site} uploaded different tensors (e.g. {diff})")
+    total: dict[str, np.ndarray] = {}
+    for site, upload in uploads.items():
+        for name, value in upload.items():
+            arr = np.asarray(value, dtype=np.float64)
+            if name in total and total[name].shape != arr.shape:
+                raise JobStopped(f"site {site} uploaded '{name}' with shape {arr.shape}, others {total[name].shape}")
+            total[name] = total[name] + arr if name in total else arr.copy()
+    return {k: v.astype(np.float32) for k, v in total.items()}
+
+
+class RoundController(ModelController):
+    """Runs the job's rounds.
+
+    Args:
+        job: the job spec as a JSON-plain dict (validated again here).
+        task_timeout: seconds to wait for each site per task (0 = no limit).
+    """
+
+    def __init__(self, job: dict, task_timeout: int = 0):
+        super().__init__(persistor_id="", ignore_result_error=True, task_check_period=0.1)
+        self.job = job  # attribute names must equal argument names for NVFlare's job export
+        self.task_timeout = task_timeout
+
+    def run(self) -> None:
+        from medsilo.components.algorithms import algorithm_module
+        from medsilo.components.results import RunRecorder
+        from medsilo.config import JobSpec
+        from medsilo.config.loading import validate
+
+        run_dir = Path(os.path.dirname(self.fl_ctx.get_prop(FLContextKey.APP_ROOT)))
+        try:
+            spec = validate(self.job, JobSpec, f"job '{self.job.get('name', '?')}'")
+            sites = sorted(self.sample_clients())
+            algo = algorithm_module(spec.algorithm.name)
+            server = algo.Server(spec.algorithm.config(), len(spec.classes), sites)
+            recorder = RunRecorder(
+                job=spec.name,
+                algorithm=spec.algorithm.name,
+                privacy={"mode": spec.privacy.mode},
+                sites=sites,
+                models={s: spec.backbone_for(s) for s in sites},
+            )
+            self.info(f"job {spec.name}: {spec.algorithm.name} on {len(sites)} sites for {spec.training.rounds} rounds")
+            payload: dict[str, np.ndarray] = {}
+            rounds = spec.training.rounds
+            for rnd in range(1, rounds + 1):
+                t0 = time.perf_counter()
+                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites)
+                self._record_evaluations(recorder, rnd - 1, replies)
+                uploads = {s: m.params or {} for s, m in replies.items()}
+                bytes_up = sum(payload_bytes(u) for u in uploads.values())
+                bytes_down = payload_bytes(payload) * len(sites)
+                aggregate = sum_uploads(uploads) if any(uploads.values()) else {}
+                payload = to_numpy(server.update(to_torch(aggregate), rnd))
+                recorder.add_training(rnd, seconds=time.perf_counter() - t0, bytes_up=bytes_up, bytes_down=bytes_down,
+                                      train_loss={s: float(m.meta["train_loss"]) for s, m in replies.items()})  # fmt: skip
+                if rnd > 1:
+                    self._progress(run_dir, recorder.progress(rnd - 1))
+            replies = self._ask(TASK_EVALUATE, payload, rounds + 1, rounds, sites)
+            self._record_evaluations(recorder, rounds, replies)
+            self._progress(run_dir, recorder.progress(rounds))
+            results = recorder.results()
+            self._write(run_dir / RESULTS_FILE, results)
+            self.info(f"job {spec.name}: done; selected round {results['selected_round']}, "
+                      f"mean test accuracy {results['final']['mean_acc']:.3f}")  # fmt: skip
+        except JobStopped as exc:
+            self._write(run_dir / FAILURE_FILE, {"error": str(exc)})
+            self.error(f"job stopped: {exc}")
+            self.panic(str(exc))
+        except Exception as exc:  # noqa: BLE001 - any other failure is reported, then re-raised to NVFlare
+            self._write(run_dir / FAILURE_FILE, {"error": f"server: {type(exc).__name__}: {exc}"})
+            raise
+
+    def _ask(self, task: str, payload: dict[str, np.ndarray], rnd: int, rounds: int,
+             sites: list[str]) -> dict[str, FLModel]:  # fmt: skip
+        """Send ``task`` to every site; return site → reply, or stop the job naming the failing sites."""
+        data = FLModel(params=payload, params_type=ParamsType.FULL, current_round=rnd - 1, total_rounds=rounds,
+                       meta={"round": rnd})  # fmt: skip
+        results = self.send_model_and_wait(task_name=task, data=data, targets=sites, timeout=self.task_timeout)
+        replies = {m.meta.get("client_name"): m for m in results}
+        errors = [m.meta["error"] for m in replies.values() if m.meta.get("error")]
+        missing = [s for s in sites if s not in replies]
+        if errors or missing:
+            reasons = errors + [f"site {s}: no result for task '{task}' (see that site's log)" for s in missing]
+            raise JobStopped("; ".join(reasons))
+        return replies
+
+    @staticmethod
+    def _record_evaluations(recorder, rnd: int, replies: dict[str, FLModel]) -> None:
+        if rnd < 1:
+            return
+        for site, m in replies.items():
+            ev = m.meta.get("eval")
+            if ev is None:
+                raise JobStopped(f"site {site}: sent no evaluation for round {rnd}")
+            recorder.add_evaluation(rnd, site, ev["val"], ev["test"])
+
+    @staticmethod
+    def _progress(run_dir: Path, line: dict[str, Any]) -> None:
+        with (run_dir / PROGRESS_FILE).open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    @staticmethod
+    def _write(path: Path, data: dict[str, Any]) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)

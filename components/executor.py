@@ -1,0 +1,198 @@
+"""SiteExecutor: the NVFlare ``Executor`` that runs an algorithm's client half at one hospital.
+
+On the first task of a job it resolves everything from the *site's* side — never from the job:
+
+1. the site config: ``<site workspace>/local/medsilo_site.yml`` in a deployment, or, in the simulator,
+   this site's entry of the ``sites.yml`` named by the ``MEDSILO_SITES_FILE`` environment variable
+   (the job folder is the same in both cases and carries no paths);
+2. the site policy (:func:`medsilo.secure.policy.check_job`): dataset present, algorithm allowed,
+   privacy mode strong enough — otherwise the site refuses;
+3. the dataset named by the job, through the site's manifest; unusable files are skipped up to the
+   site's limit (:func:`medsilo.medical.data.load_site_data`);
+4. the site's model from the zoo (the job's backbone for this site), and the algorithm's client half.
+
+Each ``train`` task then: applies the server payload, evaluates the model this site deploys on its
+val and test splits (these metrics belong to the previous round), trains, and returns the upload sums.
+The final ``evaluate`` task applies the last payload and evaluates only.
+
+A problem the site can name (bad config, missing dataset, policy refusal, too many unreadable files,
+diverged training) is returned to the server as a result carrying ``error`` in its metadata and no
+parameters, so the server can stop the job with the site's reason; nothing is uploaded in that case.
+Logs carry names, counts and timings only — never image values or patient identifiers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from medsilo.errors import MedsiloError
+
+SITES_FILE_ENV = "MEDSILO_SITES_FILE"
+"""Simulator only: path of the ``sites.yml`` standing in for every site's own config."""
+THREADS_ENV = "MEDSILO_SITE_THREADS"
+"""Simulator only: torch threads per site (several sites share one machine there)."""
+SITE_CONFIG = Path("local") / "medsilo_site.yml"
+"""A deployed site's config, relative to its workspace."""
+TASK_TRAIN, TASK_EVALUATE = "train", "evaluate"
+
+
+def to_numpy(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Torch tensors → float32 numpy arrays (what travels in an FLModel)."""
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in tensors.items()}
+
+
+def to_torch(arrays: dict[str, Any] | None) -> dict[str, Any]:
+    """Numpy arrays from an FLModel → torch tensors (shares memory where possible)."""
+    import torch
+
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in (arrays or {}).items()}
+
+
+def payload_bytes(arrays: dict[str, Any] | None) -> int:
+    """Bytes of a payload's tensors as sent (array buffers; ciphertexts count their serialized size)."""
+    total = 0
+    for v in (arrays or {}).values():
+        total += len(v) if isinstance(v, (bytes, bytearray)) else int(np.asarray(v).nbytes)
+    return total
+
+
+def site_seed(job_seed: int, site: str) -> int:
+    """A per-site seed derived from the job seed and the site name (stable on every machine)."""
+    return job_seed * 1_000_003 + int(hashlib.sha256(site.encode()).hexdigest()[:8], 16) % 1_000_003
+
+
+@dataclass
+class _SiteState:
+    client: Any
+    data: Any
+    batch_size: int
+
+
+class SiteExecutor(Executor):
+    """Runs the job's algorithm at this site.
+
+    Args:
+        job: the job spec as a JSON-plain dict (validated again here; see :class:`medsilo.config.JobSpec`).
+    """
+
+    def __init__(self, job: dict):
+        super().__init__()
+        self.job = job  # attribute name must equal the argument name for NVFlare's job export
+        self._spec = None
+        self._state: _SiteState | None = None
+
+    # ---- NVFlare entry point -------------------------------------------------------------------
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if task_name not in (TASK_TRAIN, TASK_EVALUATE):
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        site = fl_ctx.get_identity_name()
+        try:
+            incoming = FLModelUtils.from_shareable(shareable)
+            rnd = int((incoming.meta or {}).get("round", 0))
+            state = self._prepare(site, fl_ctx)
+            t0 = time.perf_counter()
+            payload = to_torch(incoming.params)
+            state.client.receive(payload or None, rnd)
+            meta: dict[str, Any] = {"round": rnd}
+            if task_name == TASK_EVALUATE or rnd > 1:
+                meta["eval"] = self._evaluate(state)
+            if abort_signal.triggered:
+                return make_reply(ReturnCode.TASK_ABORTED)
+            if task_name == TASK_TRAIN:
+                upload = state.client.train(rnd)
+                meta.update(train_loss=upload.train_loss, n_train=len(state.data.train))
+                params = to_numpy(upload.sums)
+            else:
+                params = {}
+            meta["seconds"] = round(time.perf_counter() - t0, 3)
+            self.log_info(fl_ctx, f"{site}: {task_name} round {rnd} done in {meta['seconds']} s, "
+                                  f"upload {payload_bytes(params)} bytes")  # fmt: skip
+            return FLModelUtils.to_shareable(FLModel(params=params, params_type=ParamsType.FULL, meta=meta))
+        except (MedsiloError, FloatingPointError) as exc:
+            reason = str(exc) if str(exc).startswith(f"site {site}") else f"site {site}: {exc}"
+            self.log_error(fl_ctx, reason)
+            return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta={"error": reason}))
+
+    # ---- setup, once per job -------------------------------------------------------------------
+
+    def _prepare(self, site: str, fl_ctx: FLContext) -> _SiteState:
+        if self._state is not None:
+            return self._state
+        import torch
+
+        from medsilo.components.algorithms import algorithm_module
+        from medsilo.config import JobSpec, read_manifest
+        from medsilo.config.loading import validate
+        from medsilo.medical.data import channels_of, load_site_data
+        from medsilo.medical.models import build_model
+        from medsilo.secure.policy import check_job
+
+        spec = validate(self.job, JobSpec, f"job '{self.job.get('name', '?')}'")
+        config = self._site_config(site, fl_ctx)
+        check_job(config, spec)
+        threads = int(os.environ.get(THREADS_ENV, 0)) or config.compute.threads
+        torch.set_num_threads(threads)
+
+        ref = config.datasets[spec.dataset]
+        manifest = read_manifest(ref.manifest, spec.classes)
+        seed = site_seed(spec.seed, site)
+        t0 = time.perf_counter()
+        data = load_site_data(
+            manifest,
+            modality=spec.modality,
+            image_size=spec.image_size,
+            max_unreadable_fraction=config.data.max_unreadable_fraction,
+            allow_identifiable=config.data.allow_identifiable_dicom,
+            seed=seed,
+        )
+        self.log_info(fl_ctx, f"{site}: loaded {len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test "
+                              f"images in {time.perf_counter() - t0:.1f} s, skipped {len(data.failures)}")  # fmt: skip
+
+        from medsilo.components.algorithms.base import SiteSetup
+
+        model = build_model(spec.backbone_for(site), in_channels=channels_of(spec.modality),
+                            num_classes=len(spec.classes), feature_dim=spec.feature_dim, seed=spec.seed)  # fmt: skip
+        batch = min(spec.training.batch_size, config.compute.max_batch_size)
+        setup = SiteSetup(site=site, model=model, data=data, num_classes=len(spec.classes),
+                          training=spec.training, seed=seed, batch_size=batch)  # fmt: skip
+        algo = algorithm_module(spec.algorithm.name)
+        client = algo.Client(setup, spec.algorithm.config())
+        self._spec = spec
+        self._state = _SiteState(client=client, data=data, batch_size=batch)
+        return self._state
+
+    @staticmethod
+    def _site_config(site: str, fl_ctx: FLContext):
+        from medsilo.config import load_site_config, load_sites_file
+
+        sites_file = os.environ.get(SITES_FILE_ENV)
+        if sites_file:
+            configs = load_sites_file(sites_file).site_configs()
+            if site not in configs:
+                raise MedsiloError(f"site {site}: not listed in {sites_file} (sites: {', '.join(configs)})")
+            return configs[site]
+        workspace = Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".")
+        path = workspace / SITE_CONFIG
+        if not path.is_file():
+            raise MedsiloError(f"site {site}: no site config at {path}; copy the template from the startup kit and fill it in")
+        return load_site_config(path)
+
+    def _evaluate(self, state: _SiteState) -> dict[str, dict[str, float]]:
+        from medsilo.components.training import evaluate_split
+
+        return {split: evaluate_split(state.client.scores, getattr(state.data, split)) for split in ("val", "test")}

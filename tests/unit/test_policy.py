@@ -1,0 +1,38 @@
+"""Site policy: a site refuses jobs it does not allow, naming its rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from medsilo.config import JobSpec, SiteConfig
+from medsilo.secure.policy import PolicyRefusal, check_job
+
+JOB = {"name": "j", "modality": "cxr", "classes": ["a", "b"], "dataset": "cxr", "algorithm": {"name": "fedavg"}}
+
+
+def _site(**privacy) -> SiteConfig:
+    return SiteConfig(site="h1", datasets={"cxr": {"manifest": "m.csv", "modality": "cxr"}}, privacy=privacy)
+
+
+def test_allowed_job_passes():
+    check_job(_site(allowed_algorithms=["FedAvg", "ditto"]), JobSpec(**JOB))
+
+
+@pytest.mark.parametrize(
+    "site, job, match",
+    [
+        (_site(), {**JOB, "dataset": "chest"}, r"site h1: job 'j' asks for dataset 'chest', which this site does not define \(it has: cxr\)"),
+        (_site(), {**JOB, "modality": "pathology"}, r"dataset 'cxr' is cxr, but job 'j' is pathology"),
+        (_site(allowed_algorithms=["ditto"]), JOB, r"algorithm 'fedavg' is not in this site's privacy.allowed_algorithms \(ditto\)"),
+        (_site(required_mode="ckks"), JOB, r"uses privacy mode 'none', but this site requires 'ckks'"),
+        (_site(required_mode="ckks+dp"), {**JOB, "privacy": {"mode": "ckks"}}, r"requires 'ckks\+dp'"),
+    ],
+)  # fmt: skip
+def test_refusals_name_the_rule(site, job, match):
+    with pytest.raises(PolicyRefusal, match=match):
+        check_job(site, JobSpec(**job))
+
+
+def test_stronger_mode_than_required_is_accepted():
+    dp = {"mode": "ckks+dp", "dp": {"noise_multiplier": 1.0, "clip": 1.0}}
+    check_job(_site(required_mode="dp"), JobSpec(**{**JOB, "privacy": dp}))

@@ -1,0 +1,61 @@
+"""results.json assembly: the reported round is chosen on validation, never on test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from medsilo.components.results import RunRecorder
+
+
+def _ev(acc: float, correct: int, n: int, auroc: float = 0.5) -> dict:
+    return {"acc": acc, "auroc": auroc, "correct": correct, "n": n}
+
+
+def _recorder() -> RunRecorder:
+    rec = RunRecorder("j", "fedavg", {"mode": "none"}, ["a", "b"], {"a": "cnn", "b": "cnn"})
+    # round 1: high test, low val; round 2: high val, lower test -> round 2 must be chosen
+    rec.add_training(1, seconds=1.5, bytes_up=800, bytes_down=0, train_loss={"a": 0.9, "b": 0.8})
+    rec.add_evaluation(1, "a", _ev(0.50, 5, 10), _ev(0.90, 9, 10))
+    rec.add_evaluation(1, "b", _ev(0.60, 6, 10), _ev(0.95, 19, 20))
+    rec.add_training(2, seconds=1.0, bytes_up=800, bytes_down=800, train_loss={"a": 0.5, "b": 0.4})
+    rec.add_evaluation(2, "a", _ev(0.80, 8, 10), _ev(0.70, 7, 10, auroc=math.nan))
+    rec.add_evaluation(2, "b", _ev(0.90, 9, 10), _ev(0.60, 12, 20, auroc=0.8))
+    return rec
+
+
+def test_selected_round_uses_validation_and_final_numbers_follow_it():
+    res = _recorder().results()
+    assert res["selected_round"] == 2
+    assert res["final"]["mean_acc"] == pytest.approx(0.65)
+    assert res["final"]["worst_acc"] == pytest.approx(0.60)
+    assert res["final"]["pooled_acc"] == pytest.approx((7 + 12) / 30)
+    assert res["final"]["per_site"]["a"] == {"test_acc": 0.70, "test_auroc": None}  # NaN -> null
+
+
+def test_schema_is_the_design_contract():
+    res = _recorder().results()
+    assert set(res) == {"job", "algorithm", "privacy", "sites", "models", "rounds", "selected_round", "final",
+                        "privacy_spent"}  # fmt: skip
+    r = res["rounds"][1]
+    assert set(r) == {"round", "seconds", "bytes_up", "bytes_down", "metrics"}
+    assert set(r["metrics"]["a"]) == {"val_acc", "test_acc", "test_auroc", "train_loss"}
+    assert set(res["final"]) == {"per_site", "pooled_acc", "mean_acc", "worst_acc"}
+    assert (r["round"], r["bytes_down"], r["metrics"]["b"]["train_loss"]) == (2, 800, 0.4)
+
+
+def test_ties_go_to_the_earlier_round_and_incomplete_rounds_are_ignored():
+    rec = RunRecorder("j", "local", {"mode": "none"}, ["a"], {"a": "cnn"})
+    for rnd in (1, 2):
+        rec.add_training(rnd, seconds=1, bytes_up=0, bytes_down=0, train_loss={"a": 1.0})
+        rec.add_evaluation(rnd, "a", _ev(0.7, 7, 10), _ev(0.7, 7, 10))
+    rec.add_training(3, seconds=1, bytes_up=0, bytes_down=0, train_loss={"a": 1.0})  # no evaluation yet
+    assert rec.complete_rounds() == [1, 2]
+    assert rec.selected_round() == 1
+
+
+def test_no_complete_round_is_an_error():
+    rec = RunRecorder("j", "local", {"mode": "none"}, ["a"], {"a": "cnn"})
+    with pytest.raises(ValueError, match="no round has an evaluation from every site"):
+        rec.results()
