@@ -1,4 +1,4 @@
-"""``medsilo job``: work with job specs (``check`` now; ``build`` arrives with the round engine)."""
+"""``medsilo job``: check a job spec, or build it into a standard NVFlare job folder."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("job", help="check job specs", description="Work with job spec files (jobs/*.yml).")
+    p = sub.add_parser("job", help="check or build job specs", description="Work with job spec files (jobs/*.yml).")
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
     check = verbs.add_parser(
@@ -17,6 +17,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     check.add_argument("spec", type=Path, help="job spec YAML")
     check.set_defaults(func=run_check)
+    build = verbs.add_parser(
+        "build",
+        help="export a job spec as an NVFlare job folder",
+        description=(
+            "Write a standard NVFlare job folder that references the pre-installed medsilo components (no "
+            "custom code, no data paths). Submit it with 'nvflare job submit' or the admin console."
+        ),
+    )
+    build.add_argument("spec", type=Path, help="job spec YAML")
+    build.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write <job name>/ into")
+    build.add_argument("--min-sites", type=int, default=1, help="sites that must be connected to deploy (default 1)")
+    build.set_defaults(func=run_build)
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -28,4 +40,16 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"  job {spec.name}: {spec.modality}, classes {', '.join(spec.classes)}, dataset '{spec.dataset}'")
     print(f"  algorithm {spec.algorithm.name}, model {model} (d={spec.feature_dim}), {spec.image_size}² input")
     print(f"  {spec.training.rounds} rounds × {spec.training.local_epochs} local epoch(s), privacy {spec.privacy.mode}")
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from medsilo.config import load_job_spec
+    from medsilo.errors import MedsiloError
+    from medsilo.jobs.builder import export_job
+
+    if args.min_sites < 1:
+        raise MedsiloError(f"--min-sites: must be ≥ 1, got {args.min_sites}")
+    target = export_job(load_job_spec(args.spec), args.out, min_sites=args.min_sites)
+    print(f"wrote {target}")
     return 0

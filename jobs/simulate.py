@@ -1,0 +1,170 @@
+"""Run a job spec in the NVFlare simulator on ``sites.yml`` hospitals: what ``medsilo sim`` does.
+
+The job is exported exactly as for a real deployment (:mod:`.builder`), then run with
+``nvflare simulator`` in a child process, whose sites read their data through the ``sites.yml`` named
+by ``MEDSILO_SITES_FILE``. The simulator workspace gets a ``local/resources.json`` whose class
+allow-list admits ``medsilo.`` — the same line a provisioned site carries. The parent process
+follows the round controller's ``progress.jsonl`` for a progress display and, at the end, copies
+``results.json`` into the run folder.
+
+Run folder layout::
+
+    RUN_DIR/results.json        # DESIGN §12 (only when the job completed)
+    RUN_DIR/job/<name>/         # the exported NVFlare job
+    RUN_DIR/workspace/          # simulator workspace: server/ and one folder per site, with logs
+    RUN_DIR/simulator.log       # the simulator's console output
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from medsilo.components.controller import FAILURE_FILE, PROGRESS_FILE, RESULTS_FILE
+from medsilo.components.executor import SITES_FILE_ENV, THREADS_ENV
+from medsilo.config import JobSpec, SitesFile
+from medsilo.errors import MedsiloError
+from medsilo.jobs.builder import export_job
+from medsilo.secure.policy import check_job
+
+RUN_MARKER = "medsilo-run.json"
+"""Written into a run folder; only folders carrying it are ever replaced."""
+
+
+def preflight(spec: JobSpec, sites: SitesFile) -> list[str]:
+    """Check, before anything starts, that every site can run ``spec``; returns the site names.
+
+    Raises:
+        MedsiloError: a site lacks the dataset, has another modality, refuses the algorithm, or the
+            job's model map names no backbone for a site (or names a site that does not exist).
+    """
+    names = list(sites.sites)
+    for config in sites.site_configs().values():
+        check_job(config, spec)
+    if spec.heterogeneous:
+        missing = [s for s in names if s not in spec.model]
+        unknown = [s for s in spec.model if s not in names]
+        if missing or unknown:
+            raise MedsiloError(
+                f"job '{spec.name}': model: the site → backbone map must cover exactly the sites "
+                f"{', '.join(names)}; missing {missing or 'none'}, unknown {unknown or 'none'}"
+            )
+    return names
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / RUN_MARKER).is_file():
+            raise MedsiloError(f"{run_dir}: folder is not empty and is not a medsilo run folder; choose another --out")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _allow_list(workspace: Path) -> None:
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+    local = workspace / "local"
+    local.mkdir(parents=True, exist_ok=True)
+    resources = {"format_version": 2, "class_allow_list": [*DEFAULT_CLASS_ALLOW_LIST, "medsilo."]}
+    (local / "resources.json").write_text(json.dumps(resources, indent=2) + "\n")
+
+
+def run_simulation(
+    spec: JobSpec,
+    sites_file: str | Path,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """Run ``spec`` on the hospitals of ``sites_file``; returns the parsed ``results.json``.
+
+    Args:
+        spec: the validated job spec (its ``training.rounds`` already final).
+        sites_file: the ``sites.yml`` standing in for each site's config.
+        run_dir: run folder (created; a previous medsilo run folder is replaced).
+        progress: show a per-round progress bar on stderr.
+        label: name shown on the progress bar (default: the job name).
+
+    Raises:
+        MedsiloError: a preflight refusal, or the job stopped — with the sites' reasons.
+    """
+    from medsilo.config import load_sites_file
+
+    sites_file = Path(sites_file).resolve()
+    sites = load_sites_file(sites_file)
+    names = preflight(spec, sites)
+    run_dir = Path(run_dir).resolve()
+    _prepare_run_dir(run_dir)
+    (run_dir / RUN_MARKER).write_text(json.dumps({"job": spec.name, "sites_file": str(sites_file)}) + "\n")
+    job_dir = export_job(spec, run_dir / "job", min_sites=len(names))
+    workspace = run_dir / "workspace"
+    _allow_list(workspace)
+    tmp = run_dir / "tmp"
+    tmp.mkdir()
+
+    cores = os.cpu_count() or 1
+    env = {
+        **os.environ,
+        SITES_FILE_ENV: str(sites_file),
+        THREADS_ENV: str(max(1, cores // len(names))),
+        "TMPDIR": str(tmp),  # NVFlare writes job zips and log copies under TMPDIR
+        "PYTHONUNBUFFERED": "1",
+    }
+    cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(workspace),
+           "-c", ",".join(names), "-t", str(len(names))]  # fmt: skip
+    server_dir = workspace / "server" / "simulate_job"
+    log_path = run_dir / "simulator.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
+        try:
+            _follow(proc, server_dir / PROGRESS_FILE, spec, label or spec.name, progress)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    results_path = server_dir / RESULTS_FILE
+    if results_path.is_file():
+        shutil.copyfile(results_path, run_dir / RESULTS_FILE)
+        return json.loads(results_path.read_text())
+    failure = server_dir / FAILURE_FILE
+    if failure.is_file():
+        raise MedsiloError(f"job '{spec.name}' stopped: {json.loads(failure.read_text())['error']} (logs: {workspace})")
+    raise MedsiloError(
+        f"job '{spec.name}' ended without results (simulator exit code {proc.returncode}); "
+        f"last lines of {log_path}: {_tail(log_path)}"
+    )
+
+
+def _follow(proc: subprocess.Popen, progress_file: Path, spec: JobSpec, label: str, show: bool) -> None:
+    """Wait for the simulator, turning each new progress line into a tick of the bar."""
+    from tqdm import tqdm
+
+    seen = 0
+    with tqdm(total=spec.training.rounds, desc=label, unit="round", disable=not show, leave=True) as bar:
+        while True:
+            done = proc.poll() is not None
+            if progress_file.is_file():
+                lines = progress_file.read_text().splitlines()
+                for line in lines[seen:]:
+                    info = json.loads(line)
+                    acc = info.get("mean_val_acc")
+                    bar.set_postfix_str(f"val acc {acc:.3f}" if acc is not None else "")
+                    bar.update(1)
+                seen = len(lines)
+            if done:
+                return
+            time.sleep(0.5)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    text = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return " | ".join(line.strip() for line in text[-lines:])

@@ -1,0 +1,170 @@
+"""HTML report of one or more runs (``results.json``): comparison table, per-site table, accuracy curves.
+
+The page is self-contained (plots embedded as PNG), so it can be mailed to a hospital's committee or
+attached to a ticket. Numbers are read at each run's ``selected_round`` — chosen on validation
+accuracy, never on test.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from medsilo.errors import MedsiloError
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read ``results.json`` from a run folder or a file path, checking the fields the report uses.
+
+    Raises:
+        MedsiloError: missing file, not JSON, or a required field absent (named).
+    """
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        raise MedsiloError(f"{file}: no results.json here; pass a run folder written by 'medsilo sim' or 'medsilo demo'")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise MedsiloError(f"{file}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    for key in ("job", "algorithm", "sites", "rounds", "selected_round", "final"):
+        if key not in data:
+            raise MedsiloError(f"{file}: field '{key}' is missing; is this a medsilo results.json?")
+    return data
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _kib(x: float) -> str:
+    return f"{x / 1024:,.1f}"
+
+
+def summary_row(run: dict[str, Any]) -> dict[str, Any]:
+    """One run's headline numbers (at its selected round)."""
+    final = run["final"]
+    n_sites = len(run["sites"])
+    rounds = run["rounds"]
+    return {
+        "label": run.get("label") or run["algorithm"],
+        "algorithm": run["algorithm"],
+        "mean_acc": final["mean_acc"],
+        "worst_acc": final["worst_acc"],
+        "pooled_acc": final["pooled_acc"],
+        "mean_auroc": _mean([m.get("test_auroc") for m in final["per_site"].values()]),
+        "selected_round": run["selected_round"],
+        "rounds": len(rounds),
+        "seconds": sum(r["seconds"] for r in rounds),
+        "up_per_site_round": _mean([r["bytes_up"] / n_sites for r in rounds]) or 0.0,
+        "down_per_site_round": _mean([r["bytes_down"] / n_sites for r in rounds]) or 0.0,
+    }
+
+
+def _curves_png(runs: list[dict[str, Any]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(runs))
+    rows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax, run in zip(axes.flat, runs):
+        rounds = [r["round"] for r in run["rounds"]]
+        for site in run["sites"]:
+            ax.plot(rounds, [r["metrics"][site]["test_acc"] for r in run["rounds"]], marker=".", lw=1.2, label=site)
+        mean_val = [_mean([r["metrics"][s]["val_acc"] for s in run["sites"]]) for r in run["rounds"]]
+        ax.plot(rounds, mean_val, color="black", ls="--", lw=1.2, label="mean val")
+        ax.axvline(run["selected_round"], color="grey", ls=":", lw=1)
+        ax.set_title(run.get("label") or run["algorithm"])
+        ax.set_xlabel("round")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("test accuracy per site")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(runs: list[dict[str, Any]], title: str = "medsilo report") -> str:
+    """The report page for ``runs`` (all on the same sites)."""
+    esc = html.escape
+    rows = [summary_row(r) for r in runs]
+    sites = runs[0]["sites"]
+    head = ("<tr><th>run</th><th>mean acc</th><th>worst site</th><th>pooled acc</th><th>mean AUROC</th>"
+            "<th>round (of)</th><th>seconds</th><th>KiB up / site / round</th><th>KiB down / site / round</th></tr>")  # fmt: skip
+    body = "".join(
+        f"<tr><td>{esc(r['label'])}</td><td>{_fmt(r['mean_acc'])}</td><td>{_fmt(r['worst_acc'])}</td>"
+        f"<td>{_fmt(r['pooled_acc'])}</td><td>{_fmt(r['mean_auroc'])}</td>"
+        f"<td>{r['selected_round']} ({r['rounds']})</td><td>{r['seconds']:.0f}</td>"
+        f"<td>{_kib(r['up_per_site_round'])}</td><td>{_kib(r['down_per_site_round'])}</td></tr>"
+        for r in rows
+    )
+    site_head = "<tr><th>site</th>" + "".join(f"<th>{esc(r['label'])}<br>acc / AUROC</th>" for r in rows) + "</tr>"
+    site_body = "".join(
+        f"<tr><td>{esc(s)}</td>"
+        + "".join(f"<td>{_fmt(run['final']['per_site'][s]['test_acc'])} / {_fmt(run['final']['per_site'][s]['test_auroc'])}</td>"
+                  for run in runs)  # fmt: skip
+        + "</tr>"
+        for s in sites
+    )
+    models = ", ".join(f"{esc(s)}: {esc(b)}" for s, b in runs[0].get("models", {}).items())
+    privacy = ", ".join(sorted({esc(str(r.get("privacy", {}).get("mode", "?"))) for r in runs}))
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin: 0.8rem 0 1.6rem; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+th {{ background: #f3f5f7; }}
+.note {{ color: #555; font-size: 0.9rem; }}
+</style></head><body>
+<h1>{esc(title)}</h1>
+<p class="note">Job {esc(runs[0]['job'])} · sites: {len(sites)} · models: {models} · privacy: {privacy} · generated {stamp}</p>
+<h2>Comparison</h2>
+<table>{head}{body}</table>
+<p class="note">Test metrics at each run's selected round, which is chosen on the sites' mean <em>validation</em>
+accuracy (never on test). Mean = average over sites; worst = lowest site; pooled = all sites' test images together.
+Bytes are the task payloads as sent.</p>
+<h2>Per site</h2>
+<table>{site_head}{site_body}</table>
+<h2>Accuracy per round</h2>
+<p class="note">Each site's test accuracy for the model it would deploy after that round; dashed: mean validation
+accuracy; dotted line: selected round.</p>
+<img alt="accuracy curves" src="data:image/png;base64,{_curves_png(runs)}">
+</body></html>
+"""
+
+
+def write_report(runs: list[dict[str, Any]], out: str | Path, title: str = "medsilo report") -> Path:
+    """Write the report for ``runs`` to ``out`` (written whole, then renamed into place)."""
+    if not runs:
+        raise MedsiloError("no runs to report")
+    sites = [tuple(r["sites"]) for r in runs]
+    if len(set(sites)) != 1:
+        raise MedsiloError("runs in one report must share their sites; got " + "; ".join(", ".join(s) for s in set(sites)))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(render_html(runs, title))
+    tmp.replace(out)
+    return out

@@ -1,0 +1,92 @@
+"""Jobs in the real NVFlare simulator: tiny images, few rounds, results.json checked.
+
+Each simulator run starts real NVFlare server and site processes (~30 s on 2 cores), so this file
+keeps to three runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medsilo.cli import main
+from medsilo.config import JobSpec, load_sites_file
+from medsilo.errors import MedsiloError
+from medsilo.jobs.simulate import run_simulation
+from medsilo.medical.synth import SynthRequest, synthesize
+
+
+@pytest.fixture(scope="module")
+def sites_yml(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hospitals") / "cxr"
+    return synthesize(out, SynthRequest("cxr", sites=3, images_per_site=24, seed=2), workers=1, progress=False)
+
+
+def _spec(algorithm: str, **params) -> JobSpec:
+    return JobSpec(name=f"t-{algorithm}", modality="cxr", classes=["normal", "pneumonia"], dataset="cxr",
+                   image_size=16, model="cnn", feature_dim=8, algorithm={"name": algorithm, "params": params},
+                   training={"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.01})  # fmt: skip
+
+
+def _check(results: dict, algorithm: str, sites: list[str], shares_weights: bool) -> None:
+    assert results["algorithm"] == algorithm and results["sites"] == sites
+    assert results["models"] == {s: "cnn" for s in sites}
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    mean_val = {r["round"]: sum(r["metrics"][s]["val_acc"] for s in sites) / len(sites) for r in results["rounds"]}
+    assert results["selected_round"] == max(mean_val, key=lambda k: (mean_val[k], -k))
+    for r in results["rounds"]:
+        assert set(r["metrics"]) == set(sites) and r["seconds"] > 0
+        for m in r["metrics"].values():
+            assert 0 <= m["val_acc"] <= 1 and 0 <= m["test_acc"] <= 1 and m["train_loss"] > 0
+            assert m["test_auroc"] is None or 0 <= m["test_auroc"] <= 1
+    if shares_weights:
+        assert all(r["bytes_up"] > 0 for r in results["rounds"])
+        assert results["rounds"][0]["bytes_down"] == 0 < results["rounds"][1]["bytes_down"]
+    final = results["final"]
+    assert set(final["per_site"]) == set(sites)
+    assert min(final["per_site"][s]["test_acc"] for s in sites) == final["worst_acc"] <= final["mean_acc"]
+    assert 0 <= final["pooled_acc"] <= 1
+    assert results["privacy"]["mode"] == "none"
+
+
+def test_fedavg_through_the_cli(sites_yml, tmp_path, capsys):
+    spec_file = tmp_path / "job.yml"
+    spec_file.write_text(json.dumps(_spec("fedavg").model_dump(mode="json")))  # JSON is valid YAML
+    run_dir = tmp_path / "run"
+    assert main(["sim", str(spec_file), "--data", str(sites_yml), "--out", str(run_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "hospital-3" in out and "round chosen" in out
+    results = json.loads((run_dir / "results.json").read_text())
+    _check(results, "fedavg", ["hospital-1", "hospital-2", "hospital-3"], shares_weights=True)
+    assert (run_dir / "job" / "t-fedavg" / "meta.json").is_file()
+
+
+def test_personalized_method(sites_yml, tmp_path):
+    results = run_simulation(_spec("fedrep"), sites_yml, tmp_path / "run", progress=False)
+    _check(results, "fedrep", ["hospital-1", "hospital-2", "hospital-3"], shares_weights=True)
+
+
+def test_a_failing_site_stops_the_job_with_its_reason(sites_yml, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sites_yml.parent, data)
+    sites = load_sites_file(data / "sites.yml")
+    broken = sorted((data / "hospital-2" / "images").glob("*.dcm"))[:6]
+    for path in broken:
+        path.write_bytes(b"not a dicom file")
+    with pytest.raises(MedsiloError, match=r"stopped: site hospital-2: .*6 of 24 images \(25%\) could not be used"):
+        run_simulation(_spec("fedavg"), data / "sites.yml", tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert len(sites.sites) == 3
+
+
+def test_preflight_refuses_before_anything_starts(sites_yml, tmp_path):
+    spec = _spec("fedavg").model_copy(update={"dataset": "chest"})
+    with pytest.raises(MedsiloError, match="asks for dataset 'chest', which this site does not define"):
+        run_simulation(spec, sites_yml, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    hetero = _spec("fedavg").model_copy(update={"model": {"hospital-1": "cnn"}})
+    with pytest.raises(MedsiloError, match=r"missing \['hospital-2', 'hospital-3'\]"):
+        run_simulation(hetero, sites_yml, tmp_path / "run2", progress=False)

@@ -1,0 +1,63 @@
+"""Job build: a standard NVFlare job folder referencing pre-installed medsilo classes, no custom code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medsilo.cli import main
+from medsilo.components.controller import JobStopped, sum_uploads
+from medsilo.config import load_job_spec
+
+SPEC = Path(__file__).resolve().parents[2] / "jobs" / "cxr_fedavg.yml"
+
+
+def test_job_build_writes_a_standard_folder(tmp_path, capsys):
+    assert main(["job", "build", str(SPEC), "--out", str(tmp_path), "--min-sites", "3"]) == 0
+    job = tmp_path / "cxr-fedavg"
+    assert f"wrote {job}" in capsys.readouterr().out
+    assert not list(job.rglob("custom"))
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["min_clients"] == 3
+    server = json.loads((job / "app/config/config_fed_server.json").read_text())
+    client = json.loads((job / "app/config/config_fed_client.json").read_text())
+    controller = server["workflows"][0]
+    assert controller["path"] == "medsilo.components.controller.RoundController"
+    assert controller["args"]["job"] == load_job_spec(SPEC).model_dump(mode="json")
+    assert server["server"]["task_request_interval"] == 0.2
+    executor = client["executors"][0]
+    assert executor["executor"]["path"] == "medsilo.components.executor.SiteExecutor"
+    assert executor["tasks"] == ["train", "evaluate"]
+    text = (job / "app/config/config_fed_client.json").read_text()
+    assert "manifest" not in text and "/" not in json.dumps(executor["executor"]["args"])  # no data paths
+
+
+def test_rebuild_replaces_the_folder(tmp_path):
+    main(["job", "build", str(SPEC), "--out", str(tmp_path)])
+    stale = tmp_path / "cxr-fedavg" / "stale.txt"
+    stale.write_text("old")
+    main(["job", "build", str(SPEC), "--out", str(tmp_path)])
+    assert not stale.exists()
+
+
+def test_bad_spec_fails_before_anything_is_written(tmp_path, capsys):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(SPEC.read_text().replace("model: cnn", "model: resnet-18"))
+    assert main(["job", "build", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "model: unknown backbone; did you mean 'resnet18'?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sum_uploads_adds_per_name_and_refuses_mismatches():
+    a = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(2.0, np.float32)}
+    b = {"w": np.array([3.0, 4.0], np.float32), "n": np.array(1.0, np.float32)}
+    total = sum_uploads({"a": a, "b": b})
+    np.testing.assert_allclose(total["w"], [4.0, 6.0])
+    assert float(total["n"]) == 3.0
+    with pytest.raises(JobStopped, match="sites a and b uploaded different tensors"):
+        sum_uploads({"a": a, "b": {"w": b["w"]}})
+    with pytest.raises(JobStopped, match="site b uploaded 'w' with shape \\(3,\\)"):
+        sum_uploads({"a": a, "b": {"w": np.zeros(3, np.float32), "n": b["n"]}})
