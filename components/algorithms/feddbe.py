@@ -86,6 +86,7 @@ from medsilo.components.algorithms.base import (
 from medsilo.components.algorithms.base import (
     Server as BaseServer,
 )
+from medsilo.errors import MedsiloError
 from medsilo.medical.data import ImageSet
 
 WEIGHTS = "w."
@@ -158,7 +159,7 @@ class Client(BaseClient):
             cross-entropy.
 
         Raises:
-            RuntimeError: round ≥ 2 without μ_g (the site missed round 1's aggregate or lost its state).
+            MedsiloError: round ≥ 2 without μ_g (the site missed round 1's aggregate or lost its state).
         """
         n = self.setup.n_train
         if rnd == 1:
@@ -167,7 +168,7 @@ class Client(BaseClient):
             sums[MEAN_SUM] = feature_sum(self.model, self.setup.data.train, self.setup.batch_size)
             return Upload(sums, loss)
         if self.global_mean is None:
-            raise RuntimeError(
+            raise MedsiloError(
                 f"site '{self.setup.site}': feddbe round {rnd} has no global mean feature μ_g; it comes "
                 f"once, with the aggregate of round 1 ('{MEAN_SUM}'), which this site did not receive"
             )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medsilo.components.algorithms import feddbe
+from medsilo.errors import MedsiloError
 from medsilo.tests.helpers import aggregate, tiny_setup
 
 
@@ -160,7 +161,7 @@ def test_scores_are_deterministic_probabilities_with_the_prbm():
 
 def test_round2_without_global_mean_is_refused():
     client = feddbe.Client(tiny_setup(site="late"), feddbe.Config())
-    with pytest.raises(RuntimeError, match="site 'late'.*round 2.*global mean"):
+    with pytest.raises(MedsiloError, match="site 'late'.*round 2.*global mean"):
         client.train(2)
 
 
