@@ -176,7 +176,7 @@ def load_site_data(
         x = torch.from_numpy(np.stack(images))
         if x.shape[1] != channels:
             raise DataError(f"{manifest.file}: {modality} images should have {channels} channel(s), got {x.shape[1]}")
-        augment = augmentation(modality, seed=seed) if split == "train" else None
+        augment = augmentation(modality, seed=seed, image_size=image_size) if split == "train" else None
         sets[split] = ImageSet(x, torch.tensor(labels, dtype=torch.int64), augment)
     return SiteData(
         train=sets["train"], val=sets["val"], test=sets["test"],

@@ -89,7 +89,9 @@ class RandHEDJitter(RandomizableTransform):
         return torch.exp(-(self._mix.T @ stains)).reshape(x.shape).clamp(0, 1)
 
 
-def augmentation(modality: str, seed: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def augmentation(
+    modality: str, seed: int | None = None, image_size: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Training-time random augmentation for ``modality`` (``cxr`` or ``pathology``), on [0, 1] images.
 
     * ``cxr``: small rotation/scale/shift, gamma and Gaussian noise (no flips: the heart's side is
@@ -99,6 +101,7 @@ def augmentation(modality: str, seed: int | None = None) -> Callable[[torch.Tens
     Args:
         modality: which recipe.
         seed: seeds the transforms' own generators (the global RNG is never touched).
+        image_size: square input side, when known: lets the affine transform reuse its sampling grid.
     """
     from monai.transforms import (
         Compose,
@@ -112,7 +115,8 @@ def augmentation(modality: str, seed: int | None = None) -> Callable[[torch.Tens
     recipes: dict[str, Callable[[], list]] = {
         "cxr": lambda: [
             RandAffine(prob=0.5, rotate_range=(0.09,), scale_range=(0.06, 0.06), translate_range=(2, 2),
-                       padding_mode="zeros"),
+                       padding_mode="zeros", cache_grid=image_size is not None,
+                       spatial_size=(image_size, image_size) if image_size else None),
             RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25)),
             RandGaussianNoise(prob=0.2, std=0.02),
         ],
