@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/medsilo synth --out $(DEMO)/hospitals --modality cxr --sites 4 --images-per-site 200
+	$(BIN)/medsilo demo --out $(DEMO)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,2 +1,2 @@
-"""Ready-made job specs (``*.yml``) and, with the round engine, the builder that turns a spec into an
-NVFlare job folder."""
+"""Ready-made job specs (``*.yml``), the builder that turns a spec into a standard NVFlare job folder
+(:mod:`.builder`) and the simulator runner behind ``medsilo sim`` (:mod:`.simulate`)."""

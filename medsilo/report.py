@@ -77,6 +77,7 @@ def _curves_png(runs: list[dict[str, Any]]) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     cols = min(3, len(runs))
     rows = math.ceil(len(runs) / cols)
@@ -90,6 +91,7 @@ def _curves_png(runs: list[dict[str, Any]]) -> str:
         ax.axvline(run["selected_round"], color="grey", ls=":", lw=1)
         ax.set_title(run.get("label") or run["algorithm"])
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes.flat[0].set_ylabel("test accuracy per site")

@@ -1,2 +1,2 @@
-"""CKKS packing and filters, DP mechanisms and accounting, the privacy ledger and site policy
-enforcement. Land with the secure-aggregation and DP/ledger issues."""
+"""Privacy and security at the site: policy enforcement (:mod:`.policy`). CKKS packing and filters,
+DP mechanisms and accounting, and the privacy ledger land with their issues."""

@@ -1,0 +1,56 @@
+"""The HTML report: headline numbers at the selected round, bad inputs named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medsilo.cli import main
+from medsilo.components.results import RunRecorder
+from medsilo.errors import MedsiloError
+from medsilo.report import load_results, summary_row, write_report
+
+
+def _run(algorithm: str, accs: list[float], sites=("a", "b")) -> dict:
+    rec = RunRecorder("j", algorithm, {"mode": "none"}, list(sites), {s: "cnn" for s in sites})
+    for rnd, acc in enumerate(accs, start=1):
+        rec.add_training(rnd, seconds=2.0, bytes_up=4096, bytes_down=2048 * (rnd > 1), train_loss={s: 0.5 for s in sites})
+        for i, s in enumerate(sites):
+            rec.add_evaluation(rnd, s, {"acc": acc, "auroc": 0.7, "correct": 1, "n": 2},
+                               {"acc": acc - 0.1 * i, "auroc": 0.8, "correct": 1, "n": 2})  # fmt: skip
+    return rec.results()
+
+
+def test_summary_row_reads_the_selected_round():
+    row = summary_row(_run("fedavg", [0.6, 0.9, 0.7]))
+    assert row["selected_round"] == 2 and row["rounds"] == 3
+    assert row["mean_acc"] == pytest.approx(0.85) and row["worst_acc"] == pytest.approx(0.8)
+    assert row["mean_auroc"] == pytest.approx(0.8) and row["seconds"] == pytest.approx(6.0)
+    assert row["up_per_site_round"] == pytest.approx(2048)
+
+
+def test_report_via_cli(tmp_path, capsys):
+    for name, accs in (("fedavg", [0.6, 0.9]), ("local", [0.7, 0.75])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_run(name, accs)))
+    out = tmp_path / "r" / "report.html"
+    assert main(["report", str(tmp_path / "fedavg"), str(tmp_path / "local" / "results.json"), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "<td>fedavg</td><td>0.850</td><td>0.800</td>" in page
+    assert "<td>local</td>" in page and "data:image/png;base64," in page
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(MedsiloError, match="no results.json here"):
+        load_results(tmp_path)
+    bad = tmp_path / "results.json"
+    bad.write_text("{not json")
+    with pytest.raises(MedsiloError, match="not valid JSON"):
+        load_results(bad)
+    bad.write_text(json.dumps({"job": "j"}))
+    with pytest.raises(MedsiloError, match="field 'algorithm' is missing"):
+        load_results(bad)
+    with pytest.raises(MedsiloError, match="must share their sites"):
+        write_report([_run("a", [0.5]), _run("b", [0.5], sites=("x", "y"))], tmp_path / "r.html")
