@@ -56,6 +56,8 @@ from pydantic import Field
 
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
+    Client as BaseClient,
+    Server as BaseServer,
     SiteSetup,
     Tensors,
     Upload,
@@ -64,12 +66,6 @@ from medsilo.components.algorithms.base import (
     load_mean,
     proximal_loss,
     weighted_params,
-)
-from medsilo.components.algorithms.base import (
-    Client as BaseClient,
-)
-from medsilo.components.algorithms.base import (
-    Server as BaseServer,
 )
 
 

@@ -66,6 +66,8 @@ from torch.nn import functional as F
 
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
+    Client as BaseClient,
+    Server as BaseServer,
     SiteSetup,
     Tensors,
     Upload,
@@ -73,12 +75,6 @@ from medsilo.components.algorithms.base import (
     load_mean,
     shared_init,
     weighted_params,
-)
-from medsilo.components.algorithms.base import (
-    Client as BaseClient,
-)
-from medsilo.components.algorithms.base import (
-    Server as BaseServer,
 )
 
 BANDWIDTHS: tuple[float, ...] = (10.0, 15.0, 20.0, 50.0)

@@ -73,18 +73,14 @@ from torch import nn
 
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
+    Client as BaseClient,
+    Server as BaseServer,
     SiteSetup,
     Tensors,
     Upload,
     count,
     load_mean,
     weighted_params,
-)
-from medsilo.components.algorithms.base import (
-    Client as BaseClient,
-)
-from medsilo.components.algorithms.base import (
-    Server as BaseServer,
 )
 from medsilo.errors import MedsiloError
 from medsilo.medical.data import ImageSet

@@ -43,6 +43,8 @@ from pydantic import Field
 
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
+    Client as BaseClient,
+    Server as BaseServer,
     Tensors,
     Upload,
     count,
@@ -50,12 +52,6 @@ from medsilo.components.algorithms.base import (
     load_mean,
     proximal_loss,
     weighted_params,
-)
-from medsilo.components.algorithms.base import (
-    Client as BaseClient,
-)
-from medsilo.components.algorithms.base import (
-    Server as BaseServer,
 )
 
 

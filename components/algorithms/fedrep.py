@@ -50,17 +50,13 @@ from torch import nn
 
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
+    Client as BaseClient,
+    Server as BaseServer,
     Tensors,
     Upload,
     count,
     load_mean,
     weighted_params,
-)
-from medsilo.components.algorithms.base import (
-    Client as BaseClient,
-)
-from medsilo.components.algorithms.base import (
-    Server as BaseServer,
 )
 
 BASE = "base."

@@ -61,6 +61,8 @@ from torch.nn import functional as F
 
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
+    Client as BaseClient,
+    Server as BaseServer,
     SiteSetup,
     Tensors,
     Upload,
@@ -68,12 +70,6 @@ from medsilo.components.algorithms.base import (
     load_mean,
     shared_init,
     weighted_params,
-)
-from medsilo.components.algorithms.base import (
-    Client as BaseClient,
-)
-from medsilo.components.algorithms.base import (
-    Server as BaseServer,
 )
 
 

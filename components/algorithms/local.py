@@ -8,9 +8,12 @@ Uploads: none. Privacy modes: all (nothing leaves the site). No hyper-parameters
 
 from __future__ import annotations
 
-from medsilo.components.algorithms.base import AlgorithmConfig, Upload
-from medsilo.components.algorithms.base import Client as BaseClient
-from medsilo.components.algorithms.base import Server as BaseServer
+from medsilo.components.algorithms.base import (
+    AlgorithmConfig,
+    Client as BaseClient,
+    Server as BaseServer,
+    Upload,
+)
 
 
 class Config(AlgorithmConfig):
