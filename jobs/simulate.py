@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -106,15 +107,14 @@ def run_simulation(
     job_dir = export_job(spec, run_dir / "job", min_sites=len(names))
     workspace = run_dir / "workspace"
     _allow_list(workspace)
-    tmp = run_dir / "tmp"
-    tmp.mkdir()
+    tmp = _short_tmpdir()
 
     cores = os.cpu_count() or 1
     env = {
         **os.environ,
         SITES_FILE_ENV: str(sites_file),
         THREADS_ENV: str(max(1, cores // len(names))),
-        "TMPDIR": str(tmp),  # NVFlare writes job zips and log copies under TMPDIR
+        "TMPDIR": str(tmp),  # job zips, log copies and the simulator's AF_UNIX sockets live here
         "PYTHONUNBUFFERED": "1",
     }
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(workspace),
@@ -142,6 +142,19 @@ def run_simulation(
         f"job '{spec.name}' ended without results (simulator exit code {proc.returncode}); "
         f"last lines of {log_path}: {_tail(log_path)}"
     )
+
+
+def _short_tmpdir() -> Path:
+    """A fresh, short temporary folder for the simulator's TMPDIR.
+
+    The simulator binds AF_UNIX sockets under TMPDIR, and Linux caps a socket path at 107 bytes; a
+    TMPDIR inside a deep run folder (pytest's tmp_path, a long ``--out``) fails with "AF_UNIX path too
+    long". So the folder goes under the system temp root, or under /tmp when that root is itself long.
+    """
+    root = Path(tempfile.gettempdir())
+    if len(str(root)) > 40 and Path("/tmp").is_dir():
+        root = Path("/tmp")
+    return Path(tempfile.mkdtemp(prefix="medsilo-", dir=root))
 
 
 def _follow(proc: subprocess.Popen, progress_file: Path, spec: JobSpec, label: str, show: bool) -> None:
