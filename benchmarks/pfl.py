@@ -17,24 +17,17 @@ It prints a Markdown table and writes ``benchmarks/results/pfl_cxr_seed<SEED>.js
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
-from medsilo.components.algorithms import ALGORITHMS
-from medsilo.config import JobSpec
-from medsilo.jobs.simulate import run_simulation
+from medsilo.benchmarks.runner import RESULTS, WORK, markdown, run_variants, save
+from medsilo.components.algorithms import PFL_ALGORITHMS
 from medsilo.medical.synth import SynthRequest, synthesize
-from medsilo.report import summary_row, write_report
-
-RESULTS = Path(__file__).resolve().parent / "results"
-WORK = Path(__file__).resolve().parent / "work"
-PFL = [a for a in ALGORITHMS]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--algorithms", nargs="+", default=PFL, choices=PFL, metavar="NAME")
+    parser.add_argument("--algorithms", nargs="+", default=list(PFL_ALGORITHMS), choices=PFL_ALGORITHMS,
+                        metavar="NAME")  # fmt: skip
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--images-per-site", type=int, default=600)
     parser.add_argument("--dirichlet-alpha", type=float, default=1.0)
@@ -52,49 +45,17 @@ def main(argv: list[str] | None = None) -> dict:
                        shift=args.shift)  # fmt: skip
     tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_s{args.shift:g}_seed{args.seed}"
     sites_yml = synthesize(WORK / f"pfl_cxr_{tag}", req, force=True)
-    runs = []
-    for name in args.algorithms:
-        spec = JobSpec(
-            name=f"bench-{name}", modality="cxr", classes=list(req.class_names()), dataset="cxr",
-            image_size=args.image_size, model="cnn", feature_dim=64, algorithm={"name": name}, seed=args.seed,
-            training={"rounds": args.rounds, "local_epochs": args.local_epochs, "batch_size": args.batch_size,
-                      "lr": args.lr, "optimizer": "sgd", "momentum": 0.9},
-        )  # fmt: skip
-        t0 = time.perf_counter()
-        result = run_simulation(spec, sites_yml, WORK / "pfl_runs" / name, label=name)
-        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        runs.append(result)
-        row = summary_row(result)
-        print(f"{name}: mean {row['mean_acc']:.3f} worst {row['worst_acc']:.3f} ({result['wall_seconds']} s)", flush=True)
-
-    rows = [{**summary_row(r), "wall_seconds": r["wall_seconds"]} for r in runs]
-    result = {
-        "benchmark": "pfl_cxr",
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "synthetic_data": req.to_json(),
-        "rows": rows,
-        "per_site": {r["algorithm"]: r["final"]["per_site"] for r in runs},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"pfl_cxr_seed{args.seed}.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_report(runs, WORK / f"pfl_report_seed{args.seed}.html", title="pFL benchmark on synthetic chest X-ray hospitals")
+    base = dict(modality="cxr", classes=list(req.class_names()), dataset="cxr", image_size=args.image_size,
+                model="cnn", feature_dim=64, seed=args.seed,
+                training={"rounds": args.rounds, "local_epochs": args.local_epochs, "batch_size": args.batch_size,
+                          "lr": args.lr, "optimizer": "sgd", "momentum": 0.9})  # fmt: skip
+    variants = {name: {"algorithm": {"name": name}} for name in args.algorithms}
+    runs = run_variants(variants, base, sites_yml, WORK / "pfl_runs")
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    result = save(f"pfl_cxr_seed{args.seed}", settings, req.to_json(), runs, out=args.out,
+                  title="pFL benchmark on synthetic chest X-ray hospitals")  # fmt: skip
     print(markdown(result))
     return result
-
-
-def markdown(result: dict) -> str:
-    """The comparison table as Markdown."""
-    lines = [
-        "| algorithm | mean acc | worst site | pooled acc | mean AUROC | round (of) | job s | rounds s | KiB up / site / round |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['algorithm']} | {r['mean_acc']:.3f} | {r['worst_acc']:.3f} | {r['pooled_acc']:.3f} | "
-            f"{r['mean_auroc']:.3f} | {r['selected_round']} ({r['rounds']}) | {r['wall_seconds']:.0f} | "
-            f"{r['seconds']:.0f} | {r['up_per_site_round'] / 1024:.1f} |"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

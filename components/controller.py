@@ -93,6 +93,7 @@ class RoundController(ModelController):
                 privacy={"mode": spec.privacy.mode},
                 sites=sites,
                 models={s: spec.backbone_for(s) for s in sites},
+                algorithm_form=server.form,
             )
             self.info(f"job {spec.name}: {spec.algorithm.name} on {len(sites)} sites for {spec.training.rounds} rounds")
             payload: dict[str, np.ndarray] = {}
@@ -104,8 +105,11 @@ class RoundController(ModelController):
                 uploads = {s: m.params or {} for s, m in replies.items()}
                 bytes_up = sum(payload_bytes(u) for u in uploads.values())
                 bytes_down = payload_bytes(payload) * len(sites)
-                aggregate = sum_uploads(uploads) if any(uploads.values()) else {}
-                payload = to_numpy(server.update(to_torch(aggregate), rnd))
+                if server.form == "per-site":
+                    payload = to_numpy(server.update_from_sites({s: to_torch(u) for s, u in uploads.items()}, rnd))
+                else:
+                    aggregate = sum_uploads(uploads) if any(uploads.values()) else {}
+                    payload = to_numpy(server.update(to_torch(aggregate), rnd))
                 recorder.add_training(rnd, seconds=time.perf_counter() - t0, bytes_up=bytes_up, bytes_down=bytes_down,
                                       train_loss={s: float(m.meta["train_loss"]) for s, m in replies.items()})  # fmt: skip
                 if rnd > 1:

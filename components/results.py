@@ -46,8 +46,10 @@ class RunRecorder:
         models: site → backbone.
     """
 
-    def __init__(self, job: str, algorithm: str, privacy: dict[str, Any], sites: list[str], models: dict[str, str]):
+    def __init__(self, job: str, algorithm: str, privacy: dict[str, Any], sites: list[str], models: dict[str, str],
+                 algorithm_form: str = "sums"):  # fmt: skip
         self.job, self.algorithm, self.privacy = job, algorithm, privacy
+        self.algorithm_form = algorithm_form
         self.sites, self.models = list(sites), dict(models)
         self._rounds: dict[int, _Round] = {}
 
@@ -126,6 +128,7 @@ class RunRecorder:
         return {
             "job": self.job,
             "algorithm": self.algorithm,
+            "algorithm_form": self.algorithm_form,
             "privacy": self.privacy,
             "sites": self.sites,
             "models": self.models,

@@ -23,10 +23,22 @@ REGISTRY: dict[str, str] = {
     "feddbe": "medsilo.components.algorithms.feddbe",
     "gpfl": "medsilo.components.algorithms.gpfl",
     "fedcp": "medsilo.components.algorithms.fedcp",
+    # heterogeneous FL: each site may run its own backbone (shared feature dimension d)
+    "fedproto": "medsilo.components.algorithms.fedproto",
+    "fedtgp": "medsilo.components.algorithms.fedtgp",
+    "fedktl": "medsilo.components.algorithms.fedktl",
+    "feddistill": "medsilo.components.algorithms.feddistill",
+    "lgfedavg": "medsilo.components.algorithms.lgfedavg",
 }
 """Every algorithm a job may name."""
 
 ALGORITHMS: tuple[str, ...] = tuple(REGISTRY)
+
+PFL_ALGORITHMS: tuple[str, ...] = ALGORITHMS[: ALGORITHMS.index("fedcp") + 1]
+"""Local, FedAvg and the personalized methods: one backbone at every site (they share weights)."""
+
+HTFL_ALGORITHMS: tuple[str, ...] = ("local", *ALGORITHMS[ALGORITHMS.index("fedproto") :])
+"""Local and the methods that work across different backbones: they share only d- or K-sized tensors."""
 
 
 def algorithm_module(name: str) -> ModuleType:

@@ -181,9 +181,22 @@ class Server:
         self.num_classes = num_classes
         self.sites = sites
 
+    @property
+    def form(self) -> str:
+        """What the server half reads: ``"sums"`` (the aggregate only; the default) or ``"per-site"``
+        (each site's upload separately, for a published method that learns from per-site tensors,
+        e.g. FedTGP's prototype training). Recorded in ``results.json`` as ``algorithm_form``;
+        ``per-site`` runs only in privacy mode ``none`` (DESIGN §5)."""
+        return "sums"
+
     def update(self, aggregate: Tensors, rnd: int) -> Tensors:
         """Payload for round ``rnd + 1`` from ``aggregate`` = Σ of round ``rnd``'s uploads."""
         return aggregate
+
+    def update_from_sites(self, uploads: dict[str, Tensors], rnd: int) -> Tensors:
+        """Payload for round ``rnd + 1`` from each site's own upload; called instead of :meth:`update`
+        when :attr:`form` is ``"per-site"``."""
+        raise NotImplementedError(f"{type(self).__module__}: form 'per-site' needs update_from_sites")
 
 
 # ---- pure helpers ---------------------------------------------------------------------------------

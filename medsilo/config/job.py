@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
-from medsilo.components.algorithms import ALGORITHMS
+from medsilo.components.algorithms import ALGORITHMS, HTFL_ALGORITHMS
 from medsilo.config.common import SITE_NAME_PATTERN, Modality, PrivacyMode, Strict
 from medsilo.config.loading import load_yaml, validate
 from medsilo.errors import did_you_mean
@@ -216,6 +216,15 @@ class JobSpec(Strict):
     def _algorithm_params(self, info: ValidationInfo) -> JobSpec:
         # raises ConfigError (not a ValueError), which pydantic lets through with its own field names
         self.algorithm.config((info.context or {}).get("file", "<job spec>"))
+        return self
+
+    @model_validator(mode="after")
+    def _backbones_fit_algorithm(self) -> JobSpec:
+        if self.heterogeneous and len(set(self.model.values())) > 1 and self.algorithm.name not in HTFL_ALGORITHMS:
+            raise ValueError(
+                f"model: sites run different backbones, but '{self.algorithm.name}' shares backbone weights; "
+                f"use one backbone for every site, or a heterogeneous-FL algorithm ({', '.join(HTFL_ALGORITHMS)})"
+            )
         return self
 
     @property

@@ -1,7 +1,7 @@
 """Jobs in the real NVFlare simulator: tiny images, few rounds, results.json checked.
 
 Each simulator run starts real NVFlare server and site processes (~30 s on 2 cores), so this file
-keeps to three runs.
+keeps its runs few and tiny.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def _spec(algorithm: str, **params) -> JobSpec:
                    training={"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.01})  # fmt: skip
 
 
-def _check(results: dict, algorithm: str, sites: list[str], shares_weights: bool) -> None:
+def _check(results: dict, algorithm: str, sites: list[str], shares_weights: bool, models: dict | None = None) -> None:
     assert results["algorithm"] == algorithm and results["sites"] == sites
-    assert results["models"] == {s: "cnn" for s in sites}
+    assert results["models"] == (models or {s: "cnn" for s in sites})
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     mean_val = {r["round"]: sum(r["metrics"][s]["val_acc"] for s in sites) / len(sites) for r in results["rounds"]}
     assert results["selected_round"] == max(mean_val, key=lambda k: (mean_val[k], -k))
@@ -65,6 +65,18 @@ def test_fedavg_through_the_cli(sites_yml, tmp_path, capsys):
 def test_personalized_method(sites_yml, tmp_path):
     results = run_simulation(_spec("fedrep"), sites_yml, tmp_path / "run", progress=False)
     _check(results, "fedrep", ["hospital-1", "hospital-2", "hospital-3"], shares_weights=True)
+
+
+def test_heterogeneous_backbones_with_per_site_server_form(sites_yml, tmp_path):
+    # three architectures, FedTGP as published: the server trains on each site's prototypes
+    models = {"hospital-1": "cnn", "hospital-2": "resnet10-lite", "hospital-3": "densenet-lite"}
+    spec = _spec("fedtgp", form="published").model_copy(update={"model": models})
+    results = run_simulation(spec, sites_yml, tmp_path / "run", progress=False)
+    _check(results, "fedtgp", list(models), shares_weights=True, models=models)
+    assert results["algorithm_form"] == "per-site"
+    # K x d prototype sums and K counts up; K x d generated prototypes down (float32)
+    assert results["rounds"][0]["bytes_up"] == 3 * (2 * 8 + 2) * 4
+    assert results["rounds"][1]["bytes_down"] == 3 * 2 * 8 * 4
 
 
 def test_a_failing_site_stops_the_job_with_its_reason(sites_yml, tmp_path):

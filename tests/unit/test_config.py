@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medsilo.components.algorithms import ALGORITHMS
+from medsilo.components.algorithms import ALGORITHMS, HTFL_ALGORITHMS
 from medsilo.config import ConfigError, load_job_spec, load_site_config, load_sites_file
 from medsilo.config.job import JobSpec
 from medsilo.config.loading import validate
@@ -34,7 +34,10 @@ def _yaml(tmp_path: Path, data, name: str = "f.yml") -> Path:
 def test_ready_made_job_specs_are_valid(spec):
     job = load_job_spec(spec)
     assert job.algorithm.name in ALGORITHMS
-    assert job.model in BACKBONES
+    backbones = set(job.model.values()) if job.heterogeneous else {job.model}
+    assert backbones <= set(BACKBONES)
+    if job.heterogeneous:
+        assert len(backbones) >= 3 and job.algorithm.name in HTFL_ALGORITHMS  # really heterogeneous
 
 
 def test_defaults_and_normalisation():
@@ -45,7 +48,8 @@ def test_defaults_and_normalisation():
 
 
 def test_heterogeneous_model_map():
-    job = validate({**MINIMAL_JOB, "model": {"hospital-1": "cnn", "hospital-2": "resnet18"}}, JobSpec, "j.yml")
+    data = {**MINIMAL_JOB, "model": {"hospital-1": "cnn", "hospital-2": "resnet18"}, "algorithm": {"name": "local"}}
+    job = validate(data, JobSpec, "j.yml")
     assert job.heterogeneous
     assert job.backbone_for("hospital-2") == "resnet18"
     with pytest.raises(KeyError, match="no backbone given for site 'hospital-9'"):
@@ -149,3 +153,11 @@ def test_algorithm_params_are_checked_against_the_algorithm_config(tmp_path):
     data = {**MINIMAL_JOB, "algorithm": {"name": "fedavg", "params": {"mu": 0.1}}}
     with pytest.raises(ConfigError, match=r"job\.yml: algorithm\.params\.mu: unknown field; this section takes no fields"):
         load_job_spec(_yaml(tmp_path, data, "job.yml"))
+
+
+def test_weight_sharing_algorithm_refuses_mixed_backbones():
+    data = {**MINIMAL_JOB, "model": {"hospital-1": "cnn", "hospital-2": "resnet18"}, "algorithm": {"name": "fedavg"}}
+    with pytest.raises(ConfigError, match=r"j\.yml: .*sites run different backbones, but 'fedavg' shares backbone"):
+        validate(data, JobSpec, "j.yml")
+    same = validate({**data, "model": {"hospital-1": "cnn", "hospital-2": "cnn"}}, JobSpec, "j.yml")
+    assert same.backbone_for("hospital-2") == "cnn"

@@ -13,7 +13,8 @@ import medsilo.medical.models as models
 from medsilo.medical.models import BACKBONES
 from medsilo.medical.models.zoo import BUILDERS, PoolProjection, SplitModel, build_model, count_parameters
 
-NATIVE_DIM = {"cnn": 64, "resnet18": 512, "densenet121": 1024, "efficientnet-b0": 1280}
+NATIVE_DIM = {"cnn": 64, "resnet18": 512, "densenet121": 1024, "efficientnet-b0": 1280, "resnet10-lite": 128,
+              "densenet-lite": 112}  # fmt: skip
 
 
 def _monai_classifier(name: str, in_channels: int, num_classes: int) -> nn.Module:
@@ -58,6 +59,8 @@ def test_registry_matches_backbones():
         ("densenet121", 1, 2, 2048, (2, 1, 32, 32)),
         ("densenet121", 3, 5, 64, (2, 3, 29, 29)),  # smallest input densenet121 accepts
         ("efficientnet-b0", 1, 3, 64, (2, 1, 32, 32)),  # smallest input efficientnet-b0 accepts
+        ("resnet10-lite", 1, 2, 64, (2, 1, 16, 16)),
+        ("densenet-lite", 3, 2, 64, (2, 3, 16, 16)),  # smallest input densenet-lite accepts
         ("efficientnet-b0", 3, 2, 1280, (2, 3, 32, 40)),
     ],
 )
@@ -180,7 +183,7 @@ def test_nothing_downloads(monkeypatch, tmp_path):
     "kwargs, match",
     [
         (dict(name="resnet-18"), r"name: unknown backbone 'resnet-18'; did you mean 'resnet18'\?"),
-        (dict(name="vit"), r"unknown backbone 'vit'; \(valid: cnn, resnet18, densenet121, efficientnet-b0\)"),
+        (dict(name="vit"), r"unknown backbone 'vit'; \(valid: cnn, resnet18, densenet121, efficientnet-b0, resnet10-lite, densenet-lite\)"),
         (dict(in_channels=2), r"in_channels: must be 1 or 3, got 2"),
         (dict(in_channels=True), r"in_channels: must be 1 or 3, got True"),
         (dict(num_classes=1), r"num_classes: must be an integer >= 2, got 1"),

@@ -1,0 +1,76 @@
+"""Shared by the FL benchmarks: run job variants in the NVFlare simulator and tabulate them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from medsilo.config import JobSpec
+from medsilo.jobs.simulate import run_simulation
+from medsilo.report import summary_row, write_report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORK = Path(__file__).resolve().parent / "work"
+
+
+def run_variants(variants: dict[str, dict[str, Any]], base: dict[str, Any], sites_yml: Path,
+                 runs_dir: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """Run one simulator job per variant; returns their ``results.json`` dicts with a ``label``.
+
+    Args:
+        variants: label → job-spec fields that differ from ``base`` (e.g. ``{"algorithm": {...}}``).
+        base: the job-spec fields every variant shares.
+        sites_yml: the hospitals.
+        runs_dir: one run folder per label is made under it.
+    """
+    runs = []
+    for label, change in variants.items():
+        spec = JobSpec(**{**base, **change, "name": f"bench-{label.replace(' ', '-')}"})
+        t0 = time.perf_counter()
+        result = run_simulation(spec, sites_yml, runs_dir / label.replace(" ", "-"), label=label)
+        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        result["label"] = label
+        runs.append(result)
+        row = summary_row(result)
+        print(f"{label}: mean {row['mean_acc']:.3f} worst {row['worst_acc']:.3f} ({result['wall_seconds']} s)",
+              flush=True)  # fmt: skip
+    return runs
+
+
+def save(name: str, settings: dict[str, Any], synthetic: dict[str, Any], runs: list[dict[str, Any]], *,
+         out: Path, title: str) -> dict[str, Any]:  # fmt: skip
+    """Write ``out/<name>.json`` (rows + per-site results) and an HTML report under ``WORK``."""
+    rows = [{**summary_row(r), "wall_seconds": r["wall_seconds"], "models": r["models"],
+             "algorithm_form": r.get("algorithm_form", "sums")} for r in runs]  # fmt: skip
+    result = {
+        "benchmark": name,
+        "settings": settings,
+        "synthetic_data": synthetic,
+        "rows": rows,
+        "per_site": {r["label"]: r["final"]["per_site"] for r in runs},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_report(runs, WORK / f"{name}.html", title=title)
+    return result
+
+
+def markdown(result: dict[str, Any], *, down: bool = False) -> str:
+    """The comparison table as Markdown (``down`` adds the download column)."""
+    head = "| algorithm | mean acc | worst site | pooled acc | mean AUROC | round (of) | job s | rounds s | KiB up / site / round |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if down:
+        head, rule = head + " KiB down / site / round |", rule + "---:|"
+    lines = [head, rule]
+    for r in result["rows"]:
+        line = (
+            f"| {r['label']} | {r['mean_acc']:.3f} | {r['worst_acc']:.3f} | {r['pooled_acc']:.3f} | "
+            f"{r['mean_auroc']:.3f} | {r['selected_round']} ({r['rounds']}) | {r['wall_seconds']:.0f} | "
+            f"{r['seconds']:.0f} | {r['up_per_site_round'] / 1024:.1f} |"
+        )
+        if down:
+            line += f" {r['down_per_site_round'] / 1024:.1f} |"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,289 @@
+r"""FedProto: federated prototype learning across heterogeneous clients (Tan et al., AAAI 2022,
+`arXiv:2105.00243 <https://arxiv.org/abs/2105.00243>`_).
+
+Sites may run different backbones; they share only *class prototypes*, vectors in the common feature
+space ``z = φ_i(x) ∈ R^d`` (``model.features``). With ``P^k`` the global prototype of class k, site i
+minimises per batch (``shared/reference/algorithms.md`` §4.1)
+
+.. math::
+
+    \mathcal{L}_i = \mathrm{CE}\big(h_i(\varphi_i(x)), y\big)
+                    + \lambda \cdot \mathrm{MSE}\big(\varphi_i(x), P^{y}\big)
+
+where MSE is the element mean over the batch and the d features. A sample whose class has no global
+prototype contributes 0 to the MSE term (its target is its own detached feature) but still counts in
+the mean, as in the reference. The whole model (φ_i and h_i) is trained; nothing of it leaves the site.
+
+**Local prototypes** are the per-class means of the detached features of every sample seen during
+this round's training (all local epochs, train mode, i.e. from the moving model), collected inside
+the loss (no extra pass), as in the reference.
+
+**Server** (linear, so it runs under every privacy mode, CKKS included): the payload *is* the
+aggregate, and each site finishes the division itself,
+:math:`P^k = \sum_i \texttt{proto\_sum}_i[k] / \sum_i \texttt{proto\_count}_i[k]`; a class whose
+total count is below ½ (i.e. 0: counts are integers, the ½ absorbs CKKS approximation error) has no
+prototype. What the two tensors hold is set by ``weighting``:
+
+* ``"sites"`` (default, the reference code): ``proto_sum`` holds the site's per-class *mean* and
+  ``proto_count`` a 0/1 presence indicator, so P^k is the *unweighted* mean over the sites that have
+  class k. The paper's formula weights by sample counts (FedProto issue #6); the reference does not.
+* ``"samples"``: ``proto_sum`` holds per-class feature *sums* and ``proto_count`` the per-class
+  sample counts (over all local epochs), so P^k is the sample-weighted mean feature of class k.
+
+**Deployed model / inference** is the nearest global prototype: distances
+``D[b, k] = MSE(φ_i(x_b), P^k)`` and probabilities ``softmax(−D)`` over the classes that have a
+prototype; classes without one get probability exactly 0 (the reference gives them distance +∞). The
+head is trained (CE term) but unused at test once prototypes exist. **Before any global prototype
+exists** (the evaluation before round 1, or a federation in which no class has data yet) the site
+deploys its own model, ``softmax(h_i(φ_i(x)))``: the reference reports accuracy 0 there, which makes
+the round-0 row meaningless.
+
+Defaults: ``lam`` λ = 10, HtFLlib's ``total.sh`` (PFLlib's default is 1.0; λ weights the element-mean
+MSE, not the paper's Euclidean distance, HtFLlib issue #2). ``weighting = "sites"``, the reference code.
+
+Uploads (per site, per round), fixed shapes whatever classes the site has:
+    ``proto_sum``    (K, d) float32: ``"sites"``: per-class mean feature of the site (zero rows for
+    classes it did not see); ``"samples"``: per-class feature sums. Reveals the site's class-mean
+    representations (a domain fingerprint; feature-inversion risk) and, through zero rows, which
+    classes it has; encrypted under ``ckks``.
+    ``proto_count``  (K,) float32: ``"sites"``: 1 for each class the site saw, else 0 (reveals its
+    label set); ``"samples"``: per-class sample counts over the round's local epochs (reveals its label
+    histogram and dataset size). Encrypted under ``ckks``.
+No parameter, and no list of class ids, ever leaves the site.
+
+Privacy modes: all (the server only adds).
+
+Reference-code behaviour (HtFLlib ``clientproto.py``/``serverproto.py``) and what we do:
+
+* Missing classes are signalled by empty-list sentinels and prototypes travel as a class-id → vector
+  dict of variable size; here every upload is a fixed-shape sum with zero rows and counts, so it can
+  be summed under CKKS and noised under DP.
+* Unweighted server mean: kept as the default, made expressible as a sum (``weighting``).
+* Accuracy 0 before the first prototypes: the site's own head instead (see above).
+* AUROC reported as 0 (prototype methods return no scores): here ``softmax(−D)`` probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch.nn import functional as F
+
+from medsilo.components.algorithms.base import (
+    AlgorithmConfig,
+    Client as BaseClient,
+    Server as BaseServer,
+    SiteSetup,
+    Tensors,
+    Upload,
+)
+from medsilo.components.training import ExtraLoss
+
+PROTO_SUM = "proto_sum"
+"""Upload name of the per-class feature sums / means ``(K, d)``."""
+
+PROTO_COUNT = "proto_count"
+"""Upload name of the per-class counts / presence indicators ``(K,)``."""
+
+PRESENT = 0.5
+"""A class has a prototype when its summed count is at least this (counts are integers; the margin
+absorbs CKKS approximation error around 0)."""
+
+Weighting = Literal["sites", "samples"]
+
+
+class Config(AlgorithmConfig):
+    """FedProto hyper-parameters.
+
+    Attributes:
+        lam: λ ≥ 0, weight of the prototype MSE term (default 10, HtFLlib).
+        weighting: how sites are combined into a global prototype: ``"sites"`` (unweighted mean over
+            the sites having the class, the reference; default) or ``"samples"`` (sample-weighted).
+    """
+
+    lam: float = Field(default=10.0, ge=0)
+    weighting: Weighting = "sites"
+
+
+class Client(BaseClient):
+    """FedProto at one site: a personal model of any backbone, global prototypes as the classifier.
+
+    Attributes:
+        global_protos: ``(K, d)`` float32, the global prototypes last received (zero rows where absent),
+            or ``None`` before the first payload.
+        has_proto: ``(K,)`` bool, which classes have a global prototype (all False before round 1).
+    """
+
+    config: Config
+
+    def __init__(self, setup: SiteSetup, config: Config):
+        super().__init__(setup, config)
+        self.global_protos: torch.Tensor | None = None
+        self.has_proto = torch.zeros(setup.num_classes, dtype=torch.bool)
+
+    def receive(self, payload: Tensors | None, rnd: int) -> None:
+        """Finish the global prototypes from the aggregate: ``Σ proto_sum / Σ proto_count`` per class.
+
+        ``None`` (before round 1, or a round with nothing new) keeps the current prototypes.
+        """
+        if payload:
+            self.global_protos, self.has_proto = mean_prototypes(payload[PROTO_SUM], payload[PROTO_COUNT])
+
+    def train(self, rnd: int) -> Upload:
+        """Train φ_i and h_i on ``CE + λ·MSE(z, P^y)``, collecting this round's local prototypes.
+
+        Returns:
+            ``proto_sum`` ((K, d) float32) and ``proto_count`` ((K,) float32) as set by ``weighting``
+            (module docstring), and the mean cross-entropy.
+        """
+        k, d = self.setup.num_classes, self.model.head.in_features
+        sums, counts = torch.zeros(k, d), torch.zeros(k)
+        prototype_loss = self.prototype_loss()
+
+        def extra(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            batch_sums, batch_counts = class_sums(features.detach(), labels, k)
+            sums.add_(batch_sums)
+            counts.add_(batch_counts)
+            return prototype_loss(features, logits, labels)
+
+        loss = self.fit(rnd, extra_loss=extra)
+        return Upload(prototype_upload(sums, counts, self.config.weighting), loss)
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest-prototype probabilities ``(B, K)`` for images ``(B, C, H, W)``, in eval mode.
+
+        ``softmax(−MSE(φ_i(x), P^k))`` over the classes with a prototype (0 for the others); the site's
+        own ``softmax(h_i(φ_i(x)))`` while no class has one.
+        """
+        self.model.eval()
+        z = self.model.features(x)
+        if self.global_protos is None or not bool(self.has_proto.any()):
+            return torch.softmax(self.model.head(z), dim=1)
+        return nearest_prototype_scores(z, self.global_protos, self.has_proto)
+
+    def prototype_loss(self) -> ExtraLoss:
+        """``λ·MSE(z, P^y)`` against the current global prototypes, as an ``extra_loss`` (0 before any)."""
+        protos, present, lam = self.global_protos, self.has_proto, self.config.lam
+
+        def extra(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            if protos is None or lam == 0 or not bool(present.any()):
+                return torch.zeros(())
+            return lam * prototype_mse(features, labels, protos, present)
+
+        return extra
+
+
+class Server(BaseServer):
+    """Linear: the payload is the aggregate ``Σ proto_sum``, ``Σ proto_count``; sites divide."""
+
+
+# ---- pure helpers (shared with FedTGP) ------------------------------------------------------------
+
+
+def class_sums(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class feature sums and counts of one batch.
+
+    Args:
+        features: ``(B, d)`` (use detached features; no gradient is kept).
+        labels: ``(B,)`` int64 in ``[0, K)``.
+        num_classes: K.
+
+    Returns:
+        sums ``(K, d)`` float32 (zero rows for absent classes) and counts ``(K,)`` float32.
+    """
+    features = features.detach().float()
+    sums = torch.zeros(num_classes, features.shape[1]).index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return sums, counts
+
+
+def prototype_upload(sums: torch.Tensor, counts: torch.Tensor, weighting: Weighting) -> Tensors:
+    """The prototype upload of one site from its per-class feature sums.
+
+    Args:
+        sums: ``(K, d)`` per-class feature sums.
+        counts: ``(K,)`` per-class sample counts.
+        weighting: ``"sites"``: per-class means and 0/1 presence; ``"samples"``: sums and counts.
+
+    Returns:
+        ``{"proto_sum": (K, d) float32, "proto_count": (K,) float32}``.
+    """
+    sums, counts = sums.float(), counts.float()
+    if weighting == "samples":
+        return {PROTO_SUM: sums.clone(), PROTO_COUNT: counts.clone()}
+    present = counts > 0
+    means = torch.where(present[:, None], sums / counts.clamp_min(1.0)[:, None], torch.zeros_like(sums))
+    return {PROTO_SUM: means, PROTO_COUNT: present.float()}
+
+
+def mean_prototypes(proto_sum: torch.Tensor, proto_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prototypes from (summed) prototype sums and counts.
+
+    Args:
+        proto_sum: ``(K, d)``.
+        proto_count: ``(K,)``.
+
+    Returns:
+        prototypes ``(K, d)`` float32 (``proto_sum[k] / proto_count[k]``; zero rows for classes whose
+        count is below :data:`PRESENT`) and the presence mask ``(K,)`` bool.
+    """
+    proto_sum, proto_count = proto_sum.float(), proto_count.float()
+    present = proto_count >= PRESENT
+    protos = torch.where(
+        present[:, None], proto_sum / proto_count.clamp_min(PRESENT)[:, None], torch.zeros_like(proto_sum)
+    )
+    return protos, present
+
+
+def prototype_mse(
+    features: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
+    """``MSE(z, P^y)``, element mean over the batch and d; samples of classes without a prototype add 0.
+
+    Args:
+        features: ``z`` ``(B, d)`` (gradients flow into it).
+        labels: ``(B,)`` int64.
+        protos: ``(K, d)`` global prototypes (constants).
+        present: ``(K,)`` bool, which rows of ``protos`` exist.
+
+    Returns:
+        a scalar: ``Σ_{b: y_b has a prototype} ‖z_b − P^{y_b}‖² / (B·d)``.
+    """
+    has = present[labels][:, None]
+    target = torch.where(has, protos.detach()[labels], features.detach())
+    return F.mse_loss(features, target)
+
+
+def prototype_distances(features: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """``D[b, k] = MSE(z_b, P^k)`` (mean over d of the squared differences), computed directly (≥ 0).
+
+    Args:
+        features: ``(B, d)``.
+        protos: ``(K, d)``.
+
+    Returns:
+        ``(B, K)``.
+    """
+    return (features[:, None, :] - protos[None, :, :]).pow(2).mean(dim=2)
+
+
+def nearest_prototype_scores(
+    features: torch.Tensor, protos: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
+    """Nearest-prototype class probabilities ``softmax(−D)``, exactly 0 for classes without a prototype.
+
+    Args:
+        features: ``(B, d)``.
+        protos: ``(K, d)``.
+        present: ``(K,)`` bool, at least one True.
+
+    Returns:
+        ``(B, K)`` probabilities (rows sum to 1; the argmax is the nearest present prototype).
+    """
+    logits = -prototype_distances(features, protos).masked_fill(~present[None, :], float("inf"))
+    return torch.softmax(logits, dim=1)
