@@ -219,6 +219,21 @@ class JobSpec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _server_form_fits_privacy(self) -> JobSpec:
+        if self.privacy.mode == "none":
+            return self
+        from medsilo.components.algorithms import algorithm_module
+
+        server = algorithm_module(self.algorithm.name).Server(self.algorithm.config(), len(self.classes), [])
+        if server.form != "sums":
+            raise ValueError(
+                f"algorithm '{self.algorithm.name}' in this configuration reads each site's upload on the server "
+                f"(form '{server.form}'), which privacy mode '{self.privacy.mode}' forbids: the server may only "
+                f"see sums; choose the algorithm's aggregate form (algorithm.params.form: aggregate)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _backbones_fit_algorithm(self) -> JobSpec:
         if self.heterogeneous and len(set(self.model.values())) > 1 and self.algorithm.name not in HTFL_ALGORITHMS:
             raise ValueError(

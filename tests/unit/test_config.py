@@ -161,3 +161,12 @@ def test_weight_sharing_algorithm_refuses_mixed_backbones():
         validate(data, JobSpec, "j.yml")
     same = validate({**data, "model": {"hospital-1": "cnn", "hospital-2": "cnn"}}, JobSpec, "j.yml")
     assert same.backbone_for("hospital-2") == "cnn"
+
+
+def test_per_site_server_form_needs_privacy_mode_none():
+    data = {**MINIMAL_JOB, "algorithm": {"name": "fedtgp", "params": {"form": "published"}},
+            "privacy": {"mode": "ckks"}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"j\.yml: .*'fedtgp' .*form 'per-site'.*privacy mode 'ckks' forbids"):
+        validate(data, JobSpec, "j.yml")
+    ok = validate({**data, "algorithm": {"name": "fedtgp", "params": {"form": "aggregate"}}}, JobSpec, "j.yml")
+    assert ok.privacy.mode == "ckks"
