@@ -28,7 +28,14 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from medsilo.components.executor import TASK_EVALUATE, TASK_TRAIN, payload_bytes, to_numpy, to_torch
+from medsilo.components.executor import (
+    TASK_EVALUATE,
+    TASK_RELEASE,
+    TASK_TRAIN,
+    payload_bytes,
+    to_numpy,
+    to_torch,
+)
 
 RESULTS_FILE, PROGRESS_FILE, FAILURE_FILE = "results.json", "progress.jsonl", "failure.json"
 
@@ -74,6 +81,8 @@ class RoundController(ModelController):
         super().__init__(persistor_id="", ignore_result_error=True, task_check_period=0.1)
         self.job = job  # attribute names must equal argument names for NVFlare's job export
         self.task_timeout = task_timeout
+        self._public_ctx = None
+        self._release_bytes = 0
 
     def run(self) -> None:
         from medsilo.components.algorithms import algorithm_module
@@ -105,11 +114,9 @@ class RoundController(ModelController):
                 uploads = {s: m.params or {} for s, m in replies.items()}
                 bytes_up = sum(payload_bytes(u) for u in uploads.values())
                 bytes_down = payload_bytes(payload) * len(sites)
-                if server.form == "per-site":
-                    payload = to_numpy(server.update_from_sites({s: to_torch(u) for s, u in uploads.items()}, rnd))
-                else:
-                    aggregate = sum_uploads(uploads) if any(uploads.values()) else {}
-                    payload = to_numpy(server.update(to_torch(aggregate), rnd))
+                self._release_bytes = 0
+                payload = self._next_payload(server, uploads, rnd, rounds, spec)
+                bytes_up += self._release_bytes  # an aggregate release's round trip counts as traffic
                 recorder.add_training(rnd, seconds=time.perf_counter() - t0, bytes_up=bytes_up, bytes_down=bytes_down,
                                       train_loss={s: float(m.meta["train_loss"]) for s, m in replies.items()})  # fmt: skip
                 if rnd > 1:
@@ -128,6 +135,56 @@ class RoundController(ModelController):
         except Exception as exc:  # noqa: BLE001 - any other failure is reported, then re-raised to NVFlare
             self._write(run_dir / FAILURE_FILE, {"error": f"server: {type(exc).__name__}: {exc}"})
             raise
+
+    def _next_payload(self, server, uploads: dict[str, dict[str, np.ndarray]], rnd: int, rounds: int,
+                      spec) -> dict[str, np.ndarray]:  # fmt: skip
+        """The payload for round ``rnd + 1`` from the sites' uploads of round ``rnd``.
+
+        * plaintext, ``form == "per-site"``: the algorithm reads each site's upload;
+        * plaintext: the algorithm reads Σ uploads;
+        * ``ckks``, linear algorithm: Σ of the ciphertexts, sent back encrypted (the server never decrypts);
+        * ``ckks``, server-side learning: an aggregate release by one site (DESIGN §5), then the algorithm
+          reads the released plaintext Σ.
+        """
+        if "ckks" not in spec.privacy.mode:
+            if server.form == "per-site":
+                return to_numpy(server.update_from_sites({s: to_torch(u) for s, u in uploads.items()}, rnd))
+            aggregate = sum_uploads(uploads) if any(uploads.values()) else {}
+            return to_numpy(server.update(to_torch(aggregate), rnd))
+
+        from medsilo.secure.ckks import CKKSError, add
+        from medsilo.secure.filters import CKKS_PARAM
+        from medsilo.secure.release import Contribution
+
+        plain = [s for s, u in uploads.items() if set(u) != {CKKS_PARAM}]
+        if plain:  # fail closed: a ckks job never aggregates a plaintext upload
+            raise JobStopped(f"privacy mode {spec.privacy.mode}: sites {', '.join(plain)} sent unencrypted uploads; "
+                             "check that their CKKS filters are installed")  # fmt: skip
+        try:
+            contributions = {s: Contribution.from_bytes(u[CKKS_PARAM]) for s, u in uploads.items()}
+            wrong = [s for s, c in contributions.items() if c.site != s]
+            if wrong:
+                raise JobStopped(f"uploads from {', '.join(wrong)} are signed as another site")
+            if not server.needs_plaintext_aggregate:
+                if self._public_ctx is None:
+                    from medsilo.secure.keys import server_context
+
+                    self._public_ctx = server_context(self._workspace_root())
+                total = add(self._public_ctx, [c.upload for c in contributions.values()], labels=list(contributions))
+                return {CKKS_PARAM: total.to_array()}
+        except CKKSError as exc:
+            raise JobStopped(f"server: encrypted uploads of round {rnd} refused: {exc}") from exc
+        sites = sorted(contributions)
+        releaser = sites[(rnd - 1) % len(sites)]  # rotate, so no single site releases every round
+        request = {s: np.frombuffer(c.to_bytes(), dtype=np.uint8) for s, c in contributions.items()}
+        reply = self._ask(TASK_RELEASE, request, rnd, rounds, [releaser])[releaser]
+        self._release_bytes = payload_bytes(request) + payload_bytes(reply.params)
+        self.info(f"round {rnd}: {releaser} released the aggregate of {len(sites)} signed contributions")
+        return to_numpy(server.update(to_torch(reply.params or {}), rnd))
+
+    def _workspace_root(self) -> str:
+        ws = self.fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        return ws.get_root_dir() if ws is not None else "."
 
     def _ask(self, task: str, payload: dict[str, np.ndarray], rnd: int, rounds: int,
              sites: list[str]) -> dict[str, FLModel]:  # fmt: skip

@@ -24,6 +24,7 @@ Logs carry names, counts and timings only — never image values or patient iden
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ THREADS_ENV = "MEDSILO_SITE_THREADS"
 """Simulator only: torch threads per site (several sites share one machine there)."""
 SITE_CONFIG = Path("local") / "medsilo_site.yml"
 """A deployed site's config, relative to its workspace."""
-TASK_TRAIN, TASK_EVALUATE = "train", "evaluate"
+TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE = "train", "evaluate", "release"
+RELEASE_LOG = "medsilo_releases.jsonl"
+"""Aggregate releases this site made, one JSON record per line, in its workspace (until the ledger)."""
 
 
 def to_numpy(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -94,17 +97,23 @@ class SiteExecutor(Executor):
         self.job = job  # attribute name must equal the argument name for NVFlare's job export
         self._spec = None
         self._state: _SiteState | None = None
+        self._config = None
+        self._released: set[str] = set()
 
     # ---- NVFlare entry point -------------------------------------------------------------------
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name not in (TASK_TRAIN, TASK_EVALUATE):
+        if task_name not in (TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
         try:
             incoming = FLModelUtils.from_shareable(shareable)
             rnd = int((incoming.meta or {}).get("round", 0))
+            if (incoming.meta or {}).get("filter_error"):
+                raise MedsiloError(incoming.meta["filter_error"])
             state = self._prepare(site, fl_ctx)
+            if task_name == TASK_RELEASE:
+                return self._release(site, incoming.params or {}, rnd, fl_ctx)
             t0 = time.perf_counter()
             payload = to_torch(incoming.params)
             state.client.receive(payload or None, rnd)
@@ -145,6 +154,7 @@ class SiteExecutor(Executor):
         spec = validate(self.job, JobSpec, f"job '{self.job.get('name', '?')}'")
         config = self._site_config(site, fl_ctx)
         check_job(config, spec)
+        self._config = config
         threads = int(os.environ.get(THREADS_ENV, 0)) or config.compute.threads
         torch.set_num_threads(threads)
 
@@ -175,6 +185,35 @@ class SiteExecutor(Executor):
         self._spec = spec
         self._state = _SiteState(client=client, data=data, batch_size=batch)
         return self._state
+
+    def _release(self, site: str, request: dict[str, Any], rnd: int, fl_ctx: FLContext) -> Shareable:
+        """Aggregate release (DESIGN §5): check the signed contributions, re-add, decrypt, return only Σ.
+
+        Refusals (too few distinct signed sites, a bad signature, a duplicate, a wrong round, a tag this
+        site already released) raise ``ReleaseRefused``, which becomes this task's error reply: nothing
+        is decrypted and the job stops with the reason.
+        """
+        from medsilo.secure import keys
+        from medsilo.secure.filters import round_tag
+        from medsilo.secure.release import Contribution, ReleaseRefused, release
+
+        spec = self._spec
+        tag = round_tag(fl_ctx.get_job_id(), rnd)
+        if tag in self._released:
+            raise ReleaseRefused(f"site {site}: round {rnd} of this job was already released once; "
+                                 "a second release could be subtracted from the first")  # fmt: skip
+        workspace = Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".")
+        minimum = max(spec.privacy.min_contributors, self._config.privacy.min_contributors)
+        contributions = [Contribution.from_bytes(np.asarray(v)) for v in request.values()]
+        aggregate, record = release(contributions, keys.peer_public_keys(workspace), keys.site_context(site, workspace),
+                                    min_contributors=minimum, tag=tag)  # fmt: skip
+        self._released.add(tag)
+        with (workspace / RELEASE_LOG).open("a") as fh:
+            fh.write(json.dumps({"site": site, **record}) + "\n")
+        self.log_info(fl_ctx, f"{site}: released round {rnd}'s aggregate of {len(record['sites'])} sites "
+                              f"(min {minimum})")  # fmt: skip
+        return FLModelUtils.to_shareable(FLModel(params=to_numpy(aggregate), params_type=ParamsType.FULL,
+                                                 meta={"round": rnd, "released_by": site}))  # fmt: skip
 
     @staticmethod
     def _site_config(site: str, fl_ctx: FLContext):

@@ -10,7 +10,8 @@ Layout written by :func:`export_job`::
 
     OUT/<job name>/meta.json
     OUT/<job name>/app/config/config_fed_server.json   # RoundController(job=<spec>)
-    OUT/<job name>/app/config/config_fed_client.json   # SiteExecutor(job=<spec>) for train, evaluate
+    OUT/<job name>/app/config/config_fed_client.json   # SiteExecutor(job=<spec>) for train, evaluate, release;
+                                                        # CKKS filters for ckks jobs (medsilo.secure.filters)
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def build_job(spec: JobSpec, *, min_sites: int = 1):
     from nvflare.job_config.api import FedJob
 
     from medsilo.components.controller import RoundController
-    from medsilo.components.executor import TASK_EVALUATE, TASK_TRAIN, SiteExecutor
+    from medsilo.components.executor import TASK_EVALUATE, TASK_RELEASE, TASK_TRAIN, SiteExecutor
 
     plain = spec.model_dump(mode="json")
     job = FedJob(name=spec.name, min_clients=min_sites)
@@ -62,7 +63,14 @@ def build_job(spec: JobSpec, *, min_sites: int = 1):
     job.set_app_packages(["medsilo"])  # pre-installed: reference by path, copy nothing into custom/
     job.to_server(RoundController(job=plain), id="controller")
     job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
-    job.to_clients(SiteExecutor(job=plain), tasks=[TASK_TRAIN, TASK_EVALUATE])
+    job.to_clients(SiteExecutor(job=plain), tasks=[TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE])
+    if "ckks" in spec.privacy.mode:
+        from nvflare.job_config.defs import FilterType
+
+        from medsilo.secure.filters import CKKSDecryptor, CKKSEncryptor
+
+        job.to_clients(CKKSEncryptor(), tasks=[TASK_TRAIN], filter_type=FilterType.TASK_RESULT)
+        job.to_clients(CKKSDecryptor(), tasks=[TASK_TRAIN, TASK_EVALUATE], filter_type=FilterType.TASK_DATA)
     return job
 
 

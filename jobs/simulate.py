@@ -13,6 +13,7 @@ Run folder layout::
     RUN_DIR/job/<name>/         # the exported NVFlare job
     RUN_DIR/workspace/          # simulator workspace: server/ and one folder per site, with logs
     RUN_DIR/simulator.log       # the simulator's console output
+    RUN_DIR/he_keys/            # ckks jobs: this run's CKKS contexts and signing keys (medsilo.secure.keys)
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ def run_simulation(
         "TMPDIR": str(tmp),  # job zips, log copies and the simulator's AF_UNIX sockets live here
         "PYTHONUNBUFFERED": "1",
     }
+    if "ckks" in spec.privacy.mode:  # NVFlare's HE recipe refuses the simulator; medsilo makes the keys here
+        from medsilo.secure.keys import HE_DIR_ENV, generate_simulation_keys
+
+        env[HE_DIR_ENV] = str(generate_simulation_keys(run_dir / "he_keys", names, spec.privacy.poly_modulus_degree))
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(workspace),
            "-c", ",".join(names), "-t", str(len(names))]  # fmt: skip
     server_dir = workspace / "server" / "simulate_job"
