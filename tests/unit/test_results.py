@@ -36,8 +36,10 @@ def test_selected_round_uses_validation_and_final_numbers_follow_it():
 
 def test_schema_is_the_design_contract():
     res = _recorder().results()
-    assert set(res) == {"job", "algorithm", "privacy", "sites", "models", "rounds", "selected_round", "final",
-                        "privacy_spent"}  # fmt: skip
+    # DESIGN §12, plus algorithm_form (which server form of the algorithm ran: sums or per-site)
+    assert set(res) == {"job", "algorithm", "algorithm_form", "privacy", "sites", "models", "rounds",
+                        "selected_round", "final", "privacy_spent"}  # fmt: skip
+    assert res["algorithm_form"] == "sums"
     r = res["rounds"][1]
     assert set(r) == {"round", "seconds", "bytes_up", "bytes_down", "metrics"}
     assert set(r["metrics"]["a"]) == {"val_acc", "test_acc", "test_auroc", "train_loss"}
