@@ -58,19 +58,22 @@ def save(name: str, settings: dict[str, Any], synthetic: dict[str, Any], runs: l
 
 
 def markdown(result: dict[str, Any], *, down: bool = False) -> str:
-    """The comparison table as Markdown (``down`` adds the download column)."""
-    head = "| algorithm | mean acc | worst site | pooled acc | mean AUROC | round (of) | job s | rounds s | KiB up / site / round |"
+    """The comparison table as Markdown (``down`` adds the download column and gives traffic in bytes,
+    for algorithms whose uploads are far below a KiB)."""
+    unit, scale = ("bytes", 1) if down else ("KiB", 1024)
+    head = ("| algorithm | mean acc | worst site | pooled acc | mean AUROC | round (of) | job s | rounds s | "
+            f"{unit} up / site / round |")  # fmt: skip
     rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if down:
-        head, rule = head + " KiB down / site / round |", rule + "---:|"
+        head, rule = head + f" {unit} down / site / round |", rule + "---:|"
     lines = [head, rule]
     for r in result["rows"]:
         line = (
             f"| {r['label']} | {r['mean_acc']:.3f} | {r['worst_acc']:.3f} | {r['pooled_acc']:.3f} | "
             f"{r['mean_auroc']:.3f} | {r['selected_round']} ({r['rounds']}) | {r['wall_seconds']:.0f} | "
-            f"{r['seconds']:.0f} | {r['up_per_site_round'] / 1024:.1f} |"
+            f"{r['seconds']:.0f} | {r['up_per_site_round'] / scale:.{0 if down else 1}f} |"
         )
         if down:
-            line += f" {r['down_per_site_round'] / 1024:.1f} |"
+            line += f" {r['down_per_site_round'] / scale:.0f} |"
         lines.append(line)
     return "\n".join(lines)
