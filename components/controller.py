@@ -95,22 +95,25 @@ class RoundController(ModelController):
             spec = validate(self.job, JobSpec, f"job '{self.job.get('name', '?')}'")
             sites = sorted(self.sample_clients())
             algo = algorithm_module(spec.algorithm.name)
-            server = algo.Server(spec.algorithm.config(), len(spec.classes), sites)
-            recorder = RunRecorder(
-                job=spec.name,
-                algorithm=spec.algorithm.name,
-                privacy={"mode": spec.privacy.mode},
-                sites=sites,
-                models={s: spec.backbone_for(s) for s in sites},
-                algorithm_form=server.form,
-            )
             self.info(f"job {spec.name}: {spec.algorithm.name} on {len(sites)} sites for {spec.training.rounds} rounds")
             payload: dict[str, np.ndarray] = {}
             rounds = spec.training.rounds
             for rnd in range(1, rounds + 1):
                 t0 = time.perf_counter()
-                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites)
+                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites, refusable=rnd == 1)
+                if rnd == 1:
+                    refused = {s: m.meta["error"] for s, m in replies.items() if m.meta.get("refused")}
+                    sites = self._without_refused(sites, refused, spec)
+                    replies = {s: m for s, m in replies.items() if s not in refused}
+                    server = algo.Server(spec.algorithm.config(), len(spec.classes), sites)
+                    recorder = RunRecorder(job=spec.name, algorithm=spec.algorithm.name,
+                                           privacy={"mode": spec.privacy.mode}, sites=sites,
+                                           models={s: spec.backbone_for(s) for s in sites}, algorithm_form=server.form,
+                                           refused=refused)  # fmt: skip
                 self._record_evaluations(recorder, rnd - 1, replies)
+                for site, m in replies.items():
+                    if m.meta.get("privacy_spent"):
+                        recorder.set_spent(site, **m.meta["privacy_spent"])
                 uploads = {s: m.params or {} for s, m in replies.items()}
                 bytes_up = sum(payload_bytes(u) for u in uploads.values())
                 bytes_down = payload_bytes(payload) * len(sites)
@@ -182,18 +185,39 @@ class RoundController(ModelController):
         self.info(f"round {rnd}: {releaser} released the aggregate of {len(sites)} signed contributions")
         return to_numpy(server.update(to_torch(reply.params or {}), rnd))
 
+    def _without_refused(self, sites: list[str], refused: dict[str, str], spec) -> list[str]:
+        """The sites that go on after some refused the job at round 1 (e.g. an exhausted privacy budget).
+
+        Nothing from a refusing site reached the server. The job continues when at least
+        ``privacy.min_contributors`` sites remain, else it stops with every site's reason.
+        """
+        if not refused:
+            return sites
+        remaining = [s for s in sites if s not in refused]
+        if len(remaining) < spec.privacy.min_contributors:
+            raise JobStopped("; ".join(refused.values()) + f"; only {len(remaining)} site(s) remain, the job needs "
+                             f"privacy.min_contributors = {spec.privacy.min_contributors}")  # fmt: skip
+        for reason in refused.values():
+            self.warning(f"continuing without a site: {reason}")
+        return remaining
+
     def _workspace_root(self) -> str:
         ws = self.fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
         return ws.get_root_dir() if ws is not None else "."
 
     def _ask(self, task: str, payload: dict[str, np.ndarray], rnd: int, rounds: int,
-             sites: list[str]) -> dict[str, FLModel]:  # fmt: skip
-        """Send ``task`` to every site; return site → reply, or stop the job naming the failing sites."""
+             sites: list[str], refusable: bool = False) -> dict[str, FLModel]:  # fmt: skip
+        """Send ``task`` to every site; return site → reply, or stop the job naming the failing sites.
+
+        With ``refusable``, replies marked ``refused`` (the site declined the whole job before anything
+        left it) are returned for the caller to drop; any other error still stops the job.
+        """
         data = FLModel(params=payload, params_type=ParamsType.FULL, current_round=rnd - 1, total_rounds=rounds,
                        meta={"round": rnd})  # fmt: skip
         results = self.send_model_and_wait(task_name=task, data=data, targets=sites, timeout=self.task_timeout)
         replies = {m.meta.get("client_name"): m for m in results}
-        errors = [m.meta["error"] for m in replies.values() if m.meta.get("error")]
+        errors = [m.meta["error"] for m in replies.values()
+                  if m.meta.get("error") and not (refusable and m.meta.get("refused"))]  # fmt: skip
         missing = [s for s in sites if s not in replies]
         if errors or missing:
             reasons = errors + [f"site {s}: no result for task '{task}' (see that site's log)" for s in missing]

@@ -47,14 +47,20 @@ class RunRecorder:
     """
 
     def __init__(self, job: str, algorithm: str, privacy: dict[str, Any], sites: list[str], models: dict[str, str],
-                 algorithm_form: str = "sums"):  # fmt: skip
+                 algorithm_form: str = "sums", refused: dict[str, str] | None = None):  # fmt: skip
         self.job, self.algorithm, self.privacy = job, algorithm, privacy
         self.algorithm_form = algorithm_form
+        self.refused = dict(refused or {})
+        self.spent: dict[str, dict[str, float]] = {}
         self.sites, self.models = list(sites), dict(models)
         self._rounds: dict[int, _Round] = {}
 
     def _get(self, rnd: int) -> _Round:
         return self._rounds.setdefault(rnd, _Round(rnd))
+
+    def set_spent(self, site: str, epsilon: float, delta: float) -> None:
+        """The (ε, δ) ``site`` has spent on this job so far (its own accountant's figure)."""
+        self.spent[site] = {"epsilon": float(epsilon), "delta": float(delta)}
 
     def add_training(self, rnd: int, *, seconds: float, bytes_up: int, bytes_down: int,
                      train_loss: dict[str, float]) -> None:  # fmt: skip
@@ -140,5 +146,6 @@ class RunRecorder:
                 "mean_acc": _num(sum(accs) / len(accs)),
                 "worst_acc": _num(min(accs)),
             },
-            "privacy_spent": {s: {"epsilon": 0.0, "delta": 0.0} for s in self.sites},
+            "privacy_spent": {s: dict(self.spent.get(s, {"epsilon": 0.0, "delta": 0.0})) for s in self.sites},
+            "refused": self.refused,
         }
