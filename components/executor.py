@@ -24,7 +24,6 @@ Logs carry names, counts and timings only — never image values or patient iden
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from medsilo.errors import MedsiloError
+from medsilo.secure.dp import BudgetExceeded
+from medsilo.secure.guard import SiteGuard
 
 SITES_FILE_ENV = "MEDSILO_SITES_FILE"
 """Simulator only: path of the ``sites.yml`` standing in for every site's own config."""
@@ -49,8 +50,6 @@ THREADS_ENV = "MEDSILO_SITE_THREADS"
 SITE_CONFIG = Path("local") / "medsilo_site.yml"
 """A deployed site's config, relative to its workspace."""
 TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE = "train", "evaluate", "release"
-RELEASE_LOG = "medsilo_releases.jsonl"
-"""Aggregate releases this site made, one JSON record per line, in its workspace (until the ledger)."""
 
 
 def to_numpy(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -83,6 +82,7 @@ class _SiteState:
     client: Any
     data: Any
     batch_size: int
+    guard: Any
 
 
 class SiteExecutor(Executor):
@@ -99,6 +99,7 @@ class SiteExecutor(Executor):
         self._state: _SiteState | None = None
         self._config = None
         self._released: set[str] = set()
+        self._admitted = False
 
     # ---- NVFlare entry point -------------------------------------------------------------------
 
@@ -112,6 +113,9 @@ class SiteExecutor(Executor):
             if (incoming.meta or {}).get("filter_error"):
                 raise MedsiloError(incoming.meta["filter_error"])
             state = self._prepare(site, fl_ctx)
+            if task_name == TASK_TRAIN and not self._admitted:
+                state.guard.admit_job()  # a DP job that cannot fit the site's budget is refused here
+                self._admitted = True
             if task_name == TASK_RELEASE:
                 return self._release(site, incoming.params or {}, rnd, fl_ctx)
             t0 = time.perf_counter()
@@ -123,9 +127,16 @@ class SiteExecutor(Executor):
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
             if task_name == TASK_TRAIN:
-                upload = state.client.train(rnd)
+                guard = state.guard
+                if guard.dp:
+                    upload = state.client.train_private(rnd, guard.dp_round(rnd))
+                else:
+                    upload = state.client.train(rnd)
                 meta.update(train_loss=upload.train_loss, n_train=len(state.data.train))
                 params = to_numpy(upload.sums)
+                spent = guard.record_upload(rnd, params)  # the ledger entry is written before anything leaves
+                if spent is not None:
+                    meta["privacy_spent"] = spent
             else:
                 params = {}
             meta["seconds"] = round(time.perf_counter() - t0, 3)
@@ -135,7 +146,10 @@ class SiteExecutor(Executor):
         except (MedsiloError, FloatingPointError) as exc:
             reason = str(exc) if str(exc).startswith(f"site {site}") else f"site {site}: {exc}"
             self.log_error(fl_ctx, reason)
-            return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta={"error": reason}))
+            meta = {"error": reason}
+            if isinstance(exc, BudgetExceeded) and not self._admitted:
+                meta["refused"] = True  # declined before anything left: the job may go on without this site
+            return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta=meta))
 
     # ---- setup, once per job -------------------------------------------------------------------
 
@@ -182,8 +196,10 @@ class SiteExecutor(Executor):
                           training=spec.training, seed=seed, batch_size=batch)  # fmt: skip
         algo = algorithm_module(spec.algorithm.name)
         client = algo.Client(setup, spec.algorithm.config())
+        workspace = Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".")
+        guard = SiteGuard(site, workspace, fl_ctx.get_job_id(), spec, config.privacy)
         self._spec = spec
-        self._state = _SiteState(client=client, data=data, batch_size=batch)
+        self._state = _SiteState(client=client, data=data, batch_size=batch, guard=guard)
         return self._state
 
     def _release(self, site: str, request: dict[str, Any], rnd: int, fl_ctx: FLContext) -> Shareable:
@@ -208,8 +224,7 @@ class SiteExecutor(Executor):
         aggregate, record = release(contributions, keys.peer_public_keys(workspace), keys.site_context(site, workspace),
                                     min_contributors=minimum, tag=tag)  # fmt: skip
         self._released.add(tag)
-        with (workspace / RELEASE_LOG).open("a") as fh:
-            fh.write(json.dumps({"site": site, **record}) + "\n")
+        self._state.guard.record("aggregate_release", rnd, {"kind": "aggregate", **record})
         self.log_info(fl_ctx, f"{site}: released round {rnd}'s aggregate of {len(record['sites'])} sites "
                               f"(min {minimum})")  # fmt: skip
         return FLModelUtils.to_shareable(FLModel(params=to_numpy(aggregate), params_type=ParamsType.FULL,

@@ -14,6 +14,10 @@ Run folder layout::
     RUN_DIR/workspace/          # simulator workspace: server/ and one folder per site, with logs
     RUN_DIR/simulator.log       # the simulator's console output
     RUN_DIR/he_keys/            # ckks jobs: this run's CKKS contexts and signing keys (medsilo.secure.keys)
+
+Each site's privacy ledger lives in ``ledgers/<site>/privacy_ledger.jsonl`` beside ``sites.yml`` (with
+the local PKI in ``ledgers/pki/``), so budgets span runs: ``medsilo audit verify ledgers/ --root-ca
+ledgers/pki/rootCA.pem`` checks them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from medsilo.components.executor import SITES_FILE_ENV, THREADS_ENV
 from medsilo.config import JobSpec, SitesFile
 from medsilo.errors import MedsiloError
 from medsilo.jobs.builder import export_job
+from medsilo.secure.guard import LEDGER_DIR_ENV, ensure_simulation_pki
 from medsilo.secure.policy import check_job
 
 RUN_MARKER = "medsilo-run.json"
@@ -118,6 +123,11 @@ def run_simulation(
         "TMPDIR": str(tmp),  # job zips, log copies and the simulator's AF_UNIX sockets live here
         "PYTHONUNBUFFERED": "1",
     }
+    # each site's privacy ledger persists beside sites.yml (a site's workspace outlives its jobs), signed
+    # with a certificate from a local root CA made once there (medsilo.secure.guard)
+    ledgers = sites_file.parent / "ledgers"
+    ensure_simulation_pki(ledgers, names)
+    env[LEDGER_DIR_ENV] = str(ledgers)
     if "ckks" in spec.privacy.mode:  # NVFlare's HE recipe refuses the simulator; medsilo makes the keys here
         from medsilo.secure.keys import HE_DIR_ENV, generate_simulation_keys
 

@@ -16,7 +16,8 @@ server needs them for model selection; ``docs/threat-model.md`` lists them as wh
 loses ``n_train``.
 
 **CKKSDecryptor** (task data filter on ``train`` and ``evaluate``) turns an encrypted aggregate back
-into plaintext tensors with the site's secret context. Payloads the server computed in plaintext
+into plaintext tensors with the site's secret context, and writes a ``decrypt`` entry (the aggregate's
+digest and size, never values) to the site's privacy ledger. Payloads the server computed in plaintext
 (after an aggregate release) pass through.
 
 Both load their keys once per process through :mod:`medsilo.secure.keys` and fail closed: a missing
@@ -33,6 +34,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from medsilo.errors import MedsiloError
+from medsilo.secure.guard import site_ledger
 
 CKKS_PARAM = "__ckks__"
 """The single entry of an encrypted payload: uint8 bytes of a Contribution (up) or EncryptedUpload (down)."""
@@ -48,6 +50,10 @@ def round_tag(job_id: str, rnd: int) -> str:
 
 
 def _workspace(fl_ctx: FLContext) -> str:
+    """The site's workspace root, as the executor sees it (same ledger file for both)."""
+    root = fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT)
+    if root:
+        return root
     ws = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
     return ws.get_root_dir() if ws is not None else "."
 
@@ -109,7 +115,12 @@ class CKKSDecryptor(DXOFilter):
         try:
             if self._ctx is None:
                 self._ctx = keys.site_context(site, _workspace(fl_ctx))
-            plain = decrypt(self._ctx, EncryptedUpload.from_bytes(dxo.data[CKKS_PARAM]))
+            enc = EncryptedUpload.from_bytes(dxo.data[CKKS_PARAM])
+            plain = decrypt(self._ctx, enc)
+            site_ledger(site, _workspace(fl_ctx)).append(
+                "decrypt", job=fl_ctx.get_job_id(), round=int(dxo.get_meta_prop("round", 0)),
+                what={"kind": "aggregate", "digest": enc.digest(), "values": enc.layout.num_values,
+                      "ciphertexts": len(enc.ciphertexts), "encrypted": True}, privacy=None)  # fmt: skip
         except MedsiloError as exc:  # the executor turns this into the task's error reply
             reason = f"site {site}: cannot decrypt the aggregate: {exc}"
             self.log_error(fl_ctx, reason)

@@ -41,12 +41,6 @@ def check_job(site: SiteConfig, job: JobSpec) -> None:
             f"site {site.site}: algorithm '{job.algorithm.name}' is not in this site's "
             f"privacy.allowed_algorithms ({', '.join(allowed) or 'none'})"
         )
-    if "dp" in job.privacy.mode:  # fail closed until the DP mechanisms and accountant exist
-        raise PolicyRefusal(
-            f"site {site.site}: job '{job.name}' asks for privacy mode '{job.privacy.mode}', but differential "
-            "privacy is not implemented in this medsilo version; the site refuses rather than send un-noised "
-            "updates (use 'none' or 'ckks')"
-        )
     required = PRIVACY_STRENGTH[site.privacy.required_mode]
     offered = PRIVACY_STRENGTH[job.privacy.mode]
     if not required <= offered:

@@ -43,6 +43,7 @@ from medsilo.components.training import ExtraLoss, Forward, local_epochs, make_o
 from medsilo.config.common import Strict
 from medsilo.config.job import Training
 from medsilo.medical.data import SiteData
+from medsilo.secure.dp import gaussian_update
 
 Tensors = dict[str, torch.Tensor]
 """Named tensors: uploads (sums) and payloads."""
@@ -91,6 +92,22 @@ class Upload:
     train_loss: float
 
 
+@dataclass(frozen=True)
+class DPRelease:
+    """What a differentially private local round needs (privacy modes ``dp`` and ``ckks+dp``).
+
+    Attributes:
+        clip: L2 clipping bound C (per record for class sums, of the whole update for weights).
+        noise_multiplier: σ, noise std / L2 sensitivity (:mod:`medsilo.secure.dp`).
+        generator: the site's noise source, seeded from the OS (never from the job seed: the server
+            must not be able to regenerate and subtract the noise).
+    """
+
+    clip: float
+    noise_multiplier: float
+    generator: torch.Generator
+
+
 class Client:
     """Client half: runs at one site, holds that site's personal state between rounds.
 
@@ -98,6 +115,11 @@ class Client:
     ``self.model``, :meth:`scores`. Their ``train`` docstring lists every uploaded tensor with its shape,
     dtype and what it reveals (house style).
     """
+
+    dp_form: ClassVar[str | None] = None
+    """How :meth:`train_private` makes the upload differentially private: ``"class_sums"`` (record-level:
+    per-record clipped per-class sums and counts), ``"update"`` (clipped, noised weight update) or
+    ``None`` (no DP form: jobs in a ``dp`` mode are refused at validation)."""
 
     def __init__(self, setup: SiteSetup, config: AlgorithmConfig):
         self.setup = setup
@@ -110,6 +132,11 @@ class Client:
     def train(self, rnd: int) -> Upload:
         """Run local training for round ``rnd`` (1-based) and return the sums to upload."""
         raise NotImplementedError
+
+    def train_private(self, rnd: int, dp: DPRelease) -> Upload:
+        """Like :meth:`train`, with the upload made differentially private (one Gaussian mechanism of
+        multiplier ``dp.noise_multiplier``, which the site charges to its budget before sending)."""
+        raise NotImplementedError(f"{type(self).__module__} has no differentially private form")
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,6 +287,19 @@ def proximal_loss(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]
         return proximal_term(params, anchor, mu)
 
     return extra
+
+
+def private_weights(module: nn.Module, before: Tensors, dp: DPRelease, prefix: str) -> Tensors:
+    """``{prefix + name: θ_before + noisy clipped (θ − θ_before)}`` for every parameter of ``module``.
+
+    The update Δ = θ − θ_before is clipped to global L2 norm ``dp.clip`` and noised by
+    :func:`medsilo.secure.dp.gaussian_update` (site-level: the whole local dataset is the unit). The
+    result is *not* weighted by n: the site's dataset size would leak unnoised, so under DP sites are
+    averaged with equal weight (upload ``n`` = 1).
+    """
+    delta = {name: p.detach().float() - before[name] for name, p in module.named_parameters()}
+    noisy = gaussian_update(delta, dp.clip, dp.noise_multiplier, dp.generator)
+    return {f"{prefix}{name}": before[name] + noisy[name] for name in delta}
 
 
 @contextlib.contextmanager

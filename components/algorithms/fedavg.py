@@ -12,6 +12,10 @@ Uploads (per site, per round):
     model (model-inversion risk); encrypted under ``ckks``.
     ``n``          () float32: training images. Reveals dataset size; encrypted under ``ckks``.
 
+Under ``dp`` (site-level): the upload is θ_g + Δ̃ with Δ = θ_i − θ_g clipped to norm C and Gaussian
+noise added (:func:`.base.private_weights`), and ``n`` = 1, so sites are averaged with equal weight
+(their dataset sizes would otherwise leave unnoised).
+
 Privacy modes: all. No hyper-parameters.
 """
 
@@ -20,11 +24,13 @@ from __future__ import annotations
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
     Client as BaseClient,
+    DPRelease,
     Server as BaseServer,
     Tensors,
     Upload,
     count,
     load_mean,
+    private_weights,
     weighted_params,
 )
 
@@ -36,6 +42,8 @@ class Config(AlgorithmConfig):
 class Client(BaseClient):
     """FedAvg at one site."""
 
+    dp_form = "update"
+
     def receive(self, payload: Tensors | None, rnd: int) -> None:
         """Load the global weighted mean (before round 1 the shared seeded initialisation is kept)."""
         if payload:
@@ -46,6 +54,12 @@ class Client(BaseClient):
         loss = self.fit(rnd)
         n = self.setup.n_train
         return Upload({**weighted_params(self.model, n, "w."), **count(n)}, loss)
+
+    def train_private(self, rnd: int, dp: DPRelease) -> Upload:
+        """Train as :meth:`train`; upload the DP global-plus-noisy-update ``w.*`` and ``n`` = 1."""
+        before = {name: p.detach().float().clone() for name, p in self.model.named_parameters()}
+        loss = self.fit(rnd)
+        return Upload({**private_weights(self.model, before, dp, "w."), **count(1)}, loss)
 
 
 class Server(BaseServer):

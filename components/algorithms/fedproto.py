@@ -51,7 +51,12 @@ Uploads (per site, per round), fixed shapes whatever classes the site has:
     histogram and dataset size). Encrypted under ``ckks``.
 No parameter, and no list of class ids, ever leaves the site.
 
-Privacy modes: all (the server only adds).
+Privacy modes: all (the server only adds). Under ``dp`` (record-level): after training, an eval-mode
+pass over the training images gives one feature vector per image; each is clipped to norm C and the
+per-class sums and counts are released with Gaussian noise (:func:`medsilo.secure.dp.gaussian_sum`),
+i.e. the ``"samples"`` weighting whatever ``weighting`` says (a per-site mean would need an unnoised
+count). The prototypes collected during training are not used then: they hold each image once per
+local epoch, which would multiply the sensitivity.
 
 Reference-code behaviour (HtFLlib ``clientproto.py``/``serverproto.py``) and what we do:
 
@@ -74,12 +79,15 @@ from torch.nn import functional as F
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
     Client as BaseClient,
+    DPRelease,
     Server as BaseServer,
     SiteSetup,
     Tensors,
     Upload,
 )
 from medsilo.components.training import ExtraLoss
+from medsilo.medical.data import ImageSet
+from medsilo.secure.dp import gaussian_sum
 
 PROTO_SUM = "proto_sum"
 """Upload name of the per-class feature sums / means ``(K, d)``."""
@@ -117,6 +125,7 @@ class Client(BaseClient):
     """
 
     config: Config
+    dp_form = "class_sums"
 
     def __init__(self, setup: SiteSetup, config: Config):
         super().__init__(setup, config)
@@ -150,6 +159,25 @@ class Client(BaseClient):
 
         loss = self.fit(rnd, extra_loss=extra)
         return Upload(prototype_upload(sums, counts, self.config.weighting), loss)
+
+    def train_private(self, rnd: int, dp: DPRelease) -> Upload:
+        """Train as :meth:`train`, then release record-level DP per-class sums of eval-mode features."""
+        loss = self.fit(rnd, extra_loss=self.prototype_loss())
+        features, labels = self.train_features()
+        sums, counts = gaussian_sum(features, labels, self.setup.num_classes, dp.clip, dp.noise_multiplier,
+                                    dp.generator)  # fmt: skip
+        return Upload({PROTO_SUM: sums, PROTO_COUNT: counts}, loss)
+
+    @torch.no_grad()
+    def train_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``φ_i(x)`` ``(N, d)`` and labels ``(N,)`` of every training image, once each: eval mode, no
+        gradient, without the training split's augmentation."""
+        self.model.eval()
+        train = self.setup.data.train
+        loader = torch.utils.data.DataLoader(ImageSet(train.images, train.labels), batch_size=self.setup.batch_size,
+                                             shuffle=False)  # fmt: skip
+        batches = [(self.model.features(x), y) for x, y in loader]
+        return torch.cat([f for f, _ in batches]), torch.cat([y for _, y in batches])
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:

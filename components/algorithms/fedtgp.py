@@ -88,7 +88,6 @@ from medsilo.components.algorithms.fedproto import (
     mean_prototypes,
     prototype_upload,
 )
-from medsilo.medical.data import ImageSet
 
 GLOBAL_PROTOS = "global_protos"
 """Payload name of the TGPs ``(K, d)``."""
@@ -151,19 +150,9 @@ class Client(PrototypeClient):
         """Per-class sums ``(K, d)`` and counts ``(K,)`` of ``φ_i(x)`` over every training image.
 
         Eval mode, no gradient, and without the training split's augmentation (as the reference's
-        ``collect_protos``).
+        ``collect_protos``); see :meth:`~.fedproto.Client.train_features`.
         """
-        self.model.eval()
-        train = self.setup.data.train
-        plain = ImageSet(train.images, train.labels)
-        loader = torch.utils.data.DataLoader(plain, batch_size=self.setup.batch_size, shuffle=False)
-        k, d = self.setup.num_classes, self.model.head.in_features
-        sums, counts = torch.zeros(k, d), torch.zeros(k)
-        for x, y in loader:
-            batch_sums, batch_counts = class_sums(self.model.features(x), y, k)
-            sums += batch_sums
-            counts += batch_counts
-        return sums, counts
+        return class_sums(*self.train_features(), self.setup.num_classes)
 
 
 class Server(BaseServer):

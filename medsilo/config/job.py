@@ -96,7 +96,8 @@ class DPSpec(Strict):
     """Gaussian-mechanism parameters for ``dp`` and ``ckks+dp`` (DESIGN §5).
 
     Attributes:
-        noise_multiplier: noise std as a multiple of the clipping bound (> 0).
+        noise_multiplier: σ, noise std / L2 sensitivity of the release (> 0): √2·clip for per-class sums,
+            2·clip for weight updates (:mod:`medsilo.secure.dp`).
         clip: L2 clipping bound of each per-site contribution (> 0).
         delta: δ the site's accountant reports ε at (0 < δ < 1).
     """
@@ -222,7 +223,14 @@ class JobSpec(Strict):
     def _server_form_fits_privacy(self) -> JobSpec:
         if self.privacy.mode == "none":
             return self
-        from medsilo.components.algorithms import algorithm_module
+        from medsilo.components.algorithms import ALGORITHMS, algorithm_module
+
+        if "dp" in self.privacy.mode and algorithm_module(self.algorithm.name).Client.dp_form is None:
+            with_dp = [a for a in ALGORITHMS if algorithm_module(a).Client.dp_form is not None]
+            raise ValueError(
+                f"algorithm '{self.algorithm.name}' has no differentially private form, so privacy mode "
+                f"'{self.privacy.mode}' cannot run it; algorithms with one: {', '.join(with_dp)}"
+            )
 
         server = algorithm_module(self.algorithm.name).Server(self.algorithm.config(), len(self.classes), [])
         if server.form != "sums":

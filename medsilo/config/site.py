@@ -120,11 +120,16 @@ class SiteConfig(Strict):
 
 
 class SitesEntry(Strict):
-    """One site of ``sites.yml``: the simulator's stand-in for that site's own config."""
+    """One site of ``sites.yml``: the simulator's stand-in for that site's own config.
+
+    ``privacy`` (optional, not written by ``medsilo synth``) gives the simulated site a privacy policy,
+    e.g. a DP budget cap, exactly as a deployed site's ``local/medsilo_site.yml`` would.
+    """
 
     dataset: DatasetName
     manifest: Path
     modality: Modality
+    privacy: PrivacyPolicy | None = None
 
     _resolve = field_validator("manifest")(resolve_path)
 
@@ -145,7 +150,9 @@ class SitesFile(Strict):
         """One default :class:`SiteConfig` per site, as the simulator runs them."""
         return {
             name: SiteConfig(
-                site=name, datasets={e.dataset: DatasetRef(manifest=e.manifest, modality=e.modality)}
+                site=name,
+                datasets={e.dataset: DatasetRef(manifest=e.manifest, modality=e.modality)},
+                **({"privacy": e.privacy} if e.privacy is not None else {}),
             )
             for name, e in self.sites.items()
         }

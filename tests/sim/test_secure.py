@@ -1,15 +1,17 @@
-"""Privacy mode ``ckks`` in the real NVFlare simulator: encrypted FedProto, and an aggregate release."""
+"""Privacy modes in the real NVFlare simulator: encrypted FedProto, an aggregate release, DP budgets."""
 
 from __future__ import annotations
 
-import json
+import shutil
 
 import pytest
+import yaml
 
 from medsilo.config import JobSpec
 from medsilo.errors import MedsiloError
 from medsilo.jobs.simulate import run_simulation
 from medsilo.medical.synth import SynthRequest, synthesize
+from medsilo.secure.ledger import LEDGER_FILE, entries, verify
 
 MODELS = {"hospital-1": "cnn", "hospital-2": "resnet10-lite", "hospital-3": "cnn"}
 
@@ -20,11 +22,12 @@ def sites_yml(tmp_path_factory):
     return synthesize(out, SynthRequest("cxr", sites=3, images_per_site=24, seed=4), workers=1, progress=False)
 
 
-def _spec(algorithm: str, mode: str, min_contributors: int = 2, **params) -> JobSpec:
+def _spec(algorithm: str, mode: str, min_contributors: int = 2, dp: dict | None = None, **params) -> JobSpec:
+    privacy = {"mode": mode, "min_contributors": min_contributors} | ({"dp": dp} if dp else {})
     return JobSpec(name=f"t-{algorithm}-{mode}", modality="cxr", classes=["normal", "pneumonia"], dataset="cxr",
                    image_size=16, model=MODELS, feature_dim=8, algorithm={"name": algorithm, "params": params},
                    training={"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.01},
-                   privacy={"mode": mode, "min_contributors": min_contributors})  # fmt: skip
+                   privacy=privacy)  # fmt: skip
 
 
 def test_ckks_fedproto_gives_the_plaintext_results(sites_yml, tmp_path):
@@ -50,16 +53,40 @@ def test_aggregate_release_runs_and_is_refused_below_min_contributors(sites_yml,
     # FedTGP (aggregate form) learns on the server: under ckks a site releases the sum each round
     results = run_simulation(_spec("fedtgp", "ckks", 3, form="aggregate"), sites_yml, tmp_path / "ok", progress=False)
     assert [r["round"] for r in results["rounds"]] == [1, 2]
-    records = [json.loads(line) for site in MODELS
-               for line in _lines(tmp_path / "ok" / "workspace" / site / "medsilo_releases.jsonl")]  # fmt: skip
-    assert sorted(r["tag"] for r in records) == ["simulate_job/round-1", "simulate_job/round-2"]
-    assert {r["site"] for r in records} == {"hospital-1", "hospital-2"}  # the releasing site rotates
-    assert all(r["contributors"] == 3 and r["min_contributors"] == 3 for r in records)
+    ledgers = sites_yml.parent / "ledgers"
+    records = [e for site in MODELS for e in entries(ledgers / site / LEDGER_FILE)
+               if e["event"] == "aggregate_release" and e["job"] == "simulate_job"]  # fmt: skip
+    assert sorted(r["what"]["tag"] for r in records) == ["simulate_job/round-1", "simulate_job/round-2"]
+    assert {r["party"] for r in records} == {"hospital-1", "hospital-2"}  # the releasing site rotates
+    assert all(r["what"]["contributors"] == 3 and r["what"]["min_contributors"] == 3 for r in records)
+    assert verify([ledgers / s / LEDGER_FILE for s in MODELS], root_ca=ledgers / "pki" / "rootCA.pem") == []
     # four signed contributors required, three sites exist: the releasing site refuses, the job stops
     with pytest.raises(MedsiloError, match=r"stopped: site hospital-1: .*3 contributors, need ≥ 4"):
         run_simulation(_spec("fedtgp", "ckks", 4, form="aggregate"), sites_yml, tmp_path / "few", progress=False)
     assert not (tmp_path / "few" / "results.json").exists()
 
 
-def _lines(path):
-    return path.read_text().splitlines() if path.is_file() else []
+def test_dp_job_spends_budget_and_a_capped_site_refuses_the_next_one(sites_yml, tmp_path):
+    # a copy of the hospitals where hospital-2 caps its budget at ε = 4 (δ = 1e-5)
+    data = tmp_path / "data"
+    shutil.copytree(sites_yml.parent, data, ignore=shutil.ignore_patterns("ledgers"))
+    sites = yaml.safe_load((data / "sites.yml").read_text())
+    sites["sites"]["hospital-2"]["privacy"] = {"budget": {"epsilon": 4.0, "delta": 1e-5}}
+    (data / "sites.yml").write_text(yaml.safe_dump(sites))
+    spec = _spec("fedproto", "dp", dp={"noise_multiplier": 2.0, "clip": 1.0})
+    first = run_simulation(spec, data / "sites.yml", tmp_path / "first", progress=False)
+    spent = first["privacy_spent"]
+    assert set(spent) == set(MODELS) and all(2.5 < s["epsilon"] < 4 and s["delta"] == 1e-5 for s in spent.values())
+    ledger = data / "ledgers" / "hospital-2" / LEDGER_FILE
+    releases = [e for e in entries(ledger) if e["event"] == "release"]
+    assert [e["round"] for e in releases] == [1, 2] and releases[-1]["privacy"]["job_epsilon"] == pytest.approx(
+        spent["hospital-2"]["epsilon"])
+    # σ = 2 over 2 rounds costs ε ≈ 3.2; a second identical job would take hospital-2 past ε = 4:
+    # it refuses at round 1, the others go on
+    second = run_simulation(spec, data / "sites.yml", tmp_path / "second", progress=False)
+    assert second["sites"] == ["hospital-1", "hospital-3"]
+    assert "hospital-2" in second["refused"] and "ε" in second["refused"]["hospital-2"]
+    after = entries(ledger)
+    assert after[-1]["event"] == "refusal" and len([e for e in after if e["event"] == "release"]) == 2
+    assert verify([data / "ledgers" / s / LEDGER_FILE for s in MODELS],
+                  root_ca=data / "ledgers" / "pki" / "rootCA.pem") == []  # fmt: skip

@@ -170,3 +170,10 @@ def test_per_site_server_form_needs_privacy_mode_none():
         validate(data, JobSpec, "j.yml")
     ok = validate({**data, "algorithm": {"name": "fedtgp", "params": {"form": "aggregate"}}}, JobSpec, "j.yml")
     assert ok.privacy.mode == "ckks"
+
+
+def test_dp_modes_need_an_algorithm_with_a_private_form():
+    dp = {"mode": "dp", "dp": {"noise_multiplier": 1.0, "clip": 1.0}}
+    with pytest.raises(ConfigError, match=r"'fedrep' has no differentially private form.*with one: .*fedavg.*fedproto"):
+        validate({**MINIMAL_JOB, "algorithm": {"name": "fedrep"}, "privacy": dp}, JobSpec, "j.yml")
+    assert validate({**MINIMAL_JOB, "algorithm": {"name": "fedproto"}, "privacy": dp}, JobSpec, "j.yml").privacy.dp

@@ -14,6 +14,8 @@ from medsilo.components.algorithms import fedproto
 from medsilo.secure import keys
 from medsilo.secure.ckks import CKKSError, add, decrypt
 from medsilo.secure.filters import CKKS_PARAM, FILTER_ERROR, CKKSDecryptor, CKKSEncryptor
+from medsilo.secure.guard import LEDGER_DIR_ENV, ensure_simulation_pki
+from medsilo.secure.ledger import entries, verify
 from medsilo.secure.release import Contribution, verify_contribution
 from medsilo.tests.helpers import aggregate, tiny_setup
 
@@ -24,6 +26,8 @@ SITES = ("hospital-1", "hospital-2")
 def he_dir(tmp_path, monkeypatch):
     out = keys.generate_simulation_keys(tmp_path / "he_keys", SITES)
     monkeypatch.setenv(keys.HE_DIR_ENV, str(out))
+    ensure_simulation_pki(tmp_path / "ledgers", SITES)
+    monkeypatch.setenv(LEDGER_DIR_ENV, str(tmp_path / "ledgers"))
     return out
 
 
@@ -75,6 +79,11 @@ def test_encrypted_round_matches_plaintext_and_the_server_cannot_decrypt(he_dir)
     expected = clients[0].scores(x)
     clients[0].receive({k: torch.as_tensor(v) for k, v in got.items()}, 2)
     torch.testing.assert_close(clients[0].scores(x), expected, atol=1e-6, rtol=0)
+    # the site's ledger records the decryption: the aggregate's digest, never its values
+    ledger = he_dir.parent / "ledgers" / SITES[0] / "privacy_ledger.jsonl"
+    (entry,) = entries(ledger)
+    assert entry["event"] == "decrypt" and entry["what"]["digest"] == total.digest() and entry["job"] == "job-1"
+    assert verify([ledger], root_ca=he_dir.parent / "ledgers" / "pki" / "rootCA.pem") == []
 
 
 def test_contributions_are_signed_by_their_site_for_this_round(he_dir):

@@ -1,0 +1,955 @@
+r"""Differential privacy at the site: the Gaussian and exponential mechanisms, and the accountant that
+keeps each site's (ε, δ) under its budget cap (DESIGN §5, §9).
+
+Everything here runs *at the site*, before an upload leaves it. The mechanisms are pure functions of
+their inputs and of an explicit random generator (``torch.Generator`` or ``numpy.random.Generator``);
+nothing reads the global RNG. The accountant never computes ε itself: every ε comes from Google's
+``dp_accounting`` (RDP or PLD) applied to the composed events.
+
+**The unit of privacy (adjacency).** A site's budget is a *record-level* guarantee: two datasets of a
+site are neighbours when one is the other with **one record (one image of one patient) added or
+removed** (``NeighboringRelation.ADD_OR_REMOVE_ONE`` in ``dp_accounting``). Every mechanism below is
+calibrated against this relation, so all events of a site compose into the one budget. A patient with
+m images is covered only through group privacy (for a Gaussian release: sensitivity × m); per-patient
+clipping (one contribution per ``patient_id``) is not done here.
+
+**noise_multiplier.** σ means the same thing everywhere, as in ``dp_accounting``: the standard
+deviation of the added noise divided by the L2 sensitivity Δ₂ of what is released. The ε of a release
+therefore depends only on (σ, steps, sampling rate), whatever the mechanism; the noise *std* is σ·Δ₂,
+and Δ₂ is stated per mechanism:
+
+* :func:`gaussian_sum` releases per-class sums ``(K, d)`` and counts ``(K,)``: Δ₂ = √2·C; noise std
+  √2·σ·C on the sums, √2·σ on the counts.
+* :func:`gaussian_update` releases a weight update (all tensors together): Δ₂ = 2·C; noise std 2·σ·C.
+* :func:`exponential_mechanism` releases k indices among n candidates: pure ε, with the score
+  sensitivity Δ given by the caller.
+
+*Per-class sums* (FedProto prototypes ``proto_sum``/``proto_count``, FedDistill ``logit_sum``/
+``logit_count``, with the ``"samples"`` weighting; **record-level** protection). Each record i
+contributes its clipped vector ``x̃_i = x_i · min(1, C/‖x_i‖)`` (‖x̃_i‖ ≤ C) to row y_i of the sums and 1
+to ``counts[y_i]``. The released vector is the concatenation ``[S, C·n]``; adding or removing one record
+changes one row of S by ``x̃_i`` and one entry of ``C·n`` by C, so
+
+.. math::  \Delta_2 = \sqrt{\lVert\tilde x_i\rVert^2 + C^2} \le \sqrt{2}\,C .
+
+Noise ``N(0, (σ·√2·C)²)`` on every entry of ``[S, C·n]`` is the Gaussian mechanism with noise
+multiplier σ; dividing the count part by C gives noise ``N(0, 2σ²)`` on the counts. This holds only if
+**each record appears at most once** among the rows passed in (a record seen in E local epochs must be
+passed once, e.g. from one extra pass, or the sensitivity is E·√2·C). Classes without records get
+noise like all others, so zero rows do not reveal the label set.
+
+*Weight updates* (FedAvg-family ``w.<param>``; **site-level** protection). The update
+``Δθ = θ_local − θ_global`` of all shared tensors is clipped to global L2 norm ≤ C. Training is not
+record-level private (no DP-SGD), so one record may change the update arbitrarily *within the C-ball*:
+for **any** two datasets D, D′ of the site, ``‖Δθ̃(D) − Δθ̃(D′)‖ ≤ 2C``. Noise ``N(0, (2σC)²)`` per entry
+is therefore the Gaussian mechanism with noise multiplier σ both for the record relation of the budget
+and for the strongest site-level relation ("the site's whole dataset replaced by any other"): the
+server learns about the site's dataset as a whole no more than (ε, δ) allows. (The zero-out relation of
+DP-FedAvg — site present vs absent — would need only C; we charge the 2C a site-local release needs.)
+Anything released next to the update must be noised or public too: an exact ``n`` (training images)
+is a count with record sensitivity 1 and is **not** covered by this mechanism.
+
+*Exponential mechanism* (PCEvolve selection, DESIGN §9; record-level). Candidate i is chosen with
+probability ∝ ``exp(ε·s_i/(2Δ))`` where Δ bounds how much any one score can change between neighbouring
+datasets (PCEvolve: scores in [0, 1], Δ = 1). One draw is ε-DP (pure, δ = 0). ``k`` draws are ``k``
+sequential draws without replacement at ε/k each (ε-DP in total by basic composition), sampled in one
+shot with the Gumbel-top-k trick, which has exactly that distribution.
+
+**Accounting.** :class:`PrivacyAccountant` keeps one site's events for one budget scope, with δ fixed
+for the scope, and reports ε by composing them with ``dp_accounting``:
+
+* ``"rdp"`` (default): Rényi DP (``RdpAccountant``, ADD_OR_REMOVE_ONE). The standard in DP training
+  (Opacus, TF Privacy), so reported ε are comparable with the literature; closed-form per order, fast
+  and exactly reproducible when the ledger is replayed; always a valid upper bound. A Gaussian event is
+  ``GaussianDpEvent(σ)`` (Poisson-subsampled when ``sampling_rate < 1``) self-composed ``steps`` times.
+  An exponential-mechanism draw is treated as a generic ε-DP mechanism, which is (ε²/2)-zCDP (Bun &
+  Steinke 2016, Prop. 3.3): ``ZCDpEvent(rho=ε²/2)``.
+* ``"pld"``: privacy-loss distributions (``dp_accounting.pld``), numerically tight (typically 5–15 %
+  lower ε than RDP for the same events) but slower, with a discretisation interval (pessimistic
+  rounding, so still an upper bound). Gaussian events as ``PLDAccountant`` builds them; an ε-DP draw as
+  ``from_privacy_parameters(ε, 0)``, the dominating pair of *every* ε-DP mechanism.
+
+Whatever the accountant, the reported total is ``min(ε_all, ε_gauss + Σ ε_pure)``: ``ε_all`` composes
+every event; the second is basic composition of the Gaussian events' (ε, δ) with the pure-ε draws,
+whose ε simply add. Both are valid (ε, δ) guarantees, so their minimum is; it keeps a handful of
+exponential draws at their exact ε (zCDP alone overstates few pure events) while many draws profit from
+RDP/PLD composition. A scope must keep one accountant kind: the ledger's cumulative ε is computed
+with it.
+
+**Fail closed.** Parameters are checked at the boundary (σ > 0, C > 0, 0 < δ < 1, 0 < rate ≤ 1, …) and
+NaN/inf inputs raise :class:`DPError` before any noise is drawn: nothing is released from a bad input.
+A release that would take the site over its cap raises :class:`BudgetExceeded` from
+:meth:`PrivacyAccountant.spend`/:meth:`~PrivacyAccountant.check`, which the caller runs *before* the
+upload leaves; a spend is recorded even if sending later fails (the conservative side).
+
+**Randomness.** The noise must be unpredictable to the server: seed the site's generator from the OS
+(:func:`fresh_generator`), never from the job seed the server knows. Fixed seeds are for tests only.
+Known limitation: samples come from torch/numpy floating-point samplers (Mersenne Twister / PCG64),
+not a discrete or secure-rounding Gaussian; the floating-point attacks on textbook DP implementations
+(Mironov 2012; Jin et al. 2022) are not mitigated here.
+
+Mechanisms write nothing to the ledger; the caller records the event's :meth:`~GaussianEvent.to_json`
+descriptor and the ε returned by :meth:`PrivacyAccountant.spend` in the site's ledger, from which
+:meth:`PrivacyAccountant.from_events` rebuilds the running total after a restart.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import dp_accounting as dpa
+import numpy as np
+import torch
+from dp_accounting.pld import common as pld_common, privacy_loss_distribution as pld_lib
+
+from medsilo.errors import MedsiloError, did_you_mean
+
+__all__ = [
+    "ACCOUNTANTS",
+    "BudgetExceeded",
+    "DPError",
+    "Event",
+    "ExponentialEvent",
+    "GaussianEvent",
+    "PrivacyAccountant",
+    "Selection",
+    "clip_rows",
+    "clip_update",
+    "event_from_json",
+    "exponential_epsilon",
+    "exponential_mechanism",
+    "exponential_probabilities",
+    "fresh_generator",
+    "gaussian_epsilon",
+    "gaussian_sum",
+    "gaussian_update",
+    "sum_sensitivity",
+    "update_sensitivity",
+]
+
+AccountantKind = Literal["rdp", "pld"]
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
+"""Accountant kinds: ``rdp`` (default) and ``pld`` (module docstring)."""
+
+PLD_DISCRETIZATION = 1e-4
+"""Default PLD value-discretisation interval (``dp_accounting``'s own default)."""
+
+Generator = torch.Generator | np.random.Generator
+
+
+class DPError(MedsiloError, ValueError):
+    """A differential-privacy parameter or input that cannot be used; nothing was released."""
+
+
+class BudgetExceeded(MedsiloError):
+    """A release would take the site over its DP budget cap; it was refused before anything left.
+
+    Attributes:
+        site: the site's name.
+        scope: the budget scope.
+        cap_epsilon, cap_delta: the site's cap.
+        spent: ε already spent in the scope (at ``cap_delta``).
+        cost: what the refused release would add.
+        total: ε the scope would reach with it.
+        release: what was refused, e.g. ``gaussian σ=1.1 × 1 step``.
+    """
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        scope: str,
+        cap_epsilon: float,
+        cap_delta: float,
+        spent: float,
+        cost: float,
+        total: float,
+        release: str = "",
+    ):
+        self.site, self.scope, self.release = site, scope, release
+        self.cap_epsilon, self.cap_delta = cap_epsilon, cap_delta
+        self.spent, self.cost, self.total = spent, cost, total
+        super().__init__(
+            f"site {site or '?'}: release{' (' + release + ')' if release else ''} refused, DP budget "
+            f"'{scope}' would be exceeded: it would cost "
+            f"ε={_fmt(cost)} on top of ε={_fmt(spent)} already spent, total ε={_fmt(total)} > cap "
+            f"ε={_fmt(cap_epsilon)} (δ={cap_delta:g}); nothing was sent. Lower the job's privacy cost (larger "
+            "noise_multiplier, fewer rounds, smaller PCEvolve epsilon) or, if the site's data governance "
+            "allows it, raise privacy.budget.epsilon in the site config"
+        )
+
+
+def _fmt(eps: float) -> str:
+    return "∞" if math.isinf(eps) else f"{eps:.4g}"
+
+
+# ---- validation at the boundary ---------------------------------------------------------------------
+
+
+def _positive(name: str, value: Any) -> float:
+    """``value`` as a finite float > 0, else :class:`DPError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise DPError(f"{name} must be a number > 0, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise DPError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def _delta(name: str, value: Any) -> float:
+    value = _positive(name, value)
+    if value >= 1:
+        raise DPError(f"{name} must be in (0, 1), got {value!r}")
+    return value
+
+
+def _rate(name: str, value: Any) -> float:
+    value = _positive(name, value)
+    if value > 1:
+        raise DPError(f"{name} must be in (0, 1], got {value!r}")
+    return value
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise DPError(f"{name} must be an integer ≥ 1, got {value!r}")
+    return int(value)
+
+
+def _accountant(value: Any) -> AccountantKind:
+    if value not in ACCOUNTANTS:
+        raise DPError(
+            f"accountant {value!r} is unknown; {did_you_mean(value, ACCOUNTANTS)}valid: {', '.join(ACCOUNTANTS)}"
+        )
+    return value
+
+
+def _finite_float_tensor(name: str, x: Any, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise DPError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise DPError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise DPError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise DPError(f"{name} contains NaN or inf; refusing to release anything derived from it")
+    return x.detach()
+
+
+# ---- randomness ---------------------------------------------------------------------------------------
+
+
+def fresh_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` seeded from the OS's cryptographic randomness, for a site's DP noise.
+
+    Use this in production: the server must not be able to predict (and subtract) the noise, so the seed
+    must never derive from the job seed. Tests pass their own seeded generator instead.
+    """
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+def _check_generator(generator: Any) -> Generator:
+    if not isinstance(generator, torch.Generator | np.random.Generator):
+        raise DPError(
+            "generator must be a torch.Generator or numpy.random.Generator passed in explicitly "
+            f"(e.g. medsilo.secure.dp.fresh_generator()), got {type(generator).__name__}; the global RNG is never used"
+        )
+    return generator
+
+
+def _standard_normal(shape: tuple[int, ...], generator: Generator) -> torch.Tensor:
+    """``N(0, 1)`` samples of ``shape``, float64 on the CPU or the generator's device."""
+    if isinstance(generator, np.random.Generator):
+        return torch.from_numpy(generator.standard_normal(shape))
+    return torch.randn(shape, generator=generator, dtype=torch.float64, device=generator.device)
+
+
+def _standard_gumbel(n: int, generator: Generator) -> torch.Tensor:
+    """``Gumbel(0, 1)`` samples ``(n,)`` float64: ``−log E`` with ``E ~ Exp(1)``."""
+    if isinstance(generator, np.random.Generator):
+        return torch.from_numpy(generator.gumbel(size=n))
+    e = torch.empty(n, dtype=torch.float64, device=generator.device).exponential_(generator=generator)
+    return -torch.log(e.clamp_min(torch.finfo(torch.float64).tiny))
+
+
+# ---- clipping -------------------------------------------------------------------------------------------
+
+
+def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
+    """Per-sample L2 clipping: row i becomes ``x_i · min(1, C/‖x_i‖₂)``.
+
+    Args:
+        x: ``(B, d)`` floating point, finite.
+        clip: C > 0.
+
+    Returns:
+        ``(B, d)``, same dtype and device; every row norm ≤ C (rounding included), rows already within C
+        are returned unchanged (bit for bit).
+    """
+    clip = _positive("clip", clip)
+    x = _finite_float_tensor("x", x, ndim=2)
+    x64 = x.double()
+    norms = x64.norm(dim=1, keepdim=True)
+    factor = torch.where(
+        norms > clip, clip / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(norms)
+    )
+    y = torch.where(norms > clip, (x64 * factor).to(x.dtype), x)
+    step = 1.0 - 4 * torch.finfo(x.dtype).eps
+    for _ in range(16):
+        over = y.double().norm(dim=1, keepdim=True) > clip
+        if not bool(over.any()):
+            return y
+        y = torch.where(over, y * step, y)
+    raise DPError(f"could not clip rows to norm ≤ {clip!r}; refusing to release")
+
+
+def clip_update(delta: Mapping[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], float]:
+    """Global L2 clipping of a weight update across all its tensors.
+
+    ``Δθ̃ = Δθ · min(1, C/‖Δθ‖₂)`` with ``‖Δθ‖₂ = sqrt(Σ_tensors Σ_entries Δθ²)``.
+
+    Args:
+        delta: name → update tensor (any shapes), floating point, finite; at least one tensor.
+        clip: C > 0.
+
+    Returns:
+        the clipped update (same names, shapes, dtypes; global norm ≤ C, rounding included; unchanged
+        when already within C) and the global norm *before* clipping. That norm is data-dependent and not
+        DP: keep it at the site (it may go to local logs, never into an upload or the ledger).
+    """
+    clip = _positive("clip", clip)
+    if not isinstance(delta, Mapping) or not delta:
+        raise DPError("delta must be a non-empty dict of name → tensor")
+    delta = {name: _finite_float_tensor(f"delta[{name!r}]", t) for name, t in delta.items()}
+
+    def global_norm(d: Mapping[str, torch.Tensor]) -> float:
+        return math.sqrt(math.fsum(float(t.double().pow(2).sum()) for t in d.values()))
+
+    norm = global_norm(delta)
+    if not math.isfinite(norm):
+        raise DPError("the update's norm overflows; refusing to release")
+    if norm <= clip:
+        return dict(delta), norm
+    factor = clip / norm
+    clipped = {name: (t.double() * factor).to(t.dtype) for name, t in delta.items()}
+    step = 1.0 - 4 * max(torch.finfo(t.dtype).eps for t in clipped.values())
+    for _ in range(16):
+        if global_norm(clipped) <= clip:
+            return clipped, norm
+        clipped = {name: t * step for name, t in clipped.items()}
+    raise DPError(f"could not clip the update to norm ≤ {clip!r}; refusing to release")
+
+
+# ---- Gaussian mechanism ---------------------------------------------------------------------------------
+
+
+def sum_sensitivity(clip: float) -> float:
+    """L2 sensitivity √2·C of :func:`gaussian_sum`'s release ``[S, C·n]`` (add/remove one record)."""
+    return math.sqrt(2.0) * _positive("clip", clip)
+
+
+def update_sensitivity(clip: float) -> float:
+    """L2 sensitivity 2·C of :func:`gaussian_update` (any two datasets of the site)."""
+    return 2.0 * _positive("clip", clip)
+
+
+def gaussian_sum(
+    values: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    clip: float,
+    noise_multiplier: float,
+    generator: Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Record-level DP per-class sums and counts (Gaussian mechanism, noise multiplier σ).
+
+    Clips every record's vector to L2 norm ≤ C (:func:`clip_rows`), sums per class, and adds
+    ``N(0, (√2·σ·C)²)`` to every entry of the sums and ``N(0, 2σ²)`` to every count: the Gaussian
+    mechanism with multiplier σ on ``[S, C·n]``, whose sensitivity is √2·C (module docstring). Each
+    record must appear **at most once** in ``values``.
+
+    Privacy effect: what leaves the site is the noisy ``(K, d)`` sums and ``(K,)`` counts (all K rows,
+    noised alike). Cost: one ``GaussianEvent(noise_multiplier=σ)``, record-level; the caller charges it to
+    the :class:`PrivacyAccountant` (before sending) and writes the ledger entry.
+
+    Args:
+        values: ``(B, d)`` floating point, one row per record (e.g. features ``(B, d)`` or logits ``(B, K)``).
+        labels: ``(B,)`` integer class ids in ``[0, K)``.
+        num_classes: K ≥ 1.
+        clip: C > 0, per-record L2 bound.
+        noise_multiplier: σ > 0 (noise std / sensitivity).
+        generator: explicit ``torch.Generator`` or ``numpy.random.Generator``. Draw order: the ``(K, d)``
+            sum noise (row-major), then the ``(K,)`` count noise, both standard normal in float64.
+
+    Returns:
+        ``sums`` ``(K, d)`` and ``counts`` ``(K,)``, in ``values``' dtype and device. Counts are real
+        numbers and may be negative.
+    """
+    num_classes = _count("num_classes", num_classes)
+    clip = _positive("clip", clip)
+    sigma = _positive("noise_multiplier", noise_multiplier)
+    generator = _check_generator(generator)
+    values = _finite_float_tensor("values", values, ndim=2)
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.dim() != 1
+        or labels.is_floating_point()
+        or labels.is_complex()
+    ):
+        raise DPError(
+            f"labels must be a 1-D integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}"
+        )
+    if labels.shape[0] != values.shape[0]:
+        raise DPError(f"labels has {labels.shape[0]} entries but values has {values.shape[0]} rows")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DPError(
+            f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
+        )
+
+    clipped = clip_rows(values, clip).double()
+    labels = labels.to(device=values.device, dtype=torch.long)
+    sums = torch.zeros(num_classes, values.shape[1], dtype=torch.float64, device=values.device)
+    sums.index_add_(0, labels, clipped)
+    counts = torch.bincount(labels, minlength=num_classes).double()
+
+    std = sigma * sum_sensitivity(clip)
+    sum_noise = _standard_normal(tuple(sums.shape), generator).to(values.device)
+    count_noise = _standard_normal((num_classes,), generator).to(values.device)
+    noisy_sums = sums + std * sum_noise
+    noisy_counts = counts + (std / clip) * count_noise
+    return noisy_sums.to(values.dtype), noisy_counts.to(values.dtype)
+
+
+def gaussian_update(
+    delta: Mapping[str, torch.Tensor], clip: float, noise_multiplier: float, generator: Generator
+) -> dict[str, torch.Tensor]:
+    """Site-level DP weight update: global L2 clip to C, then ``N(0, (2·σ·C)²)`` on every entry.
+
+    The sensitivity is 2·C between *any* two datasets of the site (module docstring), so this is the
+    Gaussian mechanism with noise multiplier σ for the budget's record relation and for replacing the
+    site's whole dataset alike.
+
+    Privacy effect: what leaves the site is the noisy update (same names and shapes). Cost: one
+    ``GaussianEvent(noise_multiplier=σ)``; the caller charges it before sending and writes the ledger
+    entry. Anything sent with it (e.g. the number of training images) must be noised or public.
+
+    Args:
+        delta: name → update ``θ_local − θ_global`` (any shapes), floating point, finite.
+        clip: C > 0, bound on the update's global L2 norm.
+        noise_multiplier: σ > 0 (noise std / sensitivity).
+        generator: explicit ``torch.Generator`` or ``numpy.random.Generator``; noise is drawn tensor by
+            tensor in ``delta``'s order, each row-major, standard normal in float64.
+
+    Returns:
+        name → noisy update, each with its input's shape, dtype and device.
+    """
+    sigma = _positive("noise_multiplier", noise_multiplier)
+    clip = _positive("clip", clip)
+    generator = _check_generator(generator)
+    clipped, _ = clip_update(delta, clip)
+    std = sigma * update_sensitivity(clip)
+    out = {}
+    for name, t in clipped.items():
+        noise = _standard_normal(tuple(t.shape), generator).to(t.device)
+        out[name] = (t.double() + std * noise).to(t.dtype)
+    return out
+
+
+# ---- exponential mechanism ------------------------------------------------------------------------------
+
+
+def _scores(scores: Any) -> torch.Tensor:
+    s = torch.as_tensor(scores)
+    if not s.is_floating_point():
+        s = s.double()
+    return _finite_float_tensor("scores", s.double(), ndim=1)
+
+
+def exponential_probabilities(scores: Any, epsilon: float, sensitivity: float) -> torch.Tensor:
+    """The exponential mechanism's selection probabilities ``softmax(ε·s/(2Δ))`` ``(n,)`` float64.
+
+    Computed stably (max subtracted). For inspection and tests; releases nothing.
+    """
+    epsilon = _positive("epsilon", epsilon)
+    sensitivity = _positive("sensitivity", sensitivity)
+    s = _scores(scores)
+    if s.numel() == 0:
+        raise DPError("scores is empty: there is nothing to select from")
+    return torch.softmax(epsilon * s / (2 * sensitivity), dim=0)
+
+
+class Selection(NamedTuple):
+    """What :func:`exponential_mechanism` returns.
+
+    Attributes:
+        indices: ``(k,)`` int64, the selected candidates in draw order (distinct).
+        epsilon: the pure ε of the whole call (δ = 0).
+        count: k, the number of draws, each at ε/k.
+    """
+
+    indices: torch.Tensor
+    epsilon: float
+    count: int
+
+    @property
+    def event(self) -> ExponentialEvent:
+        """The accountant event of this call: ``ExponentialEvent(epsilon=ε/k, count=k)``."""
+        return ExponentialEvent(epsilon=self.epsilon / self.count, count=self.count)
+
+
+def exponential_mechanism(
+    scores: Any, epsilon: float, sensitivity: float, generator: Generator, k: int = 1
+) -> Selection:
+    r"""Select ``k`` candidates with the exponential mechanism (McSherry & Talwar 2007); ε-DP in total.
+
+    ``k = 1``: index i with probability :math:`\propto \exp(\varepsilon s_i / (2\Delta))`.
+    ``k > 1``: k sequential draws without replacement, each an exponential mechanism at ε/k over the
+    remaining candidates, so ε-DP in total by basic composition (each draw is ε/k-DP whatever the earlier
+    draws were). Sampled in one shot as the top-k of ``(ε/k)·s/(2Δ) + Gumbel(0, 1)`` noise, which has
+    exactly the distribution of those sequential draws (Gumbel-top-k; Durfee & Rogers 2019).
+
+    Privacy effect: releases the k indices only. Cost: ``Selection.event`` =
+    ``ExponentialEvent(ε/k, count=k)``, record-level, pure ε; the caller charges it and writes the ledger.
+
+    Args:
+        scores: ``(n,)`` utilities (tensor, array or sequence), finite.
+        epsilon: total ε > 0 of the call.
+        sensitivity: Δ > 0, the most any one score can change between neighbouring datasets
+            (PCEvolve: scores in [0, 1] ⇒ Δ = 1).
+        generator: explicit ``torch.Generator`` or ``numpy.random.Generator``; one ``(n,)`` Gumbel draw.
+        k: number of distinct candidates, 1 ≤ k ≤ n.
+
+    Returns:
+        :class:`Selection` ``(indices (k,) int64, epsilon, count=k)``.
+    """
+    epsilon = _positive("epsilon", epsilon)
+    sensitivity = _positive("sensitivity", sensitivity)
+    k = _count("k", k)
+    generator = _check_generator(generator)
+    s = _scores(scores)
+    if k > s.numel():
+        raise DPError(f"k={k} exceeds the number of candidates ({s.numel()})")
+    logits = (epsilon / k) * s / (2 * sensitivity)
+    perturbed = logits + _standard_gumbel(s.numel(), generator).to(logits.device)
+    indices = torch.topk(perturbed, k).indices.cpu().to(torch.int64)
+    return Selection(indices=indices, epsilon=epsilon, count=k)
+
+
+# ---- events -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GaussianEvent:
+    """``steps`` Gaussian mechanisms with noise multiplier σ, Poisson-subsampled at ``sampling_rate``.
+
+    One :func:`gaussian_sum` or :func:`gaussian_update` release is ``GaussianEvent(σ)`` (steps 1, rate 1).
+    ``sampling_rate < 1`` is only valid if each record was included independently with that probability.
+    """
+
+    noise_multiplier: float
+    steps: int = 1
+    sampling_rate: float = 1.0
+    mechanism: ClassVar[str] = "gaussian"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier))
+        object.__setattr__(self, "steps", _count("steps", self.steps))
+        object.__setattr__(self, "sampling_rate", _rate("sampling_rate", self.sampling_rate))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-plain descriptor for the ledger, e.g. ``{"mechanism": "gaussian", "noise_multiplier": 1.1,
+        "steps": 1, "sampling_rate": 1.0}``."""
+        return {
+            "mechanism": self.mechanism,
+            "noise_multiplier": self.noise_multiplier,
+            "steps": self.steps,
+            "sampling_rate": self.sampling_rate,
+        }
+
+    def describe(self) -> str:
+        """One line for messages, e.g. ``gaussian σ=1.1 × 1 step``."""
+        rate = "" if self.sampling_rate == 1 else f", sampling rate {self.sampling_rate:g}"
+        return f"gaussian σ={self.noise_multiplier:g} × {self.steps} step{'s' * (self.steps != 1)}{rate}"
+
+    def _unit(self) -> tuple[tuple, dpa.DpEvent, int]:
+        """(grouping key, one ``dp_accounting`` event, how many times it composes)."""
+        unit: dpa.DpEvent = dpa.GaussianDpEvent(self.noise_multiplier)
+        if self.sampling_rate < 1:
+            unit = dpa.PoissonSampledDpEvent(self.sampling_rate, unit)
+        return ("gaussian", self.noise_multiplier, self.sampling_rate), unit, self.steps
+
+
+@dataclass(frozen=True)
+class ExponentialEvent:
+    """``count`` pure ε-DP selections (exponential mechanism draws) at ``epsilon`` each."""
+
+    epsilon: float
+    count: int = 1
+    mechanism: ClassVar[str] = "exponential"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilon", _positive("epsilon", self.epsilon))
+        object.__setattr__(self, "count", _count("count", self.count))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-plain descriptor for the ledger, e.g. ``{"mechanism": "exponential", "epsilon": 0.5,
+        "count": 1}``."""
+        return {"mechanism": self.mechanism, "epsilon": self.epsilon, "count": self.count}
+
+    def describe(self) -> str:
+        """One line for messages, e.g. ``exponential ε=0.5 × 2 draws``."""
+        return f"exponential ε={self.epsilon:g} × {self.count} draw{'s' * (self.count != 1)}"
+
+    def _unit(self) -> tuple[tuple, dpa.DpEvent, int]:
+        """(grouping key, one ``dp_accounting`` event, how many times it composes)."""
+        # Any ε-DP mechanism is (ε²/2)-zCDP (Bun & Steinke 2016, Prop. 3.3).
+        return ("exponential", self.epsilon, 0.0), dpa.ZCDpEvent(rho=self.epsilon**2 / 2), self.count
+
+
+Event = GaussianEvent | ExponentialEvent
+_EVENT_TYPES: dict[str, type] = {"gaussian": GaussianEvent, "exponential": ExponentialEvent}
+
+
+def event_from_json(descriptor: Mapping[str, Any]) -> Event:
+    """Parse a ledger descriptor (:meth:`GaussianEvent.to_json` / :meth:`ExponentialEvent.to_json`).
+
+    Strict, since a replayed budget must not be undercounted: unknown mechanisms or fields and bad
+    values raise :class:`DPError` naming them. Optional fields take their defaults.
+    """
+    if isinstance(descriptor, GaussianEvent | ExponentialEvent):
+        return descriptor
+    if not isinstance(descriptor, Mapping) or "mechanism" not in descriptor:
+        raise DPError(f"a DP event must be a dict with a 'mechanism' field, got {descriptor!r}")
+    kind = descriptor["mechanism"]
+    cls = _EVENT_TYPES.get(kind)
+    if cls is None:
+        raise DPError(
+            f"DP event mechanism {kind!r} is unknown; {did_you_mean(kind, _EVENT_TYPES)}valid: {', '.join(_EVENT_TYPES)}"
+        )
+    fields = {k: v for k, v in descriptor.items() if k != "mechanism"}
+    allowed = set(cls.__dataclass_fields__) - {"mechanism"}
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise DPError(
+            f"DP event {kind!r} has unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}"
+        )
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise DPError(f"DP event {kind!r} is missing a field ({exc}); got {dict(descriptor)!r}") from None
+
+
+def _make_event(kind: str | Event | Mapping[str, Any], params: Mapping[str, Any]) -> Event:
+    if isinstance(kind, GaussianEvent | ExponentialEvent | Mapping):
+        if params:
+            raise DPError("pass either an event or a mechanism name with its parameters, not both")
+        return event_from_json(kind)
+    return event_from_json({"mechanism": kind, **params})
+
+
+# ---- composition (all ε from dp_accounting) --------------------------------------------------------------
+
+
+def _rdp_epsilon(events: list[Event], delta: float) -> float:
+    if not events:
+        return 0.0
+    # Equal events are grouped (RDP adds up, so k × one event is exact): cost stays flat over rounds, and
+    # a replay gives the same float as incremental spending whatever the order.
+    groups: dict[tuple, tuple[dpa.DpEvent, int]] = {}
+    for e in events:
+        key, unit, times = e._unit()
+        groups[key] = (unit, groups.get(key, (unit, 0))[1] + times)
+    acc = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    for _key, (unit, times) in sorted(groups.items(), key=lambda kv: kv[0]):
+        acc.compose(unit, times)
+    return float(acc.get_epsilon(delta))
+
+
+def _pld_epsilon(events: list[Event], delta: float, interval: float) -> float:
+    """PLD composition. Events are grouped first so the cost stays flat over many rounds: unsampled
+    Gaussians compose exactly into one Gaussian (Σ steps/σ² is additive, the same identity
+    ``PLDAccountant`` uses for a self-composed Gaussian); equal sampled Gaussians and equal pure draws
+    are self-composed once."""
+    if not events:
+        return 0.0
+    plain, sampled, pure = [], {}, {}
+    for e in events:
+        if isinstance(e, GaussianEvent) and e.sampling_rate == 1:
+            plain.append(e.steps / e.noise_multiplier**2)
+        elif isinstance(e, GaussianEvent):
+            key = (e.noise_multiplier, e.sampling_rate)
+            sampled[key] = sampled.get(key, 0) + e.steps
+        else:
+            pure[e.epsilon] = pure.get(e.epsilon, 0) + e.count
+    relation = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+    total = pld_lib.identity(value_discretization_interval=interval)
+    if plain:
+        total = total.compose(
+            pld_lib.from_gaussian_mechanism(
+                standard_deviation=1 / math.sqrt(math.fsum(plain)),
+                value_discretization_interval=interval,
+                neighboring_relation=relation,
+            )
+        )
+    for (sigma, rate), steps in sorted(sampled.items()):
+        total = total.compose(
+            pld_lib.from_gaussian_mechanism(
+                standard_deviation=sigma,
+                value_discretization_interval=interval,
+                sampling_prob=rate,
+                neighboring_relation=relation,
+            ).self_compose(steps)
+        )
+    for eps, count in sorted(pure.items()):
+        params = pld_common.DifferentialPrivacyParameters(epsilon=eps, delta=0)
+        total = total.compose(
+            pld_lib.from_privacy_parameters(params, value_discretization_interval=interval).self_compose(
+                count
+            )
+        )
+    return float(total.get_epsilon_for_delta(delta))
+
+
+def _compose_epsilon(events: list[Event], delta: float, accountant: AccountantKind, interval: float) -> float:
+    """ε at ``delta`` of all ``events``: ``min(ε_all, ε_gauss + Σ ε_pure)`` (module docstring)."""
+
+    def library(evs: list[Event]) -> float:
+        return _rdp_epsilon(evs, delta) if accountant == "rdp" else _pld_epsilon(evs, delta, interval)
+
+    gauss = [e for e in events if isinstance(e, GaussianEvent)]
+    pure = math.fsum(e.epsilon * e.count for e in events if isinstance(e, ExponentialEvent))
+    eps_gauss = library(gauss)
+    if pure == 0:
+        eps = eps_gauss
+    else:
+        eps = min(library(events), eps_gauss + pure)
+    if math.isnan(eps) or eps < 0:
+        raise DPError(f"the accountant returned ε={eps!r}; refusing to release")
+    return eps
+
+
+def gaussian_epsilon(
+    noise_multiplier: float,
+    steps: int,
+    delta: float,
+    sampling_rate: float = 1.0,
+    accountant: AccountantKind = "rdp",
+    pld_discretization: float = PLD_DISCRETIZATION,
+) -> float:
+    """ε at ``delta`` of ``steps`` composed Gaussian mechanisms with multiplier σ (``dp_accounting``).
+
+    Args:
+        noise_multiplier: σ > 0, noise std / L2 sensitivity.
+        steps: number of releases ≥ 1 (e.g. rounds).
+        delta: 0 < δ < 1.
+        sampling_rate: Poisson sampling probability of each record per step, 0 < q ≤ 1 (1: every record
+            every step).
+        accountant: ``"rdp"`` (default) or ``"pld"``.
+        pld_discretization: PLD value-discretisation interval (smaller: tighter, slower).
+
+    Returns:
+        ε (record-level, add/remove one record).
+    """
+    event = GaussianEvent(noise_multiplier=noise_multiplier, steps=steps, sampling_rate=sampling_rate)
+    return _compose_epsilon(
+        [event],
+        _delta("delta", delta),
+        _accountant(accountant),
+        _positive("pld_discretization", pld_discretization),
+    )
+
+
+def noise_for_epsilon(epsilon: float, steps: int, delta: float, sampling_rate: float = 1.0) -> float:
+    """The smallest σ whose ``steps`` Gaussian releases cost at most ``epsilon`` at ``delta`` (RDP).
+
+    A planning aid for job authors ("what noise gives ε = 4 over 20 rounds?"): the search is
+    ``dp_accounting.calibrate_dp_mechanism`` over the same events :func:`gaussian_epsilon` composes, so
+    ``gaussian_epsilon(noise_for_epsilon(e, n, d), n, d) <= e`` (to the search tolerance, 1e-6 in σ).
+    """
+    target, steps = _positive("epsilon", epsilon), _count("steps", steps)
+    delta, rate = _delta("delta", delta), _rate("sampling_rate", sampling_rate)
+
+    def event(sigma: float) -> dpa.DpEvent:
+        return GaussianEvent(noise_multiplier=max(sigma, 1e-9), steps=steps, sampling_rate=rate)._unit()[1]
+
+    def make(sigma: float) -> dpa.DpEvent:
+        return dpa.SelfComposedDpEvent(event(sigma), steps)
+
+    def fresh() -> dpa.PrivacyAccountant:
+        return dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+
+    bracket = dpa.LowerEndpointAndGuess(1e-3, 1.0)
+    sigma = dpa.calibrate_dp_mechanism(fresh, make, target, delta, bracket_interval=bracket, tol=1e-6)
+    return float(sigma)
+
+
+def exponential_epsilon(
+    epsilon: float,
+    count: int = 1,
+    delta: float | None = None,
+    accountant: AccountantKind = "rdp",
+    pld_discretization: float = PLD_DISCRETIZATION,
+) -> float:
+    """ε of ``count`` exponential-mechanism draws at ``epsilon`` each.
+
+    With ``delta=None`` the pure guarantee ``count·ε`` (δ = 0, basic composition). With ``delta`` the
+    (ε, δ) guarantee ``min(count·ε, ε_accountant)``, where the accountant composes the draws as generic
+    ε-DP mechanisms (RDP: (ε²/2)-zCDP; PLD: the ε-DP dominating pair); better than ``count·ε`` once the
+    draws are many and small.
+    """
+    event = ExponentialEvent(epsilon=epsilon, count=count)
+    if delta is None:
+        return event.epsilon * event.count
+    return _compose_epsilon(
+        [event],
+        _delta("delta", delta),
+        _accountant(accountant),
+        _positive("pld_discretization", pld_discretization),
+    )
+
+
+# ---- the site's accountant --------------------------------------------------------------------------------
+
+
+class PrivacyAccountant:
+    """The DP events of one site within one budget scope, and the ε they add up to.
+
+    The total is recomputed by ``dp_accounting`` from all events (module docstring), so a ledger replay
+    (:meth:`from_events`) gives exactly the total that incremental spending gave.
+
+    Args:
+        site: the site's name (for messages).
+        scope: the budget scope (``Budget.scope``; e.g. ``network``).
+        delta: δ at which ε is reported, fixed for the scope (the cap's δ), 0 < δ < 1.
+        cap_epsilon: the site's cap; when given, :meth:`spend` refuses a release that would exceed it.
+        accountant: ``"rdp"`` (default) or ``"pld"``; fixed for a scope.
+        events: past events (objects or JSON descriptors), e.g. from the ledger.
+        pld_discretization: PLD value-discretisation interval.
+    """
+
+    def __init__(
+        self,
+        *,
+        site: str = "",
+        scope: str = "network",
+        delta: float,
+        cap_epsilon: float | None = None,
+        accountant: AccountantKind = "rdp",
+        events: Iterable[Event | Mapping[str, Any]] = (),
+        pld_discretization: float = PLD_DISCRETIZATION,
+    ):
+        self.site = site
+        self.scope = scope
+        self.delta = _delta("delta", delta)
+        self.cap_epsilon = None if cap_epsilon is None else _positive("cap_epsilon", cap_epsilon)
+        self.accountant = _accountant(accountant)
+        self.pld_discretization = _positive("pld_discretization", pld_discretization)
+        self._events: list[Event] = [event_from_json(e) for e in events]
+        self._total = self._epsilon(self._events, self.delta)
+
+    @classmethod
+    def from_events(
+        cls, events: Iterable[Event | Mapping[str, Any]], delta: float, **kwargs: Any
+    ) -> PrivacyAccountant:
+        """Rebuild an accountant from past event descriptors (e.g. the ``privacy`` entries of a ledger).
+
+        ``events`` are JSON-plain dicts such as ``{"mechanism": "gaussian", "noise_multiplier": 1.1,
+        "steps": 1, "sampling_rate": 1.0}`` or ``{"mechanism": "exponential", "epsilon": 0.5}``; a malformed
+        one raises :class:`DPError` (fail closed). ``kwargs`` as in the constructor.
+        """
+        return cls(delta=delta, events=list(events), **kwargs)
+
+    @classmethod
+    def for_budget(cls, site: str, budget: Any, **kwargs: Any) -> PrivacyAccountant:
+        """An accountant enforcing a site's :class:`~medsilo.config.site.Budget` (ε cap, δ, scope)."""
+        return cls(site=site, scope=budget.scope, delta=budget.delta, cap_epsilon=budget.epsilon, **kwargs)
+
+    # -- reading
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        """The recorded events, oldest first."""
+        return tuple(self._events)
+
+    @property
+    def epsilon(self) -> float:
+        """ε spent so far in this scope, at :attr:`delta`."""
+        return self._total
+
+    def events_json(self) -> list[dict[str, Any]]:
+        """The recorded events as JSON-plain descriptors, oldest first."""
+        return [e.to_json() for e in self._events]
+
+    def _epsilon(self, events: list[Event], delta: float) -> float:
+        return _compose_epsilon(events, delta, self.accountant, self.pld_discretization)
+
+    # -- planning
+
+    def cost(self, *planned: Event | Mapping[str, Any]) -> tuple[float, float]:
+        """``(ε_this, ε_total)``: what ``planned`` would add and the total with it, at :attr:`delta`.
+
+        ``ε_this`` is the increase of the composed total (it can be less than the events' ε alone,
+        since composition is sub-additive). Records nothing.
+        """
+        planned_events = [event_from_json(e) for e in planned]
+        total = self._epsilon(self._events + planned_events, self.delta)
+        return max(total - self._total, 0.0), total
+
+    def would_exceed(
+        self, cap_epsilon: float, cap_delta: float, planned: Iterable[Event | Mapping[str, Any]]
+    ) -> bool:
+        """True when the recorded events plus ``planned`` exceed ε = ``cap_epsilon`` at δ = ``cap_delta``."""
+        cap_epsilon = _positive("cap_epsilon", cap_epsilon)
+        cap_delta = _delta("cap_delta", cap_delta)
+        planned_events = [event_from_json(e) for e in planned]
+        return self._epsilon(self._events + planned_events, cap_delta) > cap_epsilon
+
+    def check(self, *planned: Event | Mapping[str, Any]) -> tuple[float, float]:
+        """Raise :class:`BudgetExceeded` if ``planned`` would exceed the cap; else return :meth:`cost`.
+
+        Records nothing; without a cap it only returns the cost.
+        """
+        eps_this, total = self.cost(*planned)
+        if self.cap_epsilon is not None and total > self.cap_epsilon:
+            raise BudgetExceeded(
+                site=self.site,
+                scope=self.scope,
+                cap_epsilon=self.cap_epsilon,
+                cap_delta=self.delta,
+                spent=self._total,
+                cost=eps_this,
+                total=total,
+                release="; ".join(event_from_json(e).describe() for e in planned),
+            )
+        return eps_this, total
+
+    # -- spending
+
+    def spend(self, event_kind: str | Event | Mapping[str, Any], **params: Any) -> tuple[float, float]:
+        """Record one release and return ``(ε_this, ε_total)`` at :attr:`delta`.
+
+        Call it *before* the upload leaves the site: over the cap it raises :class:`BudgetExceeded` and
+        records nothing. Examples: ``spend("gaussian", noise_multiplier=1.1)``,
+        ``spend("exponential", epsilon=0.5)``, ``spend(selection.event)``.
+
+        Args:
+            event_kind: ``"gaussian"`` / ``"exponential"`` with the event's fields as ``params``, or an
+                event object or descriptor dict.
+            params: the event's fields (:class:`GaussianEvent`, :class:`ExponentialEvent`).
+        """
+        event = _make_event(event_kind, params)
+        eps_this, total = self.check(event)
+        self._events.append(event)
+        self._total = total
+        return eps_this, total
+
+    def __repr__(self) -> str:
+        cap = "none" if self.cap_epsilon is None else _fmt(self.cap_epsilon)
+        return (
+            f"PrivacyAccountant(site={self.site!r}, scope={self.scope!r}, accountant={self.accountant!r}, "
+            f"δ={self.delta:g}, ε={_fmt(self._total)}, cap={cap}, events={len(self._events)})"
+        )

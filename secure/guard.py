@@ -1,0 +1,185 @@
+"""The site's privacy guard: its ledger, its DP budget, and the record of everything that leaves.
+
+One :class:`SiteGuard` per site process and job. The executor and the CKKS filters go through it:
+
+* :meth:`SiteGuard.admit_job` — before round 1, for ``dp`` modes: would the whole job (one Gaussian
+  mechanism per round) fit in the site's remaining budget? If not, a ``refusal`` entry is written and
+  :class:`~medsilo.secure.dp.BudgetExceeded` is raised: nothing of this site reaches the server and the
+  job goes on without it if enough sites remain.
+* :meth:`SiteGuard.dp_round` — before each DP upload: re-derive the budget from the ledger (another job
+  may have spent meanwhile), refuse if this round would exceed the cap, else hand out the noise settings.
+* :meth:`SiteGuard.record_upload` — after the upload is computed and before it is sent: a ``release``
+  entry with what leaves (tensor names, shapes, bytes, SHA-256 of the exact plaintext bytes, encrypted
+  or not, scheme) and, under DP, its privacy cost (the mechanism's event, ε of this release, cumulative ε
+  in the budget scope, the cap).
+* ``decrypt`` and ``aggregate_release`` entries come from the CKKS decrypt filter and the release task.
+
+**The budget lives in the ledger.** The running total is recomputed by the accountant
+(:class:`~medsilo.secure.dp.PrivacyAccountant`, RDP via ``dp_accounting``) from the mechanism events of
+the verified ledger's spending entries in the budget's scope, so it survives restarts and spans jobs; a
+ledger that fails verification stops the site (fail closed).
+
+Where the ledger and its signing key live:
+
+* **simulation** (``MEDSILO_LEDGER_DIR``, set by ``medsilo sim`` to ``ledgers/`` beside ``sites.yml``,
+  so it persists across runs the way a site's workspace does): ``<dir>/<site>/privacy_ledger.jsonl``,
+  signed with ``<dir>/pki/<site>.key`` whose certificate ``<site>.crt`` is issued by the local root CA
+  ``<dir>/pki/rootCA.pem`` (made once by :func:`ensure_simulation_pki`);
+* **deployment**: ``<workspace>/privacy_ledger.jsonl``, signed with the startup kit's ``client.key``
+  and ``client.crt`` (issued by the kit's ``rootCA.pem``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsilo.secure.dp import (
+    BudgetExceeded,
+    GaussianEvent,
+    PrivacyAccountant,
+    event_from_json,
+    fresh_generator,
+)
+from medsilo.secure.ledger import LEDGER_FILE, Ledger, costs
+
+LEDGER_DIR_ENV = "MEDSILO_LEDGER_DIR"
+"""Simulation only: folder of per-site ledgers and the local PKI (module docstring)."""
+_OPEN: dict[Path, Ledger] = {}
+
+
+def ensure_simulation_pki(folder: str | Path, sites: Iterable[str]) -> Path:
+    """Create ``folder/pki`` (a local root CA and one certificate per site) unless it exists; returns it."""
+    from medsilo.secure import pki
+    from medsilo.secure.release import load_private_key
+
+    out = Path(folder) / "pki"
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "rootCA.pem").is_file():
+        ca_key, ca_cert = load_private_key(out / "rootCA.key"), pki.load_certificate(out / "rootCA.pem")
+    else:
+        ca_key, ca_cert = pki.make_local_ca(out)
+    for site in sites:
+        if not (out / f"{site}.crt").is_file():
+            pki.issue_certificate(ca_key, ca_cert, site, out)
+    return out
+
+
+def site_ledger(site: str, workspace: str | Path) -> Ledger:
+    """This process's ledger of ``site`` (one object per file, so appends stay in sequence)."""
+    base = os.environ.get(LEDGER_DIR_ENV)
+    if base:
+        path = Path(base) / site / LEDGER_FILE
+        key, cert = Path(base) / "pki" / f"{site}.key", Path(base) / "pki" / f"{site}.crt"
+    else:
+        path = Path(workspace) / LEDGER_FILE
+        key, cert = Path(workspace) / "startup" / "client.key", Path(workspace) / "startup" / "client.crt"
+    path = path.resolve()
+    if path not in _OPEN:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _OPEN[path] = Ledger(path, site, key, cert)
+    return _OPEN[path]
+
+
+def describe_upload(arrays: dict[str, Any], encrypted: bool, scheme: dict | None = None) -> dict[str, Any]:
+    """The ledger's ``what`` for an upload: names, shapes, dtypes, bytes and the SHA-256 of the exact
+    bytes (arrays in name order, C order) — never values."""
+    digest = hashlib.sha256()
+    tensors, total = [], 0
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(np.asarray(arrays[name]))
+        digest.update(name.encode() + b"\0" + arr.tobytes())
+        tensors.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype)})
+        total += arr.nbytes
+    return {"kind": "upload", "tensors": tensors, "bytes": total, "sha256": digest.hexdigest(),
+            "encrypted": encrypted, "scheme": scheme}  # fmt: skip
+
+
+class SiteGuard:
+    """Budget checks and ledger entries of one site for one job (module docstring).
+
+    Args:
+        site: the site's name.
+        workspace: its workspace root (deployment ledger location).
+        job_id: NVFlare job id (ledger ``job``).
+        spec: the validated job spec.
+        policy: the site's :class:`~medsilo.config.site.PrivacyPolicy` (its budget cap, if any).
+    """
+
+    def __init__(self, site: str, workspace: str | Path, job_id: str, spec, policy):
+        self.site, self.job_id, self.spec = site, job_id, spec
+        self.ledger = site_ledger(site, workspace)
+        self.budget = policy.budget
+        self.scope = self.budget.scope if self.budget else "network"
+        dp = spec.privacy.dp
+        self.delta = self.budget.delta if self.budget else (dp.delta if dp else 1e-5)
+        self.job_events: list = []
+
+    @property
+    def dp(self) -> bool:
+        return "dp" in self.spec.privacy.mode
+
+    def _accountant(self) -> PrivacyAccountant:
+        past = [event_from_json(c["event"]) for c in costs(self.ledger.path, self.scope) if c.get("event")]
+        cap = self.budget.epsilon if self.budget else None
+        return PrivacyAccountant.from_events(past, self.delta, site=self.site, scope=self.scope, cap_epsilon=cap)
+
+    def _event(self) -> GaussianEvent:
+        return GaussianEvent(noise_multiplier=self.spec.privacy.dp.noise_multiplier)
+
+    def _refuse(self, rnd: int, exc: BudgetExceeded) -> None:
+        self.ledger.append("refusal", job=self.job_id, round=rnd, what={"kind": "upload", "sent": False},
+                           privacy={"scope": self.scope, "epsilon_cap": self.budget.epsilon if self.budget else None},
+                           reason=str(exc))  # fmt: skip
+
+    def admit_job(self) -> None:
+        """Refuse the job now (ledger ``refusal``, :class:`BudgetExceeded`) if all its rounds cannot fit."""
+        if not self.dp:
+            return
+        planned = [self._event()] * self.spec.training.rounds
+        try:
+            self._accountant().check(*planned)
+        except BudgetExceeded as exc:
+            self._refuse(1, exc)
+            raise
+
+    def dp_round(self, rnd: int):
+        """The noise settings for round ``rnd``'s upload, after checking this release fits the budget."""
+        from medsilo.components.algorithms.base import DPRelease
+
+        try:
+            self._accountant().check(self._event())
+        except BudgetExceeded as exc:
+            self._refuse(rnd, exc)
+            raise
+        dp = self.spec.privacy.dp
+        return DPRelease(clip=dp.clip, noise_multiplier=dp.noise_multiplier, generator=fresh_generator())
+
+    def record_upload(self, rnd: int, arrays: dict[str, Any]) -> dict[str, float] | None:
+        """Write the ``release`` entry for an upload about to leave; returns this job's (ε, δ) so far
+        under DP (``None`` otherwise)."""
+        encrypted = "ckks" in self.spec.privacy.mode
+        scheme = {"name": "ckks", "poly_modulus_degree": self.spec.privacy.poly_modulus_degree} if encrypted else None
+        privacy = None
+        if self.dp:
+            accountant = self._accountant()
+            event = self._event()
+            eps_this, eps_total = accountant.spend(event)
+            self.job_events.append(event)
+            job = PrivacyAccountant.from_events(self.job_events, self.delta, site=self.site, scope=self.scope)
+            privacy = {"scope": self.scope, "mechanism": "gaussian", "event": event.to_json(),
+                       "clip": self.spec.privacy.dp.clip, "epsilon": eps_this, "delta": self.delta,
+                       "cumulative_epsilon": eps_total, "job_epsilon": job.epsilon,
+                       "epsilon_cap": self.budget.epsilon if self.budget else None}  # fmt: skip
+        self.ledger.append("release", job=self.job_id, round=rnd, what=describe_upload(arrays, encrypted, scheme),
+                           privacy=privacy)  # fmt: skip
+        return {"epsilon": privacy["job_epsilon"], "delta": self.delta} if privacy else None
+
+    def record(self, event: str, rnd: int, what: dict[str, Any], reason: str | None = None) -> None:
+        """Any other entry (``decrypt``, ``aggregate_release``), with no privacy cost."""
+        self.ledger.append(event, job=self.job_id, round=rnd, what=what, privacy=None, reason=reason)
