@@ -59,19 +59,18 @@ def main(argv: list[str] | None = None) -> dict:
         return {"privacy": {"mode": "dp", "dp": {"noise_multiplier": sigma, "clip": args.clip, "delta": DELTA}}}
 
     sigmas = {eps: noise_for_epsilon(eps, args.rounds, DELTA) for eps in sorted(args.epsilons)}
-    variants = {"ε = ∞ (none)": {}, "clip only": dp(CLIP_ONLY_SIGMA)}
-    variants |= {f"ε = {eps:g}": dp(sigma) for eps, sigma in sorted(sigmas.items(), reverse=True)}
+    variants = {"eps inf (none)": {}, "clip only": dp(CLIP_ONLY_SIGMA)}
+    variants |= {f"eps {eps:g}": dp(sigma) for eps, sigma in sorted(sigmas.items(), reverse=True)}
     runs = run_variants(variants, base, sites_yml, WORK / "dp_runs")
-    for run in runs:
-        spent = run.get("privacy_spent") or {}
-        run["epsilon_spent"] = max((s["epsilon"] for s in spent.values()), default=None)
     settings = {k: v for k, v in vars(args).items() if k != "out"} | {"models": models, "delta": DELTA,
                                                                      "sigmas": {f"{e:g}": s for e, s in sigmas.items()}}  # fmt: skip
     result = save(f"dp_fedproto_seed{args.seed}", settings, req.to_json(), runs, out=args.out,
                   title="FedProto under differential privacy")  # fmt: skip
-    for row, run in zip(result["rows"], runs):
-        row["epsilon_spent"] = run["epsilon_spent"]
-        row["noise_multiplier"] = ((run.get("privacy") or {}).get("dp") or {}).get("noise_multiplier")
+    for row, run in zip(result["rows"], runs):  # what each site's own accountant reported, the worst one
+        dp_spec = variants[run["label"]].get("privacy", {}).get("dp")
+        row["noise_multiplier"] = dp_spec["noise_multiplier"] if dp_spec else None
+        spent = [s["epsilon"] for s in (run.get("privacy_spent") or {}).values()] if dp_spec else []
+        row["epsilon_spent"] = max(spent) if spent else None
     (args.out / f"dp_fedproto_seed{args.seed}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     return result
@@ -83,8 +82,9 @@ def table(result: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
         sigma = "—" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3g}"
+        label = r["label"].replace("eps inf", "ε = ∞").replace("eps ", "ε = ")
         eps = "∞" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.3g}"
-        lines.append(f"| {r['label']} | {sigma} | {eps} | {r['mean_acc']:.3f} | {r['worst_acc']:.3f} | "
+        lines.append(f"| {label} | {sigma} | {eps} | {r['mean_acc']:.3f} | {r['worst_acc']:.3f} | "
                      f"{r['mean_auroc']:.3f} | {r['selected_round']} ({r['rounds']}) |")  # fmt: skip
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ def run_variants(variants: dict[str, dict[str, Any]], base: dict[str, Any], site
     """
     runs = []
     for label, change in variants.items():
-        spec = JobSpec(**{**base, **change, "name": f"bench-{label.replace(' ', '-')}"})
+        slug = re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-")  # job names and folders: ASCII only
+        spec = JobSpec(**{**base, **change, "name": f"bench-{slug}"})
         t0 = time.perf_counter()
-        result = run_simulation(spec, sites_yml, runs_dir / label.replace(" ", "-"), label=label)
+        result = run_simulation(spec, sites_yml, runs_dir / slug, label=label)
         result["wall_seconds"] = round(time.perf_counter() - t0, 1)
         result["label"] = label
         runs.append(result)

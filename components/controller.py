@@ -10,6 +10,10 @@ and records timings, payload bytes and the metrics the sites report. After the l
 * ``results.json`` — DESIGN §12, written only when every round completed at every site;
 * ``failure.json`` — instead of ``results.json`` when the job stopped: the sites' own reasons.
 
+Every payload it sends (global model, prototypes, encrypted sums, release requests) first gets a
+``release`` entry in the server's privacy ledger (:func:`medsilo.secure.guard.server_ledger`): tensor
+names, shapes, bytes, SHA-256, encrypted or not, the task and the receiving sites — never values.
+
 A site that answers with an error (policy refusal, missing dataset, unreadable data …) or does not
 answer at all stops the job: nothing is written as if it were complete. (Continuing with fewer sites
 is a later feature with its own ``min_sites`` rule.)
@@ -212,6 +216,8 @@ class RoundController(ModelController):
         With ``refusable``, replies marked ``refused`` (the site declined the whole job before anything
         left it) are returned for the caller to drop; any other error still stops the job.
         """
+        if payload:
+            self._record_send(task, payload, rnd, sites)
         data = FLModel(params=payload, params_type=ParamsType.FULL, current_round=rnd - 1, total_rounds=rounds,
                        meta={"round": rnd})  # fmt: skip
         results = self.send_model_and_wait(task_name=task, data=data, targets=sites, timeout=self.task_timeout)
@@ -223,6 +229,22 @@ class RoundController(ModelController):
             reasons = errors + [f"site {s}: no result for task '{task}' (see that site's log)" for s in missing]
             raise JobStopped("; ".join(reasons))
         return replies
+
+    def _record_send(self, task: str, payload: dict[str, np.ndarray], rnd: int, sites: list[str]) -> None:
+        """The server's ledger entry for a payload about to go to ``sites`` (written before it is sent)."""
+        from medsilo.errors import MedsiloError
+        from medsilo.secure.filters import CKKS_PARAM
+        from medsilo.secure.guard import describe_upload, server_ledger
+
+        encrypted = CKKS_PARAM in payload
+        kind = "release_request" if task == TASK_RELEASE else "payload"
+        what = describe_upload(payload, encrypted, {"name": "ckks"} if encrypted else None, kind=kind)
+        try:
+            ledger = server_ledger(self.fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or self._workspace_root())
+            ledger.append("release", job=self.fl_ctx.get_job_id(), round=rnd, privacy=None,
+                          what={**what, "task": task, "to": sites})  # fmt: skip
+        except MedsiloError as exc:  # fail closed: nothing is sent that the server's ledger would not show
+            raise JobStopped(f"server: cannot write its privacy ledger: {exc}") from exc
 
     @staticmethod
     def _record_evaluations(recorder, rnd: int, replies: dict[str, FLModel]) -> None:

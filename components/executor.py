@@ -114,6 +114,7 @@ class SiteExecutor(Executor):
                 raise MedsiloError(incoming.meta["filter_error"])
             state = self._prepare(site, fl_ctx)
             if task_name == TASK_TRAIN and not self._admitted:
+                state.guard.record_policy(self._config.privacy)  # the rules this job runs under, in the ledger
                 state.guard.admit_job()  # a DP job that cannot fit the site's budget is refused here
                 self._admitted = True
             if task_name == TASK_RELEASE:

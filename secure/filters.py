@@ -9,7 +9,9 @@ Wiring (the job builder adds them for ``ckks`` jobs; a hospital can also pin the
 **CKKSEncryptor** (task result filter on ``train``) packs *every* tensor of the upload — parameters ×
 n, prototype sums, per-class counts, ``n`` — into one CKKS vector set (:func:`medsilo.secure.ckks.encrypt`),
 signs its digest with the site's key, bound to ``<job id>/round-<r>`` (a
-:class:`~medsilo.secure.release.Contribution`), and replaces the upload with those bytes. Only the
+:class:`~medsilo.secure.release.Contribution`), writes the upload's ``release`` entry to the site's
+privacy ledger (prepared by the executor, with the SHA-256 of these bytes; see
+:func:`medsilo.secure.guard.commit_encrypted_upload`), and replaces the upload with them. Only the
 layout (tensor names and shapes) stays readable. A reply that carries an error, or no tensors, passes
 through unchanged. The reply's metadata keeps the site's evaluation metrics and training loss (the
 server needs them for model selection; ``docs/threat-model.md`` lists them as what still leaks) but
@@ -34,7 +36,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from medsilo.errors import MedsiloError
-from medsilo.secure.guard import site_ledger
+from medsilo.secure.guard import commit_encrypted_upload, site_ledger
 
 CKKS_PARAM = "__ckks__"
 """The single entry of an encrypted payload: uint8 bytes of a Contribution (up) or EncryptedUpload (down)."""
@@ -86,6 +88,10 @@ class CKKSEncryptor(DXOFilter):
             enc = encrypt(self._ctx, tensors)
             tag = round_tag(fl_ctx.get_job_id(), int(dxo.get_meta_prop("round", 0)))
             contribution = sign_contribution(site, enc, self._key, tag=tag)
+            blob = contribution.to_bytes()
+            # the ledger shows the exact bytes that leave; written before they do (fails closed if absent)
+            commit_encrypted_upload(site, fl_ctx.get_job_id(), int(dxo.get_meta_prop("round", 0)), blob,
+                                    len(enc.ciphertexts))  # fmt: skip
         except MedsiloError as exc:  # fail closed: nothing of the upload leaves, the server learns why
             reason = f"site {site}: cannot encrypt the upload: {exc}"
             self.log_error(fl_ctx, reason)
@@ -94,7 +100,7 @@ class CKKSEncryptor(DXOFilter):
         meta["ckks"] = True
         self.log_info(fl_ctx, f"{site}: encrypted {enc.layout.num_values} values into "
                               f"{len(enc.ciphertexts)} ciphertext(s), {enc.nbytes} bytes, tag {tag}")  # fmt: skip
-        return DXO(dxo.data_kind, data={CKKS_PARAM: np.frombuffer(contribution.to_bytes(), dtype=np.uint8)},
+        return DXO(dxo.data_kind, data={CKKS_PARAM: np.frombuffer(blob, dtype=np.uint8)},
                    meta=meta)  # fmt: skip
 
 

@@ -12,6 +12,10 @@ One :class:`SiteGuard` per site process and job. The executor and the CKKS filte
   entry with what leaves (tensor names, shapes, bytes, SHA-256 of the exact plaintext bytes, encrypted
   or not, scheme) and, under DP, its privacy cost (the mechanism's event, ε of this release, cumulative ε
   in the budget scope, the cap).
+  Under ``ckks`` the entry is completed and written by the encrypt filter (:func:`commit_encrypted_upload`),
+  so its digest is that of the ciphertext bytes that actually leave.
+* :meth:`SiteGuard.record_policy` — when a job starts: a ``policy_loaded`` entry (the site's privacy
+  policy in force and its digest).
 * ``decrypt`` and ``aggregate_release`` entries come from the CKKS decrypt filter and the release task.
 
 **The budget lives in the ledger.** The running total is recomputed by the accountant
@@ -32,6 +36,7 @@ Where the ledger and its signing key live:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from medsilo.errors import MedsiloError
 from medsilo.secure.dp import (
     BudgetExceeded,
     GaussianEvent,
@@ -48,13 +54,18 @@ from medsilo.secure.dp import (
 )
 from medsilo.secure.ledger import LEDGER_FILE, Ledger, costs
 
+SERVER = "server"
+"""The server's party name in ledgers and in the simulation PKI."""
 LEDGER_DIR_ENV = "MEDSILO_LEDGER_DIR"
 """Simulation only: folder of per-site ledgers and the local PKI (module docstring)."""
 _OPEN: dict[Path, Ledger] = {}
+_PENDING: dict[tuple[str, str, int], tuple[Ledger, dict[str, Any], dict[str, Any] | None]] = {}
+"""Release entries of encrypted uploads, held from the executor until the encrypt filter sends them."""
 
 
 def ensure_simulation_pki(folder: str | Path, sites: Iterable[str]) -> Path:
-    """Create ``folder/pki`` (a local root CA and one certificate per site) unless it exists; returns it."""
+    """Create ``folder/pki`` (a local root CA, one certificate per site and one for the server) unless they
+    exist; returns it."""
     from medsilo.secure import pki
     from medsilo.secure.release import load_private_key
 
@@ -64,21 +75,25 @@ def ensure_simulation_pki(folder: str | Path, sites: Iterable[str]) -> Path:
         ca_key, ca_cert = load_private_key(out / "rootCA.key"), pki.load_certificate(out / "rootCA.pem")
     else:
         ca_key, ca_cert = pki.make_local_ca(out)
-    for site in sites:
+    for site in [*sites, SERVER]:
         if not (out / f"{site}.crt").is_file():
             pki.issue_certificate(ca_key, ca_cert, site, out)
     return out
 
 
-def site_ledger(site: str, workspace: str | Path) -> Ledger:
-    """This process's ledger of ``site`` (one object per file, so appends stay in sequence)."""
+def site_ledger(site: str, workspace: str | Path, role: str = "client") -> Ledger:
+    """This process's ledger of ``site`` (one object per file, so appends stay in sequence).
+
+    ``role`` is the startup kit's key name in deployment: ``client`` for a site, ``server`` for the
+    server (:func:`server_ledger`).
+    """
     base = os.environ.get(LEDGER_DIR_ENV)
     if base:
         path = Path(base) / site / LEDGER_FILE
         key, cert = Path(base) / "pki" / f"{site}.key", Path(base) / "pki" / f"{site}.crt"
     else:
         path = Path(workspace) / LEDGER_FILE
-        key, cert = Path(workspace) / "startup" / "client.key", Path(workspace) / "startup" / "client.crt"
+        key, cert = Path(workspace) / "startup" / f"{role}.key", Path(workspace) / "startup" / f"{role}.crt"
     path = path.resolve()
     if path not in _OPEN:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +101,29 @@ def site_ledger(site: str, workspace: str | Path) -> Ledger:
     return _OPEN[path]
 
 
-def describe_upload(arrays: dict[str, Any], encrypted: bool, scheme: dict | None = None) -> dict[str, Any]:
+def commit_encrypted_upload(site: str, job_id: str, rnd: int, sent: bytes, ciphertexts: int) -> None:
+    """Write the held ``release`` entry of an encrypted upload (:meth:`SiteGuard.record_upload`): ``sha256``
+    and ``bytes`` become those of the signed ciphertext blob that leaves, the plaintext's move to
+    ``plaintext_sha256`` / ``plaintext_bytes``. Fails closed when no entry is held for this round."""
+    try:
+        ledger, what, privacy = _PENDING.pop((site, job_id, rnd))
+    except KeyError:
+        raise MedsiloError(f"no privacy-ledger entry was prepared for job {job_id} round {rnd}; refusing to "
+                           f"send an upload the ledger would not show (is medsilo's SiteExecutor running "
+                           f"this task?)") from None  # fmt: skip
+    what = {**what, "plaintext_sha256": what["sha256"], "plaintext_bytes": what["bytes"],
+            "sha256": hashlib.sha256(sent).hexdigest(), "bytes": len(sent), "ciphertexts": ciphertexts}  # fmt: skip
+    ledger.append("release", job=job_id, round=rnd, what=what, privacy=privacy)
+
+
+def server_ledger(workspace: str | Path) -> Ledger:
+    """The server's ledger: in simulation ``<dir>/server/``, signed with the local CA's ``server``
+    certificate; deployed, ``<server workspace>/privacy_ledger.jsonl`` with the kit's ``server.key``."""
+    return site_ledger(SERVER, workspace, role="server")
+
+
+def describe_upload(arrays: dict[str, Any], encrypted: bool, scheme: dict | None = None,
+                    kind: str = "upload") -> dict[str, Any]:  # fmt: skip
     """The ledger's ``what`` for an upload: names, shapes, dtypes, bytes and the SHA-256 of the exact
     bytes (arrays in name order, C order) — never values."""
     digest = hashlib.sha256()
@@ -96,7 +133,7 @@ def describe_upload(arrays: dict[str, Any], encrypted: bool, scheme: dict | None
         digest.update(name.encode() + b"\0" + arr.tobytes())
         tensors.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype)})
         total += arr.nbytes
-    return {"kind": "upload", "tensors": tensors, "bytes": total, "sha256": digest.hexdigest(),
+    return {"kind": kind, "tensors": tensors, "bytes": total, "sha256": digest.hexdigest(),
             "encrypted": encrypted, "scheme": scheme}  # fmt: skip
 
 
@@ -161,8 +198,14 @@ class SiteGuard:
         return DPRelease(clip=dp.clip, noise_multiplier=dp.noise_multiplier, generator=fresh_generator())
 
     def record_upload(self, rnd: int, arrays: dict[str, Any]) -> dict[str, float] | None:
-        """Write the ``release`` entry for an upload about to leave; returns this job's (ε, δ) so far
-        under DP (``None`` otherwise)."""
+        """Account for an upload about to leave and write its ``release`` entry; returns this job's (ε, δ)
+        so far under DP (``None`` otherwise).
+
+        Plaintext jobs: the entry is written now, with the SHA-256 of the exact arrays sent. Encrypted jobs:
+        what leaves is the ciphertext the CKKS encrypt filter makes next, so the entry is held and
+        :func:`commit_encrypted_upload` writes it there, with the digest of the signed ciphertext bytes
+        (and of the plaintext it encrypts). If encryption fails nothing leaves and no entry is written.
+        """
         encrypted = "ckks" in self.spec.privacy.mode
         scheme = {"name": "ckks", "poly_modulus_degree": self.spec.privacy.poly_modulus_degree} if encrypted else None
         privacy = None
@@ -176,9 +219,21 @@ class SiteGuard:
                        "clip": self.spec.privacy.dp.clip, "epsilon": eps_this, "delta": self.delta,
                        "cumulative_epsilon": eps_total, "job_epsilon": job.epsilon,
                        "epsilon_cap": self.budget.epsilon if self.budget else None}  # fmt: skip
-        self.ledger.append("release", job=self.job_id, round=rnd, what=describe_upload(arrays, encrypted, scheme),
-                           privacy=privacy)  # fmt: skip
+        what = describe_upload(arrays, encrypted, scheme)
+        if encrypted:
+            _PENDING[(self.site, self.job_id, rnd)] = (self.ledger, what, privacy)
+        else:
+            self.ledger.append("release", job=self.job_id, round=rnd, what=what, privacy=privacy)
         return {"epsilon": privacy["job_epsilon"], "delta": self.delta} if privacy else None
+
+    def record_policy(self, policy) -> None:
+        """A ``policy_loaded`` entry when the site starts a job: the privacy policy in force (its budget
+        cap and required mode) and its SHA-256, so an auditor sees which rules each job ran under."""
+        text = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        self.ledger.append("policy_loaded", job=self.job_id, round=0, privacy=None,
+                           what={"kind": "policy", "policy": json.loads(text),
+                                 "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                 "privacy_mode": self.spec.privacy.mode})  # fmt: skip
 
     def record(self, event: str, rnd: int, what: dict[str, Any], reason: str | None = None) -> None:
         """Any other entry (``decrypt``, ``aggregate_release``), with no privacy cost."""

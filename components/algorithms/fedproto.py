@@ -87,7 +87,7 @@ from medsilo.components.algorithms.base import (
 )
 from medsilo.components.training import ExtraLoss
 from medsilo.medical.data import ImageSet
-from medsilo.secure.dp import gaussian_sum
+from medsilo.secure.dp import clip_rows, gaussian_sum
 
 PROTO_SUM = "proto_sum"
 """Upload name of the per-class feature sums / means ``(K, d)``."""
@@ -122,6 +122,10 @@ class Client(BaseClient):
         global_protos: ``(K, d)`` float32, the global prototypes last received (zero rows where absent),
             or ``None`` before the first payload.
         has_proto: ``(K,)`` bool, which classes have a global prototype (all False before round 1).
+        clip: under DP, the clipping bound C: the prototypes are then means of features clipped to norm C,
+            so the prototype loss and nearest-prototype scoring compare them with clipped features too
+            (unclipped features far outside the ball would all be nearest to whichever prototype has the
+            largest norm). ``None`` otherwise.
     """
 
     config: Config
@@ -131,6 +135,7 @@ class Client(BaseClient):
         super().__init__(setup, config)
         self.global_protos: torch.Tensor | None = None
         self.has_proto = torch.zeros(setup.num_classes, dtype=torch.bool)
+        self.clip: float | None = None
 
     def receive(self, payload: Tensors | None, rnd: int) -> None:
         """Finish the global prototypes from the aggregate: ``Σ proto_sum / Σ proto_count`` per class.
@@ -162,6 +167,7 @@ class Client(BaseClient):
 
     def train_private(self, rnd: int, dp: DPRelease) -> Upload:
         """Train as :meth:`train`, then release record-level DP per-class sums of eval-mode features."""
+        self.clip = dp.clip
         loss = self.fit(rnd, extra_loss=self.prototype_loss())
         features, labels = self.train_features()
         sums, counts = gaussian_sum(features, labels, self.setup.num_classes, dp.clip, dp.noise_multiplier,
@@ -190,16 +196,20 @@ class Client(BaseClient):
         z = self.model.features(x)
         if self.global_protos is None or not bool(self.has_proto.any()):
             return torch.softmax(self.model.head(z), dim=1)
-        return nearest_prototype_scores(z, self.global_protos, self.has_proto)
+        return nearest_prototype_scores(self.prototype_space(z), self.global_protos, self.has_proto)
+
+    def prototype_space(self, features: torch.Tensor) -> torch.Tensor:
+        """Features as compared with prototypes: clipped to norm :attr:`clip` under DP, else unchanged."""
+        return features if self.clip is None else clip_rows(features, self.clip)
 
     def prototype_loss(self) -> ExtraLoss:
         """``λ·MSE(z, P^y)`` against the current global prototypes, as an ``extra_loss`` (0 before any)."""
-        protos, present, lam = self.global_protos, self.has_proto, self.config.lam
+        protos, present, lam, space = self.global_protos, self.has_proto, self.config.lam, self.prototype_space
 
         def extra(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             if protos is None or lam == 0 or not bool(present.any()):
                 return torch.zeros(())
-            return lam * prototype_mse(features, labels, protos, present)
+            return lam * prototype_mse(space(features), labels, protos, present)
 
         return extra
 

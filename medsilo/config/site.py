@@ -56,7 +56,11 @@ class Budget(Strict):
     Attributes:
         epsilon: the most ε this site releases within ``scope``, summed over jobs (> 0).
         delta: the δ of the (ε, δ) guarantee (0 < δ < 1).
-        scope: what the cap spans; ``network`` is every job of this federation.
+        scope: the name of the budget the cap spans. Every DP release is charged, in the site's ledger, to
+            the scope in force when it left; the running total sums that scope's entries only. ``network``
+            (default): one budget for every job of this federation. A study name (e.g. ``pneumonia-2027``)
+            gives that study its own budget; switching the scope starts a new total and leaves the old
+            one in the ledger.
     """
 
     epsilon: float = Field(gt=0)

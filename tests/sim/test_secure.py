@@ -24,7 +24,7 @@ def sites_yml(tmp_path_factory):
 
 def _spec(algorithm: str, mode: str, min_contributors: int = 2, dp: dict | None = None, **params) -> JobSpec:
     privacy = {"mode": mode, "min_contributors": min_contributors} | ({"dp": dp} if dp else {})
-    return JobSpec(name=f"t-{algorithm}-{mode}", modality="cxr", classes=["normal", "pneumonia"], dataset="cxr",
+    return JobSpec(name=f"t-{algorithm}-{mode.replace('+', '-')}", modality="cxr", classes=["normal", "pneumonia"], dataset="cxr",
                    image_size=16, model=MODELS, feature_dim=8, algorithm={"name": algorithm, "params": params},
                    training={"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.01},
                    privacy=privacy)  # fmt: skip
@@ -59,7 +59,12 @@ def test_aggregate_release_runs_and_is_refused_below_min_contributors(sites_yml,
     assert sorted(r["what"]["tag"] for r in records) == ["simulate_job/round-1", "simulate_job/round-2"]
     assert {r["party"] for r in records} == {"hospital-1", "hospital-2"}  # the releasing site rotates
     assert all(r["what"]["contributors"] == 3 and r["what"]["min_contributors"] == 3 for r in records)
-    assert verify([ledgers / s / LEDGER_FILE for s in MODELS], root_ca=ledgers / "pki" / "rootCA.pem") == []
+    # the server's own ledger shows what it sent: the release requests (ciphertexts) and the payloads
+    server = [e for e in entries(ledgers / "server" / LEDGER_FILE) if e["job"] == "simulate_job"]
+    requests = [e for e in server if e["what"]["kind"] == "release_request"]
+    assert [(e["round"], e["what"]["to"]) for e in requests[-2:]] == [(1, ["hospital-1"]), (2, ["hospital-2"])]
+    assert any(e["what"]["kind"] == "payload" and not e["what"]["encrypted"] for e in server)
+    assert verify([ledgers / s / LEDGER_FILE for s in [*MODELS, "server"]], root_ca=ledgers / "pki" / "rootCA.pem") == []
     # four signed contributors required, three sites exist: the releasing site refuses, the job stops
     with pytest.raises(MedsiloError, match=r"stopped: site hospital-1: .*3 contributors, need ≥ 4"):
         run_simulation(_spec("fedtgp", "ckks", 4, form="aggregate"), sites_yml, tmp_path / "few", progress=False)
@@ -90,3 +95,21 @@ def test_dp_job_spends_budget_and_a_capped_site_refuses_the_next_one(sites_yml, 
     assert after[-1]["event"] == "refusal" and len([e for e in after if e["event"] == "release"]) == 2
     assert verify([data / "ledgers" / s / LEDGER_FILE for s in MODELS],
                   root_ca=data / "ledgers" / "pki" / "rootCA.pem") == []  # fmt: skip
+
+
+def test_ckks_plus_dp_noises_before_encrypting_and_records_both(sites_yml, tmp_path):
+    spec = _spec("fedproto", "ckks+dp", dp={"noise_multiplier": 3.0, "clip": 1.0})
+    results = run_simulation(spec, sites_yml, tmp_path / "run", progress=False)
+    assert set(results["privacy_spent"]) == set(MODELS)
+    ledgers = sites_yml.parent / "ledgers"
+    for site in MODELS:
+        job = [e for e in entries(ledgers / site / LEDGER_FILE) if e["job"] == "simulate_job"]
+        assert [e["event"] for e in job][:1] == ["policy_loaded"]
+        releases = [e for e in job if e["event"] == "release" and e["privacy"] is not None
+                    and e["privacy"]["event"]["noise_multiplier"] == 3.0]  # fmt: skip
+        assert [e["round"] for e in releases] == [1, 2]
+        # what left is the ciphertext (its digest and size), and it cost ε
+        assert all(e["what"]["encrypted"] and e["what"]["bytes"] > 100 * e["what"]["plaintext_bytes"]
+                   for e in releases)  # fmt: skip
+        assert releases[-1]["privacy"]["job_epsilon"] == pytest.approx(results["privacy_spent"][site]["epsilon"])
+        assert any(e["event"] == "decrypt" for e in job)

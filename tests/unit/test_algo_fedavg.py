@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from medsilo.components.algorithms import fedavg, local
@@ -77,3 +78,22 @@ def test_data_order_is_seeded_per_site_and_round():
     torch.testing.assert_close(first_batch(1), first_batch(1))
     assert sorted(order(1)) == sorted(order(2))
     assert not torch.equal(first_batch(1), first_batch(2))
+
+
+def test_private_upload_is_the_start_plus_the_clipped_update_with_equal_site_weight():
+    from medsilo.components.algorithms.base import DPRelease
+
+    setup = tiny_setup(n=12)
+    client = fedavg.Client(setup, fedavg.Config())
+    start = {k: p.detach().clone() for k, p in setup.model.named_parameters()}
+    clip = 1e-3  # far below the update's norm, so the clipping shows
+    up = client.train_private(1, DPRelease(clip=clip, noise_multiplier=1e-6, generator=torch.Generator().manual_seed(0)))
+    assert float(up.sums["n"]) == 1.0  # the dataset size does not leave unnoised
+    trained = dict(setup.model.named_parameters())
+    update = {k: up.sums[f"w.{k}"] - start[k] for k in start}
+    norm = torch.sqrt(sum((u.double() ** 2).sum() for u in update.values()))
+    full = torch.sqrt(sum(((trained[k].detach() - start[k]).double() ** 2).sum() for k in start))
+    assert float(full) > 10 * clip and float(norm) == pytest.approx(clip, rel=1e-2)
+    # the update keeps its direction: parallel to what local training did
+    cos = sum((update[k].double() * (trained[k].detach() - start[k]).double()).sum() for k in start) / (norm * full)
+    assert float(cos) > 0.999

@@ -229,3 +229,40 @@ def test_config_defaults_and_bad_values_are_refused():
         fedproto.Config(lam=-1.0)
     with pytest.raises(ValidationError, match="weighting"):
         fedproto.Config(weighting="clients")
+
+
+def _dp(sigma: float, clip: float, seed: int = 0):
+    from medsilo.components.algorithms.base import DPRelease
+
+    return DPRelease(clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(seed))
+
+
+def test_private_upload_is_the_noised_class_sum_of_clipped_eval_features():
+    from medsilo.secure.dp import clip_rows
+
+    client = fedproto.Client(tiny_setup(n=12, num_classes=3), fedproto.Config())
+    up = client.train_private(1, _dp(sigma=1e-6, clip=0.15))
+    features, labels = client.train_features()  # the trained model, eval mode, each image once
+    sums, counts = fedproto.class_sums(clip_rows(features, 0.15), labels, 3)
+    torch.testing.assert_close(up.sums["proto_sum"], sums, atol=1e-4, rtol=0)
+    torch.testing.assert_close(up.sums["proto_count"], counts, atol=1e-4, rtol=0)
+    assert float(features.norm(dim=1).max()) > 0.15  # the bound really clipped something
+    # with real noise the release differs, by about σ·√2·C per entry
+    noisy = fedproto.Client(tiny_setup(n=12, num_classes=3), fedproto.Config()).train_private(1, _dp(4.0, 0.15))
+    spread = float((noisy.sums["proto_sum"] - sums).std())
+    assert 4.0 * math.sqrt(2) * 0.15 / 3 < spread < 4.0 * math.sqrt(2) * 0.15 * 3
+
+
+def test_under_dp_prototypes_are_compared_with_clipped_features():
+    from medsilo.secure.dp import clip_rows
+
+    client = fedproto.Client(tiny_setup(n=12, num_classes=3), fedproto.Config())
+    client.train_private(1, _dp(sigma=1e-6, clip=0.15))
+    protos = torch.tensor([[0.1, 0.0], [0.0, 0.1], [-0.1, 0.0]]).repeat(1, 4)[:, : client.model.head.in_features]
+    client.receive({"proto_sum": protos, "proto_count": torch.ones(3)}, 2)
+    x = _inputs(client.setup.data.test)
+    with torch.no_grad():
+        client.model.eval()
+        z = client.model.features(x)
+    present = torch.ones(3, dtype=torch.bool)
+    torch.testing.assert_close(client.scores(x), fedproto.nearest_prototype_scores(clip_rows(z, 0.15), protos, present))

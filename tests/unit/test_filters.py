@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -11,10 +13,12 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from medsilo.components.algorithms import fedproto
+from medsilo.config import JobSpec
+from medsilo.config.site import PrivacyPolicy
 from medsilo.secure import keys
 from medsilo.secure.ckks import CKKSError, add, decrypt
 from medsilo.secure.filters import CKKS_PARAM, FILTER_ERROR, CKKSDecryptor, CKKSEncryptor
-from medsilo.secure.guard import LEDGER_DIR_ENV, ensure_simulation_pki
+from medsilo.secure.guard import LEDGER_DIR_ENV, SiteGuard, ensure_simulation_pki
 from medsilo.secure.ledger import entries, verify
 from medsilo.secure.release import Contribution, verify_contribution
 from medsilo.tests.helpers import aggregate, tiny_setup
@@ -46,6 +50,14 @@ def _params(shareable) -> dict:
     return FLModelUtils.from_shareable(shareable).params
 
 
+def _prepared(site: str, rnd: int, params: dict) -> dict:
+    """What the executor does before the filter runs: hold the upload's ledger entry."""
+    spec = JobSpec(name="t", modality="cxr", classes=["a", "b", "c"], dataset="cxr", image_size=16, model="cnn",
+                   algorithm={"name": "fedproto"}, training={"rounds": 3}, privacy={"mode": "ckks"})  # fmt: skip
+    SiteGuard(site, ".", "job-1", spec, PrivacyPolicy()).record_upload(rnd, params)
+    return params
+
+
 def _uploads():
     clients = [fedproto.Client(tiny_setup(s, n=12, seed=i, num_classes=3, labels=[0, 2] if i else None),
                                fedproto.Config()) for i, s in enumerate(SITES)]  # fmt: skip
@@ -58,7 +70,7 @@ def test_encrypted_round_matches_plaintext_and_the_server_cannot_decrypt(he_dir)
     # Execute: site result filters, blind server sum, site task-data filter
     sent = {}
     for site in SITES:
-        params = {k: v.numpy() for k, v in sums[site].items()}
+        params = _prepared(site, 1, {k: v.numpy() for k, v in sums[site].items()})
         out = CKKSEncryptor().process(_shareable(params, {"round": 1, "n_train": 12, "train_loss": 0.5}), _ctx(site))
         model = FLModelUtils.from_shareable(out)
         assert set(model.params) == {CKKS_PARAM} and model.params[CKKS_PARAM].dtype == np.uint8
@@ -79,16 +91,20 @@ def test_encrypted_round_matches_plaintext_and_the_server_cannot_decrypt(he_dir)
     expected = clients[0].scores(x)
     clients[0].receive({k: torch.as_tensor(v) for k, v in got.items()}, 2)
     torch.testing.assert_close(clients[0].scores(x), expected, atol=1e-6, rtol=0)
-    # the site's ledger records the decryption: the aggregate's digest, never its values
+    # the site's ledger records the upload (digest of the exact bytes sent) and the decryption (the
+    # aggregate's digest), never values
     ledger = he_dir.parent / "ledgers" / SITES[0] / "privacy_ledger.jsonl"
-    (entry,) = entries(ledger)
+    release, entry = entries(ledger)
+    assert release["event"] == "release" and release["what"]["encrypted"] and release["round"] == 1
+    assert release["what"]["sha256"] == hashlib.sha256(sent[SITES[0]].to_bytes()).hexdigest()
+    assert release["what"]["plaintext_bytes"] < release["what"]["bytes"]
     assert entry["event"] == "decrypt" and entry["what"]["digest"] == total.digest() and entry["job"] == "job-1"
     assert verify([ledger], root_ca=he_dir.parent / "ledgers" / "pki" / "rootCA.pem") == []
 
 
 def test_contributions_are_signed_by_their_site_for_this_round(he_dir):
     _, sums = _uploads()
-    params = {k: v.numpy() for k, v in sums[SITES[1]].items()}
+    params = _prepared(SITES[1], 3, {k: v.numpy() for k, v in sums[SITES[1]].items()})
     out = CKKSEncryptor().process(_shareable(params, {"round": 3}), _ctx(SITES[1]))
     contribution = Contribution.from_bytes(_params(out)[CKKS_PARAM])
     assert contribution.site == SITES[1] and contribution.tag == "job-1/round-3"
@@ -123,3 +139,9 @@ def test_missing_site_key_fails_closed_naming_the_file(he_dir):
     out = FLModelUtils.from_shareable(CKKSEncryptor().process(_shareable(params, {"round": 1}), _ctx(SITES[0])))
     assert out.params == {}  # nothing of the upload leaves in plaintext
     assert "cannot encrypt" in out.meta["error"] and keys.CLIENT_CONTEXT in out.meta["error"]
+
+
+def test_an_upload_the_ledger_would_not_show_is_not_sent(he_dir):
+    params = {"proto_sum": np.ones((3, 4), np.float32)}
+    out = FLModelUtils.from_shareable(CKKSEncryptor().process(_shareable(params, {"round": 2}), _ctx(SITES[0])))
+    assert out.params == {} and "no privacy-ledger entry was prepared for job job-1 round 2" in out.meta["error"]
