@@ -7,7 +7,8 @@ when any does not, 2 on bad input (a missing file, an unreadable root CA).
 
 ``medsilo audit report LEDGER_OR_DIR... --out FILE.html|FILE.json [--root-ca FILE] [--allow-unverified]``
 summarizes, per party and job: events by kind, what left (count, bytes, encrypted or not), ε spent per
-budget scope against the cap over time (cap = the latest ``epsilon_cap`` in the entries' ``privacy``),
+budget scope against the cap over time (cap = the latest ``epsilon_cap`` in the entries' ``privacy``; ε recomposed
+with the site's accountant from the recorded mechanism events, flagged when it differs from what the site wrote),
 refusals with reasons, aggregate releases, and the job's lines in an NVFlare ``audit.log`` next to the
 ledger (``<folder>/audit.log`` and ``<folder>/<job>/audit.log``). It refuses (exit 1) when a ledger fails
 verification, unless ``--allow-unverified`` is given; the report then says so on top, in red.
@@ -171,25 +172,7 @@ def summarize(checks: list, root_ca: str | None = None) -> dict[str, Any]:
         by_job: dict[str | None, list[dict]] = {}
         for e in items:
             by_job.setdefault(e.get("job"), []).append(e)
-        budgets: dict[str, dict[str, Any]] = {}
-        for e in items:
-            privacy = e.get("privacy") if isinstance(e.get("privacy"), dict) else None
-            if privacy is None or not isinstance(privacy.get("scope"), str):
-                continue
-            b = budgets.setdefault(
-                privacy["scope"],
-                {"epsilon": 0.0, "delta": 0.0, "epsilon_cap": None, "delta_cap": None, "series": []},
-            )
-            for cap in ("epsilon_cap", "delta_cap"):
-                if _number(privacy.get(cap)) is not None:
-                    b[cap] = _number(privacy[cap])
-            if e.get("event") in SPENDING_EVENTS:
-                b["epsilon"] += _number(privacy.get("epsilon")) or 0.0
-                b["delta"] += _number(privacy.get("delta")) or 0.0
-                b["series"].append(
-                    {"time": e.get("time"), "seq": e.get("seq"), "job": e.get("job"), "round": e.get("round"),
-                     "epsilon": _number(privacy.get("epsilon")) or 0.0, "cumulative_epsilon": b["epsilon"]}
-                )  # fmt: skip
+        budgets = _budgets(items, SPENDING_EVENTS)
         ledgers.append(
             {
                 "file": str(check.file),
@@ -208,6 +191,53 @@ def summarize(checks: list, root_ca: str | None = None) -> dict[str, Any]:
         "verified": all(c.ok for c in checks),
         "ledgers": ledgers,
     }
+
+
+def _budgets(items: list[dict], spending: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """ε spent per budget scope, and its series over time.
+
+    Entries that carry the mechanism's ``event`` (what medsilo's sites write) are composed by the same
+    accountant the site uses (:class:`medsilo.secure.dp.PrivacyAccountant`, RDP at the scope's δ), so the
+    total is the site's own; ``epsilon_recorded`` is the last cumulative ε the site wrote, and
+    ``mismatch`` is true when the two disagree (a site that under-reports its spending). Entries without
+    an event fall back to basic composition (Σ ε, Σ δ), a valid upper bound.
+    """
+    from medsilo.secure.dp import PrivacyAccountant
+
+    budgets: dict[str, dict[str, Any]] = {}
+    for e in items:
+        privacy = e.get("privacy") if isinstance(e.get("privacy"), dict) else None
+        if privacy is None or not isinstance(privacy.get("scope"), str):
+            continue
+        b = budgets.setdefault(privacy["scope"], {"epsilon": 0.0, "delta": 0.0, "epsilon_cap": None, "delta_cap": None,
+                                                  "series": [], "_events": [], "_deltas": set()})  # fmt: skip
+        for cap in ("epsilon_cap", "delta_cap"):
+            if _number(privacy.get(cap)) is not None:
+                b[cap] = _number(privacy[cap])
+        if e.get("event") not in spending:
+            continue
+        eps = _number(privacy.get("epsilon")) or 0.0
+        b["epsilon"] += eps
+        b["delta"] += _number(privacy.get("delta")) or 0.0
+        b["_events"].append(privacy.get("event"))
+        b["_deltas"].add(_number(privacy.get("delta")))
+        recorded = _number(privacy.get("cumulative_epsilon"))
+        b["series"].append({"time": e.get("time"), "seq": e.get("seq"), "job": e.get("job"), "round": e.get("round"),
+                            "epsilon": eps, "cumulative_epsilon": recorded if recorded is not None else b["epsilon"]})  # fmt: skip
+    for b in budgets.values():
+        events, deltas = b.pop("_events"), b.pop("_deltas")
+        b["accounting"] = "basic composition (Σ ε, Σ δ)"
+        if events and all(isinstance(ev, dict) for ev in events) and len(deltas) == 1 and None not in deltas:
+            delta = deltas.pop()
+            try:
+                total = PrivacyAccountant.from_events(events, delta).epsilon
+            except MedsiloError:
+                continue  # a malformed event: keep the additive bound
+            b["epsilon_recorded"] = b["series"][-1]["cumulative_epsilon"]
+            b["mismatch"] = abs(total - b["epsilon_recorded"]) > 1e-6 * max(1.0, total)
+            b["epsilon"], b["delta"] = total, delta
+            b["accounting"] = "RDP (dp-accounting), as the site's accountant"
+    return budgets
 
 
 def _job_summary(file: Path, job: str | None, items: list[dict], spending: tuple[str, ...]) -> dict[str, Any]:
@@ -354,12 +384,16 @@ def render_html(summary: dict[str, Any], title: str = "medsilo privacy audit") -
         parts.append(f'<p class="note">{esc(lg["file"])}</p>')
         budgets = [
             [scope, f"{b['epsilon']:.4g}", f"{b['delta']:.3g}",
-             "n/a" if b["epsilon_cap"] is None else f"{b['epsilon_cap']:.4g}", len(b["series"])]
+             "n/a" if b["epsilon_cap"] is None else f"{b['epsilon_cap']:.4g}", len(b["series"]), b["accounting"]]
             for scope, b in sorted(lg["budgets"].items())
         ]  # fmt: skip
-        parts.append(
-            "<h3>Privacy budget</h3>" + _table(["scope", "ε spent", "δ spent", "ε cap", "releases"], budgets)
-        )
+        parts.append("<h3>Privacy budget</h3>" + _table(["scope", "ε spent", "δ", "ε cap", "releases", "accounting"],
+                                                         budgets))  # fmt: skip
+        for scope, b in sorted(lg["budgets"].items()):
+            if b.get("mismatch"):
+                parts.append(f'<p class="alarm">Scope {esc(scope)}: the ledger records cumulative ε = '
+                             f'{b["epsilon_recorded"]:.4g}, but its mechanism events compose to ε = {b["epsilon"]:.4g}.'
+                             "</p>")  # fmt: skip
         png = _budget_png(lg["budgets"])
         if png:
             parts.append(
@@ -372,7 +406,7 @@ def render_html(summary: dict[str, Any], title: str = "medsilo privacy audit") -
             eps = ", ".join(f"{s}: {v:.4g}" for s, v in sorted(j["epsilon"].items())) or "0"
             rows.append([j["job"] or "(no job)", events, r["count"], r["encrypted_bytes"], r["plaintext_bytes"], eps,
                          len(j["refusals"])])  # fmt: skip
-        head = ["job", "events", "releases", "bytes encrypted", "bytes plaintext", "ε spent", "refusals"]
+        head = ["job", "events", "releases", "bytes encrypted", "bytes plaintext", "ε added to the budget", "refusals"]
         parts.append("<h3>What left, per job</h3>" + _table(head, rows))
         kinds = [
             [j["job"] or "(no job)", kind, k["count"], k["bytes"], f"{k['encrypted']} of {k['count']}"]

@@ -179,3 +179,26 @@ def _load_ca(key_path: Path, cert_path: Path):
     from medsilo.secure.release import load_private_key
 
     return load_private_key(key_path), pki.load_certificate(cert_path)
+
+
+def test_report_recomposes_gaussian_events_and_flags_an_under_reported_total(tmp_path, ca):
+    from medsilo.secure.dp import gaussian_epsilon
+
+    folder = tmp_path / "ws" / "hospital-1"
+    folder.mkdir(parents=True)
+    ledger = Ledger(folder / "privacy_ledger.jsonl", "hospital-1", *pki.issue_certificate(*ca, "hospital-1", None))
+    event = {"mechanism": "gaussian", "noise_multiplier": 2.0, "steps": 1, "sampling_rate": 1.0}
+    recorded = [gaussian_epsilon(2.0, 1, 1e-5), 1.0]  # the second entry under-reports the running total
+    for rnd, cumulative in enumerate(recorded, 1):
+        ledger.append("release", job="job-1", round=rnd, what={"kind": "upload"},
+                      privacy={"scope": "network", "event": event, "epsilon": 1.0, "delta": 1e-5,
+                               "cumulative_epsilon": cumulative})  # fmt: skip
+    out = tmp_path / "audit.json"
+    assert main(["audit", "report", str(tmp_path / "ws"), "--out", str(out)]) == 0
+    budget = json.loads(out.read_text())["ledgers"][0]["budgets"]["network"]
+    # RDP composition of two σ = 2 releases at δ = 1e-5, not Σ ε = 2 nor Σ δ
+    assert budget["epsilon"] == pytest.approx(gaussian_epsilon(2.0, 2, 1e-5)) and budget["delta"] == 1e-5
+    assert budget["mismatch"] is True and budget["epsilon_recorded"] == 1.0
+    html_out = tmp_path / "audit.html"
+    assert main(["audit", "report", str(tmp_path / "ws"), "--out", str(html_out)]) == 0
+    assert "compose to ε = 3.189" in html_out.read_text()
