@@ -238,3 +238,59 @@ class SiteGuard:
     def record(self, event: str, rnd: int, what: dict[str, Any], reason: str | None = None) -> None:
         """Any other entry (``decrypt``, ``aggregate_release``), with no privacy cost."""
         self.ledger.append(event, job=self.job_id, round=rnd, what=what, privacy=None, reason=reason)
+
+
+class SyntheticGuard:
+    """Budget checks and ledger entries of a PCEvolve run at one site (``synthetic_release`` entries).
+
+    Each iteration's selections are charged *before* they are drawn (:meth:`__call__`, the ``charge``
+    of :func:`medsilo.medical.synth.pcevolve.evolve.evolve`); :meth:`admit` refuses a run whose
+    planned selections cannot all fit. Costs go to the same budget scope as the site's federated jobs.
+
+    Args:
+        site: the site's name.
+        workspace: its workspace (deployment ledger location; simulation uses ``MEDSILO_LEDGER_DIR``).
+        run_id: names the run in the ledger's ``job`` field.
+        policy: the site's :class:`~medsilo.config.site.PrivacyPolicy` (its budget cap, if any).
+        what: JSON-plain description of the run for every entry (generator, encoder, N, T — no data).
+    """
+
+    def __init__(self, site: str, workspace: str | Path, run_id: str, policy, what: dict[str, Any]):
+        self.site, self.run_id, self.what = site, run_id, what
+        self.ledger = site_ledger(site, workspace)
+        self.budget = policy.budget
+        self.scope = self.budget.scope if self.budget else "network"
+        self.delta = self.budget.delta if self.budget else 1e-5
+
+    def _accountant(self) -> PrivacyAccountant:
+        past = [event_from_json(c["event"]) for c in costs(self.ledger.path, self.scope) if c.get("event")]
+        cap = self.budget.epsilon if self.budget else None
+        return PrivacyAccountant.from_events(past, self.delta, site=self.site, scope=self.scope, cap_epsilon=cap)
+
+    def _refuse(self, iteration: int, exc: BudgetExceeded) -> None:
+        self.ledger.append("refusal", job=self.run_id, round=iteration, what={**self.what, "sent": False},
+                           privacy={"scope": self.scope, "epsilon_cap": self.budget.epsilon if self.budget else None},
+                           reason=str(exc))  # fmt: skip
+
+    def admit(self, planned: list) -> None:
+        """Refuse the run now (``refusal`` entry, :class:`BudgetExceeded`) if ``planned`` events cannot fit."""
+        try:
+            self._accountant().check(*planned)
+        except BudgetExceeded as exc:
+            self._refuse(0, exc)
+            raise
+
+    def __call__(self, event, iteration: int) -> None:
+        """Charge one iteration's selections and write its ``synthetic_release`` entry, or refuse."""
+        accountant = self._accountant()
+        try:
+            eps_this, eps_total = accountant.spend(event)
+        except BudgetExceeded as exc:
+            self._refuse(iteration, exc)
+            raise
+        privacy = {"scope": self.scope, "mechanism": event.mechanism, "event": event.to_json(), "epsilon": eps_this,
+                   "delta": self.delta, "cumulative_epsilon": eps_total,
+                   "pure_epsilon": event.epsilon * event.count,
+                   "epsilon_cap": self.budget.epsilon if self.budget else None}  # fmt: skip
+        self.ledger.append("synthetic_release", job=self.run_id, round=iteration, privacy=privacy,
+                           what={**self.what, "kind": "selection", "selections": event.count})  # fmt: skip

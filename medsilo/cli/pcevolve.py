@@ -1,0 +1,162 @@
+"""``medsilo pcevolve``: differentially private synthetic images for a scarce site (PCEvolve).
+
+The site is named by its own config (``--site-config local/medsilo_site.yml``, deployed) or by its entry
+in a simulation's ``sites.yml`` (``--sites FILE --site NAME``); its dataset's manifest, modality and
+privacy policy (budget cap) come from there. The run reads the **train** split only, charges its
+selections to the site's DP budget in the site's privacy ledger (``synthetic_release`` entries; the
+whole run is refused before any selection when it cannot fit), and writes into ``--out``:
+
+* ``images/`` — the synthetic images (CR DICOM for chest X-ray, PNG for pathology);
+* ``manifest.csv`` — the site's manifest plus one ``train`` row per synthetic image, ``source`` =
+  ``pcevolve``, so it can replace the dataset's manifest in the site config;
+* ``pcevolve.json`` — the settings, ε per selection and in total, and the selectivity factor.
+
+Everything is written to a temporary folder and renamed at the end: an interrupted or refused run
+leaves no half result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from medsilo.errors import MedsiloError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pcevolve", help="DP synthetic images for a scarce site (PCEvolve)",
+                       description=__doc__.split("\n\n")[1].replace("\n", " "))  # fmt: skip
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--site-config", type=Path, metavar="FILE", help="the site's local/medsilo_site.yml")
+    where.add_argument("--sites", type=Path, metavar="SITES.yml", help="a simulation's sites.yml (with --site)")
+    p.add_argument("--site", help="the site's name in --sites")
+    p.add_argument("--dataset", help="dataset name in the site's config (default: its only one)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new folder for images and manifest")
+    p.add_argument("--epsilon", type=float, required=True, help="total pure ε of the run's selections")
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--per-class", type=int, default=16, help="candidates per class and iteration (and output)")
+    p.add_argument("--tau", type=float, default=10.0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--encoder", choices=["random-cnn", "pixels"], default="random-cnn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medsilo.config.loading import validate
+    from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig
+
+    config = validate({k: getattr(args, k) for k in ("epsilon", "iterations", "per_class", "tau", "encoder", "seed")},
+                      PCEvolveConfig, "medsilo pcevolve options")  # fmt: skip
+    if not math.isfinite(config.epsilon):
+        raise MedsiloError("--epsilon: must be finite (ε = inf releases the selection without privacy)")
+    site, ref, policy, workspace = _site(args)
+    if args.out.exists():
+        raise MedsiloError(f"--out {args.out}: already exists; choose a new folder (nothing was overwritten)")
+    result = run_pcevolve(site, ref.manifest, ref.modality, policy, workspace, config, args.out,
+                          image_size=args.image_size, progress=not args.no_progress)  # fmt: skip
+    print(f"wrote {result['images']} synthetic images and {args.out / 'manifest.csv'}; ε = {config.epsilon:g} "
+          f"(ε per selection {result['epsilon_per_pick']:.3g}, selectivity ×{result['selectivity']:.3g})")  # fmt: skip
+    return 0
+
+
+def _site(args: argparse.Namespace):
+    """(site name, dataset ref, privacy policy, workspace) from the site's config or ``sites.yml``."""
+    from medsilo.config.site import load_site_config, load_sites_file
+    from medsilo.secure.guard import LEDGER_DIR_ENV, ensure_simulation_pki
+
+    if args.sites:
+        if not args.site:
+            raise MedsiloError("--sites needs --site NAME")
+        sites = load_sites_file(args.sites)
+        configs = sites.site_configs()
+        if args.site not in configs:
+            raise MedsiloError(f"{args.sites}: no site {args.site!r}; sites: {', '.join(configs)}")
+        config = configs[args.site]
+        ledgers = args.sites.resolve().parent / "ledgers"  # where `medsilo sim` keeps the simulated sites' ledgers
+        ensure_simulation_pki(ledgers, list(configs))
+        os.environ[LEDGER_DIR_ENV] = str(ledgers)
+        workspace = ledgers
+    else:
+        config = load_site_config(args.site_config)
+        workspace = args.site_config.resolve().parent.parent  # <workspace>/local/medsilo_site.yml
+    names = list(config.datasets)
+    name = args.dataset or (names[0] if len(names) == 1 else None)
+    if name is None or name not in config.datasets:
+        raise MedsiloError(f"site {config.site}: choose --dataset from {', '.join(names)}")
+    return config.site, config.datasets[name], config.privacy, workspace
+
+
+def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspace: Path, config, out: Path, *,
+                 image_size: int, progress: bool = True) -> dict:  # fmt: skip
+    """Run PCEvolve on a site's train split and write ``out`` (module docstring); returns the summary."""
+    from tqdm import tqdm
+
+    from medsilo.config.manifest import read_manifest
+    from medsilo.medical.data import load_site_data
+    from medsilo.medical.synth.pcevolve.evolve import evolve, selectivity
+    from medsilo.medical.synth.pcevolve.generators import GENERATORS
+    from medsilo.secure.dp import ExponentialEvent
+    from medsilo.secure.guard import SyntheticGuard
+
+    manifest = read_manifest(manifest_file)
+    data = load_site_data(manifest, modality=modality, image_size=image_size, progress=progress)
+    classes = manifest.classes
+    generator = GENERATORS["procedural"](modality, classes, image_size)
+    run_id = f"pcevolve-{time.strftime('%Y%m%dT%H%M%S')}"
+    what = {"kind": "selection", "generator": generator.name, "encoder": config.encoder,
+            "iterations": config.iterations, "per_class": config.per_class, "classes": len(classes)}  # fmt: skip
+    guard = SyntheticGuard(site, workspace, run_id, policy, what)
+    eps = config.epsilon_per_pick(len(classes))
+    guard.admit([ExponentialEvent(epsilon=eps, count=len(classes))] * config.iterations)
+    bar = tqdm(total=config.iterations, desc=f"pcevolve {site}", unit="it", disable=not progress, leave=False)
+    result = evolve(data.train.images, data.train.labels, classes, generator, config, charge=guard,
+                    progress=lambda i, n: bar.update(1))  # fmt: skip
+    bar.close()
+    summary = {"site": site, "run": run_id, "settings": config.model_dump(), "image_size": image_size,
+               "epsilon_total": config.epsilon, "epsilon_per_pick": eps, "selectivity": selectivity(eps),
+               "images": len(result.synthetic), "passing_filter": result.passing}  # fmt: skip
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_synthetic(tmp, manifest, result.synthetic, modality, site)
+        (tmp / "pcevolve.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def write_synthetic(folder: Path, manifest, synthetic: list, modality: str, site: str) -> None:
+    """Images and the extended manifest (module docstring) into ``folder``."""
+    import numpy as np
+
+    from medsilo.config.manifest import write_manifest
+
+    (folder / "images").mkdir(parents=True)
+    rows = [{"path": str(r.path), "label": manifest.classes[r.label], "patient_id": r.patient_id, "split": r.split,
+             "source": r.source} for r in manifest.rows]  # fmt: skip
+    for i, cand in enumerate(synthetic):
+        if modality == "cxr":
+            from medsilo.medical.synth.cxr import CXR_SCANNERS, write_cxr_dicom
+
+            stored = np.rint(np.clip(cand.image[0], 0, 1) * (2**CXR_SCANNERS[0].bits_stored - 1)).astype(np.uint16)
+            scanner = replace(CXR_SCANNERS[0], matrix=stored.shape[0])  # 12-bit MONOCHROME2, the image's size
+            name = f"images/pcevolve-{i:05d}.dcm"
+            write_cxr_dicom(folder / name, stored, scanner, patient_pseudonym=f"PCE-{i:05d}",
+                            uid_seed=f"{site}/{name}", study_date="20260101", institution="medsilo PCEvolve")  # fmt: skip
+        else:
+            from medsilo.medical.synth.pathology import write_png
+
+            name = f"images/pcevolve-{i:05d}.png"
+            write_png(folder / name, np.rint(cand.image.transpose(1, 2, 0) * 255).astype(np.uint8))
+        rows.append({"path": name, "label": manifest.classes[cand.label], "patient_id": f"PCE-{i:05d}",
+                     "split": "train", "source": "pcevolve"})  # fmt: skip
+    write_manifest(folder / "manifest.csv", rows)

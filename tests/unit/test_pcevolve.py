@@ -1,0 +1,154 @@
+"""PCEvolve: the utility and its DP selection, ε accounting, the budget cap, the generator's isolation
+from private data, and a short end-to-end run of ``medsilo pcevolve``."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from medsilo.cli import main
+from medsilo.config.manifest import read_manifest
+from medsilo.config.site import Budget, PrivacyPolicy
+from medsilo.medical.data import load_site_data
+from medsilo.medical.synth import SynthRequest, synthesize
+from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig, evolve, selectivity, utilities
+from medsilo.medical.synth.pcevolve.generators import procedural
+from medsilo.secure.dp import (
+    BudgetExceeded,
+    ExponentialEvent,
+    exponential_mechanism,
+    exponential_probabilities,
+)
+from medsilo.secure.guard import LEDGER_DIR_ENV, SyntheticGuard, ensure_simulation_pki
+from medsilo.secure.ledger import LEDGER_FILE, entries, verify
+
+
+def test_utilities_filter_and_calibrate_by_hand():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    # candidates of class 0 at distances 1, 2, 3 from centre 0; the last one is nearer centre 1
+    feats = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [8.0, 0.0]])
+    u, g = utilities(feats, centres, label=0, tau=10.0)
+    assert g.tolist() == [True, True, True, False]
+    expected = [1.0, math.exp(-10 * 0.5), math.exp(-10.0), 0.0]  # exp(−τ (ℓ − ℓmin)/(ℓmax − ℓmin))
+    assert u.tolist() == pytest.approx(expected)
+    # one passing candidate (ℓmax = ℓmin): it gets 1, the failing ones 0
+    u, g = utilities(feats[2:], centres, label=0, tau=10.0)
+    assert u.tolist() == [1.0, 0.0]
+    # none passing: every utility 0, so the exponential mechanism draws uniformly
+    u, g = utilities(feats[3:], centres, label=0, tau=10.0)
+    assert u.tolist() == [0.0] and not bool(g.any())
+
+
+def test_selection_frequencies_follow_the_exponential_mechanism():
+    u = torch.tensor([1.0, math.exp(-5.0), 0.0])
+    eps = 4.0
+    expected = torch.exp(eps * u / 2) / torch.exp(eps * u / 2).sum()
+    torch.testing.assert_close(exponential_probabilities(u, eps, 1.0), expected.double())
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.tensor([int(exponential_mechanism(u, eps, 1.0, gen).indices[0]) for _ in range(6000)])
+    freq = torch.bincount(draws, minlength=3).double() / 6000
+    torch.testing.assert_close(freq, expected.double(), atol=0.02, rtol=0)
+    assert selectivity(eps) == pytest.approx(math.exp(2.0))  # best vs worst, at most e^{ε/2}
+
+
+def _private(n_per_class: int = 3, size: int = 16, seed: int = 0):
+    gen = procedural("cxr", ["normal", "pneumonia"], size)
+    rng = np.random.default_rng(seed + 100)
+    cands = [c for label in (0, 1) for c in gen.random(label, n_per_class, rng)]
+    return torch.as_tensor(np.stack([c.image for c in cands])), torch.tensor([c.label for c in cands])
+
+
+def test_each_iteration_charges_one_pick_per_class_and_the_run_sums_to_epsilon():
+    images, labels = _private()
+    config = PCEvolveConfig(epsilon=6.0, iterations=3, per_class=4, encoder="pixels")
+    charged = []
+    result = evolve(images, labels, ["normal", "pneumonia"], procedural("cxr", ["normal", "pneumonia"], 16), config,
+                    charge=lambda event, it: charged.append((it, event)))  # fmt: skip
+    assert [it for it, _ in charged] == [1, 2, 3]
+    assert all(e == ExponentialEvent(epsilon=1.0, count=2) for _, e in charged)  # ε*/(T·C) = 6/(3·2)
+    assert sum(e.epsilon * e.count for _, e in charged) == pytest.approx(6.0)
+    assert len(result.picks) == 3 and set(result.picks[0]) == {"normal", "pneumonia"}
+    # the released set: N variations per class of the last picks, in the model's input domain
+    assert [c.label for c in result.synthetic] == [0] * 4 + [1] * 4
+    assert all(c.parent == result.picks[-1][["normal", "pneumonia"][c.label]] for c in result.synthetic)
+    assert all(c.image.shape == (1, 16, 16) and 0 <= c.image.min() and c.image.max() <= 1 for c in result.synthetic)
+
+
+def test_a_class_without_private_images_is_refused():
+    images, labels = _private()
+    with pytest.raises(Exception, match="no private training image of class pneumonia"):
+        evolve(images[labels == 0], labels[labels == 0], ["normal", "pneumonia"],
+               procedural("cxr", ["normal", "pneumonia"], 16), PCEvolveConfig(epsilon=1.0), charge=lambda e, i: None)  # fmt: skip
+
+
+def test_generator_never_touches_files_and_ignores_private_data(monkeypatch):
+    gen = procedural("pathology", ["normal", "tumor"], 16)
+    first = gen.random(1, 2, np.random.default_rng(3))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the generator opened a file")
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(pydicom, "dcmread", refuse)
+    again = gen.random(1, 2, np.random.default_rng(3))
+    varied = gen.variation(again[0], 0.7, 3, np.random.default_rng(4))
+    monkeypatch.undo()
+    # what it draws depends only on the class, its own earlier candidate and the seed
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(first, again))
+    assert [v.label for v in varied] == [1, 1, 1] and all(0.5 <= v.recipe["atypia"] <= 1.0 for v in varied)
+    small = gen.variation(again[0], 0.05, 1, np.random.default_rng(5))[0]
+    big = gen.variation(again[0], 1.0, 1, np.random.default_rng(5))[0]
+    assert abs(small.recipe["atypia"] - again[0].recipe["atypia"]) < abs(big.recipe["atypia"] - again[0].recipe["atypia"])
+
+
+def test_the_budget_cap_refuses_a_run_before_any_selection(tmp_path, monkeypatch):
+    ensure_simulation_pki(tmp_path, ["hospital-1"])
+    monkeypatch.setenv(LEDGER_DIR_ENV, str(tmp_path))
+    policy = PrivacyPolicy(budget=Budget(epsilon=5.0, delta=1e-5))
+    guard = SyntheticGuard("hospital-1", ".", "run-1", policy, {"generator": "procedural"})
+    guard.admit([ExponentialEvent(epsilon=0.5, count=2)] * 3)  # pure ε 3 fits
+    for it in (1, 2, 3):
+        guard(ExponentialEvent(epsilon=0.5, count=2), it)
+    with pytest.raises(BudgetExceeded):  # another 3 would pass ε = 5
+        SyntheticGuard("hospital-1", ".", "run-2", policy, {}).admit([ExponentialEvent(epsilon=0.5, count=2)] * 3)
+    ledger = entries(tmp_path / "hospital-1" / LEDGER_FILE)
+    assert [e["event"] for e in ledger] == ["synthetic_release"] * 3 + ["refusal"]
+    assert ledger[-1]["job"] == "run-2" and ledger[-1]["what"]["sent"] is False
+    assert ledger[2]["privacy"]["pure_epsilon"] == 1.0 and ledger[2]["privacy"]["cumulative_epsilon"] < 5.0
+
+
+@pytest.fixture(scope="module")
+def scarce(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pce") / "cxr"
+    req = SynthRequest("cxr", sites=2, images_per_site=40, seed=2, scarce={"hospital-2": 6})
+    return synthesize(out, req, workers=1, progress=False)
+
+
+def test_medsilo_pcevolve_writes_valid_images_a_manifest_and_ledger_entries(scarce, tmp_path, capsys):
+    out = tmp_path / "syn"
+    args = ["pcevolve", "--sites", str(scarce), "--site", "hospital-2", "--out", str(out), "--epsilon", "4",
+            "--iterations", "2", "--per-class", "3", "--image-size", "16", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    manifest = read_manifest(out / "manifest.csv")
+    synthetic = [r for r in manifest.rows if r.source == "pcevolve"]
+    assert len(synthetic) == 6 and {r.split for r in synthetic} == {"train"}
+    assert sorted(r.label for r in synthetic) == [0, 0, 0, 1, 1, 1]
+    ds = pydicom.dcmread(synthetic[0].path)
+    assert ds.Modality == "CR" and ds.PatientIdentityRemoved == "YES"
+    data = load_site_data(manifest, modality="cxr", image_size=16)  # the site pipeline reads them
+    own = sum(1 for r in manifest.rows if r.split == "train" and not r.source)
+    assert len(data.train) == own + 6
+    summary = json.loads((out / "pcevolve.json").read_text())
+    assert summary["epsilon_per_pick"] == pytest.approx(1.0) and summary["images"] == 6
+    ledgers = scarce.parent / "ledgers"
+    releases = [e for e in entries(ledgers / "hospital-2" / LEDGER_FILE) if e["event"] == "synthetic_release"]
+    assert [e["round"] for e in releases] == [1, 2]
+    assert verify([ledgers / "hospital-2" / LEDGER_FILE], root_ca=ledgers / "pki" / "rootCA.pem") == []
+    # the same folder again: refused, nothing overwritten
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
