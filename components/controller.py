@@ -118,6 +118,8 @@ class RoundController(ModelController):
                 for site, m in replies.items():
                     if m.meta.get("privacy_spent"):
                         recorder.set_spent(site, **m.meta["privacy_spent"])
+                    if m.meta.get("synthetic"):
+                        recorder.synthetic[site] = dict(m.meta["synthetic"])
                 uploads = {s: m.params or {} for s, m in replies.items()}
                 bytes_up = sum(payload_bytes(u) for u in uploads.values())
                 bytes_down = payload_bytes(payload) * len(sites)

@@ -100,6 +100,7 @@ class SiteExecutor(Executor):
         self._config = None
         self._released: set[str] = set()
         self._admitted = False
+        self._synthetic: dict | None = None
 
     # ---- NVFlare entry point -------------------------------------------------------------------
 
@@ -134,6 +135,8 @@ class SiteExecutor(Executor):
                 else:
                     upload = state.client.train(rnd)
                 meta.update(train_loss=upload.train_loss, n_train=len(state.data.train))
+                if self._synthetic:
+                    meta["synthetic"] = self._synthetic
                 params = to_numpy(upload.sums)
                 spent = guard.record_upload(rnd, params)  # the ledger entry is written before anything leaves
                 if spent is not None:
@@ -187,6 +190,10 @@ class SiteExecutor(Executor):
         )
         self.log_info(fl_ctx, f"{site}: loaded {len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test "
                               f"images in {time.perf_counter() - t0:.1f} s, skipped {len(data.failures)}")  # fmt: skip
+        workspace = Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".")
+        aug = spec.augmentation.pcevolve
+        if aug is not None and site in aug.sites:
+            data = self._pcevolve(site, spec, config, manifest, data, workspace, seed, fl_ctx)
 
         from medsilo.components.algorithms.base import SiteSetup
 
@@ -197,11 +204,49 @@ class SiteExecutor(Executor):
                           training=spec.training, seed=seed, batch_size=batch)  # fmt: skip
         algo = algorithm_module(spec.algorithm.name)
         client = algo.Client(setup, spec.algorithm.config())
-        workspace = Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".")
         guard = SiteGuard(site, workspace, fl_ctx.get_job_id(), spec, config.privacy)
         self._spec = spec
         self._state = _SiteState(client=client, data=data, batch_size=batch, guard=guard)
         return self._state
+
+    def _pcevolve(self, site: str, spec, config, manifest, data, workspace: Path, seed: int, fl_ctx: FLContext):
+        """Add PCEvolve's DP synthetic images to this site's training split (job ``augmentation.pcevolve``).
+
+        The selections are charged to the site's budget first (a run that cannot fit is refused: the
+        site declines the job). The images stay at the site: they are written with a manifest marking
+        them ``source = pcevolve`` under ``<workspace>/pcevolve/<job id>/`` for the record, and used in
+        memory for training only (val and test stay real).
+        """
+        import torch
+
+        from medsilo.cli.pcevolve import write_synthetic
+        from medsilo.medical.data import ImageSet
+        from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig, evolve
+        from medsilo.medical.synth.pcevolve.generators import make_generator
+        from medsilo.secure.dp import ExponentialEvent
+        from medsilo.secure.guard import SyntheticGuard
+
+        aug = spec.augmentation.pcevolve
+        generator = make_generator(aug.generator, spec.modality, spec.classes, spec.image_size)  # allowed: check_job
+        cfg = PCEvolveConfig(epsilon=aug.epsilon, iterations=aug.iterations, per_class=aug.images_per_class, seed=seed)
+        what = {"kind": "selection", "generator": aug.generator, "encoder": cfg.encoder, "iterations": cfg.iterations,
+                "per_class": cfg.per_class, "classes": len(spec.classes)}  # fmt: skip
+        guard = SyntheticGuard(site, workspace, fl_ctx.get_job_id(), config.privacy, what)
+        eps = cfg.epsilon_per_pick(len(spec.classes))
+        guard.admit([ExponentialEvent(epsilon=eps, count=len(spec.classes))] * cfg.iterations)
+        t0 = time.perf_counter()
+        result = evolve(data.train.images, data.train.labels, spec.classes, generator, cfg, charge=guard)
+        out = workspace / "pcevolve" / fl_ctx.get_job_id()
+        if not out.exists():
+            write_synthetic(out, manifest, result.synthetic, spec.modality, site)
+        images = torch.as_tensor(np.stack([c.image for c in result.synthetic]))
+        labels = torch.tensor([c.label for c in result.synthetic], dtype=torch.int64)
+        data.train = ImageSet(torch.cat([data.train.images, images]), torch.cat([data.train.labels, labels]),
+                              data.train.augment)  # fmt: skip
+        self._synthetic = {"images": len(result.synthetic), "epsilon": aug.epsilon}
+        self.log_info(fl_ctx, f"{site}: PCEvolve added {len(result.synthetic)} synthetic training images "
+                              f"(ε = {aug.epsilon:g}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+        return data
 
     def _release(self, site: str, request: dict[str, Any], rnd: int, fl_ctx: FLContext) -> Shareable:
         """Aggregate release (DESIGN §5): check the signed contributions, re-add, decrypt, return only Σ.

@@ -51,6 +51,8 @@ class RunRecorder:
         self.job, self.algorithm, self.privacy = job, algorithm, privacy
         self.algorithm_form = algorithm_form
         self.refused = dict(refused or {})
+        self.synthetic: dict[str, dict[str, float]] = {}
+        """site → PCEvolve synthetic training images it added (``images``) and their selection ε."""
         self.spent: dict[str, dict[str, float]] = {}
         self.sites, self.models = list(sites), dict(models)
         self._rounds: dict[int, _Round] = {}
@@ -148,4 +150,5 @@ class RunRecorder:
             },
             "privacy_spent": {s: dict(self.spent.get(s, {"epsilon": 0.0, "delta": 0.0})) for s in self.sites},
             "refused": self.refused,
+            "synthetic": self.synthetic,
         }

@@ -130,6 +130,11 @@ def render_html(runs: list[dict[str, Any]], title: str = "medsilo report") -> st
     models = ", ".join(f"{esc(s)}: {esc(b)}" for s, b in runs[0].get("models", {}).items())
     privacy = ", ".join(sorted({esc(str(r.get("privacy", {}).get("mode", "?"))) for r in runs}))
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    synthetic = [f"{esc(r.get('label', r['job']))} · {esc(s)}: {int(v['images'])} synthetic training images "
+                 f"(PCEvolve, selection ε = {float(v['epsilon']):g})"
+                 for r in runs for s, v in sorted((r.get("synthetic") or {}).items())]  # fmt: skip
+    refused = [f"{esc(r.get('label', r['job']))}: {esc(reason)}" for r in runs for reason in (r.get("refused") or {}).values()]
+    notes = "".join(f'<p class="note">{line}</p>' for line in synthetic + refused)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
@@ -142,6 +147,7 @@ th {{ background: #f3f5f7; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
 <p class="note">Job {esc(runs[0]['job'])} · sites: {len(sites)} · models: {models} · privacy: {privacy} · generated {stamp}</p>
+{notes}
 <h2>Comparison</h2>
 <table>{head}{body}</table>
 <p class="note">Test metrics at each run's selected round, which is chosen on the sites' mean <em>validation</em>

@@ -23,7 +23,8 @@ def check_job(site: SiteConfig, job: JobSpec) -> None:
     """Raise :class:`PolicyRefusal` when ``site`` must not run ``job``; return quietly otherwise.
 
     Checks, in order: the dataset exists at the site with the job's modality, the algorithm is
-    allowed, and the job's privacy mode applies every protection the site requires.
+    allowed, a PCEvolve generator the job names for this site is one the site allows, and the job's
+    privacy mode applies every protection the site requires.
     """
     ref = site.datasets.get(job.dataset)
     if ref is None:
@@ -40,6 +41,12 @@ def check_job(site: SiteConfig, job: JobSpec) -> None:
         raise PolicyRefusal(
             f"site {site.site}: algorithm '{job.algorithm.name}' is not in this site's "
             f"privacy.allowed_algorithms ({', '.join(allowed) or 'none'})"
+        )
+    aug = job.augmentation.pcevolve
+    if aug is not None and site.site in aug.sites and aug.generator not in site.privacy.pcevolve_generators:
+        raise PolicyRefusal(
+            f"site {site.site}: job '{job.name}' asks this site to run PCEvolve with generator '{aug.generator}', "
+            f"which is not in privacy.pcevolve_generators ({', '.join(site.privacy.pcevolve_generators) or 'none'})"
         )
     required = PRIVACY_STRENGTH[site.privacy.required_mode]
     offered = PRIVACY_STRENGTH[job.privacy.mode]

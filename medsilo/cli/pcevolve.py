@@ -44,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tau", type=float, default=10.0)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--encoder", choices=["random-cnn", "pixels"], default="random-cnn")
+    p.add_argument("--generator", default="procedural",
+                   help="procedural (offline, default), an http(s):// endpoint, or torchscript:PATH; the site's "
+                        "privacy.pcevolve_generators must allow it")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -60,8 +63,12 @@ def run(args: argparse.Namespace) -> int:
     site, ref, policy, workspace = _site(args)
     if args.out.exists():
         raise MedsiloError(f"--out {args.out}: already exists; choose a new folder (nothing was overwritten)")
+    if args.generator not in policy.pcevolve_generators:
+        raise MedsiloError(f"site {site}: generator '{args.generator}' is not in the site's privacy.pcevolve_generators "
+                           f"({', '.join(policy.pcevolve_generators) or 'none'})")  # fmt: skip
     result = run_pcevolve(site, ref.manifest, ref.modality, policy, workspace, config, args.out,
-                          image_size=args.image_size, progress=not args.no_progress)  # fmt: skip
+                          image_size=args.image_size, generator_name=args.generator,
+                          progress=not args.no_progress)  # fmt: skip
     print(f"wrote {result['images']} synthetic images and {args.out / 'manifest.csv'}; ε = {config.epsilon:g} "
           f"(ε per selection {result['epsilon_per_pick']:.3g}, selectivity ×{result['selectivity']:.3g})")  # fmt: skip
     return 0
@@ -95,23 +102,23 @@ def _site(args: argparse.Namespace):
 
 
 def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspace: Path, config, out: Path, *,
-                 image_size: int, progress: bool = True) -> dict:  # fmt: skip
+                 image_size: int, generator_name: str = "procedural", progress: bool = True) -> dict:  # fmt: skip
     """Run PCEvolve on a site's train split and write ``out`` (module docstring); returns the summary."""
     from tqdm import tqdm
 
     from medsilo.config.manifest import read_manifest
     from medsilo.medical.data import load_site_data
     from medsilo.medical.synth.pcevolve.evolve import evolve, selectivity
-    from medsilo.medical.synth.pcevolve.generators import GENERATORS
+    from medsilo.medical.synth.pcevolve.generators import make_generator
     from medsilo.secure.dp import ExponentialEvent
     from medsilo.secure.guard import SyntheticGuard
 
     manifest = read_manifest(manifest_file)
     data = load_site_data(manifest, modality=modality, image_size=image_size, progress=progress)
     classes = manifest.classes
-    generator = GENERATORS["procedural"](modality, classes, image_size)
+    generator = make_generator(generator_name, modality, classes, image_size)
     run_id = f"pcevolve-{time.strftime('%Y%m%dT%H%M%S')}"
-    what = {"kind": "selection", "generator": generator.name, "encoder": config.encoder,
+    what = {"kind": "selection", "generator": generator_name, "encoder": config.encoder,
             "iterations": config.iterations, "per_class": config.per_class, "classes": len(classes)}  # fmt: skip
     guard = SyntheticGuard(site, workspace, run_id, policy, what)
     eps = config.epsilon_per_pick(len(classes))

@@ -77,12 +77,17 @@ class PrivacyPolicy(Strict):
         min_contributors: distinct signed sites an aggregate must contain before this site releases it.
         budget: DP budget cap; ``None`` means the site sets no cap (and refuses ``dp`` jobs only if
             ``required_mode`` says so).
+        pcevolve_generators: PCEvolve generators this site may use, as written in a job's
+            ``augmentation.pcevolve.generator``: ``procedural`` (offline, default), an ``http(s)://`` endpoint
+            (the site's picks — synthetic images — go to it), or ``torchscript:PATH``. A job naming another
+            one is refused at this site.
     """
 
     allowed_algorithms: list[str] | None = None
     required_mode: PrivacyMode = "none"
     min_contributors: int = Field(default=2, ge=1)
     budget: Budget | None = None
+    pcevolve_generators: list[str] = Field(default_factory=lambda: ["procedural"])
 
 
 class DataPolicy(Strict):

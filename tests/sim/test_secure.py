@@ -113,3 +113,19 @@ def test_ckks_plus_dp_noises_before_encrypting_and_records_both(sites_yml, tmp_p
                    for e in releases)  # fmt: skip
         assert releases[-1]["privacy"]["job_epsilon"] == pytest.approx(results["privacy_spent"][site]["epsilon"])
         assert any(e["event"] == "decrypt" for e in job)
+
+
+def test_pcevolve_augments_a_site_before_training_and_charges_its_ledger(sites_yml, tmp_path):
+    pcevolve = {"sites": ["hospital-3"], "epsilon": 4.0, "images_per_class": 4, "iterations": 2}
+    spec = JobSpec.model_validate({**_spec("fedproto", "none").model_dump(), "augmentation": {"pcevolve": pcevolve}})
+    results = run_simulation(spec, sites_yml, tmp_path / "run", progress=False)
+    assert results["synthetic"] == {"hospital-3": {"images": 8, "epsilon": 4.0}}
+    ledger = entries(sites_yml.parent / "ledgers" / "hospital-3" / LEDGER_FILE)
+    charged = [e for e in ledger if e["event"] == "synthetic_release" and e["job"] == "simulate_job"]
+    assert [e["round"] for e in charged][-2:] == [1, 2]
+    assert charged[-1]["privacy"]["pure_epsilon"] == pytest.approx(2.0)  # 2 classes x ε 1 per pick
+    # the synthetic images stay at the site, marked in a manifest beside its workspace
+    kept = tmp_path / "run" / "workspace" / "hospital-3" / "pcevolve" / "simulate_job" / "manifest.csv"
+    assert kept.read_text().count(",pcevolve") == 8
+    log = (tmp_path / "run" / "workspace" / "hospital-3" / "log.txt").read_text()
+    assert "PCEvolve added 8 synthetic training images" in log

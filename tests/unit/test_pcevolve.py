@@ -152,3 +152,103 @@ def test_medsilo_pcevolve_writes_valid_images_a_manifest_and_ledger_entries(scar
     assert verify([ledgers / "hospital-2" / LEDGER_FILE], root_ca=ledgers / "pki" / "rootCA.pem") == []
     # the same folder again: refused, nothing overwritten
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+@pytest.fixture
+def image_service():
+    """A real HTTP image service on localhost speaking the generator protocol (backed by the procedural one)."""
+    import base64
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from PIL import Image
+
+    backend = procedural("cxr", ["normal", "pneumonia"], 16)
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, **body})
+            label = ["normal", "pneumonia"].index(body["label"])
+            cands = backend.random(label, body["n"], np.random.default_rng(body["seed"]))
+            out = []
+            for c in cands:
+                buf = io.BytesIO()
+                Image.fromarray(np.rint(c.image[0] * 255).astype(np.uint8), "L").save(buf, format="PNG")
+                out.append(base64.b64encode(buf.getvalue()).decode())
+            data = json.dumps({"images": out}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+
+
+def test_http_generator_speaks_the_protocol_and_sends_only_prompts_and_picks(image_service):
+    from medsilo.medical.synth.pcevolve.generators import make_generator
+
+    url, seen = image_service
+    images, labels = _private()
+    gen = make_generator(url, "cxr", ["normal", "pneumonia"], 16)
+    config = PCEvolveConfig(epsilon=4.0, iterations=2, per_class=3, encoder="pixels")
+    result = evolve(images, labels, ["normal", "pneumonia"], gen, config, charge=lambda e, i: None)
+    assert [c.label for c in result.synthetic] == [0, 0, 0, 1, 1, 1]
+    assert all(c.image.shape == (1, 16, 16) for c in result.synthetic)
+    assert [r["path"] for r in seen] == ["/random", "/random"] + ["/variation"] * 4
+    assert {k for r in seen for k in r} == {"path", "prompt", "label", "n", "size", "seed", "image", "strength"}
+    assert seen[0]["prompt"] == "A chest radiography (X-ray) image with" and seen[1]["prompt"].endswith("pneumonia")
+    assert [r["strength"] for r in seen[2:]] == pytest.approx([0.78, 0.78, 0.76, 0.76])
+    private_bytes = {images[i].numpy().tobytes() for i in range(len(images))}
+    assert not any(c.image.tobytes() in private_bytes for c in result.synthetic)
+
+
+def test_http_and_torchscript_generators_fail_with_the_endpoint_or_file_named(tmp_path):
+    from medsilo.errors import MedsiloError
+    from medsilo.medical.synth.pcevolve.generators import make_generator
+
+    dead = make_generator("http://127.0.0.1:9", "cxr", ["normal", "pneumonia"], 16)
+    with pytest.raises(MedsiloError, match=r"http://127.0.0.1:9/random"):
+        dead.random(0, 2, np.random.default_rng(0))
+    with pytest.raises(MedsiloError, match=r"missing.pt: cannot load"):
+        make_generator(f"torchscript:{tmp_path / 'missing.pt'}", "cxr", ["normal", "pneumonia"], 16)
+    with pytest.raises(MedsiloError, match="use procedural"):
+        make_generator("stable-diffusion", "cxr", ["normal", "pneumonia"], 16)
+
+
+def test_torchscript_generator_runs_a_site_supplied_model(tmp_path):
+    from medsilo.errors import MedsiloError
+    from medsilo.medical.synth.pcevolve.generators import make_generator
+
+    class Tiny(torch.nn.Module):
+        @torch.jit.export
+        def random(self, label: int, n: int, seed: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(seed)
+            return torch.rand(n, 1, 16, 16, generator=g) * 0.5 + 0.5 * label
+
+        @torch.jit.export
+        def variation(self, image: torch.Tensor, strength: float, n: int, seed: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(seed)
+            return (image + strength * 0.1 * torch.randn(n, 1, 16, 16, generator=g)).clamp(0, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    path = tmp_path / "gen.pt"
+    torch.jit.script(Tiny()).save(str(path))
+    gen = make_generator(f"torchscript:{path}", "cxr", ["normal", "pneumonia"], 16)
+    first = gen.random(1, 3, np.random.default_rng(0))
+    assert len(first) == 3 and all(c.image.min() >= 0.5 for c in first)
+    kids = gen.variation(first[0], 0.6, 2, np.random.default_rng(1))
+    assert [c.label for c in kids] == [1, 1] and kids[0].image.shape == (1, 16, 16)
+    wrong = make_generator(f"torchscript:{path}", "cxr", ["normal", "pneumonia"], 32)  # the model makes 16²
+    with pytest.raises(MedsiloError, match=r"returned shape \(2, 1, 16, 16\), expected \(2, 1, 32, 32\)"):
+        wrong.random(0, 2, np.random.default_rng(0))

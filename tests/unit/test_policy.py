@@ -40,3 +40,12 @@ def test_stronger_mode_than_required_is_accepted():
 def test_stronger_dp_mode_than_required_is_accepted():
     dp = {"mode": "ckks+dp", "dp": {"noise_multiplier": 1.0, "clip": 1.0}}
     check_job(_site(required_mode="dp"), JobSpec(**{**JOB, "privacy": dp}))
+
+
+def test_pcevolve_generator_must_be_allowed_by_the_site():
+    remote = {**JOB, "augmentation": {"pcevolve": {"sites": ["h1"], "epsilon": 4, "generator": "https://gen.example"}}}
+    with pytest.raises(PolicyRefusal, match=r"generator 'https://gen.example', which is not in privacy.pcevolve_generators \(procedural\)"):  # noqa: E501
+        check_job(_site(), JobSpec(**remote))
+    check_job(_site(pcevolve_generators=["procedural", "https://gen.example"]), JobSpec(**remote))
+    other_site = {**remote, "augmentation": {"pcevolve": {**remote["augmentation"]["pcevolve"], "sites": ["h2"]}}}
+    check_job(_site(), JobSpec(**other_site))  # h1 does not run PCEvolve in that job

@@ -37,9 +37,10 @@ def test_selected_round_uses_validation_and_final_numbers_follow_it():
 def test_schema_is_the_design_contract():
     res = _recorder().results()
     # DESIGN §12, plus algorithm_form (which server form of the algorithm ran: sums or per-site)
-    # and refused (sites that declined the job at round 1, with their reasons)
+    # refused (sites that declined the job at round 1, with their reasons) and synthetic (PCEvolve images
+    # a site added to its training split)
     assert set(res) == {"job", "algorithm", "algorithm_form", "privacy", "sites", "models", "rounds",
-                        "selected_round", "final", "privacy_spent", "refused"}  # fmt: skip
+                        "selected_round", "final", "privacy_spent", "refused", "synthetic"}  # fmt: skip
     assert res["algorithm_form"] == "sums"
     r = res["rounds"][1]
     assert set(r) == {"round", "seconds", "bytes_up", "bytes_down", "metrics"}

@@ -17,8 +17,9 @@ the parent's by ``strength`` × its spread (and new shapes/noise with probabilit
 the class. Images are rendered in the model's input domain: ``(C, S, S)`` float32 in [0, 1], chest
 X-rays in MONOCHROME2 orientation.
 
-Other generators (a generic HTTP image API, a local model) plug in through :data:`GENERATORS`; they
-implement :class:`Generator`.
+``http(s)://…`` (:class:`HTTPGenerator`): a generic image API inside or outside the hospital;
+``torchscript:PATH`` (:class:`TorchScriptGenerator`): a model the site supplies. :func:`make_generator`
+resolves the name; a site allows generators in its policy (``privacy.pcevolve_generators``).
 """
 
 from __future__ import annotations
@@ -183,5 +184,153 @@ def procedural(modality: str, classes: list[str] | tuple[str, ...], image_size: 
     return PROCEDURAL[modality](classes, image_size)
 
 
-GENERATORS = {"procedural": procedural}
-"""Generator name → factory ``(modality, classes, image_size) -> Generator``."""
+# ---- a generic image API over HTTP ------------------------------------------------------------------------
+
+DOMAINS = {"cxr": "chest radiography (X-ray)", "pathology": "histological lymph node section"}
+NORMAL = "normal"
+"""The class whose prompt carries no finding (as the reference prompts it)."""
+
+
+def prompt(modality: str, label: str) -> str:
+    """``A <domain> image with <label>`` (the ``normal`` class: no label), ≤ 77 characters."""
+    finding = "" if label == NORMAL else label
+    return f"A {DOMAINS[modality]} image with {finding}".strip()[:77]
+
+
+class HTTPGenerator:
+    """Any image service that speaks this small JSON protocol (one ``POST`` per call):
+
+    * ``<endpoint>/random`` with ``{"prompt", "label", "n", "size", "seed"}``;
+    * ``<endpoint>/variation`` with the same fields plus ``"image"`` (base64 PNG of the picked candidate)
+      and ``"strength"`` (0–1; larger = less like the image);
+
+    each answering ``{"images": [base64 PNG, …]}`` with exactly ``n`` images of ``size`` × ``size``
+    (grey for chest X-ray, RGB for pathology). A thin adapter puts a text-to-image / image-to-image
+    model (e.g. a Stable Diffusion server inside the hospital network) behind it. What the service
+    learns: class names, prompts and the site's DP picks — never a private image. Errors (refused
+    connection, HTTP error, wrong count or shape) stop the run with the endpoint named.
+    """
+
+    name = "http"
+
+    def __init__(self, endpoint: str, modality: str, classes: list[str] | tuple[str, ...], image_size: int,
+                 timeout: float = 120.0):  # fmt: skip
+        self.endpoint, self.modality = endpoint.rstrip("/"), modality
+        self.classes, self.size, self.timeout = tuple(classes), int(image_size), timeout
+        self.channels = 1 if modality == "cxr" else 3
+
+    def random(self, label: int, n: int, rng: np.random.Generator) -> list[Candidate]:
+        return self._call("random", label, n, rng, {})
+
+    def variation(self, parent: Candidate, strength: float, n: int, rng: np.random.Generator) -> list[Candidate]:
+        return self._call("variation", parent.label, n, rng, {"image": _png64(parent.image), "strength": strength},
+                          parent=parent.id)  # fmt: skip
+
+    def _call(self, verb: str, label: int, n: int, rng: np.random.Generator, extra: dict, parent: str | None = None):
+        import json
+        import urllib.error
+        import urllib.request
+
+        body = {"prompt": prompt(self.modality, self.classes[label]), "label": self.classes[label], "n": n,
+                "size": self.size, "seed": int(rng.integers(2**31)), **extra}  # fmt: skip
+        url = f"{self.endpoint}/{verb}"
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                images = json.loads(resp.read())["images"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise MedsiloError(f"PCEvolve http generator {url}: {exc}; check the endpoint in "
+                               "augmentation.pcevolve.generator and that the service is up") from None  # fmt: skip
+        if not isinstance(images, list) or len(images) != n:
+            raise MedsiloError(f"PCEvolve http generator {url}: asked for {n} images, got "
+                               f"{len(images) if isinstance(images, list) else type(images).__name__}")  # fmt: skip
+        out = []
+        for i, data in enumerate(images):
+            image = _unpng64(data, self.channels, url, i)
+            if image.shape[1:] != (self.size, self.size):
+                raise MedsiloError(f"PCEvolve http generator {url}: image {i} is {image.shape[2]}×{image.shape[1]}, "
+                                   f"expected {self.size}×{self.size}")  # fmt: skip
+            out.append(Candidate(image=image, label=label, recipe={}, parent=parent))
+        return out
+
+
+def _png64(image: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    arr = np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    pil = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _unpng64(data: str, channels: int, url: str, index: int) -> np.ndarray:
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        pil = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        pil = pil.convert("L" if channels == 1 else "RGB")
+    except (binascii.Error, UnidentifiedImageError, OSError, TypeError, ValueError) as exc:
+        raise MedsiloError(f"PCEvolve http generator {url}: image {index} is not a base64 PNG/JPEG ({exc})") from None
+    arr = np.asarray(pil, dtype=np.float32) / 255.0
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
+
+
+# ---- a local model ------------------------------------------------------------------------------------------
+
+
+class TorchScriptGenerator:
+    """A generator the site supplies as a TorchScript file (offline, e.g. a small diffusion or VAE model
+    trained on public data), with two methods::
+
+        random(label: int, n: int, seed: int) -> Tensor (n, C, S, S) in [0, 1]
+        variation(image: Tensor (C, S, S), strength: float, n: int, seed: int) -> Tensor (n, C, S, S)
+
+    Loaded with ``torch.jit.load`` on CPU; outputs are checked for shape and range.
+    """
+
+    name = "torchscript"
+
+    def __init__(self, path: str, modality: str, classes: list[str] | tuple[str, ...], image_size: int):
+        import torch
+
+        try:
+            self.model = torch.jit.load(path, map_location="cpu").eval()
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise MedsiloError(f"PCEvolve torchscript generator {path}: cannot load ({str(exc).splitlines()[0]})") from None
+        self.path, self.size, self.channels = path, int(image_size), 1 if modality == "cxr" else 3
+
+    def random(self, label: int, n: int, rng: np.random.Generator) -> list[Candidate]:
+        return self._wrap(self.model.random(label, n, int(rng.integers(2**31))), label, n, None)
+
+    def variation(self, parent: Candidate, strength: float, n: int, rng: np.random.Generator) -> list[Candidate]:
+        import torch
+
+        out = self.model.variation(torch.as_tensor(parent.image), float(strength), n, int(rng.integers(2**31)))
+        return self._wrap(out, parent.label, n, parent.id)
+
+    def _wrap(self, images, label: int, n: int, parent: str | None) -> list[Candidate]:
+        arr = images.detach().float().cpu().numpy()
+        if arr.shape != (n, self.channels, self.size, self.size):
+            raise MedsiloError(f"PCEvolve torchscript generator {self.path}: returned shape {tuple(arr.shape)}, "
+                               f"expected {(n, self.channels, self.size, self.size)}")  # fmt: skip
+        arr = np.clip(np.nan_to_num(arr, nan=0.0), 0, 1)
+        return [Candidate(image=a, label=label, recipe={}, parent=parent) for a in arr]
+
+
+def make_generator(name: str, modality: str, classes: list[str] | tuple[str, ...], image_size: int) -> Generator:
+    """The generator a job or command names: ``procedural``, ``http(s)://…`` or ``torchscript:PATH``."""
+    if name == "procedural":
+        return procedural(modality, classes, image_size)
+    if name.startswith(("http://", "https://")):
+        return HTTPGenerator(name, modality, classes, image_size)
+    if name.startswith("torchscript:"):
+        return TorchScriptGenerator(name.removeprefix("torchscript:"), modality, classes, image_size)
+    raise MedsiloError(f"PCEvolve generator {name!r}: use procedural, an http(s):// endpoint or torchscript:PATH")
