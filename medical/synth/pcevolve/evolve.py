@@ -39,7 +39,6 @@ from pydantic import Field
 
 from medsilo.config.common import Strict
 from medsilo.errors import MedsiloError
-from medsilo.medical.data.transforms import normalize
 from medsilo.medical.synth.pcevolve.generators import Candidate, Generator
 from medsilo.secure.dp import ExponentialEvent, exponential_mechanism, fresh_generator
 
@@ -115,12 +114,24 @@ def utilities(features: torch.Tensor, centres: torch.Tensor, label: int, tau: fl
 
 
 def encoder(kind: str, channels: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A frozen embedding ``(B, C, S, S)`` [0, 1] → ``(B, d)`` (see :class:`PCEvolveConfig`)."""
+    """A frozen embedding ``(B, C, S, S)`` [0, 1] → ``(B, d)`` (see :class:`PCEvolveConfig`).
+
+    Each image is first standardised on its own (zero mean, unit variance per channel): a generator's
+    images and a site's scanner differ most in global brightness and contrast, which would otherwise
+    decide every distance and leave the class-relevant structure (opacities, nuclei) unseen.
+    """
+
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        mean, std = flat.mean(dim=2, keepdim=True), flat.std(dim=2, keepdim=True).clamp_min(1e-3)
+        return ((flat - mean) / std).view_as(x)
+
     if kind == "pixels":
 
         def pixels(x: torch.Tensor) -> torch.Tensor:
-            thumb = torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
-            hist = torch.stack([torch.histc(img, bins=16, min=0, max=1) / img.numel() for img in x])
+            z = standardise(x)
+            thumb = torch.nn.functional.adaptive_avg_pool2d(z, 8).flatten(1)
+            hist = torch.stack([torch.histc(img.clamp(-3, 3), bins=16, min=-3, max=3) / img.numel() for img in z])
             return torch.cat([thumb, hist], dim=1)
 
         return pixels
@@ -130,7 +141,7 @@ def encoder(kind: str, channels: int, seed: int) -> Callable[[torch.Tensor], tor
 
     @torch.no_grad()
     def random_cnn(x: torch.Tensor) -> torch.Tensor:
-        return model.features(normalize(x))
+        return model.features(standardise(x))
 
     return random_cnn
 
