@@ -221,21 +221,15 @@ class SiteExecutor(Executor):
 
         from medsilo.cli.pcevolve import write_synthetic
         from medsilo.medical.data import ImageSet
-        from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig, evolve
-        from medsilo.medical.synth.pcevolve.generators import make_generator
-        from medsilo.secure.dp import ExponentialEvent
-        from medsilo.secure.guard import SyntheticGuard
+        from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig
+        from medsilo.secure.guard import charged_evolve
 
         aug = spec.augmentation.pcevolve
-        generator = make_generator(aug.generator, spec.modality, spec.classes, spec.image_size)  # allowed: check_job
         cfg = PCEvolveConfig(epsilon=aug.epsilon, iterations=aug.iterations, per_class=aug.images_per_class, seed=seed)
-        what = {"kind": "selection", "generator": aug.generator, "encoder": cfg.encoder, "iterations": cfg.iterations,
-                "per_class": cfg.per_class, "classes": len(spec.classes)}  # fmt: skip
-        guard = SyntheticGuard(site, workspace, fl_ctx.get_job_id(), config.privacy, what)
-        eps = cfg.epsilon_per_pick(len(spec.classes))
-        guard.admit([ExponentialEvent(epsilon=eps, count=len(spec.classes))] * cfg.iterations)
         t0 = time.perf_counter()
-        result = evolve(data.train.images, data.train.labels, spec.classes, generator, cfg, charge=guard)
+        # the generator was checked against this site's privacy.pcevolve_generators by check_job
+        result = charged_evolve(site, workspace, fl_ctx.get_job_id(), config.privacy, aug.generator, spec.modality,
+                                spec.classes, spec.image_size, data.train.images, data.train.labels, cfg)  # fmt: skip
         out = workspace / "pcevolve" / fl_ctx.get_job_id()
         if not out.exists():
             write_synthetic(out, manifest, result.synthetic, spec.modality, site)

@@ -137,7 +137,30 @@ def describe_upload(arrays: dict[str, Any], encrypted: bool, scheme: dict | None
             "encrypted": encrypted, "scheme": scheme}  # fmt: skip
 
 
-class SiteGuard:
+class _Budget:
+    """A site's ledger and DP budget cap: the running total comes from the verified ledger every time."""
+
+    def __init__(self, site: str, workspace: str | Path, job_id: str, policy, default_delta: float = 1e-5):
+        self.site, self.job_id = site, job_id
+        self.ledger = site_ledger(site, workspace)
+        self.budget = policy.budget
+        self.scope = self.budget.scope if self.budget else "network"
+        self.delta = self.budget.delta if self.budget else default_delta
+
+    @property
+    def cap(self) -> float | None:
+        return self.budget.epsilon if self.budget else None
+
+    def _accountant(self) -> PrivacyAccountant:
+        past = [event_from_json(c["event"]) for c in costs(self.ledger.path, self.scope) if c.get("event")]
+        return PrivacyAccountant.from_events(past, self.delta, site=self.site, scope=self.scope, cap_epsilon=self.cap)
+
+    def _refuse(self, rnd: int, exc: BudgetExceeded, what: dict[str, Any]) -> None:
+        self.ledger.append("refusal", job=self.job_id, round=rnd, what={**what, "sent": False},
+                           privacy={"scope": self.scope, "epsilon_cap": self.cap}, reason=str(exc))  # fmt: skip
+
+
+class SiteGuard(_Budget):
     """Budget checks and ledger entries of one site for one job (module docstring).
 
     Args:
@@ -149,30 +172,17 @@ class SiteGuard:
     """
 
     def __init__(self, site: str, workspace: str | Path, job_id: str, spec, policy):
-        self.site, self.job_id, self.spec = site, job_id, spec
-        self.ledger = site_ledger(site, workspace)
-        self.budget = policy.budget
-        self.scope = self.budget.scope if self.budget else "network"
         dp = spec.privacy.dp
-        self.delta = self.budget.delta if self.budget else (dp.delta if dp else 1e-5)
+        super().__init__(site, workspace, job_id, policy, default_delta=dp.delta if dp else 1e-5)
+        self.spec = spec
         self.job_events: list = []
 
     @property
     def dp(self) -> bool:
         return "dp" in self.spec.privacy.mode
 
-    def _accountant(self) -> PrivacyAccountant:
-        past = [event_from_json(c["event"]) for c in costs(self.ledger.path, self.scope) if c.get("event")]
-        cap = self.budget.epsilon if self.budget else None
-        return PrivacyAccountant.from_events(past, self.delta, site=self.site, scope=self.scope, cap_epsilon=cap)
-
     def _event(self) -> GaussianEvent:
         return GaussianEvent(noise_multiplier=self.spec.privacy.dp.noise_multiplier)
-
-    def _refuse(self, rnd: int, exc: BudgetExceeded) -> None:
-        self.ledger.append("refusal", job=self.job_id, round=rnd, what={"kind": "upload", "sent": False},
-                           privacy={"scope": self.scope, "epsilon_cap": self.budget.epsilon if self.budget else None},
-                           reason=str(exc))  # fmt: skip
 
     def admit_job(self) -> None:
         """Refuse the job now (ledger ``refusal``, :class:`BudgetExceeded`) if all its rounds cannot fit."""
@@ -182,7 +192,7 @@ class SiteGuard:
         try:
             self._accountant().check(*planned)
         except BudgetExceeded as exc:
-            self._refuse(1, exc)
+            self._refuse(1, exc, {"kind": "upload"})
             raise
 
     def dp_round(self, rnd: int):
@@ -192,7 +202,7 @@ class SiteGuard:
         try:
             self._accountant().check(self._event())
         except BudgetExceeded as exc:
-            self._refuse(rnd, exc)
+            self._refuse(rnd, exc, {"kind": "upload"})
             raise
         dp = self.spec.privacy.dp
         return DPRelease(clip=dp.clip, noise_multiplier=dp.noise_multiplier, generator=fresh_generator())
@@ -218,7 +228,7 @@ class SiteGuard:
             privacy = {"scope": self.scope, "mechanism": "gaussian", "event": event.to_json(),
                        "clip": self.spec.privacy.dp.clip, "epsilon": eps_this, "delta": self.delta,
                        "cumulative_epsilon": eps_total, "job_epsilon": job.epsilon,
-                       "epsilon_cap": self.budget.epsilon if self.budget else None}  # fmt: skip
+                       "epsilon_cap": self.cap}  # fmt: skip
         what = describe_upload(arrays, encrypted, scheme)
         if encrypted:
             _PENDING[(self.site, self.job_id, rnd)] = (self.ledger, what, privacy)
@@ -240,7 +250,29 @@ class SiteGuard:
         self.ledger.append(event, job=self.job_id, round=rnd, what=what, privacy=None, reason=reason)
 
 
-class SyntheticGuard:
+def charged_evolve(site: str, workspace: str | Path, run_id: str, policy, generator_name: str, modality: str,
+                   classes, image_size: int, images, labels, config, progress=None):  # fmt: skip
+    """Run PCEvolve at ``site`` with every selection charged to its budget and ledger.
+
+    The generator is resolved by name (:func:`~medsilo.medical.synth.pcevolve.generators.make_generator`;
+    callers check the site allows it), the whole run is admitted first (refused, with a ``refusal``
+    entry and :class:`BudgetExceeded`, when its T·C picks cannot fit), then each iteration is charged
+    before its draws. Returns the :class:`~medsilo.medical.synth.pcevolve.evolve.PCEvolveResult`.
+    """
+    from medsilo.medical.synth.pcevolve.evolve import evolve
+    from medsilo.medical.synth.pcevolve.generators import make_generator
+    from medsilo.secure.dp import ExponentialEvent
+
+    generator = make_generator(generator_name, modality, classes, image_size)
+    what = {"kind": "selection", "generator": generator_name, "encoder": config.encoder,
+            "iterations": config.iterations, "per_class": config.per_class, "classes": len(classes)}  # fmt: skip
+    guard = SyntheticGuard(site, workspace, run_id, policy, what)
+    eps = config.epsilon_per_pick(len(classes))
+    guard.admit([ExponentialEvent(epsilon=eps, count=len(classes))] * config.iterations)
+    return evolve(images, labels, classes, generator, config, charge=guard, progress=progress)
+
+
+class SyntheticGuard(_Budget):
     """Budget checks and ledger entries of a PCEvolve run at one site (``synthetic_release`` entries).
 
     Each iteration's selections are charged *before* they are drawn (:meth:`__call__`, the ``charge``
@@ -256,28 +288,15 @@ class SyntheticGuard:
     """
 
     def __init__(self, site: str, workspace: str | Path, run_id: str, policy, what: dict[str, Any]):
-        self.site, self.run_id, self.what = site, run_id, what
-        self.ledger = site_ledger(site, workspace)
-        self.budget = policy.budget
-        self.scope = self.budget.scope if self.budget else "network"
-        self.delta = self.budget.delta if self.budget else 1e-5
-
-    def _accountant(self) -> PrivacyAccountant:
-        past = [event_from_json(c["event"]) for c in costs(self.ledger.path, self.scope) if c.get("event")]
-        cap = self.budget.epsilon if self.budget else None
-        return PrivacyAccountant.from_events(past, self.delta, site=self.site, scope=self.scope, cap_epsilon=cap)
-
-    def _refuse(self, iteration: int, exc: BudgetExceeded) -> None:
-        self.ledger.append("refusal", job=self.run_id, round=iteration, what={**self.what, "sent": False},
-                           privacy={"scope": self.scope, "epsilon_cap": self.budget.epsilon if self.budget else None},
-                           reason=str(exc))  # fmt: skip
+        super().__init__(site, workspace, run_id, policy)
+        self.what = what
 
     def admit(self, planned: list) -> None:
         """Refuse the run now (``refusal`` entry, :class:`BudgetExceeded`) if ``planned`` events cannot fit."""
         try:
             self._accountant().check(*planned)
         except BudgetExceeded as exc:
-            self._refuse(0, exc)
+            self._refuse(0, exc, self.what)
             raise
 
     def __call__(self, event, iteration: int) -> None:
@@ -286,11 +305,11 @@ class SyntheticGuard:
         try:
             eps_this, eps_total = accountant.spend(event)
         except BudgetExceeded as exc:
-            self._refuse(iteration, exc)
+            self._refuse(iteration, exc, self.what)
             raise
         privacy = {"scope": self.scope, "mechanism": event.mechanism, "event": event.to_json(), "epsilon": eps_this,
                    "delta": self.delta, "cumulative_epsilon": eps_total,
                    "pure_epsilon": event.epsilon * event.count,
-                   "epsilon_cap": self.budget.epsilon if self.budget else None}  # fmt: skip
-        self.ledger.append("synthetic_release", job=self.run_id, round=iteration, privacy=privacy,
+                   "epsilon_cap": self.cap}  # fmt: skip
+        self.ledger.append("synthetic_release", job=self.job_id, round=iteration, privacy=privacy,
                            what={**self.what, "kind": "selection", "selections": event.count})  # fmt: skip

@@ -108,24 +108,17 @@ def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspac
 
     from medsilo.config.manifest import read_manifest
     from medsilo.medical.data import load_site_data
-    from medsilo.medical.synth.pcevolve.evolve import evolve, selectivity
-    from medsilo.medical.synth.pcevolve.generators import make_generator
-    from medsilo.secure.dp import ExponentialEvent
-    from medsilo.secure.guard import SyntheticGuard
+    from medsilo.medical.synth.pcevolve.evolve import selectivity
+    from medsilo.secure.guard import charged_evolve
 
     manifest = read_manifest(manifest_file)
     data = load_site_data(manifest, modality=modality, image_size=image_size, progress=progress)
     classes = manifest.classes
-    generator = make_generator(generator_name, modality, classes, image_size)
     run_id = f"pcevolve-{time.strftime('%Y%m%dT%H%M%S')}"
-    what = {"kind": "selection", "generator": generator_name, "encoder": config.encoder,
-            "iterations": config.iterations, "per_class": config.per_class, "classes": len(classes)}  # fmt: skip
-    guard = SyntheticGuard(site, workspace, run_id, policy, what)
     eps = config.epsilon_per_pick(len(classes))
-    guard.admit([ExponentialEvent(epsilon=eps, count=len(classes))] * config.iterations)
     bar = tqdm(total=config.iterations, desc=f"pcevolve {site}", unit="it", disable=not progress, leave=False)
-    result = evolve(data.train.images, data.train.labels, classes, generator, config, charge=guard,
-                    progress=lambda i, n: bar.update(1))  # fmt: skip
+    result = charged_evolve(site, workspace, run_id, policy, generator_name, modality, classes, image_size,
+                            data.train.images, data.train.labels, config, progress=lambda i, n: bar.update(1))  # fmt: skip
     bar.close()
     summary = {"site": site, "run": run_id, "settings": config.model_dump(), "image_size": image_size,
                "epsilon_total": config.epsilon, "epsilon_per_pick": eps, "selectivity": selectivity(eps),
