@@ -219,9 +219,9 @@ class SiteExecutor(Executor):
         """
         import torch
 
-        from medsilo.cli.pcevolve import write_synthetic
         from medsilo.medical.data import ImageSet
         from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig
+        from medsilo.medical.synth.pcevolve.store import write_synthetic
         from medsilo.secure.guard import charged_evolve
 
         aug = spec.augmentation.pcevolve

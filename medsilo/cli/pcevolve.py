@@ -21,9 +21,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from medsilo.errors import MedsiloError
@@ -109,6 +107,7 @@ def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspac
     from medsilo.config.manifest import read_manifest
     from medsilo.medical.data import load_site_data
     from medsilo.medical.synth.pcevolve.evolve import selectivity
+    from medsilo.medical.synth.pcevolve.store import write_synthetic
     from medsilo.secure.guard import charged_evolve
 
     manifest = read_manifest(manifest_file)
@@ -123,40 +122,6 @@ def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspac
     summary = {"site": site, "run": run_id, "settings": config.model_dump(), "image_size": image_size,
                "epsilon_total": config.epsilon, "epsilon_per_pick": eps, "selectivity": selectivity(eps),
                "images": len(result.synthetic), "passing_filter": result.passing}  # fmt: skip
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_synthetic(tmp, manifest, result.synthetic, modality, site)
-        (tmp / "pcevolve.json").write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_synthetic(out, manifest, result.synthetic, modality, site,
+                    extra={"pcevolve.json": json.dumps(summary, indent=2) + "\n"})  # fmt: skip
     return summary
-
-
-def write_synthetic(folder: Path, manifest, synthetic: list, modality: str, site: str) -> None:
-    """Images and the extended manifest (module docstring) into ``folder``."""
-    import numpy as np
-
-    from medsilo.config.manifest import write_manifest
-
-    (folder / "images").mkdir(parents=True)
-    rows = [{"path": str(r.path), "label": manifest.classes[r.label], "patient_id": r.patient_id, "split": r.split,
-             "source": r.source} for r in manifest.rows]  # fmt: skip
-    for i, cand in enumerate(synthetic):
-        if modality == "cxr":
-            from medsilo.medical.synth.cxr import CXR_SCANNERS, write_cxr_dicom
-
-            stored = np.rint(np.clip(cand.image[0], 0, 1) * (2**CXR_SCANNERS[0].bits_stored - 1)).astype(np.uint16)
-            scanner = replace(CXR_SCANNERS[0], matrix=stored.shape[0])  # 12-bit MONOCHROME2, the image's size
-            name = f"images/pcevolve-{i:05d}.dcm"
-            write_cxr_dicom(folder / name, stored, scanner, patient_pseudonym=f"PCE-{i:05d}",
-                            uid_seed=f"{site}/{name}", study_date="20260101", institution="medsilo PCEvolve")  # fmt: skip
-        else:
-            from medsilo.medical.synth.pathology import write_png
-
-            name = f"images/pcevolve-{i:05d}.png"
-            write_png(folder / name, np.rint(cand.image.transpose(1, 2, 0) * 255).astype(np.uint8))
-        rows.append({"path": name, "label": manifest.classes[cand.label], "patient_id": f"PCE-{i:05d}",
-                     "split": "train", "source": "pcevolve"})  # fmt: skip
-    write_manifest(folder / "manifest.csv", rows)
