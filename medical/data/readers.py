@@ -118,6 +118,12 @@ def apply_window(x: np.ndarray, center: float, width: float, function: str = "LI
     return np.clip(y, 0.0, 1.0).astype(np.float32)
 
 
+MAX_PIXELS = 64 * 1024 * 1024
+"""Largest Rows × Columns a chest X-ray may declare (64 megapixels; real CR/DX detectors are ≤ ~18).
+Checked on the header before any pixel is decoded, so a damaged or hostile file cannot make a site
+allocate gigabytes."""
+
+
 class LoadCXR:
     """Load one chest X-ray DICOM as ``(1, H, W)`` float32 in [0, 1], MONOCHROME2.
 
@@ -138,10 +144,25 @@ class LoadCXR:
             self._load = LoadImage(image_only=False, dtype=np.float32)
         self._reader = PydicomReader(swap_ij=False, prune_metadata=False)
 
+    @staticmethod
+    def _check_size(path: Path) -> None:
+        import pydicom
+
+        try:
+            head = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"])
+            rows, cols = int(head.get("Rows", 0) or 0), int(head.get("Columns", 0) or 0)
+            frames = int(head.get("NumberOfFrames", 1) or 1)
+        except Exception as exc:  # noqa: BLE001 - an unparsable header makes this one file unreadable
+            raise UnreadableImage(path, f"not a readable DICOM image ({_short(exc)})") from None
+        if rows * cols * frames > MAX_PIXELS:
+            raise UnreadableImage(path, f"declares {frames} frame(s) of {rows}×{cols} pixels, more than the "
+                                        f"{MAX_PIXELS // 2**20}-megapixel limit")  # fmt: skip
+
     def __call__(self, path: str | Path) -> np.ndarray:
         path = Path(path)
         if not path.is_file():
             raise UnreadableImage(path, "file not found")
+        self._check_size(path)
         try:
             with warnings.catch_warnings():
                 # CR has no ImageOrientation/Position, so MONAI warns about the affine on every file

@@ -93,3 +93,39 @@ def test_an_empty_split_fails(tmp_path, site):
 def test_wrong_modality_files_are_unusable(site):
     with pytest.raises(DataError, match="not a readable image"):
         load_site_data(_manifest(site), modality="pathology", image_size=16)
+
+
+def test_a_folder_of_damaged_dicoms_is_skipped_file_by_file_with_reasons(tmp_path, site):
+    """Truncated, wrong transfer syntax, no pixel data, absurd dimensions, PHI present: each file is skipped
+    with its own reason (no decoder is asked to allocate the declared 60000² pixels), the rest loads."""
+    import shutil
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    copy = tmp_path / "site"
+    shutil.copytree(site, copy)
+    files = [r.path for r in _manifest(copy).split("train")][:5]
+    files[0].write_bytes(files[0].read_bytes()[:1200])  # truncated
+    ds = pydicom.dcmread(files[1])  # claims JPEG, holds garbage
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    ds.PixelData = encapsulate([b"\xff\xd8not a jpeg\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(files[1], enforce_file_format=True)
+    ds = pydicom.dcmread(files[2])
+    del ds.PixelData
+    ds.save_as(files[2])
+    ds = pydicom.dcmread(files[3])
+    ds.Rows = ds.Columns = 60000
+    ds.save_as(files[3])
+    ds = pydicom.dcmread(files[4])
+    ds.PatientBirthDate, ds.PatientIdentityRemoved = "19700101", "NO"
+    ds.save_as(files[4])
+    data = load_site_data(_manifest(copy), modality="cxr", image_size=16, max_unreadable_fraction=0.2)
+    reasons = {f.path: f.reason for f in data.failures}
+    assert set(reasons) == {str(f) for f in files}
+    assert "not a readable DICOM image" in reasons[str(files[0])]
+    assert "not a readable DICOM image" in reasons[str(files[1])] and "not a readable" in reasons[str(files[2])]
+    assert "60000×60000 pixels, more than the 64-megapixel limit" in reasons[str(files[3])]
+    assert "PatientBirthDate" in reasons[str(files[4])] and "1970" not in reasons[str(files[4])]  # tags, not values
+    assert len(data.train) == len(_manifest(copy).split("train")) - 5
