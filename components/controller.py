@@ -15,8 +15,12 @@ Every payload it sends (global model, prototypes, encrypted sums, release reques
 names, shapes, bytes, SHA-256, encrypted or not, the task and the receiving sites — never values.
 
 A site that answers with an error (policy refusal, missing dataset, unreadable data …) or does not
-answer at all stops the job: nothing is written as if it were complete. (Continuing with fewer sites
-is a later feature with its own ``min_sites`` rule.)
+answer at all stops the job: nothing is written as if it were complete — unless the job sets
+``reliability.min_sites``: then the round completes with the sites that answered (at least that many),
+the failed site is recorded (``failures`` in ``results.json``, a line in the report) and asked again
+next round; its metrics for rounds it could not evaluate are left out, never filled in. A site that
+declines the whole job at round 1 (exhausted privacy budget) is dropped when ``privacy.min_contributors``
+sites remain.
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ class RoundController(ModelController):
         self.task_timeout = task_timeout
         self._public_ctx = None
         self._release_bytes = 0
+        self._min_sites: int | None = None
+        self._failures: list[dict[str, Any]] = []
 
     def run(self) -> None:
         from medsilo.components.algorithms import algorithm_module
@@ -97,6 +103,8 @@ class RoundController(ModelController):
         run_dir = Path(os.path.dirname(self.fl_ctx.get_prop(FLContextKey.APP_ROOT)))
         try:
             spec = validate(self.job, JobSpec, f"job '{self.job.get('name', '?')}'")
+            self._min_sites = spec.reliability.min_sites
+            self.task_timeout = spec.reliability.task_timeout or self.task_timeout
             sites = sorted(self.sample_clients())
             algo = algorithm_module(spec.algorithm.name)
             self.info(f"job {spec.name}: {spec.algorithm.name} on {len(sites)} sites for {spec.training.rounds} rounds")
@@ -104,7 +112,7 @@ class RoundController(ModelController):
             rounds = spec.training.rounds
             for rnd in range(1, rounds + 1):
                 t0 = time.perf_counter()
-                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites, refusable=rnd == 1)
+                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites, refusable=rnd == 1, tolerant=True)
                 if rnd == 1:
                     refused = {s: m.meta["error"] for s, m in replies.items() if m.meta.get("refused")}
                     sites = self._without_refused(sites, refused, spec)
@@ -130,9 +138,10 @@ class RoundController(ModelController):
                                       train_loss={s: float(m.meta["train_loss"]) for s, m in replies.items()})  # fmt: skip
                 if rnd > 1:
                     self._progress(run_dir, recorder.progress(rnd - 1))
-            replies = self._ask(TASK_EVALUATE, payload, rounds + 1, rounds, sites)
+            replies = self._ask(TASK_EVALUATE, payload, rounds + 1, rounds, sites, tolerant=True)
             self._record_evaluations(recorder, rounds, replies)
             self._progress(run_dir, recorder.progress(rounds))
+            recorder.set_failures(self._failures)
             results = recorder.results()
             self._write(run_dir / RESULTS_FILE, results)
             self.info(f"job {spec.name}: done; selected round {results['selected_round']}, "
@@ -212,11 +221,14 @@ class RoundController(ModelController):
         return ws.get_root_dir() if ws is not None else "."
 
     def _ask(self, task: str, payload: dict[str, np.ndarray], rnd: int, rounds: int,
-             sites: list[str], refusable: bool = False) -> dict[str, FLModel]:  # fmt: skip
+             sites: list[str], refusable: bool = False, tolerant: bool = False) -> dict[str, FLModel]:  # fmt: skip
         """Send ``task`` to every site; return site → reply, or stop the job naming the failing sites.
 
         With ``refusable``, replies marked ``refused`` (the site declined the whole job before anything
-        left it) are returned for the caller to drop; any other error still stops the job.
+        left it) are returned for the caller to drop. With ``tolerant`` and the job's
+        ``reliability.min_sites`` set, sites that answered with an error or not at all (died, timed out)
+        are recorded as failed for this task and left out, as long as ``min_sites`` answered; otherwise
+        any failure stops the job.
         """
         if payload:
             self._record_send(task, payload, rnd, sites)
@@ -228,8 +240,22 @@ class RoundController(ModelController):
                   if m.meta.get("error") and not (refusable and m.meta.get("refused"))]  # fmt: skip
         missing = [s for s in sites if s not in replies]
         if errors or missing:
-            reasons = errors + [f"site {s}: no result for task '{task}' (see that site's log)" for s in missing]
-            raise JobStopped("; ".join(reasons))
+            reasons = errors + [f"site {s}: no result for task '{task}' within the task timeout or at all (see "
+                                f"that site's log)" for s in missing]  # fmt: skip
+            failed = {s: m.meta["error"] for s, m in replies.items()
+                      if m.meta.get("error") and not (refusable and m.meta.get("refused"))}  # fmt: skip
+            failed |= {s: r for s, r in zip(missing, reasons[len(errors):])}
+            answered = {s: m for s, m in replies.items() if s in sites and s not in failed}
+            if not (tolerant and self._min_sites is not None):
+                raise JobStopped("; ".join(reasons))
+            working = [s for s, m in answered.items() if not m.meta.get("refused")]
+            if len(working) < self._min_sites:
+                raise JobStopped("; ".join(reasons) + f"; only {len(working)} site(s) answered task '{task}' of round "
+                                 f"{rnd}, the job needs reliability.min_sites = {self._min_sites}")  # fmt: skip
+            for site, reason in failed.items():
+                self.warning(f"round {rnd}: continuing without {site} for task '{task}': {reason}")
+                self._failures.append({"site": site, "round": rnd, "task": task, "reason": reason})
+            return answered
         return replies
 
     def _record_send(self, task: str, payload: dict[str, np.ndarray], rnd: int, sites: list[str]) -> None:

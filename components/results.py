@@ -9,6 +9,10 @@ training loss of round ``r``.
 The reported round (``selected_round``) maximises the mean of the sites' *validation* accuracy —
 every hospital counts the same — and only then are its test numbers read. Ties go to the earlier
 round. ``pooled_acc`` is Σ correct / Σ images over the sites' test splits at that round.
+
+Failed sites (job ``reliability.min_sites``): a site that failed the task carrying round ``r``'s
+evaluation has no metrics for round ``r`` — they are left out of that round (never filled in), its
+means are over the sites that did evaluate, and ``failures`` lists site, round, task and reason.
 """
 
 from __future__ import annotations
@@ -56,6 +60,19 @@ class RunRecorder:
         self.spent: dict[str, dict[str, float]] = {}
         self.sites, self.models = list(sites), dict(models)
         self._rounds: dict[int, _Round] = {}
+        self.failures: list[dict[str, Any]] = []
+        self._unavailable: dict[int, set[str]] = {}
+
+    def set_failures(self, failures: list[dict[str, Any]]) -> None:
+        """Record tasks sites failed (``site``, ``round`` = the task's round, ``task``, ``reason``).
+
+        A failed ``train`` task of round r (or the final ``evaluate``, round R + 1) would have carried the
+        site's evaluation of round r − 1, which therefore does not exist.
+        """
+        self.failures = [dict(f) for f in failures]
+        for f in self.failures:
+            if f["round"] > 1:
+                self._unavailable.setdefault(f["round"] - 1, set()).add(f["site"])
 
     def _get(self, rnd: int) -> _Round:
         return self._rounds.setdefault(rnd, _Round(rnd))
@@ -76,14 +93,18 @@ class RunRecorder:
         self._get(rnd).evals[site] = {"val": val, "test": test}
 
     def complete_rounds(self) -> list[int]:
-        """Rounds with training facts and an evaluation from every site."""
+        """Rounds with training facts and an evaluation from every site that did not fail it."""
         return sorted(r.round for r in self._rounds.values()
-                      if r.train_loss and all(s in r.evals for s in self.sites))  # fmt: skip
+                      if r.train_loss and r.evals
+                      and all(s in r.evals for s in self.sites if s not in self._unavailable.get(r.round, ())))  # fmt: skip
+
+    def _evaluated(self, rnd: int) -> list[str]:
+        return [s for s in self.sites if s in self._rounds[rnd].evals]
 
     def mean_val_acc(self, rnd: int) -> float:
-        """Mean over sites of validation accuracy after round ``rnd``."""
-        evals = self._rounds[rnd].evals
-        return sum(evals[s]["val"]["acc"] for s in self.sites) / len(self.sites)
+        """Mean validation accuracy after round ``rnd`` over the sites that evaluated it."""
+        evals, sites = self._rounds[rnd].evals, self._evaluated(rnd)
+        return sum(evals[s]["val"]["acc"] for s in sites) / len(sites)
 
     def selected_round(self) -> int:
         """The complete round with the highest mean validation accuracy (earliest on ties)."""
@@ -124,15 +145,15 @@ class RunRecorder:
                         "test_auroc": _num(r.evals[s]["test"]["auroc"]),
                         "train_loss": _num(r.train_loss.get(s)),
                     }
-                    for s in self.sites
+                    for s in self._evaluated(rnd)
                 },
             })  # fmt: skip
-        chosen = self._rounds[best].evals
+        chosen, evaluated = self._rounds[best].evals, self._evaluated(best)
         per_site = {s: {"test_acc": _num(chosen[s]["test"]["acc"]), "test_auroc": _num(chosen[s]["test"]["auroc"])}
-                    for s in self.sites}  # fmt: skip
-        accs = [chosen[s]["test"]["acc"] for s in self.sites]
-        correct = sum(chosen[s]["test"]["correct"] for s in self.sites)
-        total = sum(chosen[s]["test"]["n"] for s in self.sites)
+                    if s in chosen else {"test_acc": None, "test_auroc": None} for s in self.sites}  # fmt: skip
+        accs = [chosen[s]["test"]["acc"] for s in evaluated]
+        correct = sum(chosen[s]["test"]["correct"] for s in evaluated)
+        total = sum(chosen[s]["test"]["n"] for s in evaluated)
         return {
             "job": self.job,
             "algorithm": self.algorithm,
@@ -151,4 +172,5 @@ class RunRecorder:
             "privacy_spent": {s: dict(self.spent.get(s, {"epsilon": 0.0, "delta": 0.0})) for s in self.sites},
             "refused": self.refused,
             "synthetic": self.synthetic,
+            "failures": self.failures,
         }

@@ -85,8 +85,9 @@ def _curves_png(runs: list[dict[str, Any]]) -> str:
     for ax, run in zip(axes.flat, runs):
         rounds = [r["round"] for r in run["rounds"]]
         for site in run["sites"]:
-            ax.plot(rounds, [r["metrics"][site]["test_acc"] for r in run["rounds"]], marker=".", lw=1.2, label=site)
-        mean_val = [_mean([r["metrics"][s]["val_acc"] for s in run["sites"]]) for r in run["rounds"]]
+            acc = [r["metrics"].get(site, {}).get("test_acc") for r in run["rounds"]]  # None: the site failed that round
+            ax.plot(rounds, [math.nan if a is None else a for a in acc], marker=".", lw=1.2, label=site)
+        mean_val = [_mean([m["val_acc"] for m in r["metrics"].values()]) for r in run["rounds"]]
         ax.plot(rounds, mean_val, color="black", ls="--", lw=1.2, label="mean val")
         ax.axvline(run["selected_round"], color="grey", ls=":", lw=1)
         ax.set_title(run.get("label") or run["algorithm"])
@@ -134,7 +135,9 @@ def render_html(runs: list[dict[str, Any]], title: str = "medsilo report") -> st
                  f"(PCEvolve, selection ε = {float(v['epsilon']):g})"
                  for r in runs for s, v in sorted((r.get("synthetic") or {}).items())]  # fmt: skip
     refused = [f"{esc(r.get('label', r['job']))}: {esc(reason)}" for r in runs for reason in (r.get("refused") or {}).values()]
-    notes = "".join(f'<p class="note">{line}</p>' for line in synthetic + refused)
+    failed = [f"{esc(r.get('label', r['job']))}: round {f['round']} ({esc(f['task'])}) continued without "
+              f"{esc(f['site'])}: {esc(f['reason'])}" for r in runs for f in (r.get("failures") or [])]  # fmt: skip
+    notes = "".join(f'<p class="note">{line}</p>' for line in synthetic + refused + failed)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>

@@ -92,6 +92,22 @@ class Training(Strict):
     weight_decay: float = Field(default=0.0, ge=0)
 
 
+class Reliability(Strict):
+    """What the job does when sites fail or straggle.
+
+    Attributes:
+        min_sites: the fewest sites that must answer a task for the round to count. ``None`` (default):
+            every site must answer, and any failure stops the job. With a number, a site that errors,
+            dies or times out is recorded as failed for that round (``results.json`` ``failures``) and
+            the round completes with the others, as long as at least ``min_sites`` answered.
+        task_timeout: seconds the server waits for each site's answer to a task (0: no limit); a site
+            that has not answered by then counts as failed for that round.
+    """
+
+    min_sites: int | None = Field(default=None, ge=1)
+    task_timeout: int = Field(default=0, ge=0)
+
+
 class DPSpec(Strict):
     """Gaussian-mechanism parameters for ``dp`` and ``ckks+dp`` (DESIGN §5).
 
@@ -170,7 +186,7 @@ class JobSpec(Strict):
         image_size: square input side in pixels (8–512).
         model: one backbone for every site, or a map site → backbone (heterogeneous FL).
         feature_dim: the shared feature dimension d every backbone emits (≥ 2).
-        algorithm, training, privacy, augmentation, evaluation: see their classes.
+        algorithm, training, privacy, augmentation, evaluation, reliability: see their classes.
         seed: seeds model initialisation, data order and augmentation.
     """
 
@@ -186,6 +202,7 @@ class JobSpec(Strict):
     privacy: PrivacySpec = PrivacySpec()
     augmentation: Augmentation = Augmentation()
     evaluation: Evaluation = Evaluation()
+    reliability: Reliability = Reliability()
     seed: int = Field(default=0, ge=0)
 
     @field_validator("classes")

@@ -54,3 +54,15 @@ def test_bad_inputs_are_named(tmp_path):
         load_results(bad)
     with pytest.raises(MedsiloError, match="must share their sites"):
         write_report([_run("a", [0.5]), _run("b", [0.5], sites=("x", "y"))], tmp_path / "r.html")
+
+
+def test_report_shows_a_failed_site_and_leaves_its_numbers_empty(tmp_path):
+    rec = RunRecorder("j", "fedavg", {"mode": "none"}, ["a", "b"], {"a": "cnn", "b": "cnn"})
+    rec.add_training(1, seconds=1.0, bytes_up=10, bytes_down=0, train_loss={"a": 0.5})
+    rec.add_evaluation(1, "a", {"acc": 0.8, "auroc": 0.7, "correct": 1, "n": 2},
+                       {"acc": 0.75, "auroc": 0.8, "correct": 3, "n": 4})  # fmt: skip
+    rec.set_failures([{"site": "b", "round": 1, "task": "train", "reason": "site b: no dataset"},
+                      {"site": "b", "round": 2, "task": "evaluate", "reason": "site b: no dataset"}])  # fmt: skip
+    page = write_report([rec.results()], tmp_path / "r.html").read_text()
+    assert "round 2 (evaluate) continued without b: site b: no dataset" in page
+    assert "<td>b</td><td>n/a / n/a</td>" in page  # no number made up for the failed site

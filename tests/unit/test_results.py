@@ -37,10 +37,10 @@ def test_selected_round_uses_validation_and_final_numbers_follow_it():
 def test_schema_is_the_design_contract():
     res = _recorder().results()
     # DESIGN §12, plus algorithm_form (which server form of the algorithm ran: sums or per-site)
-    # refused (sites that declined the job at round 1, with their reasons) and synthetic (PCEvolve images
-    # a site added to its training split)
+    # refused (sites that declined the job at round 1, with their reasons), synthetic (PCEvolve images
+    # a site added to its training split) and failures (tasks sites failed under reliability.min_sites)
     assert set(res) == {"job", "algorithm", "algorithm_form", "privacy", "sites", "models", "rounds",
-                        "selected_round", "final", "privacy_spent", "refused", "synthetic"}  # fmt: skip
+                        "selected_round", "final", "privacy_spent", "refused", "synthetic", "failures"}  # fmt: skip
     assert res["algorithm_form"] == "sums"
     r = res["rounds"][1]
     assert set(r) == {"round", "seconds", "bytes_up", "bytes_down", "metrics"}
@@ -63,3 +63,23 @@ def test_no_complete_round_is_an_error():
     rec = RunRecorder("j", "local", {"mode": "none"}, ["a"], {"a": "cnn"})
     with pytest.raises(ValueError, match="no round has an evaluation from every site"):
         rec.results()
+
+
+def test_a_round_a_site_failed_is_complete_without_it_and_its_metrics_are_left_out():
+    rec = RunRecorder("j", "fedavg", {"mode": "none"}, ["a", "b", "c"], {s: "cnn" for s in "abc"})
+    for rnd, (va, vb, vc) in {1: (0.5, 0.5, 0.5), 2: (0.6, 0.9, None), 3: (0.7, 0.7, 0.7)}.items():
+        rec.add_training(rnd, seconds=1.0, bytes_up=10, bytes_down=10, train_loss={"a": 0.5, "b": 0.5})
+        for site, val in zip("abc", (va, vb, vc)):
+            if val is not None:
+                rec.add_evaluation(rnd, site, _ev(val, 1, 2), _ev(val, 1, 2))
+    # without a recorded failure, round 2 lacks c's evaluation and cannot be chosen
+    assert rec.complete_rounds() == [1, 3]
+    # c failed the train task of round 3, which would have carried its evaluation of round 2
+    rec.set_failures([{"site": "c", "round": 3, "task": "train", "reason": "site c: disk full"}])
+    assert rec.complete_rounds() == [1, 2, 3]
+    res = rec.results()
+    assert res["selected_round"] == 2  # mean val over a and b: 0.75 > 0.7
+    assert set(res["rounds"][1]["metrics"]) == {"a", "b"}  # nothing filled in for c
+    assert res["final"]["per_site"]["c"] == {"test_acc": None, "test_auroc": None}
+    assert res["final"]["mean_acc"] == pytest.approx(0.75) and res["final"]["worst_acc"] == pytest.approx(0.6)
+    assert res["failures"] == [{"site": "c", "round": 3, "task": "train", "reason": "site c: disk full"}]
