@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from medsilo.benchmarks.htfl import BACKBONES
-from medsilo.benchmarks.runner import RESULTS, WORK, run_variants, save
-from medsilo.medical.synth import SynthRequest, synthesize
+from medsilo.benchmarks.htfl import backbones
+from medsilo.benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run_variants, save
 from medsilo.secure.dp import noise_for_epsilon
 
 DELTA = 1e-5
@@ -36,24 +34,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 4.0, 8.0])
     parser.add_argument("--clip", type=float, default=1.0, help="L2 bound of each feature vector")
-    parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--images-per-site", type=int, default=600)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_hospital_args(parser, rounds=10)
     args = parser.parse_args(argv)
 
-    req = SynthRequest("cxr", args.sites, args.images_per_site, seed=args.seed, dirichlet_alpha=1.0, shift=1.0)
-    sites_yml = synthesize(WORK / f"htfl_cxr_{args.sites}x{args.images_per_site}_a1_s1_seed{args.seed}", req,
-                           force=False)  # fmt: skip
-    models = {f"hospital-{i + 1}": BACKBONES[i % len(BACKBONES)] for i in range(args.sites)}
-    base = dict(modality="cxr", classes=list(req.class_names()), dataset="cxr", image_size=args.image_size,
-                model=models, feature_dim=64, seed=args.seed, algorithm={"name": "fedproto"},
-                training={"rounds": args.rounds, "local_epochs": 1, "batch_size": args.batch_size, "lr": args.lr,
-                          "optimizer": "sgd", "momentum": 0.9})  # fmt: skip
+    req, sites_yml = hospitals(args, "htfl")  # the HtFL benchmark's hospitals (cached, shared)
+    models = backbones(args.sites)
+    base = base_spec(args, req, model=models, algorithm={"name": "fedproto"})
 
     def dp(sigma: float) -> dict:
         return {"privacy": {"mode": "dp", "dp": {"noise_multiplier": sigma, "clip": args.clip, "delta": DELTA}}}

@@ -20,10 +20,16 @@ It prints a Markdown table (with upload and download KiB per site per round) and
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from medsilo.benchmarks.runner import RESULTS, WORK, markdown, run_variants, save
-from medsilo.medical.synth import SynthRequest, synthesize
+from medsilo.benchmarks.runner import (
+    WORK,
+    add_hospital_args,
+    base_spec,
+    hospitals,
+    markdown,
+    run_variants,
+    save,
+)
 
 BACKBONES = ("cnn", "resnet10-lite", "densenet-lite")
 VARIANTS: dict[str, dict] = {
@@ -38,32 +44,21 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def backbones(sites: int) -> dict[str, str]:
+    """Site → backbone, cycling through the three families."""
+    return {f"hospital-{i + 1}": BACKBONES[i % len(BACKBONES)] for i in range(sites)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="NAME",
                         help=f"subset of: {', '.join(VARIANTS)} (quote names with spaces)")  # fmt: skip
-    parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--images-per-site", type=int, default=600)
-    parser.add_argument("--dirichlet-alpha", type=float, default=1.0)
-    parser.add_argument("--shift", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_hospital_args(parser)
     args = parser.parse_args(argv)
 
-    req = SynthRequest("cxr", args.sites, args.images_per_site, seed=args.seed, dirichlet_alpha=args.dirichlet_alpha,
-                       shift=args.shift)  # fmt: skip
-    tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_s{args.shift:g}_seed{args.seed}"
-    sites_yml = synthesize(WORK / f"htfl_cxr_{tag}", req, force=False)
-    sites = [f"hospital-{i + 1}" for i in range(args.sites)]
-    models = {site: BACKBONES[i % len(BACKBONES)] for i, site in enumerate(sites)}
-    base = dict(modality="cxr", classes=list(req.class_names()), dataset="cxr", image_size=args.image_size,
-                model=models, feature_dim=64, seed=args.seed,
-                training={"rounds": args.rounds, "local_epochs": 1, "batch_size": args.batch_size, "lr": args.lr,
-                          "optimizer": "sgd", "momentum": 0.9})  # fmt: skip
+    req, sites_yml = hospitals(args, "htfl")
+    models = backbones(args.sites)
+    base = base_spec(args, req, model=models)
     variants = {label: {"algorithm": VARIANTS[label]} for label in args.variants}
     runs = run_variants(variants, base, sites_yml, WORK / "htfl_runs")
     settings = {k: v for k, v in vars(args).items() if k != "out"} | {"models": models}

@@ -17,38 +17,28 @@ It prints a Markdown table and writes ``benchmarks/results/pfl_cxr_seed<SEED>.js
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from medsilo.benchmarks.runner import RESULTS, WORK, markdown, run_variants, save
+from medsilo.benchmarks.runner import (
+    WORK,
+    add_hospital_args,
+    base_spec,
+    hospitals,
+    markdown,
+    run_variants,
+    save,
+)
 from medsilo.components.algorithms import PFL_ALGORITHMS
-from medsilo.medical.synth import SynthRequest, synthesize
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algorithms", nargs="+", default=list(PFL_ALGORITHMS), choices=PFL_ALGORITHMS,
                         metavar="NAME")  # fmt: skip
-    parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--images-per-site", type=int, default=600)
-    parser.add_argument("--dirichlet-alpha", type=float, default=1.0)
-    parser.add_argument("--shift", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_hospital_args(parser)
     args = parser.parse_args(argv)
 
-    req = SynthRequest("cxr", args.sites, args.images_per_site, seed=args.seed, dirichlet_alpha=args.dirichlet_alpha,
-                       shift=args.shift)  # fmt: skip
-    tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_s{args.shift:g}_seed{args.seed}"
-    sites_yml = synthesize(WORK / f"pfl_cxr_{tag}", req, force=True)
-    base = dict(modality="cxr", classes=list(req.class_names()), dataset="cxr", image_size=args.image_size,
-                model="cnn", feature_dim=64, seed=args.seed,
-                training={"rounds": args.rounds, "local_epochs": args.local_epochs, "batch_size": args.batch_size,
-                          "lr": args.lr, "optimizer": "sgd", "momentum": 0.9})  # fmt: skip
+    req, sites_yml = hospitals(args, "pfl", force=True)
+    base = base_spec(args, req)
     variants = {name: {"algorithm": {"name": name}} for name in args.algorithms}
     runs = run_variants(variants, base, sites_yml, WORK / "pfl_runs")
     settings = {k: v for k, v in vars(args).items() if k != "out"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import time
@@ -10,10 +11,42 @@ from typing import Any
 
 from medsilo.config import JobSpec
 from medsilo.jobs.simulate import run_simulation
+from medsilo.medical.synth import SynthRequest, synthesize
 from medsilo.report import summary_row, write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / "work"
+
+
+def add_hospital_args(parser: argparse.ArgumentParser, *, rounds: int = 20) -> None:
+    """The options every simulator benchmark on synthetic CXR hospitals shares (data, training, output)."""
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--images-per-site", type=int, default=600)
+    parser.add_argument("--dirichlet-alpha", type=float, default=1.0)
+    parser.add_argument("--shift", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+def hospitals(args: argparse.Namespace, prefix: str, *, force: bool = False) -> tuple[SynthRequest, Path]:
+    """Synthesize (or reuse, cached under ``WORK/<prefix>_cxr_<settings>``) the hospitals ``args`` describe."""
+    req = SynthRequest("cxr", args.sites, args.images_per_site, seed=args.seed, dirichlet_alpha=args.dirichlet_alpha,
+                       shift=args.shift)  # fmt: skip
+    tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_s{args.shift:g}_seed{args.seed}"
+    return req, synthesize(WORK / f"{prefix}_cxr_{tag}", req, force=force)
+
+
+def base_spec(args: argparse.Namespace, req: SynthRequest, model: Any = "cnn", **fields: Any) -> dict[str, Any]:
+    """Job-spec fields shared by every variant: data, model, SGD (momentum 0.9) training from ``args``."""
+    return dict(modality="cxr", classes=list(req.class_names()), dataset="cxr", image_size=args.image_size,
+                model=model, feature_dim=64, seed=args.seed,
+                training={"rounds": args.rounds, "local_epochs": args.local_epochs, "batch_size": args.batch_size,
+                          "lr": args.lr, "optimizer": "sgd", "momentum": 0.9}, **fields)  # fmt: skip
 
 
 def run_variants(variants: dict[str, dict[str, Any]], base: dict[str, Any], sites_yml: Path,
