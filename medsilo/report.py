@@ -39,6 +39,24 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return data
 
 
+PAGE_STYLE = """body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1100px; }
+table { border-collapse: collapse; margin: 0.8rem 0 1.6rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f5f7; }
+.note { color: #555; font-size: 0.9rem; }
+.alarm { background: #fde2e2; border: 3px solid #c00; color: #900; padding: 0.8rem 1rem; }
+code { font-size: 0.8rem; }"""
+"""The stylesheet of medsilo's self-contained HTML pages (run reports and audit reports)."""
+
+
+def page_head(title: str) -> str:
+    """``<!doctype html>`` up to and including the ``<h1>`` of a medsilo HTML page."""
+    esc = html.escape(title)
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc}</title>\n'
+            f"<style>\n{PAGE_STYLE}\n</style></head><body>\n<h1>{esc}</h1>")  # fmt: skip
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -138,17 +156,7 @@ def render_html(runs: list[dict[str, Any]], title: str = "medsilo report") -> st
     failed = [f"{esc(r.get('label', r['job']))}: round {f['round']} ({esc(f['task'])}) continued without "
               f"{esc(f['site'])}: {esc(f['reason'])}" for r in runs for f in (r.get("failures") or [])]  # fmt: skip
     notes = "".join(f'<p class="note">{line}</p>' for line in synthetic + refused + failed)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1100px; }}
-table {{ border-collapse: collapse; margin: 0.8rem 0 1.6rem; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-th {{ background: #f3f5f7; }}
-.note {{ color: #555; font-size: 0.9rem; }}
-</style></head><body>
-<h1>{esc(title)}</h1>
+    return f"""{page_head(title)}
 <p class="note">Job {esc(runs[0]['job'])} · sites: {len(sites)} · models: {models} · privacy: {privacy} · generated {stamp}</p>
 {notes}
 <h2>Comparison</h2>

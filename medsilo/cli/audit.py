@@ -439,19 +439,9 @@ def render_html(summary: dict[str, Any], title: str = "medsilo privacy audit") -
                     f"{esc(', '.join(a['files']))}; first {len(a['sample'])}:</p><ul>{sample}</ul>"
                 )
     body = "\n".join(parts)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1100px; }}
-table {{ border-collapse: collapse; margin: 0.8rem 0 1.6rem; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-th {{ background: #f3f5f7; }}
-.note {{ color: #555; font-size: 0.9rem; }}
-.alarm {{ background: #fde2e2; border: 3px solid #c00; color: #900; padding: 0.8rem 1rem; }}
-code {{ font-size: 0.8rem; }}
-</style></head><body>
-<h1>{esc(title)}</h1>
+    from medsilo.report import page_head
+
+    return f"""{page_head(title)}
 {body}
 </body></html>
 """
