@@ -33,7 +33,7 @@ from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
 from medsilo.errors import MedsiloError
 from medsilo.secure.guard import commit_encrypted_upload, site_ledger
@@ -60,11 +60,26 @@ def _workspace(fl_ctx: FLContext) -> str:
     return ws.get_root_dir() if ws is not None else "."
 
 
-class CKKSEncryptor(DXOFilter):
-    """Site task-result filter: encrypt and sign the upload (see module docstring)."""
+def _applies(tasks: list[str] | None, shareable: Shareable, fl_ctx: FLContext) -> bool:
+    """Whether a filter limited to ``tasks`` acts on this task (unknown task name: it acts — fail closed)."""
+    if tasks is None:
+        return True
+    name = fl_ctx.get_prop(FLContextKey.TASK_NAME) or shareable.get_header(ReservedHeaderKey.TASK_NAME)
+    return name is None or name in tasks
 
-    def __init__(self):
+
+class CKKSEncryptor(DXOFilter):
+    """Site task-result filter: encrypt and sign the upload (see module docstring).
+
+    Args:
+        tasks: task names whose results it encrypts (``None``: every task it is attached to). A site's
+            ``privacy.json`` scope applies filters to every task, so it lists ``["train"]`` there: the
+            ``evaluate`` reply carries no tensors and a ``release`` reply is a released aggregate.
+    """
+
+    def __init__(self, tasks: list[str] | None = None):
         super().__init__(supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS])
+        self.tasks = tasks  # attribute name must equal the argument name for NVFlare's job export
         self._ctx = None
         self._key = None
 
@@ -75,7 +90,7 @@ class CKKSEncryptor(DXOFilter):
         from medsilo.secure.ckks import encrypt
         from medsilo.secure.release import sign_contribution
 
-        if dxo.get_meta_prop("error") or not dxo.data:
+        if dxo.get_meta_prop("error") or not dxo.data or not _applies(self.tasks, shareable, fl_ctx):
             return None
         if CKKS_PARAM in dxo.data:
             return None  # already encrypted (the filter is pinned by the site and added by the job)
@@ -105,17 +120,22 @@ class CKKSEncryptor(DXOFilter):
 
 
 class CKKSDecryptor(DXOFilter):
-    """Site task-data filter: decrypt an encrypted aggregate (plaintext payloads pass through)."""
+    """Site task-data filter: decrypt an encrypted aggregate (plaintext payloads pass through).
 
-    def __init__(self):
+    Args:
+        tasks: task names whose data it decrypts (``None``: every task it is attached to).
+    """
+
+    def __init__(self, tasks: list[str] | None = None):
         super().__init__(supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS])
+        self.tasks = tasks
         self._ctx = None
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         from medsilo.secure import keys
         from medsilo.secure.ckks import EncryptedUpload, decrypt
 
-        if not dxo.data or CKKS_PARAM not in dxo.data:
+        if not dxo.data or CKKS_PARAM not in dxo.data or not _applies(self.tasks, shareable, fl_ctx):
             return None
         site = fl_ctx.get_identity_name()
         try:

@@ -137,6 +137,21 @@ def describe_upload(arrays: dict[str, Any], encrypted: bool, scheme: dict | None
             "encrypted": encrypted, "scheme": scheme}  # fmt: skip
 
 
+def budget_accountant(site: str, ledger_path: str | Path, budget, delta: float = 1e-5) -> PrivacyAccountant:
+    """The site's accountant replayed from the DP events its ledger charged to the budget's scope.
+
+    Args:
+        site: the site's name.
+        ledger_path: its ledger file.
+        budget: its :class:`~medsilo.config.site.Budget`, or ``None`` (no cap; scope ``network``).
+        delta: δ at which ε is reported when there is no budget.
+    """
+    scope = budget.scope if budget else "network"
+    past = [event_from_json(c["event"]) for c in costs(ledger_path, scope) if c.get("event")]
+    return PrivacyAccountant.from_events(past, budget.delta if budget else delta, site=site, scope=scope,
+                                         cap_epsilon=budget.epsilon if budget else None)  # fmt: skip
+
+
 class _Budget:
     """A site's ledger and DP budget cap: the running total comes from the verified ledger every time."""
 
@@ -152,8 +167,7 @@ class _Budget:
         return self.budget.epsilon if self.budget else None
 
     def _accountant(self) -> PrivacyAccountant:
-        past = [event_from_json(c["event"]) for c in costs(self.ledger.path, self.scope) if c.get("event")]
-        return PrivacyAccountant.from_events(past, self.delta, site=self.site, scope=self.scope, cap_epsilon=self.cap)
+        return budget_accountant(self.site, self.ledger.path, self.budget, self.delta)
 
     def _refuse(self, rnd: int, exc: BudgetExceeded, what: dict[str, Any]) -> None:
         self.ledger.append("refusal", job=self.job_id, round=rnd, what={**what, "sent": False},

@@ -13,7 +13,7 @@ import sys
 from medsilo import __version__
 from medsilo.errors import MedsiloError
 
-COMMANDS: tuple[str, ...] = ("demo", "synth", "job", "sim", "report", "audit", "pcevolve")
+COMMANDS: tuple[str, ...] = ("demo", "synth", "job", "sim", "report", "audit", "pcevolve", "provision", "site", "poc")
 """Sub-command modules under ``medsilo.cli``, in ``--help`` order."""
 
 

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
@@ -145,3 +145,20 @@ def test_an_upload_the_ledger_would_not_show_is_not_sent(he_dir):
     params = {"proto_sum": np.ones((3, 4), np.float32)}
     out = FLModelUtils.from_shareable(CKKSEncryptor().process(_shareable(params, {"round": 2}), _ctx(SITES[0])))
     assert out.params == {} and "no privacy-ledger entry was prepared for job job-1 round 2" in out.meta["error"]
+
+
+def test_site_scope_filters_act_only_on_their_tasks(he_dir):
+    # a site's privacy.json scope applies its filters to every task: limited to train, the encryptor
+    # leaves the evaluate reply and the plaintext aggregate a release returns as they are
+    params = {"sum": np.ones((2, 3), np.float32)}
+    for task, encrypted in (("evaluate", False), ("release", False), ("train", True)):
+        ctx = _ctx("hospital-1")
+        ctx.set_prop(FLContextKey.TASK_NAME, task, private=True, sticky=False)
+        if encrypted:
+            _prepared("hospital-1", 1, params)
+        out = _params(CKKSEncryptor(tasks=["train"]).process(_shareable(params, {"round": 1}), ctx))
+        assert (CKKS_PARAM in out) is encrypted
+    ctx = _ctx("hospital-1")
+    ctx.set_prop(FLContextKey.TASK_NAME, "release", private=True, sticky=False)
+    request = {CKKS_PARAM: np.zeros(4, np.uint8)}  # would fail to parse if the decryptor touched it
+    assert CKKS_PARAM in _params(CKKSDecryptor(tasks=["train", "evaluate"]).process(_shareable(request, {}), ctx))

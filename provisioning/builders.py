@@ -1,0 +1,197 @@
+"""medsilo's NVFlare provisioning builders: what each startup kit carries beyond NVFlare's defaults.
+
+They run inside NVFlare's own provisioner (``nvflare provision`` or ``medsilo provision``), in the order
+:func:`medsilo.provisioning.network.project_dict` lists them:
+
+* :class:`MedsiloHEBuilder` — NVFlare's ``HEBuilder`` with one change: the key set is medsilo's public-key
+  CKKS context (:func:`medsilo.secure.ckks.make_context`), so sites can *encrypt* with a public key that
+  the server file also holds and a foreign key set is detectable. The server kit gets
+  ``startup/server_context.tenseal`` (public: no secret key), every site kit
+  ``startup/client_context.tenseal`` (secret, mode 0600). Same file names as NVFlare's, so
+  ``SignatureBuilder`` signs them and a changed context makes the kit refuse to start.
+* :class:`SitePolicyBuilder` — into every kit's ``local/``: ``authorization.json`` (roles → rights; the
+  ``auditor`` role may only view; custom code (BYOC) is refused for every role), ``resources.json``
+  (NVFlare's defaults with the class allow-list extended by ``medsilo.`` and, on the server, job and
+  snapshot storage inside the workspace instead of ``/tmp/nvflare``); into each site kit
+  ``privacy.json`` (the site-enforced scope: CKKS filters when the site requires encryption) and a
+  ``medsilo_site.yml`` template for hospital IT to fill in.
+* :class:`PeerCertsBuilder` — into each site kit ``startup/peers/<site>.crt``: every site's certificate,
+  which a site uses to check who signed the contributions of an aggregate before releasing it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nvflare.lighter.constants import ProvFileName
+from nvflare.lighter.impl.he import HEBuilder
+from nvflare.lighter.spec import Builder, Project, ProvisionContext
+
+from medsilo.config.common import PRIVACY_STRENGTH
+
+ALLOWED_PACKAGE = "medsilo."
+"""Class-path prefix added to every kit's class allow-list (medsilo components are pre-installed)."""
+PRIVACY_SCOPE = "medsilo"
+"""Name of the privacy scope written into each site's ``privacy.json`` (its default scope)."""
+SITE_TEMPLATE = "medsilo_site.yml"
+
+_NO_BYOC = {"byoc": "none", "server-predeployed-flwr": "none"}
+AUTHORIZATION = {
+    "format_version": "1.0",
+    "permissions": {
+        # every role is an explicit dict: NVFlare's "any" would also grant byoc
+        "project_admin": {"submit_job": "any", "clone_job": "any", "manage_job": "any", "download_job": "any",
+                          "view": "any", "operate": "any", "shell_commands": "any", **_NO_BYOC},
+        "org_admin": {"submit_job": "none", "clone_job": "none", "manage_job": "o:submitter",
+                      "download_job": "o:submitter", "view": "any", "operate": "o:site", "shell_commands": "o:site",
+                      **_NO_BYOC},
+        "lead": {"submit_job": "any", "clone_job": "n:submitter", "manage_job": "n:submitter",
+                 "download_job": "n:submitter", "view": "any", "operate": "o:site", "shell_commands": "o:site",
+                 **_NO_BYOC},
+        "member": {"submit_job": "none", "clone_job": "none", "manage_job": "none", "download_job": "none",
+                   "view": "any", "operate": "none", "shell_commands": "none", **_NO_BYOC},
+        "auditor": {"submit_job": "none", "clone_job": "none", "manage_job": "none", "download_job": "none",
+                    "view": "any", "operate": "none", "shell_commands": "none", **_NO_BYOC},
+    },
+}  # fmt: skip
+"""Rights per role, the same in every kit (each party enforces its own copy)."""
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+class MedsiloHEBuilder(HEBuilder):
+    """NVFlare's HE builder writing medsilo's public-key CKKS contexts (module docstring).
+
+    Args:
+        poly_modulus_degree: N of the key set (4096, 8192 or 16384).
+    """
+
+    def __init__(self, poly_modulus_degree: int = 8192):
+        super().__init__(poly_modulus_degree=poly_modulus_degree)
+
+    def initialize(self, project: Project, ctx: ProvisionContext):
+        from medsilo.secure.ckks import make_context
+
+        self._context = make_context(self.poly_modulus_degree)
+
+    def build(self, project: Project, ctx: ProvisionContext):
+        from medsilo.secure.ckks import save_context
+
+        server = project.get_server()
+        if server:
+            save_context(self._context, Path(ctx.get_kit_dir(server)) / ProvFileName.SERVER_CONTEXT_TENSEAL,
+                         secret=False)  # fmt: skip
+        for client in project.get_clients():
+            save_context(self._context, Path(ctx.get_kit_dir(client)) / ProvFileName.CLIENT_CONTEXT_TENSEAL,
+                         secret=True)  # fmt: skip
+
+
+class SitePolicyBuilder(Builder):
+    """Authorization, allow-list, storage, privacy scope and site config template (module docstring).
+
+    Args:
+        required_modes: hospital name → least privacy mode it accepts (``none``, ``dp``, ``ckks``, ``ckks+dp``).
+        min_contributors: written into each site config template (``privacy.min_contributors``).
+        server_storage: absolute folder for the server's job and snapshot storage (NVFlare requires absolute
+            paths). Default: ``storage/`` inside the server kit where this provisioning run writes it
+            (``prod_NN/server/storage``); set it when the kit will run from another place.
+    """
+
+    def __init__(self, required_modes: dict | None = None, min_contributors: int = 2,
+                 server_storage: str | None = None):
+        self.required_modes = dict(required_modes or {})
+        self.min_contributors = min_contributors
+        self.server_storage = server_storage
+
+    def build(self, project: Project, ctx: ProvisionContext):
+        from nvflare.lighter.constants import CtxKey
+
+        server = project.get_server()
+        if server:
+            # the kit's final place: WorkspaceBuilder moves the work folder to prod_<last + 1> at the end
+            stage = f"prod_{ctx[CtxKey.LAST_PROD_STAGE] + 1:02d}"
+            storage = self.server_storage or os.path.join(ctx.get_workspace(), stage, server.name, "storage")
+            self._common(Path(ctx.get_local_dir(server)), storage=storage)
+        for client in project.get_clients():
+            local = Path(ctx.get_local_dir(client))
+            self._common(local)
+            mode = self.required_modes.get(client.name, "none")
+            _write_json(local / "privacy.json", privacy_scope(mode))
+            (local / SITE_TEMPLATE).write_text(site_template(client.name, project.name, mode, self.min_contributors))
+
+    @staticmethod
+    def _common(local: Path, storage: str | None = None) -> None:
+        from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+        _write_json(local / "authorization.json", AUTHORIZATION)
+        resources = json.loads((local / "resources.json.default").read_text())
+        resources["class_allow_list"] = [*DEFAULT_CLASS_ALLOW_LIST, ALLOWED_PACKAGE]
+        resources["class_list_enforcement_mode"] = "enforce"
+        if storage:  # the server: jobs and snapshots off the host-wide /tmp/nvflare default
+            resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] = f"{storage}/snapshots"
+            for comp in resources["components"]:
+                if comp["id"] == "job_manager":
+                    comp["args"]["uri_root"] = f"{storage}/jobs"
+        _write_json(local / "resources.json", resources)
+
+
+def privacy_scope(required_mode: str) -> dict:
+    """The site's ``privacy.json``: one default scope; CKKS filters in it when the mode includes ``ckks``.
+
+    Site-scope filters run before a job's own filters (NVFlare applies the scope's first), so the upload is
+    encrypted here even when a job configures no encryption; medsilo's filters pass an already encrypted
+    payload through, so a ``ckks`` job that also lists them encrypts once.
+    """
+    scope: dict = {"name": PRIVACY_SCOPE, "properties": {"required_mode": required_mode}}
+    if "ckks" in PRIVACY_STRENGTH[required_mode]:
+        scope["task_result_filters"] = [
+            {"path": "medsilo.secure.filters.CKKSEncryptor", "args": {"tasks": ["train"]}}
+        ]
+        scope["task_data_filters"] = [
+            {"path": "medsilo.secure.filters.CKKSDecryptor", "args": {"tasks": ["train", "evaluate"]}}
+        ]
+    return {"scopes": [scope], "default_scope": PRIVACY_SCOPE}
+
+
+def site_template(site: str, project: str, required_mode: str, min_contributors: int) -> str:
+    """The ``local/medsilo_site.yml`` a site kit starts with: valid YAML whose dataset path is to be filled in."""
+    return f"""\
+# medsilo site config for {site} (network {project}); read by medsilo at this site only.
+# Hospital IT: point each dataset at its manifest on this machine (CSV path,label[,patient_id,split];
+# relative paths resolve against this folder), then run:  medsilo site check --kit <this kit folder>
+site: {site}
+datasets:
+  cxr: {{manifest: /path/to/cxr/manifest.csv, modality: cxr}}   # FILL IN
+privacy:
+  required_mode: {required_mode}        # least protection accepted (set by the network; may be raised)
+  min_contributors: {min_contributors}  # signed sites an aggregate needs before this site releases it
+  # allowed_algorithms: [fedavg, fedproto]
+  # budget: {{epsilon: 8.0, delta: 1.0e-5}}   # differential-privacy cap across jobs
+data:
+  max_unreadable_fraction: 0.05
+  allow_identifiable_dicom: false
+compute: {{threads: 2, device: cpu}}
+"""
+
+
+class PeerCertsBuilder(Builder):
+    """Copy every site's certificate into each site kit's ``startup/peers/`` (after ``CertBuilder``)."""
+
+    def build(self, project: Project, ctx: ProvisionContext):
+        clients = project.get_clients()
+        certs = {}
+        for client in clients:
+            cert = Path(ctx.get_kit_dir(client)) / "client.crt"
+            if not cert.is_file():
+                raise RuntimeError(f"{cert}: missing; PeerCertsBuilder must come after CertBuilder")
+            certs[client.name] = cert.read_bytes()
+        for client in clients:
+            peers = Path(ctx.get_kit_dir(client)) / "peers"
+            peers.mkdir(exist_ok=True)
+            for name, data in certs.items():
+                (peers / f"{name}.crt").write_bytes(data)
+            os.chmod(peers, 0o755)

@@ -1,0 +1,279 @@
+"""``medsilo site check --kit SITE_KIT``: everything a hospital's IT checks before starting its site.
+
+Each check gives one row (``ok``, ``warn`` or ``fail``) with a short detail; the command prints the table
+and exits non-zero when any row fails. Checks, in order:
+
+* **kit** — the NVFlare startup files are there, the site certificate is issued by the kit's root CA,
+  and the files NVFlare signed at provisioning (``startup/signature.json``) are unchanged: a changed
+  startup file makes NVFlare refuse to start the site, so it is caught here first.
+* **site config** — ``local/medsilo_site.yml`` is valid and names this kit's site.
+* **dataset NAME** — per dataset: the manifest parses, every image is read the way a job reads it
+  (counts per class and split), and unreadable files stay under ``data.max_unreadable_fraction``.
+* **de-identification NAME** — chest X-ray datasets: no DICOM still has identifying attributes filled
+  in (listed by attribute keyword and file, never by value) unless the site allows it.
+* **HE context** — ``startup/client_context.tenseal`` is a medsilo CKKS context with the secret key
+  that encrypts and decrypts, and ``startup/peers/`` holds this site's own certificate. A missing
+  context fails when the site requires ``ckks``, and warns otherwise (``ckks`` jobs would be refused).
+* **ledger** — the workspace is writable and ``privacy_ledger.jsonl`` (if any) verifies against the
+  root CA: every chain link and signature.
+* **budget** — ε spent in the site's budget scope, from the verified ledger, against its cap.
+* **software** — medsilo, NVFlare and TenSEAL versions; NVFlare must satisfy medsilo's requirement.
+
+Nothing is written except a temporary file probing that the workspace is writable.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from medsilo.errors import MedsiloError
+
+Status = Literal["ok", "warn", "fail"]
+STARTUP_FILES = ("fed_client.json", "client.crt", "client.key", "rootCA.pem")
+SHOWN = 3
+"""Files named per problem in a row's detail (the rest are counted)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the preflight table."""
+
+    name: str
+    status: Status
+    detail: str
+
+
+def check_kit(kit: str | Path, *, progress: bool = True) -> list[Check]:
+    """Run every check on the site kit folder ``kit`` (module docstring); returns the rows in order.
+
+    Raises:
+        MedsiloError: ``kit`` is not a folder.
+    """
+    kit = Path(kit).resolve()
+    if not kit.is_dir():
+        raise MedsiloError(f"{kit}: not a folder; pass a site's startup kit (the folder holding startup/ and local/)")
+    rows: list[Check] = []
+    site = _check_kit_files(kit, rows)
+    config = _check_config(kit, site, rows)
+    if config is not None:
+        for name, ref in config.datasets.items():
+            _check_dataset(name, ref, config, rows, progress)
+    _check_he(kit, site, config, rows)
+    _check_ledger(kit, site, config, rows)
+    _check_software(rows)
+    return rows
+
+
+def _check_kit_files(kit: Path, rows: list[Check]) -> str | None:
+    from cryptography import x509
+    from nvflare.lighter.utils import verify_folder_signature
+
+    startup = kit / "startup"
+    missing = [f for f in STARTUP_FILES if not (startup / f).is_file()]
+    if missing:
+        rows.append(Check("kit", "fail", f"{startup}: missing {', '.join(missing)}; this is not a site startup kit "
+                                         "(re-extract the kit the coordinator sent)"))  # fmt: skip
+        return None
+    cert = x509.load_pem_x509_certificate((startup / "client.crt").read_bytes())
+    root = x509.load_pem_x509_certificate((startup / "rootCA.pem").read_bytes())
+    site = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    try:
+        cert.verify_directly_issued_by(root)
+    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no message of its own
+        rows.append(Check("kit", "fail", f"{startup / 'client.crt'}: not issued by {startup / 'rootCA.pem'} "
+                                         f"({type(exc).__name__}); the kit mixes two provisioning runs"))  # fmt: skip
+        return site
+    signed = (startup / "signature.json").is_file()
+    if signed and not verify_folder_signature(str(startup), str(startup / "rootCA.pem"), single_signer=True,
+                                              signature_file="signature.json"):
+        rows.append(Check("kit", "fail", f"{startup}: a startup file differs from what was provisioned "
+                                         "(signature.json); NVFlare will refuse to start — restore the original kit"))
+        return site
+    rows.append(Check("kit", "ok", f"site {site}, certificate issued by the kit's root CA, startup files unchanged"))
+    return site
+
+
+def _check_config(kit: Path, site: str | None, rows: list[Check]):
+    from medsilo.config import load_site_config
+
+    path = kit / "local" / "medsilo_site.yml"
+    try:
+        config = load_site_config(path)
+    except MedsiloError as exc:
+        rows.append(Check("site config", "fail", str(exc)))
+        return None
+    if site is not None and config.site != site:
+        rows.append(Check("site config", "fail", f"{path}: site: '{config.site}' but this kit belongs to '{site}'"))
+        return None
+    rows.append(Check("site config", "ok", f"{path}: {len(config.datasets)} dataset(s), privacy mode ≥ "
+                                           f"{config.privacy.required_mode}"))  # fmt: skip
+    return config
+
+
+def _check_dataset(name: str, ref, config, rows: list[Check], progress: bool) -> None:
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from medsilo.config import read_manifest
+    from medsilo.medical.data.dataset import MODALITIES
+    from medsilo.medical.data.readers import IdentifyingImage, UnreadableImage
+
+    try:
+        manifest = read_manifest(ref.manifest)
+    except MedsiloError as exc:
+        rows.append(Check(f"dataset {name}", "fail", str(exc)))
+        return
+    spec = MODALITIES[ref.modality]
+    allow = config.data.allow_identifiable_dicom
+    reader = spec["reader"](allow) if spec["identifiable_arg"] else spec["reader"]()
+    counts: Counter = Counter()
+    unreadable: list[UnreadableImage] = []
+    identifying: list[IdentifyingImage] = []
+    for row in tqdm(manifest.rows, desc=f"check {name}", unit="img", disable=not progress, leave=False):
+        try:
+            reader(row.path)
+        except IdentifyingImage as exc:
+            identifying.append(exc)
+            continue
+        except UnreadableImage as exc:
+            unreadable.append(exc)
+            continue
+        counts[(row.split, manifest.classes[row.label])] += 1
+    total = len(manifest.rows)
+    table = "; ".join(
+        f"{split}: " + ", ".join(f"{c} {counts[(split, c)]}" for c in manifest.classes) for split in ("train", "val", "test")
+    )
+    limit = config.data.max_unreadable_fraction
+    if unreadable and len(unreadable) / total > limit:
+        rows.append(Check(f"dataset {name}", "fail", f"{ref.manifest}: {len(unreadable)} of {total} files unreadable "
+                                                     f"(limit {limit:.0%}): {_first(unreadable)}"))  # fmt: skip
+    elif empty := [sp for sp in ("train", "val", "test") if not any(counts[(sp, c)] for c in manifest.classes)]:
+        rows.append(Check(f"dataset {name}", "fail", f"{ref.manifest}: no readable image in split(s) "
+                                                     f"{', '.join(empty)}; every split needs images ({table})"))  # fmt: skip
+    else:
+        note = f", {len(unreadable)} unreadable skipped: {_first(unreadable)}" if unreadable else ""
+        rows.append(Check(f"dataset {name}", "warn" if unreadable else "ok",
+                          f"{ref.manifest}: {total - len(unreadable) - len(identifying)} images ({table}){note}"))  # fmt: skip
+    if ref.modality == "cxr":
+        if identifying:
+            keywords = sorted({k for exc in identifying for k in exc.keywords})
+            rows.append(Check(f"de-identification {name}", "fail",
+                              f"{len(identifying)} DICOM file(s) with identifying attributes filled in "
+                              f"({', '.join(keywords)}): {', '.join(e.path for e in identifying[:SHOWN])}"
+                              f"{' …' if len(identifying) > SHOWN else ''}; de-identify them (or set "
+                              "data.allow_identifiable_dicom: true if your governance allows)"))  # fmt: skip
+        else:
+            rows.append(Check(f"de-identification {name}", "ok" if not allow else "warn",
+                              "no identifying DICOM attributes found" if not allow
+                              else "not checked: data.allow_identifiable_dicom is true"))  # fmt: skip
+
+
+def _first(failures: list) -> str:
+    shown = "; ".join(f"{f.path}: {f.reason}" for f in failures[:SHOWN])
+    return shown + (f"; … {len(failures) - SHOWN} more" if len(failures) > SHOWN else "")
+
+
+def _check_he(kit: Path, site: str | None, config, rows: list[Check]) -> None:
+    import torch
+
+    from medsilo.secure.ckks import CKKSError, decrypt, encrypt, fingerprint, load_context, parameters
+    from medsilo.secure.keys import CLIENT_CONTEXT
+
+    path = kit / "startup" / CLIENT_CONTEXT
+    required = config is not None and "ckks" in config.privacy.required_mode
+    if not path.is_file():
+        rows.append(Check("HE context", "fail" if required else "warn",
+                          f"{path}: missing; " + ("this site requires ckks, so it can run no job — re-provision "
+                                                  "the kit" if required else "ckks jobs will be refused here")))  # fmt: skip
+        return
+    try:
+        ctx = load_context(path, secret=True)
+        probe = {"probe": torch.arange(4, dtype=torch.float32)}
+        back = decrypt(ctx, encrypt(ctx, probe))["probe"]
+        if not torch.allclose(back, probe["probe"], atol=1e-3):
+            raise CKKSError(f"{path}: encrypt→decrypt does not give the values back; the context is damaged")
+    except CKKSError as exc:
+        rows.append(Check("HE context", "fail", str(exc)))
+        return
+    peers = kit / "startup" / "peers"
+    own = peers / f"{site}.crt"
+    if not own.is_file() or own.read_bytes() != (kit / "startup" / "client.crt").read_bytes():
+        rows.append(Check("HE context", "fail", f"{peers}: does not hold this site's certificate; aggregate releases "
+                                                "cannot check contributors — re-provision the kit"))  # fmt: skip
+        return
+    n_peers = len(list(peers.glob("*.crt")))
+    rows.append(Check("HE context", "ok", f"CKKS N={parameters(ctx)['poly_modulus_degree']}, key set "
+                                          f"{fingerprint(ctx)[:12]}, secret key present, encrypt→decrypt round trip "
+                                          f"exact; {n_peers} peer certificates"))
+
+
+def _check_ledger(kit: Path, site: str | None, config, rows: list[Check]) -> None:
+    from medsilo.secure.guard import budget_accountant
+    from medsilo.secure.ledger import LEDGER_FILE, verify_file
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=kit, prefix=".medsilo-write-probe-"):
+            pass
+    except OSError as exc:
+        rows.append(Check("ledger", "fail", f"{kit}: not writable ({exc.strerror}); the site must write its ledger here"))
+        return
+    path = kit / LEDGER_FILE
+    root = kit / "startup" / "rootCA.pem"
+    if not path.is_file():
+        rows.append(Check("ledger", "ok", f"{path}: none yet (created at the first job); workspace writable"))
+        ledger_ok = True
+    else:
+        try:
+            result = verify_file(path, root if root.is_file() else None)
+        except MedsiloError as exc:
+            rows.append(Check("ledger", "fail", str(exc)))
+            return
+        ledger_ok = result.ok
+        if result.ok:
+            rows.append(Check("ledger", "ok", f"{path}: {len(result.entries)} entries, chain and signatures valid"))
+        else:
+            p = result.problem
+            rows.append(Check("ledger", "fail", f"{p.file}:{p.line}: {p.reason}; the site refuses every job until "
+                                                "the original ledger is restored (keep this copy for the auditor)"))
+    if config is None or site is None:
+        return
+    budget = config.privacy.budget
+    if budget is None:
+        rows.append(Check("budget", "ok", "no differential-privacy cap set (privacy.budget)"))
+        return
+    if not ledger_ok:
+        rows.append(Check("budget", "fail", "cannot be derived: the ledger does not verify"))
+        return
+    spent = budget_accountant(site, path, budget).epsilon if path.is_file() else 0.0
+    left = budget.epsilon - spent
+    rows.append(Check("budget", "ok" if left > 0 else "fail",
+                      f"ε {spent:.2f} spent of {budget.epsilon:g} (scope {budget.scope}, δ {budget.delta:g}); "
+                      + (f"{left:.2f} left" if left > 0 else "exhausted: DP jobs will be refused")))  # fmt: skip
+
+
+def _check_software(rows: list[Check]) -> None:
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    try:
+        found = {p: version(p) for p in ("medsilo", "nvflare", "tenseal", "torch")}
+    except PackageNotFoundError as exc:
+        rows.append(Check("software", "fail", f"package {exc} is not installed; install medsilo with its dependencies"))
+        return
+    need = next((Requirement(r) for r in requires("medsilo") or [] if Requirement(r).name == "nvflare"), None)
+    detail = ", ".join(f"{p} {v}" for p, v in found.items())
+    if need is not None and not need.specifier.contains(found["nvflare"], prereleases=True):
+        rows.append(Check("software", "fail", f"{detail}; medsilo needs {need}: every party must run the same NVFlare"))
+        return
+    rows.append(Check("software", "ok", detail))
+
+
+def render(rows: list[Check]) -> str:
+    """The table printed by ``medsilo site check``."""
+    width = max(len(r.name) for r in rows)
+    return "\n".join(f"{r.name:<{width}}  {r.status.upper():<4}  {r.detail}" for r in rows)

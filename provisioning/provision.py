@@ -1,0 +1,95 @@
+"""``medsilo provision``: NETWORK.yml → NVFlare ``project.yml`` → startup kits, with NVFlare's own provisioner.
+
+Output layout (``OUT`` is ``--out``)::
+
+    OUT/project.yml                      # the NVFlare project written from NETWORK.yml (re-runnable by hand:
+                                         #   nvflare provision -p OUT/project.yml -w OUT)
+    OUT/<project>/state/cert.json        # the root CA and its PRIVATE key: keep it with the coordinator, never ship it
+    OUT/<project>/prod_NN/server/        # one ordinary NVFlare startup kit per participant
+    OUT/<project>/prod_NN/<hospital>/
+    OUT/<project>/prod_NN/<admin or auditor>/
+
+Re-provisioning the same ``OUT`` writes ``prod_NN+1`` with the same root CA (NVFlare keeps ``state/``), so
+certificates, and the privacy ledgers signed with them, keep verifying against one ``rootCA.pem``.
+After NVFlare has written the kits, private keys and the sites' secret CKKS contexts are made readable by
+their owner only (NVFlare leaves them 0644).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from medsilo.errors import MedsiloError
+from medsilo.provisioning.network import SERVER_NAME, NetworkSpec, load_network, project_dict
+
+SECRET_FILES = ("*.key", "client_context.tenseal")
+"""File patterns under ``startup/`` that only the kit's owner may read."""
+
+
+@dataclass(frozen=True)
+class Kits:
+    """Where ``provision`` put the kits of one run."""
+
+    network: NetworkSpec
+    prod_dir: Path
+
+    @property
+    def server(self) -> Path:
+        return self.prod_dir / SERVER_NAME
+
+    def site(self, name: str) -> Path:
+        return self.prod_dir / name
+
+    def admin(self, name: str | None = None) -> Path:
+        """An admin kit (default: the network's first submitter)."""
+        return self.prod_dir / (name or self.network.submitter().name)
+
+    @property
+    def root_ca(self) -> Path:
+        return self.server / "startup" / "rootCA.pem"
+
+
+def provision(network: NetworkSpec | str | Path, out: str | Path, *, quiet: bool = True) -> Kits:
+    """Write ``OUT/project.yml`` for ``network`` and run NVFlare provisioning into ``OUT``.
+
+    Args:
+        network: the parsed network, or the path of a ``NETWORK.yml``.
+        out: output folder (created).
+        quiet: keep NVFlare's provisioning chatter off the console (it is still returned in errors).
+
+    Raises:
+        MedsiloError: the network file is invalid, or NVFlare's provisioning failed (with its messages).
+    """
+    from nvflare.lighter.constants import CtxKey, WorkDir
+    from nvflare.lighter.prov_utils import prepare_builders, prepare_packager
+    from nvflare.lighter.provision import prepare_project
+    from nvflare.lighter.provisioner import Provisioner
+
+    if not isinstance(network, NetworkSpec):
+        network = load_network(network)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    project = project_dict(network)
+    (out / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
+    project["gen_scripts"] = False
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter) if quiet else contextlib.nullcontext():
+            prov = Provisioner(str(out), prepare_builders(project), prepare_packager(project))
+            ctx = prov.provision(prepare_project(project))
+    except (ValueError, RuntimeError) as exc:
+        raise MedsiloError(f"{out / 'project.yml'}: NVFlare provisioning refused the project: {exc}") from exc
+    if ctx.get(CtxKey.BUILD_ERROR) or not ctx.get(WorkDir.CURRENT_PROD_DIR):
+        errors = "; ".join(ctx.get(CtxKey.ERRORS, [])) or chatter.getvalue().strip()[-500:]
+        raise MedsiloError(f"{out / 'project.yml'}: NVFlare provisioning failed: {errors}")
+    kits = Kits(network, Path(ctx[WorkDir.CURRENT_PROD_DIR]))
+    for pattern in SECRET_FILES:
+        for path in kits.prod_dir.glob(f"*/startup/{pattern}"):
+            os.chmod(path, 0o600)
+    return kits
