@@ -54,6 +54,12 @@ def preflight(spec: JobSpec, sites: SitesFile) -> list[str]:
     names = list(sites.sites)
     for config in sites.site_configs().values():
         check_job(config, spec)
+    check_model_map(spec, names)
+    return names
+
+
+def check_model_map(spec: JobSpec, names: list[str]) -> None:
+    """A heterogeneous job's site → backbone map must name exactly the network's sites ``names``."""
     if spec.heterogeneous:
         missing = [s for s in names if s not in spec.model]
         unknown = [s for s in spec.model if s not in names]
@@ -62,7 +68,6 @@ def preflight(spec: JobSpec, sites: SitesFile) -> list[str]:
                 f"job '{spec.name}': model: the site → backbone map must cover exactly the sites "
                 f"{', '.join(names)}; missing {missing or 'none'}, unknown {unknown or 'none'}"
             )
-    return names
 
 
 def _prepare_run_dir(run_dir: Path) -> None:

@@ -60,11 +60,13 @@ def run_submit(args: argparse.Namespace) -> int:
     from medsilo.cli.summary import print_summary
     from medsilo.config import load_job_spec
     from medsilo.jobs.deploy import run_deployed
+    from medsilo.jobs.simulate import check_model_map
     from medsilo.provisioning.poc import admin_session, load_state
 
     spec = with_rounds(load_job_spec(args.spec), args.rounds)
     workspace = args.workspace.resolve()
     state = load_state(workspace)
+    check_model_map(spec, state["sites"])  # the sites check their own policies when the job reaches them
     with admin_session(workspace, args.user) as sess:
         results = run_deployed(
             spec, sess, job_root=workspace / "jobs", run_dir=args.out or workspace / "runs" / spec.name,

@@ -208,3 +208,8 @@ def test_poc_commands_name_the_missing_poc(tmp_path, capsys):
     assert f"{tmp_path / 'poc.json'}: no running POC here" in capsys.readouterr().err
     assert main(["poc", "down", "--workspace", str(tmp_path)]) == 0  # nothing to stop is not an error
     assert "no process of" in capsys.readouterr().out
+
+
+def test_the_shipped_example_network_is_valid():
+    network = load_network(Path(__file__).parents[2] / "provisioning" / "network.example.yml")
+    assert network.hospitals["hospital-1"].require == "ckks" and network.auditors
