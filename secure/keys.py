@@ -28,8 +28,10 @@ layout, not a security boundary.
     startup/peers/<site>.crt|.pem            site kit: the other sites' certificates / public keys
 
 The contexts must be medsilo's public-key CKKS contexts (:func:`medsilo.secure.ckks.make_context`);
-NVFlare's HE builder writes symmetric ones, which :mod:`medsilo.secure.ckks` refuses (they carry no
-public key, so a foreign key set could not be detected). Provisioning writes the files above.
+NVFlare's stock HE builder writes symmetric ones, which :mod:`medsilo.secure.ckks` refuses (they carry no
+public key, so a foreign key set could not be detected). ``medsilo provision`` writes the files above
+(:class:`medsilo.provisioning.builders.MedsiloHEBuilder`, :class:`~medsilo.provisioning.builders.PeerCertsBuilder`),
+and NVFlare signs them with the rest of ``startup/``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
-"""A site that fails every task: the job stops by default, and goes on without it under min_sites."""
+"""Sites that fail or straggle: the job stops by default, and goes on without them under min_sites."""
 
 from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +52,66 @@ def test_a_failing_site_stops_the_job_unless_min_sites_allows_going_on(sites_yml
     with pytest.raises(MedsiloError, match=r"only 2 site\(s\) answered task 'train' of round 1, the job needs "
                                            r"reliability.min_sites = 3"):  # fmt: skip
         run_simulation(_spec(min_sites=3), sites_yml, tmp_path / "few", progress=False)
+
+
+@pytest.fixture(scope="module")
+def healthy_sites(tmp_path_factory):
+    out = tmp_path_factory.mktemp("healthy") / "cxr"
+    return synthesize(out, SynthRequest("cxr", sites=3, images_per_site=24, seed=7), workers=1, progress=False)
+
+
+def _worker_of(site: str) -> int | None:
+    """The NVFlare simulator worker process running ``site`` (one per site)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"nvflare.private.fed.app.simulator.simulator_worker" in cmd and site.encode() in cmd:
+                return int(entry.name)
+    return None
+
+
+def _progress_lines(run_dir: Path) -> int:
+    path = run_dir / "workspace" / "server" / "simulate_job" / "progress.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def test_a_straggling_site_times_out_and_the_round_goes_on(healthy_sites, tmp_path):
+    # hospital-3's process is frozen (SIGSTOP, as a machine that stalls) once round 2 is done (the first
+    # progress line) and thawed once the server has finished round 3 without it: a real straggler, not a
+    # simulated one. The timeout leaves room for round 1, which includes starting the site processes.
+    run_dir = tmp_path / "straggler"
+    spec = _spec(min_sites=2, task_timeout=30)
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"rounds": 3})})
+    done, frozen = threading.Event(), []
+
+    def freeze_hospital_3():
+        while _progress_lines(run_dir) < 1 and not done.is_set():
+            time.sleep(0.2)
+        pid = _worker_of("hospital-3")
+        if pid is None or done.is_set():
+            return
+        os.kill(pid, signal.SIGSTOP)
+        frozen.append(pid)
+        try:
+            while _progress_lines(run_dir) < 2 and not done.is_set():
+                time.sleep(0.2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    freezer = threading.Thread(target=freeze_hospital_3)
+    freezer.start()
+    try:
+        results = run_simulation(spec, healthy_sites, run_dir, progress=False)
+    finally:
+        done.set()
+        freezer.join()
+    assert frozen, "hospital-3's simulator worker was not found"
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+    assert [(f["site"], f["round"], f["task"]) for f in results["failures"]] == [("hospital-3", 3, "train")]
+    assert "within the task timeout" in results["failures"][0]["reason"]
+    # round 2's evaluation at hospital-3 travelled with its (late) round-3 reply: left empty, never made up
+    assert set(results["rounds"][1]["metrics"]) == {"hospital-1", "hospital-2"}
+    assert set(results["rounds"][2]["metrics"]) == {"hospital-1", "hospital-2", "hospital-3"}  # thawed in time
