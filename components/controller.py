@@ -10,6 +10,9 @@ and records timings, payload bytes and the metrics the sites report. After the l
 * ``results.json`` — DESIGN §12, written only when every round completed at every site;
 * ``failure.json`` — instead of ``results.json`` when the job stopped: the sites' own reasons.
 
+After each completed round it checkpoints its state (:mod:`medsilo.components.checkpoint`); a job
+exported with ``resume`` continues from the last checkpointed round of an interrupted run.
+
 Every payload it sends (global model, prototypes, encrypted sums, release requests) first gets a
 ``release`` entry in the server's privacy ledger (:func:`medsilo.secure.guard.server_ledger`): tensor
 names, shapes, bytes, SHA-256, encrypted or not, the task and the receiving sites — never values.
@@ -83,18 +86,22 @@ class RoundController(ModelController):
     Args:
         job: the job spec as a JSON-plain dict (validated again here).
         task_timeout: seconds to wait for each site per task (0 = no limit).
+        resume: continue from the last round checkpointed by an interrupted run of this same job
+            (:mod:`medsilo.components.checkpoint`); without a checkpoint the job starts at round 1.
     """
 
-    def __init__(self, job: dict, task_timeout: int = 0):
+    def __init__(self, job: dict, task_timeout: int = 0, resume: bool = False):
         super().__init__(persistor_id="", ignore_result_error=True, task_check_period=0.1)
         self.job = job  # attribute names must equal argument names for NVFlare's job export
         self.task_timeout = task_timeout
+        self.resume = resume
         self._public_ctx = None
         self._release_bytes = 0
         self._min_sites: int | None = None
         self._failures: list[dict[str, Any]] = []
 
     def run(self) -> None:
+        from medsilo.components import checkpoint
         from medsilo.components.algorithms import algorithm_module
         from medsilo.components.results import RunRecorder
         from medsilo.config import JobSpec
@@ -107,12 +114,21 @@ class RoundController(ModelController):
             self.task_timeout = spec.reliability.task_timeout or self.task_timeout
             sites = sorted(self.sample_clients())
             algo = algorithm_module(spec.algorithm.name)
-            self.info(f"job {spec.name}: {spec.algorithm.name} on {len(sites)} sites for {spec.training.rounds} rounds")
+            saved = checkpoint.checkpoint_dir(self._workspace_root(), spec.name)
             payload: dict[str, np.ndarray] = {}
-            rounds = spec.training.rounds
-            for rnd in range(1, rounds + 1):
+            rounds, first = spec.training.rounds, 1
+            state = checkpoint.load_server(saved, self.job) if self.resume else None
+            if state is not None:
+                payload, server, recorder = state["payload"], state["server"], state["recorder"]
+                sites, self._failures, first = state["sites"], state["failures"], state["round"] + 1
+                self.info(f"job {spec.name}: resuming after round {state['round']} from {saved}")
+            else:
+                self.info(f"job {spec.name}: {spec.algorithm.name} on {len(sites)} sites for {rounds} rounds")
+            for rnd in range(first, rounds + 1):
                 t0 = time.perf_counter()
-                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites, refusable=rnd == 1, tolerant=True)
+                resume_from = state["round"] if state is not None and rnd == first else None
+                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites, refusable=rnd == 1, tolerant=True,
+                                    resume_from=resume_from)  # fmt: skip
                 if rnd == 1:
                     refused = {s: m.meta["error"] for s, m in replies.items() if m.meta.get("refused")}
                     sites = self._without_refused(sites, refused, spec)
@@ -136,9 +152,13 @@ class RoundController(ModelController):
                 bytes_up += self._release_bytes  # an aggregate release's round trip counts as traffic
                 recorder.add_training(rnd, seconds=time.perf_counter() - t0, bytes_up=bytes_up, bytes_down=bytes_down,
                                       train_loss={s: float(m.meta["train_loss"]) for s, m in replies.items()})  # fmt: skip
+                checkpoint.save_server(saved, {"round": rnd, "spec": checkpoint.spec_digest(self.job), "payload": payload,
+                                               "server": server, "recorder": recorder, "sites": sites,
+                                               "failures": self._failures})  # fmt: skip
                 if rnd > 1:
                     self._progress(run_dir, recorder.progress(rnd - 1))
-            replies = self._ask(TASK_EVALUATE, payload, rounds + 1, rounds, sites, tolerant=True)
+            replies = self._ask(TASK_EVALUATE, payload, rounds + 1, rounds, sites, tolerant=True,
+                                resume_from=state["round"] if state is not None and first > rounds else None)  # fmt: skip
             self._record_evaluations(recorder, rounds, replies)
             self._progress(run_dir, recorder.progress(rounds))
             recorder.set_failures(self._failures)
@@ -220,20 +240,22 @@ class RoundController(ModelController):
         ws = self.fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
         return ws.get_root_dir() if ws is not None else "."
 
-    def _ask(self, task: str, payload: dict[str, np.ndarray], rnd: int, rounds: int,
-             sites: list[str], refusable: bool = False, tolerant: bool = False) -> dict[str, FLModel]:  # fmt: skip
+    def _ask(self, task: str, payload: dict[str, np.ndarray], rnd: int, rounds: int, sites: list[str],
+             refusable: bool = False, tolerant: bool = False, resume_from: int | None = None) -> dict[str, FLModel]:  # fmt: skip
         """Send ``task`` to every site; return site → reply, or stop the job naming the failing sites.
 
         With ``refusable``, replies marked ``refused`` (the site declined the whole job before anything
         left it) are returned for the caller to drop. With ``tolerant`` and the job's
         ``reliability.min_sites`` set, sites that answered with an error or not at all (died, timed out)
         are recorded as failed for this task and left out, as long as ``min_sites`` answered; otherwise
-        any failure stops the job.
+        any failure stops the job. ``resume_from`` (first task of a resumed job) tells the sites which
+        round's checkpoint to restore.
         """
         if payload:
             self._record_send(task, payload, rnd, sites)
+        meta = {"round": rnd} | ({"resume_from": resume_from} if resume_from is not None else {})
         data = FLModel(params=payload, params_type=ParamsType.FULL, current_round=rnd - 1, total_rounds=rounds,
-                       meta={"round": rnd})  # fmt: skip
+                       meta=meta)  # fmt: skip
         results = self.send_model_and_wait(task_name=task, data=data, targets=sites, timeout=self.task_timeout)
         replies = {m.meta.get("client_name"): m for m in results}
         errors = [m.meta["error"] for m in replies.values()

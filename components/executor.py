@@ -13,7 +13,9 @@ On the first task of a job it resolves everything from the *site's* side — nev
 
 Each ``train`` task then: applies the server payload, evaluates the model this site deploys on its
 val and test splits (these metrics belong to the previous round), trains, and returns the upload sums.
-The final ``evaluate`` task applies the last payload and evaluates only.
+The final ``evaluate`` task applies the last payload and evaluates only. After each ``train`` task the
+site checkpoints its client half (:mod:`medsilo.components.checkpoint`); the first task of a resumed job
+names the round whose checkpoint it restores.
 
 A problem the site can name (bad config, missing dataset, policy refusal, too many unreadable files,
 diverged training) is returned to the server as a result carrying ``error`` in its metadata and no
@@ -39,6 +41,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
+from medsilo.components import checkpoint
 from medsilo.errors import MedsiloError
 from medsilo.secure.dp import BudgetExceeded
 from medsilo.secure.guard import SiteGuard
@@ -83,6 +86,7 @@ class _SiteState:
     data: Any
     batch_size: int
     guard: Any
+    seed: int
 
 
 class SiteExecutor(Executor):
@@ -101,6 +105,7 @@ class SiteExecutor(Executor):
         self._released: set[str] = set()
         self._admitted = False
         self._synthetic: dict | None = None
+        self._resumed = False
 
     # ---- NVFlare entry point -------------------------------------------------------------------
 
@@ -114,6 +119,10 @@ class SiteExecutor(Executor):
             if (incoming.meta or {}).get("filter_error"):
                 raise MedsiloError(incoming.meta["filter_error"])
             state = self._prepare(site, fl_ctx)
+            resume_from = (incoming.meta or {}).get("resume_from")
+            if resume_from is not None and not self._resumed:  # an interrupted job goes on where it stopped
+                state.client = checkpoint.load_site(self._checkpoints(fl_ctx), site, int(resume_from), state.data)
+                self._resumed = True
             if task_name == TASK_TRAIN and not self._admitted:
                 state.guard.record_policy(self._config.privacy)  # the rules this job runs under, in the ledger
                 state.guard.admit_job()  # a DP job that cannot fit the site's budget is refused here
@@ -130,6 +139,9 @@ class SiteExecutor(Executor):
                 return make_reply(ReturnCode.TASK_ABORTED)
             if task_name == TASK_TRAIN:
                 guard = state.guard
+                import torch
+
+                torch.manual_seed(state.seed * 1_000_003 + rnd)  # anything drawing from torch's global RNG: per round
                 if guard.dp:
                     upload = state.client.train_private(rnd, guard.dp_round(rnd))
                 else:
@@ -141,6 +153,7 @@ class SiteExecutor(Executor):
                 spent = guard.record_upload(rnd, params)  # the ledger entry is written before anything leaves
                 if spent is not None:
                     meta["privacy_spent"] = spent
+                checkpoint.save_site(self._checkpoints(fl_ctx), site, rnd, state.client, state.data)
             else:
                 params = {}
             meta["seconds"] = round(time.perf_counter() - t0, 3)
@@ -154,6 +167,9 @@ class SiteExecutor(Executor):
             if isinstance(exc, BudgetExceeded) and not self._admitted:
                 meta["refused"] = True  # declined before anything left: the job may go on without this site
             return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta=meta))
+
+    def _checkpoints(self, fl_ctx: FLContext) -> Path:
+        return checkpoint.checkpoint_dir(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".", self.job["name"])
 
     # ---- setup, once per job -------------------------------------------------------------------
 
@@ -206,7 +222,7 @@ class SiteExecutor(Executor):
         client = algo.Client(setup, spec.algorithm.config())
         guard = SiteGuard(site, workspace, fl_ctx.get_job_id(), spec, config.privacy)
         self._spec = spec
-        self._state = _SiteState(client=client, data=data, batch_size=batch, guard=guard)
+        self._state = _SiteState(client=client, data=data, batch_size=batch, guard=guard, seed=seed)
         return self._state
 
     def _pcevolve(self, site: str, spec, config, manifest, data, workspace: Path, seed: int, fl_ctx: FLContext):

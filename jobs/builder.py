@@ -45,12 +45,13 @@ def _preinstalled_config_class():
     return PreinstalledJobConfig
 
 
-def build_job(spec: JobSpec, *, min_sites: int = 1):
+def build_job(spec: JobSpec, *, min_sites: int = 1, resume: bool = False):
     """An ``nvflare.job_config.api.FedJob`` for ``spec``.
 
     Args:
         spec: the validated job spec.
         min_sites: sites that must be connected before NVFlare deploys the job.
+        resume: the server continues from the last round checkpointed by an interrupted run of this job.
     """
     from nvflare.job_config.api import FedJob
 
@@ -61,7 +62,7 @@ def build_job(spec: JobSpec, *, min_sites: int = 1):
     job = FedJob(name=spec.name, min_clients=min_sites)
     job.job.__class__ = _preinstalled_config_class()  # same state, one method changed (see its docstring)
     job.set_app_packages(["medsilo"])  # pre-installed: reference by path, copy nothing into custom/
-    job.to_server(RoundController(job=plain), id="controller")
+    job.to_server(RoundController(job=plain, resume=resume), id="controller")
     job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
     job.to_clients(SiteExecutor(job=plain), tasks=[TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE])
     if "ckks" in spec.privacy.mode:
@@ -74,7 +75,7 @@ def build_job(spec: JobSpec, *, min_sites: int = 1):
     return job
 
 
-def export_job(spec: JobSpec, out: str | Path, *, min_sites: int = 1) -> Path:
+def export_job(spec: JobSpec, out: str | Path, *, min_sites: int = 1, resume: bool = False) -> Path:
     """Write the job folder for ``spec`` under ``out``; returns ``out/<job name>``.
 
     An existing folder of the same name is replaced, so a re-export never mixes old and new files.
@@ -84,7 +85,7 @@ def export_job(spec: JobSpec, out: str | Path, *, min_sites: int = 1) -> Path:
     if target.exists():
         shutil.rmtree(target)
     out.mkdir(parents=True, exist_ok=True)
-    build_job(spec, min_sites=min_sites).export_job(str(out))
+    build_job(spec, min_sites=min_sites, resume=resume).export_job(str(out))
     custom = list(target.rglob("custom"))
     if custom:
         raise RuntimeError(f"{target}: the exported job contains custom code ({custom[0]}); medsilo jobs must not")

@@ -35,8 +35,8 @@ class DeployError(MedsiloError):
 
 
 def run_deployed(spec: JobSpec, session, *, job_root: str | Path, run_dir: str | Path, min_sites: int,
-                 server_workspace: str | Path | None = None, progress: bool = True,
-                 timeout: float = 1800.0) -> dict[str, Any]:  # fmt: skip
+                 server_workspace: str | Path | None = None, progress: bool = True, timeout: float = 1800.0,
+                 resume: bool = False) -> dict[str, Any]:  # fmt: skip
     """Submit ``spec`` with ``session`` and wait for it; returns the parsed ``results.json``.
 
     Args:
@@ -50,6 +50,9 @@ def run_deployed(spec: JobSpec, session, *, job_root: str | Path, run_dir: str |
             then moves the progress bar per round; otherwise the bar shows NVFlare's job status only.
         progress: show the bar.
         timeout: seconds before the job is aborted.
+        resume: the server continues from the last round an earlier, interrupted run of this same job
+            checkpointed (``<server workspace>/checkpoints/<job name>/``, the sites' likewise), e.g. after a
+            server restart.
 
     Raises:
         DeployError: the submission was refused (e.g. the identity may not submit), the job did not end
@@ -60,7 +63,7 @@ def run_deployed(spec: JobSpec, session, *, job_root: str | Path, run_dir: str |
     from medsilo.report import write_report
 
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
-    job_dir = export_job(spec, Path(job_root) / f"{spec.name}-{stamp}", min_sites=min_sites)
+    job_dir = export_job(spec, Path(job_root) / f"{spec.name}-{stamp}", min_sites=min_sites, resume=resume)
     try:
         job_id = session.submit_job(str(job_dir))
     except Exception as exc:  # NVFlare raises its own exception types with the server's reason

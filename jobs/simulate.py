@@ -14,6 +14,10 @@ Run folder layout::
     RUN_DIR/workspace/          # simulator workspace: server/ and one folder per site, with logs
     RUN_DIR/simulator.log       # the simulator's console output
     RUN_DIR/he_keys/            # ckks jobs: this run's CKKS contexts and signing keys (medsilo.secure.keys)
+    RUN_DIR/checkpoints/        # the server's state after each round, each site's after each train task
+
+``resume=True`` (``medsilo sim --resume``) continues an interrupted run in the same RUN_DIR from its last
+checkpointed round (:mod:`medsilo.components.checkpoint`), with the same CKKS keys.
 
 Each site's privacy ledger lives in ``ledgers/<site>/privacy_ledger.jsonl`` beside ``sites.yml`` (with
 the local PKI in ``ledgers/pki/``), so budgets span runs: ``medsilo audit verify ledgers/ --root-ca
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medsilo.components.checkpoint import CHECKPOINT_DIR_ENV
 from medsilo.components.controller import FAILURE_FILE, PROGRESS_FILE, RESULTS_FILE
 from medsilo.components.executor import SITES_FILE_ENV, THREADS_ENV
 from medsilo.config import JobSpec, SitesFile
@@ -94,6 +99,7 @@ def run_simulation(
     *,
     progress: bool = True,
     label: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``spec`` on the hospitals of ``sites_file``; returns the parsed ``results.json``.
 
@@ -103,9 +109,10 @@ def run_simulation(
         run_dir: run folder (created; a previous medsilo run folder is replaced).
         progress: show a per-round progress bar on stderr.
         label: name shown on the progress bar (default: the job name).
+        resume: continue the interrupted run in ``run_dir`` from its last completed round.
 
     Raises:
-        MedsiloError: a preflight refusal, or the job stopped — with the sites' reasons.
+        MedsiloError: a preflight refusal, nothing to resume, or the job stopped — with the sites' reasons.
     """
     from medsilo.config import load_sites_file
 
@@ -113,9 +120,12 @@ def run_simulation(
     sites = load_sites_file(sites_file)
     names = preflight(spec, sites)
     run_dir = Path(run_dir).resolve()
-    _prepare_run_dir(run_dir)
+    if resume:
+        _prepare_resume(run_dir, spec)
+    else:
+        _prepare_run_dir(run_dir)
     (run_dir / RUN_MARKER).write_text(json.dumps({"job": spec.name, "sites_file": str(sites_file)}) + "\n")
-    job_dir = export_job(spec, run_dir / "job", min_sites=len(names))
+    job_dir = export_job(spec, run_dir / "job", min_sites=len(names), resume=resume)
     workspace = run_dir / "workspace"
     _allow_list(workspace)
     tmp = _short_tmpdir()
@@ -127,6 +137,7 @@ def run_simulation(
         THREADS_ENV: str(max(1, cores // len(names))),
         "TMPDIR": str(tmp),  # job zips, log copies and the simulator's AF_UNIX sockets live here
         "PYTHONUNBUFFERED": "1",
+        CHECKPOINT_DIR_ENV: str(run_dir / "checkpoints"),
     }
     # each site's privacy ledger persists beside sites.yml (a site's workspace outlives its jobs), signed
     # with a certificate from a local root CA made once there (medsilo.secure.guard)
@@ -136,7 +147,10 @@ def run_simulation(
     if "ckks" in spec.privacy.mode:  # NVFlare's HE recipe refuses the simulator; medsilo makes the keys here
         from medsilo.secure.keys import HE_DIR_ENV, generate_simulation_keys
 
-        env[HE_DIR_ENV] = str(generate_simulation_keys(run_dir / "he_keys", names, spec.privacy.poly_modulus_degree))
+        keys = run_dir / "he_keys"
+        if not (resume and keys.is_dir()):  # a resumed job's checkpointed payload is encrypted under these keys
+            generate_simulation_keys(keys, names, spec.privacy.poly_modulus_degree)
+        env[HE_DIR_ENV] = str(keys)
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(workspace),
            "-c", ",".join(names), "-t", str(len(names))]  # fmt: skip
     server_dir = workspace / "server" / "simulate_job"
@@ -162,6 +176,22 @@ def run_simulation(
         f"job '{spec.name}' ended without results (simulator exit code {proc.returncode}); "
         f"last lines of {log_path}: {_tail(log_path)}"
     )
+
+
+def _prepare_resume(run_dir: Path, spec: JobSpec) -> None:
+    """Keep an interrupted run's checkpoints and keys; clear what the new simulator run writes again."""
+    from medsilo.components.checkpoint import SERVER_FILE
+
+    if not (run_dir / RUN_MARKER).is_file() or not (run_dir / "checkpoints" / SERVER_FILE).is_file():
+        raise MedsiloError(f"{run_dir}: nothing to resume (no medsilo run with a completed round here); "
+                           "run without --resume")  # fmt: skip
+    if spec.augmentation.pcevolve is not None:
+        raise MedsiloError(f"job '{spec.name}': resume is not supported with augmentation.pcevolve (the sites "
+                           "would synthesize and spend privacy budget again); run it afresh")  # fmt: skip
+    for stale in ("job", "workspace"):
+        shutil.rmtree(run_dir / stale, ignore_errors=True)
+    for stale in (RESULTS_FILE, "simulator.log"):
+        (run_dir / stale).unlink(missing_ok=True)
 
 
 def _short_tmpdir() -> Path:

@@ -149,11 +149,16 @@ class Client:
     def train_loader(self, rnd: int) -> torch.utils.data.DataLoader:
         """Shuffled training batches, ordered by (site seed, round): reproducible, different per round.
 
-        A final batch of exactly one image is dropped (BatchNorm cannot train on it); nothing else is.
+        The augmentation's generator is re-seeded from (site seed, round) too, so a round's batches do not
+        depend on earlier rounds and a resumed job draws what the uninterrupted one drew. A final batch of
+        exactly one image is dropped (BatchNorm cannot train on it); nothing else is.
         """
         data = self.setup.data.train
         batch = min(self.setup.batch_size, len(data))
-        g = torch.Generator().manual_seed(self.setup.seed * 100_003 + rnd)
+        seed = self.setup.seed * 100_003 + rnd
+        if hasattr(getattr(data, "augment", None), "set_random_state"):
+            data.augment.set_random_state(seed=seed % 2**32)
+        g = torch.Generator().manual_seed(seed)
         return torch.utils.data.DataLoader(
             data, batch_size=batch, shuffle=True, generator=g, drop_last=len(data) % batch == 1
         )

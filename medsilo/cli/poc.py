@@ -35,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--out", type=Path, default=None, metavar="RUN_DIR", help="default: W/runs/<job name>")
     submit.add_argument("--rounds", type=int, default=None, help="override the spec's training.rounds")
     submit.add_argument("--timeout", type=float, default=1800.0, help="seconds before the job is aborted")
+    submit.add_argument("--resume", action="store_true",
+                        help="continue from the last round an interrupted run of this job checkpointed")
     submit.add_argument("--quiet", action="store_true", help="no progress bar")
     submit.set_defaults(func=run_submit)
 
@@ -72,6 +74,7 @@ def run_submit(args: argparse.Namespace) -> int:
             spec, sess, job_root=workspace / "jobs", run_dir=args.out or workspace / "runs" / spec.name,
             min_sites=spec.reliability.min_sites or len(state["sites"]),
             server_workspace=Path(state["kits"]) / "server", progress=not args.quiet, timeout=args.timeout,
+            resume=args.resume,
         )  # fmt: skip
     print_summary([results])
     out = args.out or workspace / "runs" / spec.name

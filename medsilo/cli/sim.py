@@ -20,6 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, metavar="SITES.yml", help="sites.yml mapping sites to manifests")
     p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder (results.json, logs)")
     p.add_argument("--rounds", type=int, default=None, help="override the spec's training.rounds")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in RUN_DIR from its last completed round (same spec and data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from medsilo.jobs.simulate import run_simulation
 
     spec = with_rounds(load_job_spec(args.spec), args.rounds)
-    results = run_simulation(spec, args.data, args.out, progress=not args.quiet)
+    results = run_simulation(spec, args.data, args.out, progress=not args.quiet, resume=args.resume)
     print_summary([results])
     print(f"wrote {args.out / 'results.json'}")
     return 0

@@ -115,3 +115,55 @@ def test_a_straggling_site_times_out_and_the_round_goes_on(healthy_sites, tmp_pa
     # round 2's evaluation at hospital-3 travelled with its (late) round-3 reply: left empty, never made up
     assert set(results["rounds"][1]["metrics"]) == {"hospital-1", "hospital-2"}
     assert set(results["rounds"][2]["metrics"]) == {"hospital-1", "hospital-2", "hospital-3"}  # thawed in time
+
+
+def _simulator_processes(run_dir: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if str(run_dir).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_job_killed_after_round_2_resumes_to_the_uninterrupted_result(healthy_sites, tmp_path):
+    spec = JobSpec(name="t-resume", modality="cxr", classes=["normal", "pneumonia"], dataset="cxr", image_size=16,
+                   model="cnn", feature_dim=8, algorithm={"name": "ditto"}, seed=3,
+                   training={"rounds": 4, "local_epochs": 1, "batch_size": 8, "lr": 0.05})  # fmt: skip
+    whole = run_simulation(spec, healthy_sites, tmp_path / "whole", progress=False)
+
+    run_dir = tmp_path / "killed"
+    server_checkpoint = run_dir / "checkpoints" / "server.pkl"
+    done = threading.Event()
+
+    def kill_the_simulator_after_round_2():
+        import pickle
+
+        while not done.is_set():
+            if server_checkpoint.is_file() and pickle.loads(server_checkpoint.read_bytes())["round"] >= 2:
+                for pid in _simulator_processes(run_dir):
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_simulator_after_round_2)
+    killer.start()
+    try:
+        with pytest.raises(MedsiloError, match="ended without results"):
+            run_simulation(spec, healthy_sites, run_dir, progress=False)
+    finally:
+        done.set()
+        killer.join()
+    assert not (run_dir / "results.json").exists()
+    with pytest.raises(MedsiloError, match="nothing to resume"):
+        run_simulation(spec, healthy_sites, tmp_path / "never-ran", progress=False, resume=True)
+
+    resumed = run_simulation(spec, healthy_sites, run_dir, progress=False, resume=True)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
+    for a, b in zip(whole["rounds"], resumed["rounds"]):
+        assert a["metrics"] == b["metrics"] or all(  # the same predictions and losses, round by round
+            a["metrics"][s][k] == pytest.approx(b["metrics"][s][k], abs=1e-6) for s in a["metrics"] for k in a["metrics"][s])
+    assert resumed["final"] == whole["final"] and resumed["selected_round"] == whole["selected_round"]
