@@ -137,6 +137,7 @@ def run_simulation(
         THREADS_ENV: str(max(1, cores // len(names))),
         "TMPDIR": str(tmp),  # job zips, log copies and the simulator's AF_UNIX sockets live here
         "PYTHONUNBUFFERED": "1",
+        "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),  # as NVFlare's sub_start.sh recommends for sites
         CHECKPOINT_DIR_ENV: str(run_dir / "checkpoints"),
     }
     # each site's privacy ledger persists beside sites.yml (a site's workspace outlives its jobs), signed
