@@ -55,13 +55,17 @@ def spec_digest(job: dict) -> str:
 
 
 def _write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)  # a checkpoint is complete or absent, never half written
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)  # a checkpoint is complete or absent, never half written
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({exc.strerror or exc}); free space or fix "
+                              "the folder's permissions") from exc
 
 
 def save_server(folder: Path, state: dict[str, Any]) -> None:

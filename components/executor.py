@@ -150,10 +150,11 @@ class SiteExecutor(Executor):
                 if self._synthetic:
                     meta["synthetic"] = self._synthetic
                 params = to_numpy(upload.sums)
+                # before the ledger entry: a checkpoint that cannot be written stops the upload unrecorded
+                checkpoint.save_site(self._checkpoints(fl_ctx), site, rnd, state.client, state.data)
                 spent = guard.record_upload(rnd, params)  # the ledger entry is written before anything leaves
                 if spent is not None:
                     meta["privacy_spent"] = spent
-                checkpoint.save_site(self._checkpoints(fl_ctx), site, rnd, state.client, state.data)
             else:
                 params = {}
             meta["seconds"] = round(time.perf_counter() - t0, 3)
