@@ -69,6 +69,7 @@ def check_kit(kit: str | Path, *, progress: bool = True) -> list[Check]:
 
 def _check_kit_files(kit: Path, rows: list[Check]) -> str | None:
     from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
     from nvflare.lighter.utils import verify_folder_signature
 
     startup = kit / "startup"
@@ -82,7 +83,7 @@ def _check_kit_files(kit: Path, rows: list[Check]) -> str | None:
     site = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
     try:
         cert.verify_directly_issued_by(root)
-    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no message of its own
+    except (InvalidSignature, ValueError, TypeError) as exc:  # InvalidSignature has no message of its own
         rows.append(Check("kit", "fail", f"{startup / 'client.crt'}: not issued by {startup / 'rootCA.pem'} "
                                          f"({type(exc).__name__}); the kit mixes two provisioning runs"))  # fmt: skip
         return site

@@ -213,3 +213,10 @@ def test_poc_commands_name_the_missing_poc(tmp_path, capsys):
 def test_the_shipped_example_network_is_valid():
     network = load_network(Path(__file__).parents[2] / "provisioning" / "network.example.yml")
     assert network.hospitals["hospital-1"].require == "ckks" and network.auditors
+
+
+def test_check_catches_a_kit_mixed_from_two_provisioning_runs(site_kit, tmp_path):
+    other = provision(_write(tmp_path, {**NETWORK, "project": "other-net"}), tmp_path / "other")
+    shutil.copyfile(other.root_ca, site_kit / "startup" / "rootCA.pem")
+    status, detail = _rows(site_kit)["kit"]
+    assert status == "fail" and "not issued by" in detail and "mixes two provisioning runs" in detail
