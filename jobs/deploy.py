@@ -26,6 +26,7 @@ from medsilo.components.controller import FAILURE_FILE, PROGRESS_FILE, RESULTS_F
 from medsilo.config import JobSpec
 from medsilo.errors import MedsiloError
 from medsilo.jobs.builder import export_job
+from medsilo.jobs.simulate import tick
 
 COMPLETED = "FINISHED:COMPLETED"
 
@@ -79,11 +80,9 @@ def run_deployed(spec: JobSpec, session, *, job_root: str | Path, run_dir: str |
                 raise DeployError(f"job {job_id} ('{spec.name}') still {status} after {timeout:.0f} s; aborted it")
             time.sleep(1.0)
             status = session.get_job_meta(job_id).get("status", status)
-            lines = follow.read_text().splitlines() if follow and follow.is_file() else []
-            if len(lines) > seen:  # the server removes its job folder when the job ends
-                bar.update(len(lines) - seen)
-                seen = len(lines)
-            bar.set_postfix_str(status.lower())
+            seen = tick(bar, follow, seen)
+            if not seen:  # until the first round is done, NVFlare's status is all there is to show
+                bar.set_postfix_str(status.lower())
     run_dir = Path(run_dir).resolve()
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -216,17 +216,24 @@ def _follow(proc: subprocess.Popen, progress_file: Path, spec: JobSpec, label: s
     with tqdm(total=spec.training.rounds, desc=label, unit="round", disable=not show, leave=True) as bar:
         while True:
             done = proc.poll() is not None
-            if progress_file.is_file():
-                lines = progress_file.read_text().splitlines()
-                for line in lines[seen:]:
-                    info = json.loads(line)
-                    acc = info.get("mean_val_acc")
-                    bar.set_postfix_str(f"val acc {acc:.3f}" if acc is not None else "")
-                    bar.update(1)
-                seen = len(lines)
+            seen = tick(bar, progress_file, seen)
             if done:
                 return
             time.sleep(0.5)
+
+
+def tick(bar, progress_file: Path | None, seen: int) -> int:
+    """Advance ``bar`` by the rounds ``progress_file`` gained since ``seen`` lines; returns the lines seen now.
+
+    A file that is missing or shorter than before (the deployed server removes its job folder when the job
+    ends) changes nothing.
+    """
+    lines = progress_file.read_text().splitlines() if progress_file is not None and progress_file.is_file() else []
+    for line in lines[seen:]:
+        acc = json.loads(line).get("mean_val_acc")
+        bar.set_postfix_str(f"val acc {acc:.3f}" if acc is not None else "")
+        bar.update(1)
+    return max(seen, len(lines))
 
 
 def _tail(path: Path, lines: int = 5) -> str:

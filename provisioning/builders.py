@@ -194,4 +194,3 @@ class PeerCertsBuilder(Builder):
             peers.mkdir(exist_ok=True)
             for name, data in certs.items():
                 (peers / f"{name}.crt").write_bytes(data)
-            os.chmod(peers, 0o755)
