@@ -11,8 +11,11 @@ Output layout (``OUT`` is ``--out``)::
 
 Re-provisioning the same ``OUT`` writes ``prod_NN+1`` with the same root CA (NVFlare keeps ``state/``), so
 certificates, and the privacy ledgers signed with them, keep verifying against one ``rootCA.pem``.
-After NVFlare has written the kits, private keys and the sites' secret CKKS contexts are made readable by
-their owner only (NVFlare leaves them 0644).
+
+Private keys are readable by their owner only. ``state/`` holds the root CA's private key and every
+participant's (NVFlare's ``cert.json``, written with the default umask): it is made 0700 before NVFlare
+writes into it, and every file in it 0600 afterwards. In the kits, every ``*.key`` and the sites' secret
+CKKS contexts are made 0600, in every ``prod_NN`` of ``OUT`` — also when provisioning fails half way.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from medsilo.errors import MedsiloError
 from medsilo.provisioning.network import SERVER_NAME, NetworkSpec, load_network, project_dict
 
 SECRET_FILES = ("*.key", "client_context.tenseal")
-"""File patterns under ``startup/`` that only the kit's owner may read."""
+"""File patterns, anywhere in a kit, that only the kit's owner may read."""
+STATE_DIR = "state"
+"""NVFlare's folder of provisioning state in ``OUT/<project>/``: the root CA and every private key."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,9 @@ def provision(network: NetworkSpec | str | Path, out: str | Path, *, quiet: bool
     project = project_dict(network)
     (out / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
     project["gen_scripts"] = False
+    workspace = out / network.project
+    (workspace / STATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(workspace / STATE_DIR, 0o700)  # also when it exists: closed before NVFlare writes cert.json
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter) if quiet else contextlib.nullcontext():
@@ -85,11 +93,27 @@ def provision(network: NetworkSpec | str | Path, out: str | Path, *, quiet: bool
             ctx = prov.provision(prepare_project(project))
     except (ValueError, RuntimeError) as exc:
         raise MedsiloError(f"{out / 'project.yml'}: NVFlare provisioning refused the project: {exc}") from exc
+    finally:
+        _restrict_secrets(workspace)
     if ctx.get(CtxKey.BUILD_ERROR) or not ctx.get(WorkDir.CURRENT_PROD_DIR):
         errors = "; ".join(ctx.get(CtxKey.ERRORS, [])) or chatter.getvalue().strip()[-500:]
         raise MedsiloError(f"{out / 'project.yml'}: NVFlare provisioning failed: {errors}")
-    kits = Kits(network, Path(ctx[WorkDir.CURRENT_PROD_DIR]))
+    return Kits(network, Path(ctx[WorkDir.CURRENT_PROD_DIR]))
+
+
+def _restrict_secrets(workspace: Path) -> None:
+    """Make every private key under ``workspace`` (``OUT/<project>``) readable by its owner only.
+
+    ``state/`` becomes 0700 and each file in it 0600; every kit file matching :data:`SECRET_FILES`, in
+    every ``prod_NN``, becomes 0600. Symbolic links are left alone (``chmod`` would change their target).
+    """
+    state = workspace / STATE_DIR
+    secrets = []
+    if state.is_dir():
+        os.chmod(state, 0o700)
+        secrets += list(state.rglob("*"))
     for pattern in SECRET_FILES:
-        for path in kits.prod_dir.glob(f"*/startup/{pattern}"):
+        secrets += workspace.glob(f"prod_*/*/**/{pattern}")
+    for path in secrets:
+        if path.is_file() and not path.is_symlink():
             os.chmod(path, 0o600)
-    return kits

@@ -21,6 +21,10 @@ Chest X-ray (:class:`LoadCXR`) follows the DICOM grayscale pipeline
 
 Pathology (:class:`LoadPatch`) reads PNG/TIFF/JPEG with MONAI's ``PILReader`` (``reverse_indexing=False``
 so rows stay rows), converts to RGB, and scales 0–255 to [0, 1].
+
+Both readers first read the file's header alone and refuse an image that declares more pixels than its
+modality's limit (:data:`CXR_MAX_PIXELS`, :data:`PATCH_MAX_PIXELS`), so a small hostile or damaged file
+(a 15 KB PNG can declare 11000×11000 pixels) never makes a site allocate gigabytes.
 """
 
 from __future__ import annotations
@@ -118,10 +122,33 @@ def apply_window(x: np.ndarray, center: float, width: float, function: str = "LI
     return np.clip(y, 0.0, 1.0).astype(np.float32)
 
 
-MAX_PIXELS = 64 * 1024 * 1024
-"""Largest Rows × Columns a chest X-ray may declare (64 megapixels; real CR/DX detectors are ≤ ~18).
-Checked on the header before any pixel is decoded, so a damaged or hostile file cannot make a site
-allocate gigabytes."""
+CXR_MAX_PIXELS = 64 * 2**20
+"""Largest Rows × Columns × frames a chest X-ray may declare (64 megapixels; real CR/DX detectors are
+≤ ~18). Decoded as float32, that is at most 256 MiB."""
+
+PATCH_MAX_PIXELS = 16 * 2**20
+"""Largest width × height a pathology patch may declare (16 megapixels, e.g. 4096×4096; patches are
+typically 224–2048 pixels a side, whole-slide images must be tiled first). Decoded as RGB float32
+(12 bytes a pixel), that is at most 192 MiB."""
+
+
+def _check_declared_size(path: Path, rows: int, columns: int, limit: int, what: str, frames: int = 1) -> None:
+    """Refuse an image whose header declares more than ``limit`` pixels, before any pixel is decoded.
+
+    Args:
+        path: the file, for the message.
+        rows, columns: the image height and width its header declares.
+        limit: the most pixels (rows × columns × frames) accepted.
+        what: the kind of image, for the message (``chest X-rays``).
+        frames: frames the header declares (multi-frame DICOM).
+
+    Raises:
+        UnreadableImage: the declared size is over ``limit``; the reason gives it and the limit.
+    """
+    if rows * columns * frames > limit:
+        shape = f"{rows}×{columns} pixels" if frames == 1 else f"{frames} frames of {rows}×{columns} pixels"
+        raise UnreadableImage(path, f"declares {shape}, more than the {limit // 2**20}-megapixel limit "
+                                    f"for {what}")  # fmt: skip
 
 
 class LoadCXR:
@@ -154,9 +181,7 @@ class LoadCXR:
             frames = int(head.get("NumberOfFrames", 1) or 1)
         except Exception as exc:  # noqa: BLE001 - an unparsable header makes this one file unreadable
             raise UnreadableImage(path, f"not a readable DICOM image ({_short(exc)})") from None
-        if rows * cols * frames > MAX_PIXELS:
-            raise UnreadableImage(path, f"declares {frames} frame(s) of {rows}×{cols} pixels, more than the "
-                                        f"{MAX_PIXELS // 2**20}-megapixel limit")  # fmt: skip
+        _check_declared_size(path, rows, cols, CXR_MAX_PIXELS, "chest X-rays", frames)
 
     def __call__(self, path: str | Path) -> np.ndarray:
         path = Path(path)
@@ -221,7 +246,8 @@ class LoadPatch:
     """Load one pathology patch (PNG, TIFF, JPEG) as ``(3, H, W)`` float32 in [0, 1] (RGB).
 
     Raises (from ``__call__``):
-        UnreadableImage: missing, truncated or not an image.
+        UnreadableImage: missing, truncated or not an image, or its header declares more than
+            :data:`PATCH_MAX_PIXELS` pixels (refused before decoding).
     """
 
     def __init__(self) -> None:
@@ -232,10 +258,30 @@ class LoadPatch:
             self._load = LoadImage(image_only=True, dtype=np.float32, ensure_channel_first=True)
         self._reader = PILReader(reverse_indexing=False, converter=lambda im: im.convert("RGB"))
 
+    @staticmethod
+    def _check_size(path: Path) -> None:
+        """Read the header only (Pillow opens lazily) and refuse a patch over :data:`PATCH_MAX_PIXELS`."""
+        from PIL import Image
+
+        try:
+            with warnings.catch_warnings():
+                # Pillow warns above its own global limit; medsilo refuses on PATCH_MAX_PIXELS below instead
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    width, height = im.size
+        except Image.DecompressionBombError as exc:  # over twice Pillow's limit: it refuses to open at all
+            limit = PATCH_MAX_PIXELS // 2**20
+            raise UnreadableImage(path, f"declares more pixels than Pillow opens ({_short(exc)}); pathology "
+                                        f"patches may have {limit} megapixels at most") from None  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - an unparsable header makes this one file unreadable
+            raise UnreadableImage(path, f"not a readable image ({_short(exc)})") from None
+        _check_declared_size(path, height, width, PATCH_MAX_PIXELS, "pathology patches")
+
     def __call__(self, path: str | Path) -> np.ndarray:
         path = Path(path)
         if not path.is_file():
             raise UnreadableImage(path, "file not found")
+        self._check_size(path)
         try:
             image = self._load(path, reader=self._reader)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes this one file unreadable

@@ -6,6 +6,9 @@ user sees one style of message everywhere::
     jobs/cxr.yml: training.rounds: must be greater than 0, got -3
     site.yml: privacy.required_mode: must be one of 'none', 'dp', 'ckks', 'ckks+dp', got 'ckk'
     site.yml: datasets.cxr.manifst: unknown field; did you mean 'manifest'? (allowed: manifest, modality)
+
+A file nested deeper than :data:`MAX_YAML_DEPTH` lists or mappings is refused before PyYAML builds it (its
+composer recurses once per level and would overflow Python's stack with a ``RecursionError``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from pydantic import BaseModel, ValidationError
 from medsilo.errors import MedsiloError, did_you_mean
 
 M = TypeVar("M", bound=BaseModel)
+
+MAX_YAML_DEPTH = 64
+"""Most lists/mappings a config file may nest inside each other. medsilo's own files need 4; PyYAML's
+composer overflows Python's stack a few hundred levels down."""
 
 
 class ConfigError(MedsiloError):
@@ -115,20 +122,52 @@ def validate(
         raise ConfigError(file, [prefix + _describe(e, model) for e in exc.errors()]) from None
 
 
+def _check_depth(text: str, path: Path) -> None:
+    """Refuse ``text`` if it nests more than :data:`MAX_YAML_DEPTH` collections.
+
+    Walks the parser's event stream (the parser keeps an explicit stack, it does not recurse) and stops
+    at the first collection that is too deep, before anything is composed.
+
+    Raises:
+        ConfigError: naming the line and column of that collection.
+        yaml.YAMLError: the text is not valid YAML up to that point.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                mark = event.start_mark
+                raise ConfigError(path, [
+                    f"line {mark.line + 1}, column {mark.column + 1}: nested deeper than {MAX_YAML_DEPTH} "
+                    "levels of lists/mappings; no medsilo config nests that deep, check what wrote this file"
+                ])  # fmt: skip
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; a missing file or a syntax error becomes a :class:`ConfigError`."""
+    """Parse a YAML file.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, not UTF-8, not valid YAML, or nested deeper than
+            :data:`MAX_YAML_DEPTH` levels; the message names the file (and the line where known).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, ["file not found; check the path"])
     try:
-        with path.open("r", encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+        text = path.read_text(encoding="utf-8")
+        _check_depth(text, path)
+        return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         raise ConfigError(path, [f"{where}not valid YAML ({exc.problem}); fix the syntax there"]) from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(path, [f"not valid YAML ({exc})"]) from None
+    except OSError as exc:  # permission denied, a folder, an I/O error
+        raise ConfigError(path, [f"cannot be read ({exc.strerror or exc}); check its permissions"]) from None
 
 
 def load_yaml(path: str | Path, model: type[M]) -> M:

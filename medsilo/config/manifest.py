@@ -3,6 +3,11 @@
 One row per image. ``path`` is relative to the manifest's folder (or absolute); ``label`` is a class
 name; ``patient_id`` is the site's pseudonym of the patient; ``split`` is ``train``, ``val`` or ``test``.
 
+Every ``path`` must lead, once ``..`` and symbolic links are resolved, to a file inside the manifest's
+folder (the folder of the manifest file itself, symlinks resolved), so a manifest cannot pull other files
+of the machine into training. A site whose images live elsewhere says so in its config
+(``data.allow_paths_outside_manifest: true``) and the caller passes ``allow_outside=True``.
+
 Splits are by patient, never by image: a patient whose rows name two different splits is an error.
 When the manifest has no ``split`` column, every patient is assigned one from a hash of its
 ``patient_id`` (60 / 20 / 20 by default), so the assignment is stable across runs and machines.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -37,7 +43,7 @@ class ManifestRow:
     """One image of a manifest.
 
     Attributes:
-        path: absolute path of the image file.
+        path: absolute path of the image file, ``..`` and symbolic links resolved.
         label: index into the manifest's ``classes``.
         patient_id: the site's pseudonym of the patient (never logged).
         split: ``train``, ``val`` or ``test``.
@@ -85,11 +91,43 @@ def assign_split(patient_id: str, fractions: Sequence[float] = (0.6, 0.2, 0.2)) 
     return SPLITS[-1]
 
 
+def _image_path(cell: str, base: Path, allow_outside: bool, where: str) -> Path:
+    """The resolved file a manifest row's ``path`` names, refused when it leaves ``base``.
+
+    Args:
+        cell: the row's ``path`` as written (relative to ``base``, or absolute).
+        base: the manifest's folder, already resolved.
+        allow_outside: the site config's ``data.allow_paths_outside_manifest``.
+        where: ``"<manifest>: line N"`` for messages.
+
+    Raises:
+        ManifestError: the path cannot be resolved, or it leads outside ``base`` and that is not allowed.
+    """
+    try:
+        joined = base / Path(cell).expanduser()  # an absolute cell replaces base
+        resolved = joined.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # unknown ~user, a symlink loop, a NUL byte
+        raise ManifestError(f"{where}: path: {cell!r} cannot be resolved ({exc})") from None
+    if allow_outside or resolved.is_relative_to(base):
+        return resolved
+    if Path(os.path.normpath(joined)).is_relative_to(base):
+        how = f"leads through a symbolic link to {resolved}, outside"
+    elif cell == str(resolved):
+        how = "is outside"
+    else:
+        how = f"leads to {resolved}, outside"
+    raise ManifestError(
+        f"{where}: path: {cell!r} {how} the manifest's folder {base}; keep the site's images under that "
+        "folder, or set data.allow_paths_outside_manifest: true in the site config"
+    )
+
+
 def read_manifest(
     path: str | Path,
     classes: Sequence[str] | None = None,
     *,
     split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    allow_outside: bool = False,
 ) -> Manifest:
     """Parse and check a manifest.
 
@@ -97,13 +135,16 @@ def read_manifest(
         path: the CSV file.
         classes: class names in label order (from the job). ``None`` takes the sorted labels found.
         split_fractions: train/val/test shares used only when the manifest has no ``split`` column.
+        allow_outside: accept image paths that lead outside the manifest's folder; pass the site config's
+            ``data.allow_paths_outside_manifest``. Off by default: such a row is an error.
 
     Returns:
-        The manifest with absolute image paths and integer labels.
+        The manifest with absolute, resolved image paths and integer labels.
 
     Raises:
         ManifestError: missing file, missing or unknown column, empty file, unknown label or split,
-            duplicate path, a patient in two splits — each naming the file, line and column.
+            duplicate path, a path outside the manifest's folder, a patient in two splits — each naming
+            the file, line and column.
     """
     path = Path(path)
     if not path.is_file():
@@ -159,8 +200,7 @@ def read_manifest(
         where = f"{path}: line {lineno}"
         if not rec["path"]:
             raise ManifestError(f"{where}: path: empty")
-        img = Path(rec["path"]).expanduser()
-        img = img if img.is_absolute() else base / img
+        img = _image_path(rec["path"], base, allow_outside, where)
         if img in seen_paths:
             raise ManifestError(f"{where}: path: same image as line {seen_paths[img]}; list each image once")
         seen_paths[img] = lineno

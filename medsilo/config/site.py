@@ -17,6 +17,7 @@ Example ``local/medsilo_site.yml``::
     data:
       max_unreadable_fraction: 0.05
       allow_identifiable_dicom: false
+      allow_paths_outside_manifest: false
     compute: {threads: 2, device: cpu}
 
 Relative manifest paths resolve against the folder of the file that names them.
@@ -98,10 +99,14 @@ class DataPolicy(Strict):
             whole load fails (0 ≤ f < 1).
         allow_identifiable_dicom: train on DICOMs whose identifying tags are filled in. Off by default:
             such files are refused before anything trains.
+        allow_paths_outside_manifest: let a manifest name images outside its own folder (absolute paths,
+            ``..``, symbolic links leading out). Off by default: such a row makes the manifest unusable, so
+            whoever writes a manifest cannot bring other files of this machine into a job.
     """
 
     max_unreadable_fraction: float = Field(default=0.05, ge=0, lt=1)
     allow_identifiable_dicom: bool = False
+    allow_paths_outside_manifest: bool = False
 
 
 class ComputeLimits(Strict):
@@ -131,14 +136,16 @@ class SiteConfig(Strict):
 class SitesEntry(Strict):
     """One site of ``sites.yml``: the simulator's stand-in for that site's own config.
 
-    ``privacy`` (optional, not written by ``medsilo synth``) gives the simulated site a privacy policy,
-    e.g. a DP budget cap, exactly as a deployed site's ``local/medsilo_site.yml`` would.
+    ``privacy`` and ``data`` (optional, not written by ``medsilo synth``) give the simulated site a privacy
+    policy, e.g. a DP budget cap, and a data policy, exactly as a deployed site's ``local/medsilo_site.yml``
+    would.
     """
 
     dataset: DatasetName
     manifest: Path
     modality: Modality
     privacy: PrivacyPolicy | None = None
+    data: DataPolicy | None = None
 
     _resolve = field_validator("manifest")(resolve_path)
 
@@ -162,6 +169,7 @@ class SitesFile(Strict):
                 site=name,
                 datasets={e.dataset: DatasetRef(manifest=e.manifest, modality=e.modality)},
                 **({"privacy": e.privacy} if e.privacy is not None else {}),
+                **({"data": e.data} if e.data is not None else {}),
             )
             for name, e in self.sites.items()
         }

@@ -175,6 +175,9 @@ class ProceduralPathology:
 
 
 PROCEDURAL = {"cxr": ProceduralCXR, "pathology": ProceduralPathology}
+MAX_CANDIDATE_PIXELS = 4 * 2**20
+"""Largest width × height an HTTP generator's image may declare (4 megapixels; candidates are resized to the
+job's image size): checked from the image header before decoding."""
 
 
 def procedural(modality: str, classes: list[str] | tuple[str, ...], image_size: int) -> Generator:
@@ -271,13 +274,20 @@ def _unpng64(data: str, channels: int, url: str, index: int) -> np.ndarray:
     import base64
     import binascii
     import io
+    import warnings
 
     from PIL import Image, UnidentifiedImageError
 
     try:
-        pil = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            pil = Image.open(io.BytesIO(base64.b64decode(data, validate=True)), formats=["PNG", "JPEG"])
+        width, height = pil.size
+        if width * height > MAX_CANDIDATE_PIXELS:  # from the header, before any pixel is decoded
+            raise ValueError(f"it declares {width}×{height} pixels, more than {MAX_CANDIDATE_PIXELS} accepted")
         pil = pil.convert("L" if channels == 1 else "RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError, TypeError, ValueError) as exc:
+    except (binascii.Error, UnidentifiedImageError, Image.DecompressionBombError, OSError, TypeError,
+            ValueError) as exc:  # fmt: skip
         raise MedsiloError(f"PCEvolve http generator {url}: image {index} is not a base64 PNG/JPEG ({exc})") from None
     arr = np.asarray(pil, dtype=np.float32) / 255.0
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
