@@ -5,6 +5,11 @@ prototype distance …), which parameters the optimiser sees, what to upload —
 :func:`local_epochs` for the batches. Evaluation (:func:`predict`, :func:`classification_metrics`)
 is the same for every method, so accuracies are comparable.
 
+:func:`private_epochs` is the same loop as DP-SGD (record-level differential privacy of the trained
+model, :mod:`medsilo.secure.dp`): Poisson-sampled batches, per-record gradients (``torch.func``), each
+clipped, summed and noised. It shares the prediction path and the extra-loss contract with
+:func:`local_epochs`; the extra loss is evaluated per record.
+
 Plain PyTorch: nothing here imports NVFlare.
 """
 
@@ -16,6 +21,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from medsilo.secure.dp import clipped_gradient_sum, gaussian_gradient, poisson_sample, poisson_schedule
 
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``extra_loss(features (B, d), logits (B, K), labels (B,)) -> scalar`` added to the task loss."""
@@ -23,6 +31,10 @@ ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``forward(x (B, C, H, W), y (B,)) -> (logits (B, K), extra_loss scalar)`` for algorithms whose
 prediction path is not ``head(features(x))`` (FedCP, GPFL, FedDBE …)."""
+
+PER_RECORD_FLOATS = 64 * 2**20
+"""Default bound on the per-record gradient entries :func:`private_epochs` holds at once (256 MiB of
+float32; its float64 clipping works tensor by tensor on top)."""
 
 
 def make_optimizer(
@@ -101,6 +113,208 @@ def local_epochs(
             total += float(loss.detach()) * len(y)
             count += len(y)
     return total / max(count, 1)
+
+
+def private_epochs(
+    model: nn.Module,
+    data: torch.utils.data.Dataset,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    batch_size: int,
+    grad_clip: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+    extra_loss: ExtraLoss | None = None,
+    microbatch: int | None = None,
+) -> float:
+    """DP-SGD (Abadi et al. 2016) for ``epochs`` epochs; returns the mean task (cross-entropy) loss.
+
+    T, q = :func:`~medsilo.secure.dp.poisson_schedule` ``(N, batch_size, epochs)``: T = epochs·⌈N/B⌉ steps,
+    each on a batch drawn by Poisson sampling at rate q = B/N (:func:`~medsilo.secure.dp.poisson_sample`).
+    Per step: the gradient of every sampled record's own loss ``CE(head(features(x_i)), y_i) +
+    extra_loss(features_i, logits_i, y_i)`` with respect to the trained parameters (those in
+    ``optimizer``; others are constants) is computed with ``torch.func`` (``functional_call`` + ``vmap``
+    + ``grad``), clipped to joint L2 norm ≤ ``grad_clip`` and summed
+    (:func:`~medsilo.secure.dp.clipped_gradient_sum`); ``N(0, (σ·grad_clip)²)`` is added per coordinate
+    (:func:`~medsilo.secure.dp.gaussian_gradient`), the sum is divided by the *expected* batch size q·N
+    (not the drawn one, which is data-dependent) and ``optimizer`` steps on it. An empty batch still
+    steps on noise. Draw order from ``generator`` per step: the ``(N,)`` Poisson draw, then the noise of
+    each trained parameter in ``model.named_parameters()`` order.
+
+    **BatchNorm and other train-mode behaviour.** The model runs in **eval mode** throughout: BatchNorm
+    normalises with its running statistics, which are never updated (it acts as a fixed affine map whose
+    weight and bias are trained), and dropout is off. A record's loss thus depends on that record alone,
+    and no statistic of the private data is used or stored. The running statistics must not come from
+    the private data: a model whose BatchNorm has already tracked batches (``num_batches_tracked > 0``)
+    or tracks none (``track_running_stats=False``, batch statistics even in eval mode) is refused. A
+    fresh zoo model keeps its initial statistics (mean 0, variance 1) for good.
+
+    Privacy effect: nothing leaves the site; the trained parameters are the output of T Poisson-
+    subsampled Gaussian mechanisms of multiplier ``noise_multiplier`` (record-level, add/remove one record),
+    i.e. ``GaussianEvent(σ, steps=T, sampling_rate=q)``, which the caller charges before training. This
+    holds when ``extra_loss`` of a record depends on no other record and every other input is public or
+    already charged. The returned loss is a non-private statistic: keep it at the site.
+
+    Args:
+        model: a :class:`~medsilo.medical.models.zoo.SplitModel` (``features`` and ``head``).
+        data: the private training records, items ``(x (C, H, W), y ())`` (augmentation per item is fine:
+            it depends on that record only).
+        optimizer: steps the trained parameters (SGD with momentum, Adam …: post-processing of the noisy
+            gradients).
+        epochs: E ≥ 1.
+        batch_size: expected batch size B ≥ 1 (capped at N).
+        grad_clip: G > 0, per-record gradient bound.
+        noise_multiplier: σ > 0 of the gradient noise (std σ·G).
+        generator: the site's secret ``torch.Generator`` (batches and noise); never the global RNG.
+        extra_loss: the algorithm's term on the default path, called per record with ``features (1, d)``,
+            ``logits (1, K)``, ``labels (1,)`` (inside ``vmap``: no data-dependent Python control flow).
+        microbatch: records per ``vmap`` call, which bounds the memory of per-record gradients (no effect
+            on the result); ``None``: as many as keep them under :data:`PER_RECORD_FLOATS` floats (a whole
+            batch for the ``cnn``, 5 records for ``resnet18``).
+
+    Raises:
+        FloatingPointError: a record's loss became NaN or infinite.
+        ValueError: bad arguments, optimizer parameters that are not ``model``'s, or BatchNorm statistics
+            that may come from data.
+        medsilo.secure.dp.DPError: non-finite gradients or bad DP parameters (nothing is trained on them).
+    """
+    trained = _trained_parameters(model, optimizer)
+    if microbatch is None:
+        microbatch = max(1, PER_RECORD_FLOATS // sum(p.numel() for p in trained.values()))
+    if epochs < 1 or microbatch < 1:
+        raise ValueError(f"epochs and microbatch: must be ≥ 1, got {epochs} and {microbatch}")
+    n = len(data)
+    steps, rate = poisson_schedule(n, batch_size, epochs)
+    expected = rate * n
+    _check_frozen_batchnorm(model)
+    per_record = _per_record_gradients(model, trained, extra_loss)
+    model.eval()
+    total, count = 0.0, 0
+    for _ in range(steps):
+        batch = poisson_sample(n, rate, generator)
+        grad_sum = {
+            name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for name, p in trained.items()
+        }
+        for chunk in batch.split(microbatch) if len(batch) else ():
+            x, y = torch.utils.data.default_collate([data[int(i)] for i in chunk])
+            grads, losses = per_record(x, y)
+            if not bool(torch.isfinite(losses).all()):
+                raise FloatingPointError("training loss is not finite; lower the learning rate")
+            losses = losses[:, 0]
+            for name, g in clipped_gradient_sum(grads, grad_clip).items():
+                grad_sum[name] += g
+            total += float(losses.sum())
+            count += len(chunk)
+        noisy = gaussian_gradient(grad_sum, grad_clip, noise_multiplier, generator)
+        optimizer.zero_grad(set_to_none=True)
+        for name, p in trained.items():
+            p.grad = (noisy[name] / expected).to(p.dtype)
+        optimizer.step()
+    return total / max(count, 1)
+
+
+def per_record_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    params: Iterable[nn.Parameter] | None = None,
+    extra_loss: ExtraLoss | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each record's own gradient, as :func:`private_epochs` computes it (eval mode, ``torch.func``).
+
+    Args:
+        model: a :class:`~medsilo.medical.models.zoo.SplitModel` (put in eval mode).
+        x: images ``(B, C, H, W)``.
+        y: labels ``(B,)``.
+        params: the parameters to differentiate (default all of ``model``'s).
+        extra_loss: as in :func:`private_epochs`, per record.
+
+    Returns:
+        name → per-record gradients ``(B, *shape)`` of the parameters in ``params``, and each record's task
+        (cross-entropy) loss ``(B,)``.
+    """
+    chosen = {id(p) for p in (model.parameters() if params is None else params)}
+    trained = {name: p for name, p in model.named_parameters() if id(p) in chosen}
+    model.eval()
+    grads, losses = _per_record_gradients(model, trained, extra_loss)(x, y)
+    return grads, losses[:, 0]
+
+
+class _SplitForward(nn.Module):
+    """``x -> (features, logits)`` of a split model, so ``functional_call`` can run the default path."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.features(x)
+        return features, self.model.head(features)
+
+
+def _per_record_gradients(
+    model: nn.Module, trained: dict[str, nn.Parameter], extra_loss: ExtraLoss | None
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """``(x (B, C, H, W), y (B,)) -> ({name: (B, *shape)}, losses (B, 2))`` at the current parameters; the
+    loss columns are each record's task (cross-entropy) loss and its whole objective (task + extra)."""
+    wrapper = _SplitForward(model)
+
+    def record_loss(
+        params: dict[str, torch.Tensor], constants: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        state = {f"model.{name}": t for name, t in {**constants, **params}.items()}
+        features, logits = functional_call(wrapper, state, (x.unsqueeze(0),))
+        labels = y.unsqueeze(0)
+        task = nn.functional.cross_entropy(logits, labels)
+        extra = (
+            extra_loss(features, logits, labels)
+            if extra_loss is not None
+            else torch.zeros((), device=x.device)
+        )
+        objective = task + extra
+        return objective, torch.stack([task.detach(), objective.detach()])
+
+    batched = vmap(grad(record_loss, has_aux=True), in_dims=(None, None, 0, 0))
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        params = {name: p.detach() for name, p in trained.items()}
+        constants = {name: p.detach() for name, p in model.named_parameters() if name not in trained}
+        constants |= dict(model.named_buffers())
+        return batched(params, constants, x, y)
+
+    return run
+
+
+def _trained_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, nn.Parameter]:
+    """The parameters ``optimizer`` steps, by their names in ``model``."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = [p for p in stepped if id(p) not in names]
+    if foreign or not stepped:
+        raise ValueError(
+            f"optimizer: steps {len(foreign)} tensor(s) that are not parameters of the model ({len(stepped)} "
+            f"in all); DP-SGD clips and noises the model's parameters only"
+        )
+    chosen = {id(p) for p in stepped}
+    return {name: p for name, p in model.named_parameters() if id(p) in chosen}
+
+
+def _check_frozen_batchnorm(model: nn.Module) -> None:
+    """Refuse BatchNorm whose statistics may come from data (:func:`private_epochs`, BatchNorm)."""
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        if not m.track_running_stats or m.running_mean is None:
+            raise ValueError(
+                f"BatchNorm '{name}' uses batch statistics even in eval mode; DP-SGD cannot train it"
+            )
+        if int(m.num_batches_tracked) > 0:
+            raise ValueError(
+                f"BatchNorm '{name}' has tracked {int(m.num_batches_tracked)} batch(es) of data; DP-SGD would use "
+                f"those statistics unprotected (train this model privately from its initialisation)"
+            )
 
 
 @torch.no_grad()

@@ -21,22 +21,45 @@ and Δ₂ is stated per mechanism:
 * :func:`gaussian_sum` releases per-class sums ``(K, d)`` and counts ``(K,)``: Δ₂ = √2·C; noise std
   √2·σ·C on the sums, √2·σ on the counts.
 * :func:`gaussian_update` releases a weight update (all tensors together): Δ₂ = 2·C; noise std 2·σ·C.
+* :func:`gaussian_gradient` (one DP-SGD step) noises the sum of per-record clipped gradients: Δ₂ = G
+  (``grad_clip``); noise std σ_sgd·G per coordinate.
 * :func:`exponential_mechanism` releases k indices among n candidates: pure ε, with the score
   sensitivity Δ given by the caller.
 
-*Per-class sums* (FedProto prototypes ``proto_sum``/``proto_count``, FedDistill ``logit_sum``/
-``logit_count``, with the ``"samples"`` weighting; **record-level** protection). Each record i
-contributes its clipped vector ``x̃_i = x_i · min(1, C/‖x_i‖)`` (‖x̃_i‖ ≤ C) to row y_i of the sums and 1
-to ``counts[y_i]``. The released vector is the concatenation ``[S, C·n]``; adding or removing one record
-changes one row of S by ``x̃_i`` and one entry of ``C·n`` by C, so
+*Per-class sums* (FedProto/FedTGP prototypes ``proto_sum``/``proto_count`` under ``dp``; **record-level**
+protection). Each record i contributes its clipped vector ``x̃_i = x_i · min(1, C/‖x_i‖)`` (‖x̃_i‖ ≤ C)
+to row y_i of the sums and 1 to ``counts[y_i]``. The released vector is the concatenation ``[S, C·n]``;
+adding or removing one record changes one row of S by ``x̃_i`` and one entry of ``C·n`` by C, so
 
 .. math::  \Delta_2 = \sqrt{\lVert\tilde x_i\rVert^2 + C^2} \le \sqrt{2}\,C .
 
 Noise ``N(0, (σ·√2·C)²)`` on every entry of ``[S, C·n]`` is the Gaussian mechanism with noise
 multiplier σ; dividing the count part by C gives noise ``N(0, 2σ²)`` on the counts. This holds only if
 **each record appears at most once** among the rows passed in (a record seen in E local epochs must be
-passed once, e.g. from one extra pass, or the sensitivity is E·√2·C). Classes without records get
-noise like all others, so zero rows do not reveal the label set.
+passed once, e.g. from one extra pass, or the sensitivity is E·√2·C), and only if **the map from a
+record to its row is fixed**, i.e. does not depend on the other records: ``x_i = φ(image_i)`` with φ
+the same for D and D′, evaluated image by image (BatchNorm in eval mode). A φ *trained on the same
+records* breaks this: removing one record changes φ and so every row, and √2·C bounds nothing. The
+prototype methods therefore train φ with DP-SGD (below) and charge both mechanisms: by **adaptive
+composition** the sum release is, for every fixed φ, a Gaussian mechanism of sensitivity √2·C, and φ is
+the output of an earlier DP mechanism on the same data (kept at the site, never released itself), so
+the pair costs the composition of the DP-SGD event and the release event (RDP composition holds for
+adaptively chosen mechanisms). Classes without records get noise like all others, so zero rows do not
+reveal the label set.
+
+*DP-SGD* (training φ of the prototype methods under ``dp``; **record-level**; Abadi et al. 2016,
+`arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_). Each step samples a batch by **Poisson
+sampling** (:func:`poisson_sample`: every record independently with probability q = B/N, from the
+site's OS-seeded generator, so the server cannot know which records were used), computes each sampled
+record's gradient of its own loss, clips it to joint L2 norm ≤ G over all trained parameters
+(:func:`clipped_gradient_sum`) and adds ``N(0, (σ_sgd·G)²)`` per coordinate to the sum
+(:func:`gaussian_gradient`). Adding or removing one record adds or removes one clipped term, so
+Δ₂ = G: each step is the Poisson-subsampled Gaussian mechanism, and a round of T = E·⌈N/B⌉ steps
+(:func:`poisson_schedule`) is ``GaussianEvent(σ_sgd, steps=T, sampling_rate=q)``. It holds only when a
+record's loss depends on no other record (no BatchNorm batch statistics, so BatchNorm runs in eval mode
+on statistics that are not computed from the data) and every other input is public or the output of an
+already-charged mechanism (e.g. the global prototypes). q is computed from the site's N, which is
+treated as public, as is usual for DP-SGD.
 
 *Weight updates* (FedAvg-family ``w.<param>``; **site-level** protection). The update
 ``Δθ = θ_local − θ_global`` of all shared tensors is clipped to global L2 norm ≤ C. Training is not
@@ -112,6 +135,7 @@ __all__ = [
     "ACCOUNTANTS",
     "BudgetExceeded",
     "DPError",
+    "DPRelease",
     "Event",
     "ExponentialEvent",
     "GaussianEvent",
@@ -119,14 +143,22 @@ __all__ = [
     "Selection",
     "clip_rows",
     "clip_update",
+    "clipped_gradient_sum",
+    "dpsgd_noise_for_epsilon",
+    "dpsgd_round_events",
     "event_from_json",
     "exponential_epsilon",
     "exponential_mechanism",
     "exponential_probabilities",
     "fresh_generator",
     "gaussian_epsilon",
+    "gaussian_gradient",
     "gaussian_sum",
     "gaussian_update",
+    "gradient_sensitivity",
+    "noise_for_epsilon",
+    "poisson_sample",
+    "poisson_schedule",
     "sum_sensitivity",
     "update_sensitivity",
 ]
@@ -276,6 +308,54 @@ def _standard_gumbel(n: int, generator: Generator) -> torch.Tensor:
     return -torch.log(e.clamp_min(torch.finfo(torch.float64).tiny))
 
 
+# ---- Poisson sampling (DP-SGD) ----------------------------------------------------------------------------
+
+
+def poisson_schedule(n: int, batch_size: int, epochs: int) -> tuple[int, float]:
+    """Steps and sampling rate of ``epochs`` DP-SGD epochs over ``n`` records at expected batch ``batch_size``.
+
+    The batch is capped at ``n`` (B = min(batch_size, n)); q = B/N, T = epochs · ⌈N/B⌉, so the expected
+    number of records seen per round is that of ``epochs`` ordinary epochs.
+
+    Args:
+        n: N ≥ 1, records at the site (treated as public, as in DP-SGD practice).
+        batch_size: expected batch size ≥ 1.
+        epochs: local epochs ≥ 1.
+
+    Returns:
+        ``(T, q)``: steps ≥ 1 and sampling rate 0 < q ≤ 1, the ``steps``/``sampling_rate`` of the round's
+        :class:`GaussianEvent`.
+    """
+    n, batch_size, epochs = _count("n", n), _count("batch_size", batch_size), _count("epochs", epochs)
+    batch = min(batch_size, n)
+    return epochs * math.ceil(n / batch), batch / n
+
+
+def poisson_sample(n: int, sampling_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """One Poisson-sampled batch: each of the ``n`` records is included independently with probability q.
+
+    This is the sampling ``GaussianEvent(sampling_rate=q)`` assumes (a shuffled fixed-size batch is not).
+    The batch may be empty or larger than q·N. Draws one ``(n,)`` uniform float64 sample from
+    ``generator``, which must be the site's secret generator (the amplification by sampling needs the
+    server not to know which records were used).
+
+    Args:
+        n: N ≥ 1.
+        sampling_rate: 0 < q ≤ 1.
+        generator: an explicit ``torch.Generator``.
+
+    Returns:
+        the sampled record indices ``(M,)`` int64, increasing, 0 ≤ M ≤ N.
+    """
+    n, rate = _count("n", n), _rate("sampling_rate", sampling_rate)
+    if not isinstance(generator, torch.Generator):
+        raise DPError(
+            f"generator must be a torch.Generator passed in explicitly, got {type(generator).__name__}"
+        )
+    draws = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device)
+    return torch.nonzero(draws < rate).flatten().cpu()
+
+
 # ---- clipping -------------------------------------------------------------------------------------------
 
 
@@ -342,6 +422,40 @@ def clip_update(delta: Mapping[str, torch.Tensor], clip: float) -> tuple[dict[st
             return clipped, norm
         clipped = {name: t * step for name, t in clipped.items()}
     raise DPError(f"could not clip the update to norm ≤ {clip!r}; refusing to release")
+
+
+def clipped_gradient_sum(per_sample: Mapping[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
+    """Per-record clipping of gradients (jointly over all tensors), summed over the records: DP-SGD's sum.
+
+    ``Σ_b g_b · min(1, G/‖g_b‖₂)`` with ``‖g_b‖₂ = sqrt(Σ_tensors Σ_entries g_b²)``, computed in float64.
+    Adding or removing one record changes the result by its clipped term, of norm ≤ G (float64 rounding
+    aside): the L2 sensitivity of :func:`gaussian_gradient`.
+
+    Args:
+        per_sample: name → per-record gradients ``(B, *shape)`` (the same B ≥ 0 for every tensor),
+            floating point, finite; at least one tensor.
+        clip: G > 0, the bound on each record's joint gradient norm.
+
+    Returns:
+        name → ``(*shape)`` float64 sums (zeros when B = 0), on the input's device.
+    """
+    clip = _positive("clip", clip)
+    if not isinstance(per_sample, Mapping) or not per_sample:
+        raise DPError("per_sample must be a non-empty dict of name → (B, ...) gradient tensor")
+    grads = {name: _finite_float_tensor(f"per_sample[{name!r}]", t) for name, t in per_sample.items()}
+    sizes = {t.shape[0] if t.dim() else None for t in grads.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise DPError(
+            f"per_sample tensors must share their first (record) dimension, got {sorted(map(str, sizes))}"
+        )
+    squared = sum(t.flatten(1).double().pow(2).sum(1) for t in grads.values())
+    norms = squared.sqrt()
+    if not bool(torch.isfinite(norms).all()):
+        raise DPError("a per-record gradient norm overflows; refusing to release")
+    factor = torch.where(
+        norms > clip, clip / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(norms)
+    )
+    return {name: torch.tensordot(factor, t.double(), dims=1) for name, t in grads.items()}
 
 
 # ---- Gaussian mechanism ---------------------------------------------------------------------------------
@@ -456,6 +570,46 @@ def gaussian_update(
     for name, t in clipped.items():
         noise = _standard_normal(tuple(t.shape), generator).to(t.device)
         out[name] = (t.double() + std * noise).to(t.dtype)
+    return out
+
+
+def gradient_sensitivity(grad_clip: float) -> float:
+    """L2 sensitivity G of :func:`gaussian_gradient`'s clipped gradient sum (add/remove one record)."""
+    return _positive("grad_clip", grad_clip)
+
+
+def gaussian_gradient(
+    grad_sum: Mapping[str, torch.Tensor], grad_clip: float, noise_multiplier: float, generator: Generator
+) -> dict[str, torch.Tensor]:
+    """One DP-SGD step's noisy gradient sum: ``N(0, (σ·G)²)`` added to every coordinate of the clipped sum.
+
+    ``grad_sum`` must be :func:`clipped_gradient_sum` of a batch drawn by :func:`poisson_sample`; then the
+    step is the Poisson-subsampled Gaussian mechanism with multiplier σ (sensitivity G, module docstring).
+
+    Privacy effect: the result stays at the site (it only moves the local model); the model it trains is
+    what later mechanisms see. Cost: T steps at rate q are one ``GaussianEvent(σ, steps=T,
+    sampling_rate=q)``, which the caller charges *before* training, with whatever the round releases.
+
+    Args:
+        grad_sum: name → clipped gradient sum (any shapes), floating point, finite.
+        grad_clip: G > 0, the per-record clipping bound used for ``grad_sum``.
+        noise_multiplier: σ > 0 (noise std / sensitivity).
+        generator: explicit ``torch.Generator`` or ``numpy.random.Generator``; noise is drawn tensor by
+            tensor in ``grad_sum``'s order, each row-major, standard normal in float64.
+
+    Returns:
+        name → noisy sum, float64, each with its input's shape and device.
+    """
+    sigma = _positive("noise_multiplier", noise_multiplier)
+    std = sigma * gradient_sensitivity(grad_clip)
+    generator = _check_generator(generator)
+    if not isinstance(grad_sum, Mapping) or not grad_sum:
+        raise DPError("grad_sum must be a non-empty dict of name → tensor")
+    out = {}
+    for name, t in grad_sum.items():
+        t = _finite_float_tensor(f"grad_sum[{name!r}]", t)
+        noise = _standard_normal(tuple(t.shape), generator).to(t.device)
+        out[name] = t.double() + std * noise
     return out
 
 
@@ -651,6 +805,101 @@ def _make_event(kind: str | Event | Mapping[str, Any], params: Mapping[str, Any]
     return event_from_json({"mechanism": kind, **params})
 
 
+def dpsgd_round_events(
+    noise_multiplier: float, sgd_noise_multiplier: float, *, n: int, batch_size: int, epochs: int
+) -> list[GaussianEvent]:
+    """What one round of "DP-SGD training, then one Gaussian release" costs (FedProto/FedTGP under ``dp``).
+
+    Args:
+        noise_multiplier: σ of the release.
+        sgd_noise_multiplier: σ_sgd of the DP-SGD steps.
+        n: N, the site's training records.
+        batch_size: expected DP-SGD batch size.
+        epochs: local epochs per round.
+
+    Returns:
+        ``[GaussianEvent(σ_sgd, steps=T, sampling_rate=q), GaussianEvent(σ)]`` with ``(T, q)`` from
+        :func:`poisson_schedule`.
+    """
+    steps, rate = poisson_schedule(n, batch_size, epochs)
+    return [
+        GaussianEvent(noise_multiplier=sgd_noise_multiplier, steps=steps, sampling_rate=rate),
+        GaussianEvent(noise_multiplier=noise_multiplier),
+    ]
+
+
+# ---- what a private round is given ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DPRelease:
+    """What a differentially private local round needs (privacy modes ``dp`` and ``ckks+dp``).
+
+    The site builds one per round (:meth:`from_spec`) after its budget check of the round's events.
+
+    Attributes:
+        clip: L2 clipping bound C of the release (per record for class sums, of the whole update for
+            weights).
+        noise_multiplier: σ of the release, noise std / L2 sensitivity (module docstring).
+        generator: the site's noise source, seeded from the OS (:func:`fresh_generator`; never from the job
+            seed: the server must not be able to regenerate and subtract the noise). DP-SGD draws its
+            Poisson batches and gradient noise from it too.
+        grad_clip: G, the per-record gradient bound of DP-SGD, or ``None`` when the round is given no
+            DP-SGD settings (then an algorithm that trains with DP-SGD refuses, see :meth:`sgd`).
+        sgd_noise_multiplier: σ_sgd of the DP-SGD steps, or ``None`` (with ``grad_clip``).
+
+    Raises:
+        DPError: a bound or multiplier that is not a finite number > 0, a generator that is not a
+            ``torch.Generator``, or only one of ``grad_clip``/``sgd_noise_multiplier``.
+    """
+
+    clip: float
+    noise_multiplier: float
+    generator: torch.Generator
+    grad_clip: float | None = None
+    sgd_noise_multiplier: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clip", _positive("clip", self.clip))
+        object.__setattr__(self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier))
+        if not isinstance(self.generator, torch.Generator):
+            raise DPError(
+                f"generator must be a torch.Generator (e.g. medsilo.secure.dp.fresh_generator()), "
+                f"got {type(self.generator).__name__}"
+            )
+        if (self.grad_clip is None) != (self.sgd_noise_multiplier is None):
+            raise DPError(
+                "grad_clip and sgd_noise_multiplier go together: give both (DP-SGD) or neither, got "
+                f"grad_clip={self.grad_clip!r}, sgd_noise_multiplier={self.sgd_noise_multiplier!r}"
+            )
+        if self.grad_clip is not None:
+            object.__setattr__(self, "grad_clip", _positive("grad_clip", self.grad_clip))
+            object.__setattr__(
+                self, "sgd_noise_multiplier", _positive("sgd_noise_multiplier", self.sgd_noise_multiplier)
+            )
+
+    @classmethod
+    def from_spec(cls, spec: Any, generator: torch.Generator) -> DPRelease:
+        """The settings of a job's validated ``privacy.dp`` section (a :class:`medsilo.config.job.DPSpec`:
+        ``clip``, ``noise_multiplier``, ``grad_clip``, ``sgd_noise_multiplier``) with the site's generator."""
+        return cls(clip=spec.clip, noise_multiplier=spec.noise_multiplier, generator=generator,
+                   grad_clip=spec.grad_clip, sgd_noise_multiplier=spec.sgd_noise_multiplier)  # fmt: skip
+
+    def sgd(self) -> tuple[float, float]:
+        """``(G, σ_sgd)`` for DP-SGD training.
+
+        Raises:
+            DPError: this release carries no DP-SGD settings; training without them would not be what the
+                round's DP events charge (fail closed).
+        """
+        if self.grad_clip is None or self.sgd_noise_multiplier is None:
+            raise DPError(
+                "this private round trains with DP-SGD, but its DP settings carry no grad_clip / "
+                "sgd_noise_multiplier (build them with DPRelease.from_spec); refusing to train or release"
+            )
+        return self.grad_clip, self.sgd_noise_multiplier
+
+
 # ---- composition (all ε from dp_accounting) --------------------------------------------------------------
 
 
@@ -778,6 +1027,75 @@ def noise_for_epsilon(epsilon: float, steps: int, delta: float, sampling_rate: f
 
     def make(sigma: float) -> dpa.DpEvent:
         return dpa.SelfComposedDpEvent(event(sigma), steps)
+
+    def fresh() -> dpa.PrivacyAccountant:
+        return dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+
+    bracket = dpa.LowerEndpointAndGuess(1e-3, 1.0)
+    sigma = dpa.calibrate_dp_mechanism(fresh, make, target, delta, bracket_interval=bracket, tol=1e-6)
+    return float(sigma)
+
+
+def dpsgd_noise_for_epsilon(
+    epsilon: float,
+    rounds: int,
+    delta: float,
+    *,
+    n: int,
+    batch_size: int,
+    epochs: int,
+    sgd_noise_multiplier: float | None = None,
+) -> float:
+    """The smallest release σ whose ``rounds`` rounds of :func:`dpsgd_round_events` cost at most ``epsilon`` (RDP).
+
+    The planning aid for the prototype methods under ``dp``, where each round costs DP-SGD training
+    (``GaussianEvent(σ_sgd, T, q)``) *and* the class-sum release (``GaussianEvent(σ)``). With
+    ``sgd_noise_multiplier=None`` one σ serves both (σ_sgd = σ, the default of a job's
+    ``privacy.dp.sgd_noise_multiplier``); with a given σ_sgd only the release's σ is searched. The search
+    is ``dp_accounting.calibrate_dp_mechanism`` over the events the site's accountant composes, so
+    ``PrivacyAccountant(delta=δ).cost(*events * rounds)`` at the returned σ is ≤ ``epsilon`` (to the search
+    tolerance, 1e-6 in σ).
+
+    T and q depend on the site's N, so sites of one job spend different ε at the same σ; at a fixed σ and
+    batch size a smaller N costs more (larger q), so calibrate with the smallest site's N.
+
+    Args:
+        epsilon: target ε > 0 for the whole job.
+        rounds: rounds ≥ 1.
+        delta: 0 < δ < 1.
+        n: N, the site's training records.
+        batch_size: expected DP-SGD batch size.
+        epochs: local epochs per round.
+        sgd_noise_multiplier: a fixed σ_sgd, or ``None`` for a common σ.
+
+    Returns:
+        σ > 0 (the release's; also σ_sgd when ``sgd_noise_multiplier`` is ``None``).
+
+    Raises:
+        DPError: bad parameters, or a fixed σ_sgd whose training alone already costs ≥ ``epsilon``.
+    """
+    target, rounds, delta = _positive("epsilon", epsilon), _count("rounds", rounds), _delta("delta", delta)
+    fixed = None if sgd_noise_multiplier is None else _positive("sgd_noise_multiplier", sgd_noise_multiplier)
+    poisson_schedule(n, batch_size, epochs)  # validates n, batch_size, epochs
+
+    def events(sigma: float) -> list[GaussianEvent]:
+        sigma = max(sigma, 1e-9)
+        return dpsgd_round_events(sigma, sigma if fixed is None else fixed, n=n, batch_size=batch_size,
+                                  epochs=epochs)  # fmt: skip
+
+    if fixed is not None:
+        training = _rdp_epsilon(events(1.0)[:1] * rounds, delta)
+        if training >= target:
+            raise DPError(
+                f"DP-SGD at sgd_noise_multiplier={fixed:g} alone costs ε={_fmt(training)} ≥ {target:g} over "
+                f"{rounds} rounds (δ={delta:g}); raise sgd_noise_multiplier or lower the rounds or epochs"
+            )
+
+    def make(sigma: float) -> dpa.DpEvent:
+        round_events = [
+            dpa.SelfComposedDpEvent(unit, times) for _key, unit, times in (e._unit() for e in events(sigma))
+        ]
+        return dpa.SelfComposedDpEvent(dpa.ComposedDpEvent(round_events), rounds)
 
     def fresh() -> dpa.PrivacyAccountant:
         return dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)

@@ -39,11 +39,11 @@ import torch
 from pydantic import ConfigDict
 from torch import nn
 
-from medsilo.components.training import ExtraLoss, Forward, local_epochs, make_optimizer
+from medsilo.components.training import ExtraLoss, Forward, local_epochs, make_optimizer, private_epochs
 from medsilo.config.common import Strict
-from medsilo.config.job import Training
+from medsilo.config.job import DPSpec, Training
 from medsilo.medical.data import SiteData
-from medsilo.secure.dp import gaussian_update
+from medsilo.secure.dp import DPRelease, Event, GaussianEvent, gaussian_update, poisson_schedule
 
 Tensors = dict[str, torch.Tensor]
 """Named tensors: uploads (sums) and payloads."""
@@ -92,22 +92,6 @@ class Upload:
     train_loss: float
 
 
-@dataclass(frozen=True)
-class DPRelease:
-    """What a differentially private local round needs (privacy modes ``dp`` and ``ckks+dp``).
-
-    Attributes:
-        clip: L2 clipping bound C (per record for class sums, of the whole update for weights).
-        noise_multiplier: σ, noise std / L2 sensitivity (:mod:`medsilo.secure.dp`).
-        generator: the site's noise source, seeded from the OS (never from the job seed: the server
-            must not be able to regenerate and subtract the noise).
-    """
-
-    clip: float
-    noise_multiplier: float
-    generator: torch.Generator
-
-
 class Client:
     """Client half: runs at one site, holds that site's personal state between rounds.
 
@@ -118,8 +102,9 @@ class Client:
 
     dp_form: ClassVar[str | None] = None
     """How :meth:`train_private` makes the upload differentially private: ``"class_sums"`` (record-level:
-    per-record clipped per-class sums and counts), ``"update"`` (clipped, noised weight update) or
-    ``None`` (no DP form: jobs in a ``dp`` mode are refused at validation)."""
+    DP-SGD training, then per-record clipped per-class sums and counts of the trained model's features),
+    ``"update"`` (clipped, noised weight update) or ``None`` (no DP form: jobs in a ``dp`` mode are
+    refused at validation). What a round costs is :meth:`dp_events`."""
 
     def __init__(self, setup: SiteSetup, config: AlgorithmConfig):
         self.setup = setup
@@ -134,9 +119,24 @@ class Client:
         raise NotImplementedError
 
     def train_private(self, rnd: int, dp: DPRelease) -> Upload:
-        """Like :meth:`train`, with the upload made differentially private (one Gaussian mechanism of
-        multiplier ``dp.noise_multiplier``, which the site charges to its budget before sending)."""
+        """Like :meth:`train`, with the upload made differentially private: exactly the mechanisms
+        :meth:`dp_events` declares, which the site charges to its budget before this runs."""
         raise NotImplementedError(f"{type(self).__module__} has no differentially private form")
+
+    def dp_events(self, dp: DPSpec) -> list[Event]:
+        """The DP events one :meth:`train_private` round costs under the job's ``privacy.dp`` settings.
+
+        The site checks them against its budget *before* training and charges them with the release.
+        Default: one Gaussian mechanism of multiplier ``dp.noise_multiplier`` (the release of an update
+        form, e.g. FedAvg's ``gaussian_update``); algorithms that also train privately override it.
+
+        Args:
+            dp: the job's validated DP settings.
+
+        Returns:
+            the events, in the order the mechanisms run.
+        """
+        return [GaussianEvent(noise_multiplier=dp.noise_multiplier)]
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,13 +155,24 @@ class Client:
         """
         data = self.setup.data.train
         batch = min(self.setup.batch_size, len(data))
-        seed = self.setup.seed * 100_003 + rnd
-        if hasattr(getattr(data, "augment", None), "set_random_state"):
-            data.augment.set_random_state(seed=seed % 2**32)
+        seed = self.seed_augmentation(rnd)
         g = torch.Generator().manual_seed(seed)
         return torch.utils.data.DataLoader(
             data, batch_size=batch, shuffle=True, generator=g, drop_last=len(data) % batch == 1
         )
+
+    def seed_augmentation(self, rnd: int) -> int:
+        """Re-seed the training split's augmentation from (site seed, round); returns that seed."""
+        data = self.setup.data.train
+        seed = self.setup.seed * 100_003 + rnd
+        if hasattr(getattr(data, "augment", None), "set_random_state"):
+            data.augment.set_random_state(seed=seed % 2**32)
+        return seed
+
+    def dp_schedule(self) -> tuple[int, float]:
+        """``(T, q)``: DP-SGD steps per round and Poisson sampling rate at this site
+        (:func:`~medsilo.secure.dp.poisson_schedule` of N training images, the batch size, local epochs)."""
+        return poisson_schedule(self.setup.n_train, self.setup.batch_size, self.setup.training.local_epochs)
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         """A fresh local optimiser over ``params`` with the job's settings."""
@@ -196,6 +207,25 @@ class Client:
         return local_epochs(
             model, self.train_loader(rnd), opt, epochs=epochs, extra_loss=extra_loss, forward=forward
         )
+
+    def fit_private(self, rnd: int, dp: DPRelease, *, extra_loss: ExtraLoss | None = None) -> float:
+        """Train all of ``self.model`` with DP-SGD (:func:`~medsilo.components.training.private_epochs`):
+        the job's local epochs, batch size, optimiser and learning rate, :meth:`dp_schedule`'s steps and
+        sampling rate, ``dp.sgd()``'s bound and multiplier, noise and batches from ``dp.generator``.
+
+        Privacy effect: nothing leaves; the model becomes the output of
+        ``GaussianEvent(σ_sgd, steps=T, sampling_rate=q)``, which :meth:`dp_events` must declare.
+        Returns the mean task loss (a non-private statistic).
+
+        Raises:
+            medsilo.secure.dp.DPError: ``dp`` carries no DP-SGD settings (nothing is trained).
+        """
+        grad_clip, sigma = dp.sgd()
+        self.seed_augmentation(rnd)
+        return private_epochs(self.model, self.setup.data.train, self.optimizer(self.model.parameters()),
+                              epochs=self.setup.training.local_epochs, batch_size=self.setup.batch_size,
+                              grad_clip=grad_clip, noise_multiplier=sigma, generator=dp.generator,
+                              extra_loss=extra_loss)  # fmt: skip
 
 
 class Server:

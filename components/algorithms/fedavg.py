@@ -24,7 +24,6 @@ from __future__ import annotations
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
     Client as BaseClient,
-    DPRelease,
     Server as BaseServer,
     Tensors,
     Upload,
@@ -33,6 +32,7 @@ from medsilo.components.algorithms.base import (
     private_weights,
     weighted_params,
 )
+from medsilo.secure.dp import DPRelease
 
 
 class Config(AlgorithmConfig):
@@ -56,7 +56,10 @@ class Client(BaseClient):
         return Upload({**weighted_params(self.model, n, "w."), **count(n)}, loss)
 
     def train_private(self, rnd: int, dp: DPRelease) -> Upload:
-        """Train as :meth:`train`; upload the DP global-plus-noisy-update ``w.*`` and ``n`` = 1."""
+        """Train as :meth:`train`; upload the DP global-plus-noisy-update ``w.*`` and ``n`` = 1.
+
+        Costs the default :meth:`~.base.Client.dp_events`, one ``GaussianEvent(dp.noise_multiplier)``
+        (``gaussian_update``, sensitivity 2·C between any two datasets of the site)."""
         before = {name: p.detach().float().clone() for name, p in self.model.named_parameters()}
         loss = self.fit(rnd)
         return Upload({**private_weights(self.model, before, dp, "w."), **count(1)}, loss)

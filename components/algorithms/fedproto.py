@@ -51,12 +51,34 @@ Uploads (per site, per round), fixed shapes whatever classes the site has:
     histogram and dataset size). Encrypted under ``ckks``.
 No parameter, and no list of class ids, ever leaves the site.
 
-Privacy modes: all (the server only adds). Under ``dp`` (record-level): after training, an eval-mode
-pass over the training images gives one feature vector per image; each is clipped to norm C and the
-per-class sums and counts are released with Gaussian noise (:func:`medsilo.secure.dp.gaussian_sum`),
-i.e. the ``"samples"`` weighting whatever ``weighting`` says (a per-site mean would need an unnoised
-count). The prototypes collected during training are not used then: they hold each image once per
-local epoch, which would multiply the sensitivity.
+Privacy modes: all (the server only adds). Under ``dp`` and ``ckks+dp`` (**record-level**: neighbouring
+datasets of a site differ by adding or removing one training image, :mod:`medsilo.secure.dp`) a round
+is two mechanisms, both charged to the site's budget before it trains (:meth:`Client.dp_events`):
+
+1. **DP-SGD training** of the whole model (φ_i and h_i; :meth:`~.base.Client.fit_private`,
+   :func:`medsilo.components.training.private_epochs`): T = E·⌈N/B⌉ steps, each on a Poisson-sampled
+   batch (rate q = B/N), the gradient of every record's own loss ``CE + λ·MSE(clip_C(φ_i(x)), P^y)``
+   clipped to joint norm G (``grad_clip``), summed, noised with std σ_sgd·G. One record changes the sum
+   by at most G: ``GaussianEvent(σ_sgd, steps=T, sampling_rate=q)``. BatchNorm runs in eval mode on
+   its initial statistics (affine only; nothing estimated from the data is used or kept), dropout is off,
+   and the global prototypes P are public (post-processing of earlier charged releases). Without batch
+   normalisation the zoo backbones learn far less: BENCHMARKS.md measures what this costs.
+2. **The release**: an eval-mode pass of the trained φ_i over the training images (each image once,
+   no augmentation) gives one feature vector per image; each is clipped to norm C, and the per-class
+   sums and counts get Gaussian noise (:func:`medsilo.secure.dp.gaussian_sum`), i.e. the
+   ``"samples"`` weighting whatever ``weighting`` says (a per-site mean would need an unnoised count).
+   For every *fixed* φ_i, one record moves ``[S, C·n]`` by at most √2·C: ``GaussianEvent(σ)``.
+
+Why the pair is DP: φ_i depends on every record through training, so the √2·C bound of step 2 does
+not hold for the release alone (removing one record changes φ_i and every row). It holds for every fixed
+φ_i, and φ_i is the output of step 1, a DP mechanism on the same data whose output is never released;
+by adaptive composition (which RDP accounting supports) the pair (φ_i, release) costs the composition
+of both events, and the upload, a function of the pair, costs no more. Across rounds the same argument
+chains: a round starts from the previous round's φ_i (output of charged mechanisms) and the server's
+payload (post-processing of charged releases). Not covered: a patient with several images (only through
+group privacy, :mod:`medsilo.secure.dp`); N itself, which sets q and is treated as public; anything the
+site sends besides the upload (e.g. the round's metrics). The prototypes collected during training are
+not used under DP: they hold each image once per local epoch from a moving model.
 
 Reference-code behaviour (HtFLlib ``clientproto.py``/``serverproto.py``) and what we do:
 
@@ -79,15 +101,15 @@ from torch.nn import functional as F
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
     Client as BaseClient,
-    DPRelease,
     Server as BaseServer,
     SiteSetup,
     Tensors,
     Upload,
 )
 from medsilo.components.training import ExtraLoss
+from medsilo.config.job import DPSpec
 from medsilo.medical.data import ImageSet
-from medsilo.secure.dp import clip_rows, gaussian_sum
+from medsilo.secure.dp import DPRelease, GaussianEvent, gaussian_sum
 
 PROTO_SUM = "proto_sum"
 """Upload name of the per-class feature sums / means ``(K, d)``."""
@@ -166,13 +188,46 @@ class Client(BaseClient):
         return Upload(prototype_upload(sums, counts, self.config.weighting), loss)
 
     def train_private(self, rnd: int, dp: DPRelease) -> Upload:
-        """Train as :meth:`train`, then release record-level DP per-class sums of eval-mode features."""
+        """Train with DP-SGD on ``CE + λ·MSE(clip_C(z), P^y)``, then release DP per-class feature sums.
+
+        Exactly the two mechanisms of :meth:`dp_events` (module docstring, "Privacy modes"): DP-SGD over
+        :meth:`~.base.Client.dp_schedule`'s T steps at rate q with ``dp.sgd()``'s (G, σ_sgd), then
+        :func:`~medsilo.secure.dp.gaussian_sum` of the clipped eval-mode features of every training image
+        (once each) with (C, σ) = (``dp.clip``, ``dp.noise_multiplier``). Noise and Poisson batches come
+        from ``dp.generator``. BatchNorm running statistics are not touched.
+
+        Privacy effect: leaves the site as ``proto_sum`` (K, d) float32, noised sums of clipped features
+        (noise std √2·σ·C), and ``proto_count`` (K,) float32, noised counts (std √2·σ), for all K classes;
+        record-level, costing :meth:`dp_events` (the site charges and ledgers them before this runs).
+
+        Returns:
+            the upload and the mean cross-entropy of the DP-SGD steps (a non-private statistic).
+
+        Raises:
+            medsilo.secure.dp.DPError: ``dp`` carries no DP-SGD settings, or a non-finite input (nothing is
+                trained or released).
+        """
+        dp.sgd()  # fail closed before anything changes
         self.clip = dp.clip
-        loss = self.fit(rnd, extra_loss=self.prototype_loss())
+        loss = self.fit_private(rnd, dp, extra_loss=self.prototype_loss())
         features, labels = self.train_features()
         sums, counts = gaussian_sum(features, labels, self.setup.num_classes, dp.clip, dp.noise_multiplier,
                                     dp.generator)  # fmt: skip
         return Upload({PROTO_SUM: sums, PROTO_COUNT: counts}, loss)
+
+    def dp_events(self, dp: DPSpec) -> list[GaussianEvent]:
+        """One private round's cost: DP-SGD training, then the class-sum release.
+
+        Returns:
+            ``[GaussianEvent(σ_sgd, steps=T, sampling_rate=q), GaussianEvent(σ)]`` with (T, q) from
+            :meth:`~.base.Client.dp_schedule` (this site's N, batch size and local epochs), σ_sgd =
+            ``dp.sgd_noise_multiplier`` and σ = ``dp.noise_multiplier``.
+        """
+        steps, rate = self.dp_schedule()
+        return [
+            GaussianEvent(noise_multiplier=dp.sgd_noise_multiplier, steps=steps, sampling_rate=rate),
+            GaussianEvent(noise_multiplier=dp.noise_multiplier),
+        ]
 
     @torch.no_grad()
     def train_features(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,8 +254,9 @@ class Client(BaseClient):
         return nearest_prototype_scores(self.prototype_space(z), self.global_protos, self.has_proto)
 
     def prototype_space(self, features: torch.Tensor) -> torch.Tensor:
-        """Features as compared with prototypes: clipped to norm :attr:`clip` under DP, else unchanged."""
-        return features if self.clip is None else clip_rows(features, self.clip)
+        """Features ``(B, d)`` as compared with prototypes: clipped to norm :attr:`clip` under DP
+        (:func:`clip_features`, differentiable), else unchanged."""
+        return features if self.clip is None else clip_features(features, self.clip)
 
     def prototype_loss(self) -> ExtraLoss:
         """``λ·MSE(z, P^y)`` against the current global prototypes, as an ``extra_loss`` (0 before any)."""
@@ -238,6 +294,25 @@ def class_sums(
     sums = torch.zeros(num_classes, features.shape[1]).index_add_(0, labels, features)
     counts = torch.bincount(labels, minlength=num_classes).float()
     return sums, counts
+
+
+def clip_features(features: torch.Tensor, clip: float) -> torch.Tensor:
+    """Row-wise L2 clipping ``z · min(1, C/‖z‖)`` as a differentiable tensor expression.
+
+    What the prototype loss and nearest-prototype scoring compare under DP (the release itself clips
+    with :func:`medsilo.secure.dp.clip_rows`, which adds a float-rounding guard and input checks but
+    detaches). Gradients flow into ``features``; no data-dependent Python control flow, so it runs
+    per record inside ``vmap``.
+
+    Args:
+        features: ``(B, d)``.
+        clip: C > 0.
+
+    Returns:
+        ``(B, d)``; rows within norm C unchanged.
+    """
+    norms = features.pow(2).sum(1, keepdim=True).clamp_min(torch.finfo(features.dtype).tiny).sqrt()
+    return features * (clip / norms).clamp(max=1.0)
 
 
 def prototype_upload(sums: torch.Tensor, counts: torch.Tensor, weighting: Weighting) -> Tensors:

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from medsilo.components.algorithms import ALGORITHMS, HTFL_ALGORITHMS
-from medsilo.config.common import SITE_NAME_PATTERN, Modality, PrivacyMode, Strict
+from medsilo.config.common import PRIVACY_STRENGTH, SITE_NAME_PATTERN, Modality, PrivacyMode, Strict
 from medsilo.config.loading import load_yaml, validate
 from medsilo.errors import did_you_mean
 from medsilo.medical.models import BACKBONES
@@ -109,18 +109,47 @@ class Reliability(Strict):
 
 
 class DPSpec(Strict):
-    """Gaussian-mechanism parameters for ``dp`` and ``ckks+dp`` (DESIGN §5).
+    """Gaussian-mechanism parameters for ``dp`` and ``ckks+dp`` (DESIGN §5; :mod:`medsilo.secure.dp`).
+
+    Every guarantee is record-level: neighbouring datasets of a site differ by one training image added
+    or removed (a patient with several images is covered through group privacy only). What a round
+    costs depends on the algorithm's DP form (its ``Client.dp_events``):
+
+    * ``update`` (FedAvg): one release of the clipped, noised weight update, ``GaussianEvent(σ)``, with
+      sensitivity 2·clip between *any* two datasets of the site. ``grad_clip`` and
+      ``sgd_noise_multiplier`` are not used.
+    * ``class_sums`` (FedProto, FedTGP): the local model is trained with DP-SGD (Poisson sampling at rate
+      q = B/N, T = local_epochs·⌈N/B⌉ steps, per-image gradients clipped to ``grad_clip``, noise std
+      ``sgd_noise_multiplier``·``grad_clip``), ``GaussianEvent(σ_sgd, T, q)``; then the per-class sums of
+      the trained model's clipped features (each image once) are released with sensitivity √2·clip for
+      that fixed model, ``GaussianEvent(σ)``. The site is charged the composition of both (adaptive
+      composition: the model is the output of a DP mechanism and is never released itself).
+
+    :func:`medsilo.secure.dp.dpsgd_noise_for_epsilon` (class sums) and
+    :func:`medsilo.secure.dp.noise_for_epsilon` (updates) give σ for a target ε.
 
     Attributes:
-        noise_multiplier: σ, noise std / L2 sensitivity of the release (> 0): √2·clip for per-class sums,
-            2·clip for weight updates (:mod:`medsilo.secure.dp`).
-        clip: L2 clipping bound of each per-site contribution (> 0).
+        noise_multiplier: σ of the release, noise std / L2 sensitivity (> 0): √2·clip for per-class sums,
+            2·clip for weight updates.
+        clip: L2 clipping bound C of each record's feature vector (class sums) or of the whole update (> 0).
         delta: δ the site's accountant reports ε at (0 < δ < 1).
+        grad_clip: DP-SGD's bound G on each image's gradient norm, jointly over all trained parameters
+            (> 0; default 1.0). Only the ``class_sums`` form uses it.
+        sgd_noise_multiplier: DP-SGD's σ_sgd, gradient-noise std / ``grad_clip`` (> 0); omitted (or
+            ``null``): the same as ``noise_multiplier``. Only the ``class_sums`` form uses it.
     """
 
     noise_multiplier: float = Field(gt=0)
     clip: float = Field(gt=0)
     delta: float = Field(default=1e-5, gt=0, lt=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+    sgd_noise_multiplier: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _sgd_noise_defaults_to_the_release(self) -> DPSpec:
+        if self.sgd_noise_multiplier is None:
+            object.__setattr__(self, "sgd_noise_multiplier", self.noise_multiplier)  # frozen: set once, here
+        return self
 
 
 class PrivacySpec(Strict):
@@ -140,7 +169,7 @@ class PrivacySpec(Strict):
 
     @model_validator(mode="after")
     def _dp_given_when_needed(self) -> PrivacySpec:
-        if "dp" in self.mode and self.dp is None:
+        if "dp" in PRIVACY_STRENGTH[self.mode] and self.dp is None:
             raise ValueError(f"mode '{self.mode}' needs a 'dp' section (noise_multiplier, clip, delta)")
         return self
 
@@ -242,7 +271,7 @@ class JobSpec(Strict):
             return self
         from medsilo.components.algorithms import ALGORITHMS, algorithm_module
 
-        if "dp" in self.privacy.mode and algorithm_module(self.algorithm.name).Client.dp_form is None:
+        if "dp" in PRIVACY_STRENGTH[self.privacy.mode] and algorithm_module(self.algorithm.name).Client.dp_form is None:
             with_dp = [a for a in ALGORITHMS if algorithm_module(a).Client.dp_form is not None]
             raise ValueError(
                 f"algorithm '{self.algorithm.name}' has no differentially private form, so privacy mode "

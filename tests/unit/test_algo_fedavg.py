@@ -81,7 +81,7 @@ def test_data_order_is_seeded_per_site_and_round():
 
 
 def test_private_upload_is_the_start_plus_the_clipped_update_with_equal_site_weight():
-    from medsilo.components.algorithms.base import DPRelease
+    from medsilo.secure.dp import DPRelease
 
     setup = tiny_setup(n=12)
     client = fedavg.Client(setup, fedavg.Config())
@@ -97,3 +97,12 @@ def test_private_upload_is_the_start_plus_the_clipped_update_with_equal_site_wei
     # the update keeps its direction: parallel to what local training did
     cos = sum((update[k].double() * (trained[k].detach() - start[k]).double()).sum() for k in start) / (norm * full)
     assert float(cos) > 0.999
+
+
+def test_a_private_round_costs_one_release_event():
+    from medsilo.config.job import DPSpec
+    from medsilo.secure.dp import GaussianEvent
+
+    client = fedavg.Client(tiny_setup(n=12), fedavg.Config())
+    spec = DPSpec(noise_multiplier=1.7, clip=1.0, grad_clip=0.5, sgd_noise_multiplier=0.9)
+    assert client.dp_events(spec) == [GaussianEvent(noise_multiplier=1.7)]  # no DP-SGD in the update form

@@ -10,6 +10,9 @@ import torch
 from pydantic import ValidationError
 
 from medsilo.components.algorithms import fedproto
+from medsilo.config.job import DPSpec
+from medsilo.medical.data import ImageSet
+from medsilo.secure.dp import DPError, DPRelease, GaussianEvent, clip_rows
 from medsilo.tests.helpers import aggregate, tiny_setup
 
 
@@ -231,31 +234,128 @@ def test_config_defaults_and_bad_values_are_refused():
         fedproto.Config(weighting="clients")
 
 
-def _dp(sigma: float, clip: float, seed: int = 0):
-    from medsilo.components.algorithms.base import DPRelease
-
-    return DPRelease(clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(seed))
+def _dp(sigma: float, clip: float, seed: int = 0, *, sgd_sigma: float = 1e-6, grad_clip: float = 1.0):
+    return DPRelease(clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(seed),
+                     grad_clip=grad_clip, sgd_noise_multiplier=sgd_sigma)  # fmt: skip
 
 
 def test_private_upload_is_the_noised_class_sum_of_clipped_eval_features():
-    from medsilo.secure.dp import clip_rows
-
     client = fedproto.Client(tiny_setup(n=12, num_classes=3), fedproto.Config())
-    up = client.train_private(1, _dp(sigma=1e-6, clip=0.15))
+    up = client.train_private(1, _dp(sigma=1e-6, clip=0.08))
     features, labels = client.train_features()  # the trained model, eval mode, each image once
-    sums, counts = fedproto.class_sums(clip_rows(features, 0.15), labels, 3)
+    sums, counts = fedproto.class_sums(clip_rows(features, 0.08), labels, 3)
     torch.testing.assert_close(up.sums["proto_sum"], sums, atol=1e-4, rtol=0)
     torch.testing.assert_close(up.sums["proto_count"], counts, atol=1e-4, rtol=0)
-    assert float(features.norm(dim=1).max()) > 0.15  # the bound really clipped something
-    # with real noise the release differs, by about σ·√2·C per entry
-    noisy = fedproto.Client(tiny_setup(n=12, num_classes=3), fedproto.Config()).train_private(1, _dp(4.0, 0.15))
+    assert float(features.norm(dim=1).max()) > 0.08  # the bound really clipped something
+    # with real release noise (same DP-SGD draws, so the same trained model) the release differs by σ·√2·C
+    noisy_client = fedproto.Client(tiny_setup(n=12, num_classes=3), fedproto.Config())
+    noisy = noisy_client.train_private(1, _dp(4.0, 0.08))
     spread = float((noisy.sums["proto_sum"] - sums).std())
-    assert 4.0 * math.sqrt(2) * 0.15 / 3 < spread < 4.0 * math.sqrt(2) * 0.15 * 3
+    assert 4.0 * math.sqrt(2) * 0.08 / 3 < spread < 4.0 * math.sqrt(2) * 0.08 * 3
+
+
+def test_private_training_refuses_a_release_without_dp_sgd_settings_and_changes_nothing():
+    client = fedproto.Client(tiny_setup(n=12), fedproto.Config())
+    before = {k: v.clone() for k, v in client.model.state_dict().items()}
+    release_only = DPRelease(clip=1.0, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(DPError, match="trains with DP-SGD, but its DP settings carry no grad_clip"):
+        client.train_private(1, release_only)
+    for k, v in client.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert client.clip is None
+
+
+class _Recording(ImageSet):
+    """The training split, recording which records DP-SGD reads."""
+
+    def __init__(self, split: ImageSet):
+        super().__init__(split.images, split.labels, split.augment)
+        self.read: list[int] = []
+
+    def __getitem__(self, index: int):
+        self.read.append(int(index))
+        return super().__getitem__(index)
+
+
+def test_dp_events_describe_what_train_private_does_steps_and_sampling_rate():
+    # Prepare: N = 12, B = 4, 25 local epochs -> T = 75 steps at q = 1/3
+    client = fedproto.Client(tiny_setup(n=12, batch_size=4, local_epochs=25, lr=1e-3), fedproto.Config())
+    client.setup.data.train = _Recording(client.setup.data.train)
+    batches: list[list[int]] = []
+    make_optimizer = client.optimizer
+
+    def recording_optimizer(params):
+        opt = make_optimizer(params)
+        step = opt.step
+
+        def counted_step(*args, **kwargs):
+            read = client.setup.data.train.read
+            batches.append(read[sum(map(len, batches)) :])
+            return step(*args, **kwargs)
+
+        opt.step = counted_step
+        return opt
+
+    client.optimizer = recording_optimizer
+    spec = DPSpec(noise_multiplier=3.0, clip=1.0, grad_clip=0.5, sgd_noise_multiplier=2.0)
+    # Execute
+    sgd_event, release_event = client.dp_events(spec)
+    client.train_private(1, DPRelease.from_spec(spec, torch.Generator().manual_seed(0)))
+    # Assert: the declared events, and training took exactly T Poisson-sampled steps at rate q
+    assert sgd_event == GaussianEvent(noise_multiplier=2.0, steps=75, sampling_rate=4 / 12)
+    assert release_event == GaussianEvent(noise_multiplier=3.0)
+    assert len(batches) == sgd_event.steps
+    assert all(len(set(b)) == len(b) for b in batches)  # a record at most once per step
+    sizes = [len(b) for b in batches]
+    expected, std = 75 * 12 / 3, math.sqrt(75 * 12 * (1 / 3) * (2 / 3))
+    assert abs(sum(sizes) - expected) < 4 * std  # q = 1/3: 300 ± 14 reads
+    assert len(set(sizes)) > 3 and min(sizes) < 4 < max(sizes)  # Poisson batches, not fixed-size ones
+
+
+def test_dp_sgd_noise_std_is_sgd_sigma_times_grad_clip_over_the_expected_batch():
+    # Prepare: N = B = 4 -> q = 1, one step; a tiny grad_clip so the update is (almost) all noise
+    client = fedproto.Client(tiny_setup(n=4, batch_size=4, lr=1.0), fedproto.Config())
+    start = torch.cat([p.detach().flatten().clone() for p in client.model.parameters()])
+    spec = DPSpec(noise_multiplier=1.0, clip=1.0, grad_clip=1e-3, sgd_noise_multiplier=2.0)
+    assert client.dp_events(spec)[0] == GaussianEvent(2.0, steps=1, sampling_rate=1.0)
+    # Execute
+    client.train_private(1, DPRelease.from_spec(spec, torch.Generator().manual_seed(0)))
+    # Assert: SGD with lr 1 moved each coordinate by (clipped sum + N(0, (σ·G)²)) / 4
+    moved = torch.cat([p.detach().flatten() for p in client.model.parameters()]) - start
+    assert moved.numel() > 50_000
+    assert float(moved.std()) == pytest.approx(2.0 * 1e-3 / 4, rel=0.03)
+
+
+@pytest.mark.parametrize("backbone", ["cnn", "resnet10-lite"])
+def test_private_training_keeps_batchnorm_statistics_and_trains_the_weights(backbone):
+    client = fedproto.Client(tiny_setup(n=12, backbone=backbone), fedproto.Config())
+    stats = {k: v.clone() for k, v in client.model.state_dict().items() if "running" in k or "num_batches" in k}  # fmt: skip
+    weights = {k: p.detach().clone() for k, p in client.model.named_parameters()}
+    assert stats
+    for rnd in (1, 2):
+        up = client.train_private(rnd, _dp(sigma=1.0, clip=1.0, seed=rnd, sgd_sigma=1.0))
+        client.receive(up.sums, rnd + 1)  # round 2 trains with the prototype loss
+    buffers = client.model.state_dict()
+    for k, v in stats.items():
+        assert torch.equal(buffers[k], v), k
+    assert all(not torch.equal(p.detach(), weights[k]) for k, p in client.model.named_parameters())
+
+
+def test_prototype_loss_reaches_the_features_under_dp():
+    # Under DP the loss compares clipped features; its gradient must still flow into the features.
+    client = fedproto.Client(tiny_setup(num_classes=3, feature_dim=2), fedproto.Config(lam=1.0))
+    client.clip = 1.0
+    client.receive({"proto_sum": torch.tensor([[0.0, 0.5], [0.5, 0.0], [0.0, 0.0]]),
+                    "proto_count": torch.tensor([1.0, 1.0, 0.0])}, 2)  # fmt: skip
+    features = torch.tensor([[3.0, 4.0], [0.3, 0.4]], requires_grad=True)
+    client.prototype_loss()(features, None, torch.tensor([0, 1])).backward()
+    assert features.grad is not None and float(features.grad.abs().sum()) > 0
+    # the clipped row [0.6, 0.8] is compared with [0, 0.5]; the short row [0.3, 0.4] as it is with [0.5, 0]
+    clipped = fedproto.clip_features(features.detach(), 1.0)
+    torch.testing.assert_close(clipped, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
 
 
 def test_under_dp_prototypes_are_compared_with_clipped_features():
-    from medsilo.secure.dp import clip_rows
-
     client = fedproto.Client(tiny_setup(n=12, num_classes=3), fedproto.Config())
     client.train_private(1, _dp(sigma=1e-6, clip=0.15))
     protos = torch.tensor([[0.1, 0.0], [0.0, 0.1], [-0.1, 0.0]]).repeat(1, 4)[:, : client.model.head.in_features]

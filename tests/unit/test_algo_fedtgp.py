@@ -236,3 +236,32 @@ def test_a_server_round_at_the_default_settings_on_four_sites_and_four_classes()
     payload = server.update_from_sites(uploads, 1)
     assert payload["global_protos"].shape == (4, 64) and len(server.losses) == 100
     assert server.losses[-1] < server.losses[0]
+
+
+def test_private_round_is_fedprotos_dp_sgd_and_release_towards_the_tgps():
+    # Prepare: the aggregate form (the one the dp modes allow), TGPs received from a server round
+    from medsilo.config.job import DPSpec
+    from medsilo.secure.dp import DPRelease, GaussianEvent, clip_rows
+
+    config = fedtgp.Config(form="aggregate")
+    client = fedtgp.Client(tiny_setup(n=12, batch_size=4), config)
+    server = fedtgp.Server(config, 3, ["a"])
+    client.receive(server.update(_upload([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]],
+                                         [1.0, 1.0, 1.0]), 1), 2)  # fmt: skip
+    stats = {
+        k: v.clone() for k, v in client.model.state_dict().items() if "running" in k or "num_batches" in k
+    }
+    spec = DPSpec(noise_multiplier=1e-6, clip=0.08, grad_clip=1.0, sgd_noise_multiplier=1.0)
+    # Execute
+    events = client.dp_events(spec)
+    up = client.train_private(2, DPRelease.from_spec(spec, torch.Generator().manual_seed(0)))
+    # Assert: FedProto's two events (this site: N = 12, B = 4); the release is the (almost noise-free)
+    # class sum of the DP-trained model's clipped eval-mode features; BatchNorm statistics untouched
+    assert events == [GaussianEvent(1.0, steps=3, sampling_rate=1 / 3), GaussianEvent(1e-6)]
+    features, labels = client.train_features()
+    sums, counts = fedproto.class_sums(clip_rows(features, 0.08), labels, 3)
+    torch.testing.assert_close(up.sums["proto_sum"], sums, atol=1e-4, rtol=0)
+    torch.testing.assert_close(up.sums["proto_count"], counts, atol=1e-4, rtol=0)
+    for k, v in client.model.state_dict().items():
+        if k in stats:
+            assert torch.equal(v, stats[k]), k

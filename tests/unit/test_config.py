@@ -172,6 +172,31 @@ def test_per_site_server_form_needs_privacy_mode_none():
     assert ok.privacy.mode == "ckks"
 
 
+def test_dp_sgd_settings_default_to_the_release_noise_and_a_unit_gradient_bound():
+    privacy = {"mode": "dp", "dp": {"noise_multiplier": 2.5, "clip": 0.5}}
+    job = {**MINIMAL_JOB, "algorithm": {"name": "fedproto"}, "privacy": privacy}
+    dp = validate(job, JobSpec, "j.yml").privacy.dp
+    assert (dp.grad_clip, dp.sgd_noise_multiplier, dp.noise_multiplier) == (1.0, 2.5, 2.5)
+    privacy["dp"] |= {"grad_clip": 0.2, "sgd_noise_multiplier": 1.1}
+    dp = validate(job, JobSpec, "j.yml").privacy.dp
+    assert (dp.grad_clip, dp.sgd_noise_multiplier, dp.noise_multiplier) == (0.2, 1.1, 2.5)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("grad_clip", 0, r"privacy\.dp\.grad_clip: must be greater than 0, got 0"),
+        ("grad_clip", -1.5, r"privacy\.dp\.grad_clip: must be greater than 0, got -1\.5"),
+        ("sgd_noise_multiplier", 0.0, r"privacy\.dp\.sgd_noise_multiplier: must be greater than 0, got 0\.0"),
+        ("sgd_noise_multiplier", "x", r"privacy\.dp\.sgd_noise_multiplier: must be a valid number, .*got 'x'"),
+    ],
+)  # fmt: skip
+def test_bad_dp_sgd_settings_name_the_field(field, value, match):
+    privacy = {"mode": "dp", "dp": {"noise_multiplier": 1.0, "clip": 1.0, field: value}}
+    with pytest.raises(ConfigError, match=match):
+        validate({**MINIMAL_JOB, "algorithm": {"name": "fedproto"}, "privacy": privacy}, JobSpec, "j.yml")
+
+
 def test_dp_modes_need_an_algorithm_with_a_private_form():
     dp = {"mode": "dp", "dp": {"noise_multiplier": 1.0, "clip": 1.0}}
     with pytest.raises(ConfigError, match=r"'fedrep' has no differentially private form.*with one: .*fedavg.*fedproto"):

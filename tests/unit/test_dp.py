@@ -453,3 +453,153 @@ def test_noise_for_epsilon_gives_the_target_and_no_less_noise(epsilon, steps):
     sigma = dp.noise_for_epsilon(epsilon, steps, 1e-5)
     assert dp.gaussian_epsilon(sigma, steps, 1e-5) <= epsilon * (1 + 1e-6)
     assert dp.gaussian_epsilon(sigma * 0.99, steps, 1e-5) > epsilon  # 1 % less noise overspends
+
+
+# ---- DP-SGD pieces -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, batch, epochs, expected",
+    [(360, 32, 1, (12, 32 / 360)), (12, 4, 2, (6, 1 / 3)), (10, 32, 3, (3, 1.0)), (10, 3, 1, (4, 0.3))],
+)
+def test_poisson_schedule_by_hand(n, batch, epochs, expected):
+    steps, rate = dp.poisson_schedule(n, batch, epochs)
+    assert (steps, rate) == (expected[0], pytest.approx(expected[1]))
+
+
+def test_poisson_sample_includes_each_record_independently_with_rate_q():
+    g = _gen(3)
+    masks = torch.zeros(4000, 10)
+    for step in range(4000):
+        idx = dp.poisson_sample(10, 0.3, g)
+        assert idx.dtype == torch.int64 and bool((idx[1:] > idx[:-1]).all())
+        masks[step, idx] = 1.0
+    # every record at rate q; pairs independent (joint rate q²); batch sizes vary (binomial, not fixed)
+    torch.testing.assert_close(masks.mean(0), torch.full((10,), 0.3), atol=0.03, rtol=0)
+    assert float((masks[:, 0] * masks[:, 1]).mean()) == pytest.approx(0.09, abs=0.015)
+    sizes = masks.sum(1)
+    assert float(sizes.var()) == pytest.approx(10 * 0.3 * 0.7, rel=0.1) and float(sizes.min()) == 0
+    assert dp.poisson_sample(5, 1.0, _gen()).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: dp.poisson_sample(10, 0.0, _gen()), r"sampling_rate must be a finite number > 0, got 0\.0"),
+        (lambda: dp.poisson_sample(10, 1.5, _gen()), r"sampling_rate must be in \(0, 1\], got 1\.5"),
+        (lambda: dp.poisson_sample(10, 0.5, np.random.default_rng(0)), "generator must be a torch.Generator"),
+        (lambda: dp.poisson_schedule(0, 4, 1), r"n must be an integer ≥ 1, got 0"),
+        (lambda: dp.poisson_schedule(10, 4, 0), r"epochs must be an integer ≥ 1, got 0"),
+    ],
+)
+def test_poisson_sampling_refuses_bad_parameters(call, message):
+    with pytest.raises(DPError, match=message):
+        call()
+
+
+def test_clipped_gradient_sum_clips_each_record_jointly_over_all_tensors_by_hand():
+    # Prepare: record 0 has joint norm 5 (3-4-0 over two tensors), record 1 norm 0.5, record 2 zero
+    per_sample = {
+        "w": torch.tensor([[[3.0, 0.0]], [[0.3, 0.0]], [[0.0, 0.0]]]),  # (3, 1, 2)
+        "b": torch.tensor([[4.0], [0.4], [0.0]]),  # (3, 1)
+    }
+    # Execute
+    out = dp.clipped_gradient_sum(per_sample, 1.0)
+    # Assert: record 0 scaled by 1/5 (both tensors together), record 1 kept, zero record adds nothing
+    assert out["w"].dtype == torch.float64 and out["w"].shape == (1, 2) and out["b"].shape == (1,)
+    torch.testing.assert_close(out["w"], torch.tensor([[0.6 + 0.3, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(out["b"], torch.tensor([0.8 + 0.4], dtype=torch.float64))
+    empty = dp.clipped_gradient_sum({"w": torch.zeros(0, 2, 3)}, 1.0)
+    assert torch.equal(empty["w"], torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_clipped_gradient_sum_moves_by_at_most_the_clip_when_a_record_is_removed():
+    grads = {"w": torch.randn(16, 5, 3, generator=_gen()) * 10, "b": torch.randn(16, 7, generator=_gen(1))}
+    full = dp.clipped_gradient_sum(grads, 0.7)
+    for i in range(16):
+        rest = dp.clipped_gradient_sum({k: torch.cat([v[:i], v[i + 1 :]]) for k, v in grads.items()}, 0.7)
+        moved = _global_norm({k: full[k] - rest[k] for k in full})
+        assert moved <= dp.gradient_sensitivity(0.7) * (1 + 1e-12)
+        assert moved == pytest.approx(0.7, rel=1e-9)  # every record here is longer than the clip
+
+
+@pytest.mark.parametrize(
+    "grads, message",
+    [
+        ({"w": torch.tensor([[float("nan")]])}, r"per_sample\['w'\] contains NaN or inf"),
+        ({"w": torch.zeros(3, 2), "b": torch.zeros(2, 2)}, "must share their first"),
+        ({}, "non-empty dict"),
+    ],
+)
+def test_clipped_gradient_sum_refuses_bad_input(grads, message):
+    with pytest.raises(DPError, match=message):
+        dp.clipped_gradient_sum(grads, 1.0)
+
+
+def test_gaussian_gradient_noise_is_sigma_times_grad_clip_exactly_from_the_seed():
+    grad_sum = {"w": torch.ones(300, 200, dtype=torch.float64), "b": torch.zeros(5)}
+    noisy = dp.gaussian_gradient(grad_sum, 0.5, 3.0, _gen(4))
+    g = _gen(4)
+    expected_w = 1.0 + 1.5 * torch.randn(300, 200, generator=g, dtype=torch.float64)
+    expected_b = 1.5 * torch.randn(5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(noisy["w"], expected_w)
+    torch.testing.assert_close(noisy["b"], expected_b)
+    assert float((noisy["w"] - 1).std()) == pytest.approx(3.0 * 0.5, rel=0.02)
+    assert dp.gradient_sensitivity(0.5) == 0.5
+    with pytest.raises(DPError, match=r"grad_sum\['w'\] contains NaN"):
+        dp.gaussian_gradient({"w": torch.tensor([float("inf")])}, 0.5, 3.0, _gen())
+
+
+def test_dp_release_validates_and_refuses_dp_sgd_without_its_settings():
+    from medsilo.config.job import DPSpec
+
+    release = dp.DPRelease.from_spec(DPSpec(noise_multiplier=2.0, clip=0.5), _gen())
+    assert (release.clip, release.noise_multiplier) == (0.5, 2.0)
+    assert release.sgd() == (1.0, 2.0)  # grad_clip default 1.0; σ_sgd defaults to σ
+    custom = dp.DPRelease.from_spec(
+        DPSpec(noise_multiplier=2.0, clip=0.5, grad_clip=0.1, sgd_noise_multiplier=1.2), _gen()
+    )
+    assert custom.sgd() == (0.1, 1.2)
+    with pytest.raises(DPError, match="carry no grad_clip / sgd_noise_multiplier"):
+        dp.DPRelease(clip=1.0, noise_multiplier=1.0, generator=_gen()).sgd()
+    with pytest.raises(DPError, match="grad_clip and sgd_noise_multiplier go together"):
+        dp.DPRelease(clip=1.0, noise_multiplier=1.0, generator=_gen(), grad_clip=1.0)
+    with pytest.raises(DPError, match=r"sgd_noise_multiplier must be a finite number > 0, got -1"):
+        dp.DPRelease(clip=1.0, noise_multiplier=1.0, generator=_gen(), grad_clip=1.0, sgd_noise_multiplier=-1)
+    with pytest.raises(DPError, match="generator must be a torch.Generator"):
+        dp.DPRelease(clip=1.0, noise_multiplier=1.0, generator=np.random.default_rng(0))
+
+
+def test_dpsgd_round_events_are_the_sampled_training_and_the_release():
+    sgd, release = dp.dpsgd_round_events(3.0, 1.5, n=360, batch_size=32, epochs=2)
+    assert sgd == GaussianEvent(noise_multiplier=1.5, steps=24, sampling_rate=32 / 360)
+    assert release == GaussianEvent(noise_multiplier=3.0)
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 8.0])
+def test_dpsgd_noise_for_epsilon_common_sigma_meets_the_target_with_no_less_noise(epsilon):
+    # Prepare
+    shape = dict(n=360, batch_size=32, epochs=1)
+
+    def total(sigma: float) -> float:
+        events = dp.dpsgd_round_events(sigma, sigma, **shape) * 10
+        return PrivacyAccountant(delta=1e-5).cost(*events)[1]
+
+    # Execute
+    sigma = dp.dpsgd_noise_for_epsilon(epsilon, 10, 1e-5, **shape)
+    # Assert: the site's own accountant lands on the target; 1 % less noise overspends; more than the
+    # release alone would need (the training costs something)
+    assert total(sigma) <= epsilon * (1 + 1e-6)
+    assert total(sigma * 0.99) > epsilon
+    assert sigma > dp.noise_for_epsilon(epsilon, 10, 1e-5)
+
+
+def test_dpsgd_noise_for_epsilon_with_a_fixed_sgd_sigma():
+    shape = dict(n=360, batch_size=32, epochs=1)
+    sigma = dp.dpsgd_noise_for_epsilon(4.0, 10, 1e-5, sgd_noise_multiplier=2.0, **shape)
+    events = dp.dpsgd_round_events(sigma, 2.0, **shape) * 10
+    assert PrivacyAccountant(delta=1e-5).cost(*events)[1] == pytest.approx(4.0, rel=1e-5)
+    with pytest.raises(
+        DPError, match=r"DP-SGD at sgd_noise_multiplier=0\.5 alone costs ε=.* ≥ 4 over 10 rounds"
+    ):
+        dp.dpsgd_noise_for_epsilon(4.0, 10, 1e-5, sgd_noise_multiplier=0.5, **shape)

@@ -11,7 +11,9 @@ from medsilo.components.training import (
     classification_metrics,
     local_epochs,
     make_optimizer,
+    per_record_gradients,
     predict,
+    private_epochs,
     recalibrate_batchnorm,
 )
 from medsilo.medical.models import build_model
@@ -96,3 +98,140 @@ def test_recalibrate_batchnorm_changes_statistics_not_weights():
         if k in weights:
             torch.testing.assert_close(v, weights[k])
     assert not model.training
+
+
+# ---- DP-SGD ------------------------------------------------------------------------------------------------
+
+
+def _toy_data(n: int = 12, seed: int = 0) -> torch.utils.data.TensorDataset:
+    return _toy_loader(n, seed).dataset
+
+
+def _pull_features_to_label(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor):
+    """An extra loss that reads features, logits and labels of its record."""
+    return (features - labels[:, None].float()).pow(2).mean() + 0.1 * logits.pow(2).mean()
+
+
+def test_per_record_gradients_equal_autograd_on_each_record_alone():
+    # Prepare
+    model = build_model("cnn", in_channels=1, num_classes=2, feature_dim=8, seed=0)
+    x, y = _toy_data(n=5).tensors
+    # Execute
+    grads, losses = per_record_gradients(model, x, y, extra_loss=_pull_features_to_label)
+    # Assert: record i's gradient is that of its own loss, computed by plain autograd (eval mode)
+    assert not model.training
+    for i in range(5):
+        model.zero_grad()
+        features = model.features(x[i : i + 1])
+        logits = model.head(features)
+        task = torch.nn.functional.cross_entropy(logits, y[i : i + 1])
+        (task + _pull_features_to_label(features, logits, y[i : i + 1])).backward()
+        assert float(losses[i]) == pytest.approx(float(task.detach()), rel=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_private_epochs_one_step_is_the_hand_written_dp_sgd_step():
+    # Prepare: N = 12, B = 3 -> q = 1/4; epochs chosen so T = 4 steps; plain SGD with lr 0.5
+    data = _toy_data(n=12)
+    model = build_model("cnn", in_channels=1, num_classes=2, feature_dim=8, seed=0)
+    start = {k: p.detach().clone() for k, p in model.named_parameters()}
+    clip, sigma, lr = 0.05, 0.7, 0.5
+    # Execute: one epoch of the shared loop from a seeded generator
+    private_epochs(model, data, make_optimizer(model.parameters(), lr=lr, momentum=0.0), epochs=1, batch_size=3,
+                   grad_clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(7))  # fmt: skip
+    # Assert: replay the documented draw order (Poisson draw, then noise per parameter) by hand
+    expected = build_model("cnn", in_channels=1, num_classes=2, feature_dim=8, seed=0)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        keep = torch.rand(12, generator=g, dtype=torch.float64) < 0.25
+        total = {k: torch.zeros(p.shape, dtype=torch.float64) for k, p in expected.named_parameters()}
+        for i in torch.nonzero(keep).flatten().tolist():
+            expected.zero_grad()
+            x, y = data[i]
+            torch.nn.functional.cross_entropy(expected.eval()(x[None]), y[None]).backward()
+            norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in expected.parameters()))
+            for k, p in expected.named_parameters():
+                total[k] += p.grad.double() * min(1.0, clip / norm)
+        with torch.no_grad():
+            for k, p in expected.named_parameters():
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float64) * sigma * clip
+                p -= (lr * (total[k] + noise) / 3).float()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected.get_parameter(k).detach(), rtol=1e-4, atol=1e-6)
+        assert not torch.equal(p.detach(), start[k])
+
+
+def test_private_epochs_with_little_noise_learns_and_keeps_batchnorm_statistics():
+    model = build_model("cnn", in_channels=1, num_classes=2, feature_dim=8, seed=0)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    loader = _toy_loader()
+    before = classification_metrics(*predict(model, loader))["acc"]
+    opt = make_optimizer(model.parameters(), name="adam", lr=1e-2)
+    private_epochs(model, loader.dataset, opt, epochs=3, batch_size=16, grad_clip=1.0, noise_multiplier=0.1,
+                   generator=torch.Generator().manual_seed(0), extra_loss=_pull_features_to_label)  # fmt: skip
+    after = classification_metrics(*predict(model, loader))["acc"]
+    assert after >= 0.9 and after > before
+    for k, v in model.state_dict().items():
+        if k in stats:
+            assert torch.equal(v, stats[k]), k
+
+
+def test_private_epochs_refuses_batchnorm_statistics_that_may_come_from_data():
+    opt = lambda m: make_optimizer(m.parameters(), lr=0.01)  # noqa: E731
+    kwargs = dict(epochs=1, batch_size=4, grad_clip=1.0, noise_multiplier=1.0, generator=torch.Generator())
+    seen = build_model("cnn", in_channels=1, num_classes=2, feature_dim=8, seed=0)
+    seen.train()(_toy_data().tensors[0])  # a train-mode pass estimates statistics from the data
+    with pytest.raises(ValueError, match=r"BatchNorm 'base\.backbone\.1' has tracked 1 batch"):
+        private_epochs(seen, _toy_data(), opt(seen), **kwargs)
+    batch_stats = build_model("cnn", in_channels=1, num_classes=2, feature_dim=8, seed=0)
+    batch_stats.base.backbone[1].track_running_stats = False
+    with pytest.raises(ValueError, match="uses batch statistics even in eval mode"):
+        private_epochs(batch_stats, _toy_data(), opt(batch_stats), **kwargs)
+
+
+def test_private_epochs_refuses_non_finite_losses_and_foreign_parameters():
+    model = build_model("cnn", in_channels=1, num_classes=2, feature_dim=8, seed=0)
+    kwargs = dict(epochs=1, batch_size=12, grad_clip=1.0, noise_multiplier=1.0, generator=torch.Generator())
+    with pytest.raises(FloatingPointError, match="not finite"):
+        private_epochs(model, _toy_data(), make_optimizer(model.parameters(), lr=0.01),
+                       extra_loss=lambda f, logits, y: torch.tensor(float("nan")), **kwargs)  # fmt: skip
+    foreign = make_optimizer([torch.nn.Parameter(torch.zeros(3))], lr=0.01)
+    with pytest.raises(ValueError, match="steps 1 tensor.* not parameters of the model"):
+        private_epochs(model, _toy_data(), foreign, **kwargs)
+
+
+class _Reads(torch.utils.data.Dataset):
+    """A dataset recording which records are read."""
+
+    def __init__(self, data: torch.utils.data.TensorDataset):
+        self.data, self.read = data, []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        self.read.append(index)
+        return self.data[index]
+
+
+def test_private_epochs_takes_every_step_even_on_an_empty_poisson_batch():
+    # Prepare: N = 64, B = 1 -> q = 1/64, T = 64 steps; about a third of them draw no record
+    model = build_model("cnn", in_channels=1, num_classes=2, feature_dim=8, seed=0)
+    data = _Reads(_toy_data(n=64))
+    opt = make_optimizer(model.head.parameters(), lr=0.1, momentum=0.0)
+    reads_per_step = []
+    step = opt.step
+
+    def counted_step(*args, **kwargs):
+        reads_per_step.append(len(data.read) - sum(reads_per_step))
+        return step(*args, **kwargs)
+
+    opt.step = counted_step
+    start = model.head.weight.detach().clone()
+    # Execute
+    private_epochs(model, data, opt, epochs=1, batch_size=1, grad_clip=1.0, noise_multiplier=1.0,
+                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    # Assert: T steps, some of them on noise alone; only the head (the optimizer's parameters) moved
+    assert len(reads_per_step) == 64 and reads_per_step.count(0) >= 10
+    assert not torch.equal(model.head.weight.detach(), start)
