@@ -17,8 +17,9 @@ means are over the sites that did evaluate, and ``failures`` lists site, round, 
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -48,11 +49,15 @@ class RunRecorder:
         privacy: the ``privacy`` section to report (at least ``{"mode": ...}``).
         sites: site names in report order.
         models: site → backbone.
+        job_id: the id of the run that reports (NVFlare's job id; ``medsilo sim``: the run id), which the
+            parties' ledgers name. Not kept in checkpoints: a resumed run reports its own.
     """
 
     def __init__(self, job: str, algorithm: str, privacy: dict[str, Any], sites: list[str], models: dict[str, str],
-                 algorithm_form: str = "sums", refused: dict[str, str] | None = None):  # fmt: skip
+                 algorithm_form: str = "sums", refused: dict[str, str] | None = None,
+                 job_id: str | None = None):  # fmt: skip
         self.job, self.algorithm, self.privacy = job, algorithm, privacy
+        self.job_id = job_id
         self.algorithm_form = algorithm_form
         self.refused = dict(refused or {})
         self.synthetic: dict[str, dict[str, float]] = {}
@@ -62,6 +67,75 @@ class RunRecorder:
         self._rounds: dict[int, _Round] = {}
         self.failures: list[dict[str, Any]] = []
         self._unavailable: dict[int, set[str]] = {}
+
+    def to_json(self) -> str:
+        """Everything recorded so far as JSON text (what the server checkpoint stores).
+
+        Dicts keep their order (means are summed in the same order after a restore); round numbers
+        become string keys; NaN (an AUROC of a one-class split) is written as the literal ``NaN``, which
+        :meth:`from_json` reads back as NaN. A restored recorder therefore reports exactly what the
+        original would.
+        """
+        state = {
+            "job": self.job,
+            "algorithm": self.algorithm,
+            "privacy": self.privacy,
+            "algorithm_form": self.algorithm_form,
+            "refused": self.refused,
+            "synthetic": self.synthetic,
+            "spent": self.spent,
+            "sites": self.sites,
+            "models": self.models,
+            "rounds": [asdict(r) for _, r in sorted(self._rounds.items())],
+            "failures": self.failures,
+            "unavailable": {str(rnd): sorted(sites) for rnd, sites in sorted(self._unavailable.items())},
+        }
+        return json.dumps(state)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRecorder:
+        """The recorder :meth:`to_json` wrote.
+
+        Raises:
+            ValueError: ``text`` is not that JSON; the message names the first field that is wrong.
+        """
+        try:
+            state = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"run recorder: not JSON ({exc})") from None
+        _check(state, "top level", dict)
+        missing, extra = _RECORDER_KEYS - set(state), set(state) - _RECORDER_KEYS
+        if missing or extra:
+            raise ValueError(f"run recorder: missing fields {sorted(missing)}, unknown {sorted(extra)}")
+        for key in ("job", "algorithm", "algorithm_form"):
+            _check(state[key], key, str)
+        _check(state["privacy"], "privacy", dict)
+        _check_map(state["refused"], "refused", str)
+        _check_map(state["models"], "models", str)
+        _check_list(state["sites"], "sites", str)
+        for key in ("synthetic", "spent"):
+            _check(state[key], key, dict)
+            for site, numbers in state[key].items():
+                _check_map(numbers, f"{key}.{site}", (int, float))
+        _check_list(state["failures"], "failures", dict)
+        for i, failure in enumerate(state["failures"]):
+            fields = {"site": str, "round": int, "task": str, "reason": str}
+            _check_fields(failure, f"failures[{i}]", fields)
+        _check(state["unavailable"], "unavailable", dict)
+        _check_list(state["rounds"], "rounds", dict)
+        rec = cls(state["job"], state["algorithm"], state["privacy"], state["sites"], state["models"],
+                  algorithm_form=state["algorithm_form"], refused=state["refused"])  # fmt: skip
+        rec.synthetic, rec.spent = state["synthetic"], state["spent"]
+        rec.failures = state["failures"]
+        for rnd, sites in state["unavailable"].items():
+            if not rnd.isdigit():
+                raise ValueError(f"run recorder: unavailable: round keys must be integers, got {rnd!r}")
+            _check_list(sites, f"unavailable.{rnd}", str)
+            rec._unavailable[int(rnd)] = set(sites)
+        for i, entry in enumerate(state["rounds"]):
+            r = _round_from(entry, f"rounds[{i}]")
+            rec._rounds[r.round] = r
+        return rec
 
     def set_failures(self, failures: list[dict[str, Any]]) -> None:
         """Record tasks sites failed (``site``, ``round`` = the task's round, ``task``, ``reason``).
@@ -156,6 +230,7 @@ class RunRecorder:
         total = sum(chosen[s]["test"]["n"] for s in evaluated)
         return {
             "job": self.job,
+            "job_id": self.job_id,
             "algorithm": self.algorithm,
             "algorithm_form": self.algorithm_form,
             "privacy": self.privacy,
@@ -174,3 +249,53 @@ class RunRecorder:
             "synthetic": self.synthetic,
             "failures": self.failures,
         }
+
+
+# ---- JSON form of a recorder (server checkpoints) ----------------------------------------------------
+
+_RECORDER_KEYS = frozenset({"job", "algorithm", "privacy", "algorithm_form", "refused", "synthetic",
+                            "spent", "sites", "models", "rounds", "failures", "unavailable"})  # fmt: skip
+_NUMBER = (int, float)
+
+
+def _check(value: Any, name: str, kind: type | tuple[type, ...]) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a ``kind`` (a bool is never a number)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        wanted = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"run recorder: {name}: must be {wanted}, got {type(value).__name__}")
+
+
+def _check_map(value: Any, name: str, kind: type | tuple[type, ...]) -> None:
+    """``value`` must be a dict of ``kind`` values."""
+    _check(value, name, dict)
+    for key, item in value.items():
+        _check(item, f"{name}.{key}", kind)
+
+
+def _check_list(value: Any, name: str, kind: type | tuple[type, ...]) -> None:
+    """``value`` must be a list of ``kind`` items."""
+    _check(value, name, list)
+    for i, item in enumerate(value):
+        _check(item, f"{name}[{i}]", kind)
+
+
+def _check_fields(value: Any, name: str, fields: dict[str, type | tuple[type, ...]]) -> None:
+    """``value`` must be a dict with exactly ``fields``, each of its type."""
+    _check(value, name, dict)
+    if set(value) != set(fields):
+        raise ValueError(f"run recorder: {name}: must have the fields {sorted(fields)}, has {sorted(value)}")
+    for key, kind in fields.items():
+        _check(value[key], f"{name}.{key}", kind)
+
+
+def _round_from(entry: Any, name: str) -> _Round:
+    """A :class:`_Round` from its ``to_json`` form, every field checked."""
+    _check_fields(entry, name, {"round": int, "seconds": _NUMBER, "bytes_up": int, "bytes_down": int,
+                                "train_loss": dict, "evals": dict})  # fmt: skip
+    _check_map(entry["train_loss"], f"{name}.train_loss", _NUMBER)
+    for site, splits in entry["evals"].items():
+        _check_fields(splits, f"{name}.evals.{site}", {"val": dict, "test": dict})
+        for split in ("val", "test"):
+            _check_map(splits[split], f"{name}.evals.{site}.{split}", _NUMBER)
+    return _Round(**entry)

@@ -208,6 +208,24 @@ class Client(BaseClient):
         self.pair_latents: torch.Tensor | None = None
         self._cursor = 0
 
+    def rebuild_module(self, name: str, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+        """Checkpoint hook: a fresh ``proj_i`` for a checkpoint holding one (built lazily by :meth:`receive`).
+
+        Args:
+            name: the attribute; only ``"proj"`` is built lazily.
+            shapes: parameter name → shape in the checkpoint (``weight`` ``(L, d)``, ``bias`` ``(L,)``).
+
+        Returns:
+            ``Linear(d, L)`` built as :meth:`receive` builds it; ``self`` is not changed.
+
+        Raises:
+            ValueError: another attribute, or shapes that are not those of a ``Linear``.
+        """
+        weight = shapes.get("weight", ())
+        if name != "proj" or set(shapes) != {"weight", "bias"} or len(weight) != 2:
+            raise ValueError(f"fedktl: no lazily built module '{name}' with parameter shapes {shapes}")
+        return projection(self.model.head.in_features, weight[0], self.config.seed)
+
     @property
     def input_size(self) -> tuple[int, int]:
         """``(H, W)`` of this site's model inputs."""
@@ -338,6 +356,8 @@ class Server(BaseServer):
     """
 
     needs_plaintext_aggregate: ClassVar[bool] = True
+    checkpoint_rebuilt: ClassVar[frozenset[str]] = frozenset({"generator"})
+    """Left out of checkpoints: the generator is fixed (never trained) and rebuilt from the config."""
     config: Config
 
     def __init__(self, config: Config, num_classes: int, sites: list[str]):

@@ -38,6 +38,14 @@ pairs ``(P, k)`` (below):
   (``needs_plaintext_aggregate``): under ``ckks`` it needs an aggregate release (DESIGN §5); under
   ``dp`` it is post-processing of the noised sums.
 
+**Privacy modes** ``dp`` and ``ckks+dp`` (aggregate form only; record-level): the client is FedProto's
+(:meth:`.fedproto.Client.train_private`, :meth:`.fedproto.Client.dp_events`): DP-SGD training towards the
+TGPs (``GaussianEvent(σ_sgd, T, q)``), then Gaussian-noised per-class sums of the DP-trained model's
+clipped eval-mode features (``GaussianEvent(σ)``, sensitivity √2·C for that fixed model), both charged
+per round; the argument (adaptive composition) and what it does not cover are in :mod:`.fedproto`. The
+TGPs a site trains towards are computed by the server from noised sums only, so they are
+post-processing and public to the site's mechanisms.
+
 **Inference**: nearest global prototype (MSE distance), probabilities ``softmax(−D)``, exactly as
 FedProto (FedTGP issue #6: intended); before the first TGPs arrive the site's own head.
 
@@ -172,6 +180,25 @@ class Server(BaseServer):
         self.tgp: TrainablePrototypes | None = None
         self.margin = 0.0
         self.losses: list[float] = []
+
+    def rebuild_module(self, name: str, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+        """Checkpoint hook: a fresh TGP network for a checkpoint holding one (built at the first update).
+
+        Args:
+            name: the attribute; only ``"tgp"`` is built lazily.
+            shapes: parameter name → shape in the checkpoint (``embedding.weight`` is ``(K, d)``).
+
+        Returns:
+            the network :meth:`train_round` would build for that d; ``self`` is not changed.
+
+        Raises:
+            ValueError: another attribute, or no ``(K, d)`` embedding among the shapes.
+        """
+        embedding = shapes.get("embedding.weight", ())
+        if name != "tgp" or len(embedding) != 2:
+            raise ValueError(f"fedtgp: no lazily built module '{name}' with parameter shapes {shapes}")
+        d = embedding[1]
+        return build_tgp(self.num_classes, d, self.config.hidden_dim or d, self.config.server_seed)
 
     @property
     def form(self) -> str:

@@ -38,8 +38,9 @@ def test_schema_is_the_design_contract():
     res = _recorder().results()
     # DESIGN §12, plus algorithm_form (which server form of the algorithm ran: sums or per-site)
     # refused (sites that declined the job at round 1, with their reasons), synthetic (PCEvolve images
-    # a site added to its training split) and failures (tasks sites failed under reliability.min_sites)
-    assert set(res) == {"job", "algorithm", "algorithm_form", "privacy", "sites", "models", "rounds",
+    # a site added to its training split), failures (tasks sites failed under reliability.min_sites) and
+    # job_id (the run's id, which the parties' ledgers name)
+    assert set(res) == {"job", "job_id", "algorithm", "algorithm_form", "privacy", "sites", "models", "rounds",
                         "selected_round", "final", "privacy_spent", "refused", "synthetic", "failures"}  # fmt: skip
     assert res["algorithm_form"] == "sums"
     r = res["rounds"][1]
