@@ -1,8 +1,10 @@
 """RoundController: the NVFlare ``ModelController`` that hosts an algorithm's server half.
 
-For each round it sends the current payload to every site with the ``train`` task, adds the sites'
-upload sums name by name, lets the algorithm's server half turn the aggregate into the next payload,
-and records timings, payload bytes and the metrics the sites report. After the last round a final
+For each round it announces the round's participant set and sends the current payload to every site with the
+``train`` task; the job's **privacy pipeline** (:mod:`medsilo.secure.pipeline`, server half) checks and records
+each site's signed upload and turns the round into the next payload — a plaintext update by the algorithm's
+server half, an encrypted sum, or an update from an aggregate one site released. The controller records
+timings, payload bytes and the metrics the sites report; it never handles a ciphertext itself. After the last round a final
 ``evaluate`` task scores the last payload. It then writes, into its run folder (which
 ``nvflare job download`` and the simulator workspace both expose):
 
@@ -14,8 +16,9 @@ After each completed round it checkpoints its state (:mod:`medsilo.components.ch
 exported with ``resume`` continues from the last checkpointed round of an interrupted run.
 
 Every payload it sends (global model, prototypes, encrypted sums, release requests) first gets a
-``release`` entry in the server's privacy ledger (:func:`medsilo.secure.guard.server_ledger`): tensor
-names, shapes, bytes, SHA-256, encrypted or not, the task and the receiving sites — never values.
+``release`` entry in the server's privacy ledger: tensor names, shapes, bytes, SHA-256, encrypted or not, the
+task and the receiving sites — never values; every upload it accepts gets a ``received`` entry with the
+site's signed statement (its ledger head), against which site ledgers are audited.
 
 A site that answers with an error (policy refusal, missing dataset, unreadable data …) or does not
 answer at all stops the job: nothing is written as if it were complete — unless the job sets
@@ -39,45 +42,14 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from medsilo.components.executor import (
-    TASK_EVALUATE,
-    TASK_RELEASE,
-    TASK_TRAIN,
-    payload_bytes,
-    to_numpy,
-    to_torch,
-)
+from medsilo.components.executor import TASK_EVALUATE, TASK_RELEASE, TASK_TRAIN, job_identity, payload_bytes
+from medsilo.errors import MedsiloError
 
 RESULTS_FILE, PROGRESS_FILE, FAILURE_FILE = "results.json", "progress.jsonl", "failure.json"
 
 
 class JobStopped(Exception):
     """The round loop cannot continue; the message says which sites failed and why."""
-
-
-def sum_uploads(uploads: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Element-wise sum per name over sites' uploads.
-
-    Args:
-        uploads: site → {name: array}. Every site must upload the same names and shapes.
-
-    Raises:
-        JobStopped: sites disagree on names or shapes (fail closed: never aggregate a partial set).
-    """
-    names = {site: set(u) for site, u in uploads.items()}
-    reference_site, reference = next(iter(names.items()))
-    for site, keys in names.items():
-        if keys != reference:
-            diff = sorted(keys ^ reference)[:5]
-            raise JobStopped(f"sites {reference_site} and {site} uploaded different tensors (e.g. {diff})")
-    total: dict[str, np.ndarray] = {}
-    for site, upload in uploads.items():
-        for name, value in upload.items():
-            arr = np.asarray(value, dtype=np.float64)
-            if name in total and total[name].shape != arr.shape:
-                raise JobStopped(f"site {site} uploaded '{name}' with shape {arr.shape}, others {total[name].shape}")
-            total[name] = total[name] + arr if name in total else arr.copy()
-    return {k: v.astype(np.float32) for k, v in total.items()}
 
 
 class RoundController(ModelController):
@@ -95,10 +67,9 @@ class RoundController(ModelController):
         self.job = job  # attribute names must equal argument names for NVFlare's job export
         self.task_timeout = task_timeout
         self.resume = resume
-        self._public_ctx = None
-        self._release_bytes = 0
         self._min_sites: int | None = None
         self._failures: list[dict[str, Any]] = []
+        self._pipeline = None
 
     def run(self) -> None:
         from medsilo.components import checkpoint
@@ -106,6 +77,9 @@ class RoundController(ModelController):
         from medsilo.components.results import RunRecorder
         from medsilo.config import JobSpec
         from medsilo.config.loading import validate
+        from medsilo.secure.keys import SERVER, Party
+        from medsilo.secure.pipeline import pipeline_module
+        from medsilo.secure.pipeline.base import JobTerms
 
         run_dir = Path(os.path.dirname(self.fl_ctx.get_prop(FLContextKey.APP_ROOT)))
         try:
@@ -114,21 +88,30 @@ class RoundController(ModelController):
             self.task_timeout = spec.reliability.task_timeout or self.task_timeout
             sites = sorted(self.sample_clients())
             algo = algorithm_module(spec.algorithm.name)
+            job_id = job_identity(self.fl_ctx)
+            terms = JobTerms.of(job_id, spec, releases=algo.Server.needs_plaintext_aggregate)
+            self._pipeline = pipeline_module(spec.privacy.mode).Server(Party(SERVER, self._workspace_root()), terms)
             saved = checkpoint.checkpoint_dir(self._workspace_root(), spec.name)
+            digest = checkpoint.spec_digest(self.job)
             payload: dict[str, np.ndarray] = {}
             rounds, first = spec.training.rounds, 1
-            state = checkpoint.load_server(saved, self.job) if self.resume else None
+            state = checkpoint.load_server(saved, spec_digest=digest) if self.resume else None
+            resume_from = None
             if state is not None:
-                payload, server, recorder = state["payload"], state["server"], state["recorder"]
-                sites, self._failures, first = state["sites"], state["failures"], state["round"] + 1
-                self.info(f"job {spec.name}: resuming after round {state['round']} from {saved}")
+                payload, sites, self._failures, first = state.payload, state.sites, state.failures, state.round + 1
+                recorder = state.recorder
+                recorder.job_id = job_id
+                server = algo.Server(spec.algorithm.config(), len(spec.classes), sites)
+                state.restore_server(server)
+                resume_from = {"job": state.job_id, "round": state.round}
+                self.info(f"job {spec.name}: resuming after round {state.round} of job {state.job_id} from {saved}")
             else:
                 self.info(f"job {spec.name}: {spec.algorithm.name} on {len(sites)} sites for {rounds} rounds")
             for rnd in range(first, rounds + 1):
                 t0 = time.perf_counter()
-                resume_from = state["round"] if state is not None and rnd == first else None
-                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites, refusable=rnd == 1, tolerant=True,
-                                    resume_from=resume_from)  # fmt: skip
+                announced = list(sites)  # the participant set every upload of this round is signed for
+                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, announced, refusable=rnd == 1, tolerant=True,
+                                    resume_from=resume_from if rnd == first else None, first=rnd == first)  # fmt: skip
                 if rnd == 1:
                     refused = {s: m.meta["error"] for s, m in replies.items() if m.meta.get("refused")}
                     sites = self._without_refused(sites, refused, spec)
@@ -137,7 +120,7 @@ class RoundController(ModelController):
                     recorder = RunRecorder(job=spec.name, algorithm=spec.algorithm.name,
                                            privacy={"mode": spec.privacy.mode}, sites=sites,
                                            models={s: spec.backbone_for(s) for s in sites}, algorithm_form=server.form,
-                                           refused=refused)  # fmt: skip
+                                           refused=refused, job_id=job_id)  # fmt: skip
                 self._record_evaluations(recorder, rnd - 1, replies)
                 for site, m in replies.items():
                     if m.meta.get("privacy_spent"):
@@ -147,18 +130,16 @@ class RoundController(ModelController):
                 uploads = {s: m.params or {} for s, m in replies.items()}
                 bytes_up = sum(payload_bytes(u) for u in uploads.values())
                 bytes_down = payload_bytes(payload) * len(sites)
-                self._release_bytes = 0
-                payload = self._next_payload(server, uploads, rnd, rounds, spec)
-                bytes_up += self._release_bytes  # an aggregate release's round trip counts as traffic
+                payload = self._next_payload(server, payload, uploads, rnd, rounds, announced)
+                bytes_up += self._pipeline.release_bytes  # an aggregate release's round trip counts as traffic
                 recorder.add_training(rnd, seconds=time.perf_counter() - t0, bytes_up=bytes_up, bytes_down=bytes_down,
                                       train_loss={s: float(m.meta["train_loss"]) for s, m in replies.items()})  # fmt: skip
-                checkpoint.save_server(saved, {"round": rnd, "spec": checkpoint.spec_digest(self.job), "payload": payload,
-                                               "server": server, "recorder": recorder, "sites": sites,
-                                               "failures": self._failures})  # fmt: skip
+                checkpoint.save_server(saved, round=rnd, job_id=job_id, spec_digest=digest, payload=payload,
+                                       server=server, recorder=recorder, sites=sites, failures=self._failures)  # fmt: skip
                 if rnd > 1:
                     self._progress(run_dir, recorder.progress(rnd - 1))
             replies = self._ask(TASK_EVALUATE, payload, rounds + 1, rounds, sites, tolerant=True,
-                                resume_from=state["round"] if state is not None and first > rounds else None)  # fmt: skip
+                                resume_from=resume_from if first > rounds else None, first=first > rounds)  # fmt: skip
             self._record_evaluations(recorder, rounds, replies)
             self._progress(run_dir, recorder.progress(rounds))
             recorder.set_failures(self._failures)
@@ -174,51 +155,26 @@ class RoundController(ModelController):
             self._write(run_dir / FAILURE_FILE, {"error": f"server: {type(exc).__name__}: {exc}"})
             raise
 
-    def _next_payload(self, server, uploads: dict[str, dict[str, np.ndarray]], rnd: int, rounds: int,
-                      spec) -> dict[str, np.ndarray]:  # fmt: skip
-        """The payload for round ``rnd + 1`` from the sites' uploads of round ``rnd``.
+    def _next_payload(self, server, payload: dict[str, np.ndarray], uploads: dict[str, dict[str, np.ndarray]],
+                      rnd: int, rounds: int, announced: list[str]) -> dict[str, np.ndarray]:  # fmt: skip
+        """The payload for round ``rnd + 1``: what the privacy pipeline's server half makes of the round's
+        uploads from the ``announced`` participants (a plaintext update, an encrypted sum, or an update from a
+        released aggregate). A round whose aggregate cannot be released (a participant did not answer or
+        declined the job) keeps the current payload."""
+        from medsilo.secure.pipeline.base import RoundSkipped
 
-        * plaintext, ``form == "per-site"``: the algorithm reads each site's upload;
-        * plaintext: the algorithm reads Σ uploads;
-        * ``ckks``, linear algorithm: Σ of the ciphertexts, sent back encrypted (the server never decrypts);
-        * ``ckks``, server-side learning: an aggregate release by one site (DESIGN §5), then the algorithm
-          reads the released plaintext Σ.
-        """
-        if "ckks" not in spec.privacy.mode:
-            if server.form == "per-site":
-                return to_numpy(server.update_from_sites({s: to_torch(u) for s, u in uploads.items()}, rnd))
-            aggregate = sum_uploads(uploads) if any(uploads.values()) else {}
-            return to_numpy(server.update(to_torch(aggregate), rnd))
+        def ask_release(site: str, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            reply = self._ask(TASK_RELEASE, request, rnd, rounds, [site])[site]
+            self.info(f"round {rnd}: {site} released the aggregate of {len(request)} signed contributions")
+            return reply.params or {}
 
-        from medsilo.secure.ckks import CKKSError, add
-        from medsilo.secure.filters import CKKS_PARAM
-        from medsilo.secure.release import Contribution
-
-        plain = [s for s, u in uploads.items() if set(u) != {CKKS_PARAM}]
-        if plain:  # fail closed: a ckks job never aggregates a plaintext upload
-            raise JobStopped(f"privacy mode {spec.privacy.mode}: sites {', '.join(plain)} sent unencrypted uploads; "
-                             "check that their CKKS filters are installed")  # fmt: skip
         try:
-            contributions = {s: Contribution.from_bytes(u[CKKS_PARAM]) for s, u in uploads.items()}
-            wrong = [s for s, c in contributions.items() if c.site != s]
-            if wrong:
-                raise JobStopped(f"uploads from {', '.join(wrong)} are signed as another site")
-            if not server.needs_plaintext_aggregate:
-                if self._public_ctx is None:
-                    from medsilo.secure.keys import server_context
-
-                    self._public_ctx = server_context(self._workspace_root())
-                total = add(self._public_ctx, [c.upload for c in contributions.values()], labels=list(contributions))
-                return {CKKS_PARAM: total.to_array()}
-        except CKKSError as exc:
-            raise JobStopped(f"server: encrypted uploads of round {rnd} refused: {exc}") from exc
-        sites = sorted(contributions)
-        releaser = sites[(rnd - 1) % len(sites)]  # rotate, so no single site releases every round
-        request = {s: np.frombuffer(c.to_bytes(), dtype=np.uint8) for s, c in contributions.items()}
-        reply = self._ask(TASK_RELEASE, request, rnd, rounds, [releaser])[releaser]
-        self._release_bytes = payload_bytes(request) + payload_bytes(reply.params)
-        self.info(f"round {rnd}: {releaser} released the aggregate of {len(sites)} signed contributions")
-        return to_numpy(server.update(to_torch(reply.params or {}), rnd))
+            return self._pipeline.combine(rnd, announced, uploads, server, ask_release)
+        except RoundSkipped as exc:
+            self.warning(str(exc))
+            return payload
+        except MedsiloError as exc:
+            raise JobStopped(f"server: round {rnd}: {exc}") from exc
 
     def _without_refused(self, sites: list[str], refused: dict[str, str], spec) -> list[str]:
         """The sites that go on after some refused the job at round 1 (e.g. an exhausted privacy budget).
@@ -241,19 +197,26 @@ class RoundController(ModelController):
         return ws.get_root_dir() if ws is not None else "."
 
     def _ask(self, task: str, payload: dict[str, np.ndarray], rnd: int, rounds: int, sites: list[str],
-             refusable: bool = False, tolerant: bool = False, resume_from: int | None = None) -> dict[str, FLModel]:  # fmt: skip
+             refusable: bool = False, tolerant: bool = False, resume_from: dict | None = None,
+             first: bool = False) -> dict[str, FLModel]:  # fmt: skip
         """Send ``task`` to every site; return site → reply, or stop the job naming the failing sites.
 
-        With ``refusable``, replies marked ``refused`` (the site declined the whole job before anything
-        left it) are returned for the caller to drop. With ``tolerant`` and the job's
-        ``reliability.min_sites`` set, sites that answered with an error or not at all (died, timed out)
-        are recorded as failed for this task and left out, as long as ``min_sites`` answered; otherwise
-        any failure stops the job. ``resume_from`` (first task of a resumed job) tells the sites which
-        round's checkpoint to restore.
+        The task's metadata carries the round, and for ``train`` the round's participant set (which every
+        upload's signature names); the job's first task carries each site's ledger anchor. With ``refusable``,
+        replies marked ``refused`` (the site declined the whole job before anything left it) are returned for
+        the caller to drop. With ``tolerant`` and the job's ``reliability.min_sites`` set, sites that answered
+        with an error or not at all (died, timed out) are recorded as failed for this task and left out, as
+        long as ``min_sites`` answered; otherwise any failure stops the job. ``resume_from`` (first task of a
+        resumed job: ``{"job": id, "round": r}``) tells the sites which checkpoint to restore.
         """
-        if payload:
-            self._record_send(task, payload, rnd, sites)
-        meta = {"round": rnd} | ({"resume_from": resume_from} if resume_from is not None else {})
+        try:
+            meta = {"round": rnd} | (self._pipeline.announce(rnd, sites, first) if task != TASK_RELEASE else {})
+            if payload:  # ledgered before it is sent: nothing leaves that the server's ledger would not show
+                self._pipeline.record_send(task, payload, rnd, sites)
+        except MedsiloError as exc:
+            raise JobStopped(f"server: cannot use its privacy ledger: {exc}") from exc
+        if resume_from is not None:
+            meta["resume_from"] = resume_from
         data = FLModel(params=payload, params_type=ParamsType.FULL, current_round=rnd - 1, total_rounds=rounds,
                        meta=meta)  # fmt: skip
         results = self.send_model_and_wait(task_name=task, data=data, targets=sites, timeout=self.task_timeout)
@@ -279,22 +242,6 @@ class RoundController(ModelController):
                 self._failures.append({"site": site, "round": rnd, "task": task, "reason": reason})
             return answered
         return replies
-
-    def _record_send(self, task: str, payload: dict[str, np.ndarray], rnd: int, sites: list[str]) -> None:
-        """The server's ledger entry for a payload about to go to ``sites`` (written before it is sent)."""
-        from medsilo.errors import MedsiloError
-        from medsilo.secure.filters import CKKS_PARAM
-        from medsilo.secure.guard import describe_upload, server_ledger
-
-        encrypted = CKKS_PARAM in payload
-        kind = "release_request" if task == TASK_RELEASE else "payload"
-        what = describe_upload(payload, encrypted, {"name": "ckks"} if encrypted else None, kind=kind)
-        try:
-            ledger = server_ledger(self.fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or self._workspace_root())
-            ledger.append("release", job=self.fl_ctx.get_job_id(), round=rnd, privacy=None,
-                          what={**what, "task": task, "to": sites})  # fmt: skip
-        except MedsiloError as exc:  # fail closed: nothing is sent that the server's ledger would not show
-            raise JobStopped(f"server: cannot write its privacy ledger: {exc}") from exc
 
     @staticmethod
     def _record_evaluations(recorder, rnd: int, replies: dict[str, FLModel]) -> None:

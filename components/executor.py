@@ -9,18 +9,23 @@ On the first task of a job it resolves everything from the *site's* side — nev
    privacy mode strong enough — otherwise the site refuses;
 3. the dataset named by the job, through the site's manifest; unusable files are skipped up to the
    site's limit (:func:`medsilo.medical.data.load_site_data`);
-4. the site's model from the zoo (the job's backbone for this site), and the algorithm's client half.
+4. the site's model from the zoo (the job's backbone for this site), and the algorithm's client half;
+5. the **privacy pipeline** of the job's mode (:mod:`medsilo.secure.pipeline`): the only way anything of this
+   site's data leaves. It checks the site's ledger against the server's record, admits or refuses a DP job
+   against the budget, and on every ``train`` task charges, seals, signs and ledgers the upload before it is
+   returned; it opens (decrypts) what the server sends and answers ``release`` tasks where the mode has them.
+   The executor never sees a ciphertext.
 
 Each ``train`` task then: applies the server payload, evaluates the model this site deploys on its
-val and test splits (these metrics belong to the previous round), trains, and returns the upload sums.
+val and test splits (these metrics belong to the previous round), trains, and returns the protected upload.
 The final ``evaluate`` task applies the last payload and evaluates only. After each ``train`` task the
-site checkpoints its client half (:mod:`medsilo.components.checkpoint`); the first task of a resumed job
-names the round whose checkpoint it restores.
+site checkpoints its client half (:mod:`medsilo.components.checkpoint`) before the upload is ledgered; the
+first task of a resumed job names the job and round whose checkpoint it restores.
 
 A problem the site can name (bad config, missing dataset, policy refusal, too many unreadable files,
-diverged training) is returned to the server as a result carrying ``error`` in its metadata and no
-parameters, so the server can stop the job with the site's reason; nothing is uploaded in that case.
-Logs carry names, counts and timings only — never image values or patient identifiers.
+diverged training, a refused release) is returned to the server as a result carrying ``error`` in its
+metadata and no parameters, so the server can stop the job with the site's reason; nothing is uploaded in
+that case. Logs carry names, counts and timings only — never image values or patient identifiers.
 """
 
 from __future__ import annotations
@@ -44,31 +49,28 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from medsilo.components import checkpoint
 from medsilo.errors import MedsiloError
 from medsilo.secure.dp import BudgetExceeded
-from medsilo.secure.guard import SiteGuard
+from medsilo.secure.pipeline.base import to_numpy, to_torch
+from medsilo.secure.upload import WIRE_PARAM
 
 SITES_FILE_ENV = "MEDSILO_SITES_FILE"
 """Simulator only: path of the ``sites.yml`` standing in for every site's own config."""
 THREADS_ENV = "MEDSILO_SITE_THREADS"
 """Simulator only: torch threads per site (several sites share one machine there)."""
+RUN_ID_ENV = "MEDSILO_RUN_ID"
+"""Simulator only: the run's id, which stands in for the job id (NVFlare's simulator names every job
+``simulate_job``, and ledgers and signatures must tell runs apart)."""
 SITE_CONFIG = Path("local") / "medsilo_site.yml"
 """A deployed site's config, relative to its workspace."""
 TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE = "train", "evaluate", "release"
 
 
-def to_numpy(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Torch tensors → float32 numpy arrays (what travels in an FLModel)."""
-    return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in tensors.items()}
-
-
-def to_torch(arrays: dict[str, Any] | None) -> dict[str, Any]:
-    """Numpy arrays from an FLModel → torch tensors (shares memory where possible)."""
-    import torch
-
-    return {k: torch.as_tensor(np.asarray(v)) for k, v in (arrays or {}).items()}
+def job_identity(fl_ctx: FLContext) -> str:
+    """The id ledgers, signatures and checkpoints bind to: NVFlare's job id, or the simulator run's id."""
+    return os.environ.get(RUN_ID_ENV) or fl_ctx.get_job_id()
 
 
 def payload_bytes(arrays: dict[str, Any] | None) -> int:
-    """Bytes of a payload's tensors as sent (array buffers; ciphertexts count their serialized size)."""
+    """Bytes of a payload's tensors as sent (array buffers; byte strings count their size)."""
     total = 0
     for v in (arrays or {}).values():
         total += len(v) if isinstance(v, (bytes, bytearray)) else int(np.asarray(v).nbytes)
@@ -85,7 +87,8 @@ class _SiteState:
     client: Any
     data: Any
     batch_size: int
-    guard: Any
+    pipeline: Any
+    events: list
     seed: int
 
 
@@ -102,8 +105,7 @@ class SiteExecutor(Executor):
         self._spec = None
         self._state: _SiteState | None = None
         self._config = None
-        self._released: set[str] = set()
-        self._admitted = False
+        self._started = False
         self._synthetic: dict | None = None
         self._resumed = False
 
@@ -113,61 +115,70 @@ class SiteExecutor(Executor):
         if task_name not in (TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
+        refusable = not self._started
         try:
             incoming = FLModelUtils.from_shareable(shareable)
-            rnd = int((incoming.meta or {}).get("round", 0))
-            if (incoming.meta or {}).get("filter_error"):
-                raise MedsiloError(incoming.meta["filter_error"])
+            meta = incoming.meta or {}
+            rnd = int(meta.get("round", 0))
             state = self._prepare(site, fl_ctx)
-            resume_from = (incoming.meta or {}).get("resume_from")
-            if resume_from is not None and not self._resumed:  # an interrupted job goes on where it stopped
-                state.client = checkpoint.load_site(self._checkpoints(fl_ctx), site, int(resume_from), state.data)
-                self._resumed = True
-            if task_name == TASK_TRAIN and not self._admitted:
-                state.guard.record_policy(self._config.privacy)  # the rules this job runs under, in the ledger
-                state.guard.admit_job()  # a DP job that cannot fit the site's budget is refused here
-                self._admitted = True
+            pipeline = state.pipeline
+            if not self._started:  # the ledger checked against the server's record, the rules in force ledgered
+                pipeline.start((meta.get("anchors") or {}).get(site))
+                pipeline.admit(state.events)  # a DP job that cannot fit the site's budget is refused here
+                self._started = True
+            resume = meta.get("resume_from")
+            if resume is not None and not self._resumed:  # an interrupted job goes on where it stopped
+                self._restore(site, resume, state, fl_ctx)
             if task_name == TASK_RELEASE:
-                return self._release(site, incoming.params or {}, rnd, fl_ctx)
+                wire = pipeline.release(rnd, incoming.params or {})
+                self.log_info(fl_ctx, f"{site}: released round {rnd}'s aggregate")
+                return FLModelUtils.to_shareable(FLModel(params={WIRE_PARAM: wire}, params_type=ParamsType.FULL,
+                                                         meta={"round": rnd}))  # fmt: skip
             t0 = time.perf_counter()
-            payload = to_torch(incoming.params)
-            state.client.receive(payload or None, rnd)
-            meta: dict[str, Any] = {"round": rnd}
+            payload = pipeline.open(rnd, incoming.params or {}, meta)
+            state.client.receive(to_torch(payload) or None, rnd)
+            out: dict[str, Any] = {"round": rnd}
             if task_name == TASK_EVALUATE or rnd > 1:
-                meta["eval"] = self._evaluate(state)
+                out["eval"] = self._evaluate(state)
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
+            params: dict[str, Any] = {}
             if task_name == TASK_TRAIN:
-                guard = state.guard
                 import torch
 
                 torch.manual_seed(state.seed * 1_000_003 + rnd)  # anything drawing from torch's global RNG: per round
-                if guard.dp:
-                    upload = state.client.train_private(rnd, guard.dp_round(rnd))
-                else:
-                    upload = state.client.train(rnd)
-                meta.update(train_loss=upload.train_loss, n_train=len(state.data.train))
-                if self._synthetic:
-                    meta["synthetic"] = self._synthetic
-                params = to_numpy(upload.sums)
+                dp = pipeline.noise(rnd, state.events)
+                upload = state.client.train_private(rnd, dp) if dp is not None else state.client.train(rnd)
                 # before the ledger entry: a checkpoint that cannot be written stops the upload unrecorded
-                checkpoint.save_site(self._checkpoints(fl_ctx), site, rnd, state.client, state.data)
-                spent = guard.record_upload(rnd, params)  # the ledger entry is written before anything leaves
+                checkpoint.save_site(self._checkpoints(fl_ctx), site, rnd, state.client, job_id=job_identity(fl_ctx),
+                                     spec_digest=checkpoint.spec_digest(self.job))  # fmt: skip
+                wire, spent = pipeline.protect(rnd, meta.get("participants") or [], to_numpy(upload.sums), state.events)
+                params = {WIRE_PARAM: wire}
+                out["train_loss"] = upload.train_loss
                 if spent is not None:
-                    meta["privacy_spent"] = spent
-            else:
-                params = {}
-            meta["seconds"] = round(time.perf_counter() - t0, 3)
-            self.log_info(fl_ctx, f"{site}: {task_name} round {rnd} done in {meta['seconds']} s, "
+                    out["privacy_spent"] = spent
+                if self._synthetic:
+                    out["synthetic"] = self._synthetic
+            out["seconds"] = round(time.perf_counter() - t0, 3)
+            self.log_info(fl_ctx, f"{site}: {task_name} round {rnd} done in {out['seconds']} s, "
                                   f"upload {payload_bytes(params)} bytes")  # fmt: skip
-            return FLModelUtils.to_shareable(FLModel(params=params, params_type=ParamsType.FULL, meta=meta))
+            return FLModelUtils.to_shareable(FLModel(params=params, params_type=ParamsType.FULL, meta=out))
         except (MedsiloError, FloatingPointError) as exc:
             reason = str(exc) if str(exc).startswith(f"site {site}") else f"site {site}: {exc}"
             self.log_error(fl_ctx, reason)
             meta = {"error": reason}
-            if isinstance(exc, BudgetExceeded) and not self._admitted:
+            if isinstance(exc, BudgetExceeded) and refusable:
                 meta["refused"] = True  # declined before anything left: the job may go on without this site
             return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta=meta))
+
+    def _restore(self, site: str, resume: Any, state: _SiteState, fl_ctx: FLContext) -> None:
+        """Restore the client half from the checkpoint the server names (``{"job": id, "round": r}``)."""
+        if not isinstance(resume, dict) or not isinstance(resume.get("job"), str) or \
+                not isinstance(resume.get("round"), int):  # fmt: skip
+            raise MedsiloError(f"site {site}: the resume request must name a job id and a round, got {resume!r}")
+        checkpoint.load_site(self._checkpoints(fl_ctx), site, resume["round"], state.client, job_id=resume["job"],
+                             spec_digest=checkpoint.spec_digest(self.job))  # fmt: skip
+        self._resumed = True
 
     def _checkpoints(self, fl_ctx: FLContext) -> Path:
         return checkpoint.checkpoint_dir(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".", self.job["name"])
@@ -184,6 +195,9 @@ class SiteExecutor(Executor):
         from medsilo.config.loading import validate
         from medsilo.medical.data import channels_of, load_site_data
         from medsilo.medical.models import build_model
+        from medsilo.secure.keys import Party
+        from medsilo.secure.pipeline import pipeline_module
+        from medsilo.secure.pipeline.base import JobTerms
         from medsilo.secure.policy import check_job
 
         spec = validate(self.job, JobSpec, f"job '{self.job.get('name', '?')}'")
@@ -194,7 +208,7 @@ class SiteExecutor(Executor):
         torch.set_num_threads(threads)
 
         ref = config.datasets[spec.dataset]
-        manifest = read_manifest(ref.manifest, spec.classes)
+        manifest = read_manifest(ref.manifest, spec.classes, allow_outside=config.data.allow_paths_outside_manifest)
         seed = site_seed(spec.seed, site)
         t0 = time.perf_counter()
         data = load_site_data(
@@ -221,9 +235,11 @@ class SiteExecutor(Executor):
                           training=spec.training, seed=seed, batch_size=batch)  # fmt: skip
         algo = algorithm_module(spec.algorithm.name)
         client = algo.Client(setup, spec.algorithm.config())
-        guard = SiteGuard(site, workspace, fl_ctx.get_job_id(), spec, config.privacy)
+        terms = JobTerms.of(job_identity(fl_ctx), spec, releases=algo.Server.needs_plaintext_aggregate)
+        pipeline = pipeline_module(spec.privacy.mode).Site(Party(site, workspace), terms, config.privacy)
+        events = client.dp_events(spec.privacy.dp) if pipeline.noised else []
         self._spec = spec
-        self._state = _SiteState(client=client, data=data, batch_size=batch, guard=guard, seed=seed)
+        self._state = _SiteState(client=client, data=data, batch_size=batch, pipeline=pipeline, events=events, seed=seed)
         return self._state
 
     def _pcevolve(self, site: str, spec, config, manifest, data, workspace: Path, seed: int, fl_ctx: FLContext):
@@ -237,17 +253,18 @@ class SiteExecutor(Executor):
         import torch
 
         from medsilo.medical.data import ImageSet
-        from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig
+        from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig, charged_evolve
         from medsilo.medical.synth.pcevolve.store import write_synthetic
-        from medsilo.secure.guard import charged_evolve
+        from medsilo.secure.keys import Party
 
         aug = spec.augmentation.pcevolve
         cfg = PCEvolveConfig(epsilon=aug.epsilon, iterations=aug.iterations, per_class=aug.images_per_class, seed=seed)
         t0 = time.perf_counter()
         # the generator was checked against this site's privacy.pcevolve_generators by check_job
-        result = charged_evolve(site, workspace, fl_ctx.get_job_id(), config.privacy, aug.generator, spec.modality,
+        job = job_identity(fl_ctx)
+        result = charged_evolve(Party(site, workspace), job, config.privacy, aug.generator, spec.modality,
                                 spec.classes, spec.image_size, data.train.images, data.train.labels, cfg)  # fmt: skip
-        out = workspace / "pcevolve" / fl_ctx.get_job_id()
+        out = workspace / "pcevolve" / job
         if not out.exists():
             write_synthetic(out, manifest, result.synthetic, spec.modality, site)
         images = torch.as_tensor(np.stack([c.image for c in result.synthetic]))
@@ -258,34 +275,6 @@ class SiteExecutor(Executor):
         self.log_info(fl_ctx, f"{site}: PCEvolve added {len(result.synthetic)} synthetic training images "
                               f"(ε = {aug.epsilon:g}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
         return data
-
-    def _release(self, site: str, request: dict[str, Any], rnd: int, fl_ctx: FLContext) -> Shareable:
-        """Aggregate release (DESIGN §5): check the signed contributions, re-add, decrypt, return only Σ.
-
-        Refusals (too few distinct signed sites, a bad signature, a duplicate, a wrong round, a tag this
-        site already released) raise ``ReleaseRefused``, which becomes this task's error reply: nothing
-        is decrypted and the job stops with the reason.
-        """
-        from medsilo.secure import keys
-        from medsilo.secure.filters import round_tag
-        from medsilo.secure.release import Contribution, ReleaseRefused, release
-
-        spec = self._spec
-        tag = round_tag(fl_ctx.get_job_id(), rnd)
-        if tag in self._released:
-            raise ReleaseRefused(f"site {site}: round {rnd} of this job was already released once; "
-                                 "a second release could be subtracted from the first")  # fmt: skip
-        workspace = Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".")
-        minimum = max(spec.privacy.min_contributors, self._config.privacy.min_contributors)
-        contributions = [Contribution.from_bytes(np.asarray(v)) for v in request.values()]
-        aggregate, record = release(contributions, keys.peer_public_keys(workspace), keys.site_context(site, workspace),
-                                    min_contributors=minimum, tag=tag)  # fmt: skip
-        self._released.add(tag)
-        self._state.guard.record("aggregate_release", rnd, {"kind": "aggregate", **record})
-        self.log_info(fl_ctx, f"{site}: released round {rnd}'s aggregate of {len(record['sites'])} sites "
-                              f"(min {minimum})")  # fmt: skip
-        return FLModelUtils.to_shareable(FLModel(params=to_numpy(aggregate), params_type=ParamsType.FULL,
-                                                 meta={"round": rnd, "released_by": site}))  # fmt: skip
 
     @staticmethod
     def _site_config(site: str, fl_ctx: FLContext):

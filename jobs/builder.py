@@ -1,8 +1,10 @@
 """Turn a job spec into a standard NVFlare job folder (DESIGN §7): one generic builder for every algorithm.
 
-The folder references pre-installed medsilo classes by dotted path (``medsilo.components...``) and holds
-no ``custom/`` code, so sites run only the reviewed package they installed (the job is not BYOC) and
-admit it through their class allow-list (``"medsilo."``). It carries no data paths: each site resolves
+The folder references two pre-installed medsilo classes by dotted path (the round controller and the site
+executor) and holds no ``custom/`` code, so sites run only the reviewed package they installed (the job is not
+BYOC); each party's class allow-list names exactly those classes (:data:`medsilo.config.common.SITE_COMPONENTS`,
+:data:`~medsilo.config.common.SERVER_COMPONENTS`), so a job cannot build anything else. The privacy mode is
+applied by the executor's privacy pipeline, not by filters a job could leave out. It carries no data paths: each site resolves
 the job's dataset name through its own config. The same folder runs in the NVFlare simulator, in POC
 mode and in production (``nvflare job submit`` / the admin console).
 
@@ -10,8 +12,7 @@ Layout written by :func:`export_job`::
 
     OUT/<job name>/meta.json
     OUT/<job name>/app/config/config_fed_server.json   # RoundController(job=<spec>)
-    OUT/<job name>/app/config/config_fed_client.json   # SiteExecutor(job=<spec>) for train, evaluate, release;
-                                                        # CKKS filters for ckks jobs (medsilo.secure.filters)
+    OUT/<job name>/app/config/config_fed_client.json   # SiteExecutor(job=<spec>) for train, evaluate, release
 """
 
 from __future__ import annotations
@@ -65,13 +66,6 @@ def build_job(spec: JobSpec, *, min_sites: int = 1, resume: bool = False):
     job.to_server(RoundController(job=plain, resume=resume), id="controller")
     job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
     job.to_clients(SiteExecutor(job=plain), tasks=[TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE])
-    if "ckks" in spec.privacy.mode:
-        from nvflare.job_config.defs import FilterType
-
-        from medsilo.secure.filters import CKKSDecryptor, CKKSEncryptor
-
-        job.to_clients(CKKSEncryptor(), tasks=[TASK_TRAIN], filter_type=FilterType.TASK_RESULT)
-        job.to_clients(CKKSDecryptor(), tasks=[TASK_TRAIN, TASK_EVALUATE], filter_type=FilterType.TASK_DATA)
     return job
 
 

@@ -3,7 +3,9 @@
 The job is exported exactly as for a real deployment (:mod:`.builder`), then run with
 ``nvflare simulator`` in a child process, whose sites read their data through the ``sites.yml`` named
 by ``MEDSILO_SITES_FILE``. The simulator workspace gets a ``local/resources.json`` whose class
-allow-list admits ``medsilo.`` — the same line a provisioned site carries. The parent process
+allow-list names exactly the classes a provisioned site and server admit (the controller, the executor and the
+sites' privacy-scope filter). Every run gets a fresh run id (``MEDSILO_RUN_ID``) that stands in for the job id in
+ledgers, signatures and checkpoints: NVFlare's simulator names every job ``simulate_job``. The parent process
 follows the round controller's ``progress.jsonl`` for a progress display and, at the end, copies
 ``results.json`` into the run folder.
 
@@ -13,7 +15,7 @@ Run folder layout::
     RUN_DIR/job/<name>/         # the exported NVFlare job
     RUN_DIR/workspace/          # simulator workspace: server/ and one folder per site, with logs
     RUN_DIR/simulator.log       # the simulator's console output
-    RUN_DIR/he_keys/            # ckks jobs: this run's CKKS contexts and signing keys (medsilo.secure.keys)
+    RUN_DIR/he_keys/            # encrypted modes: this run's CKKS contexts (medsilo.secure.keys)
     RUN_DIR/checkpoints/        # the server's state after each round, each site's after each train task
 
 ``resume=True`` (``medsilo sim --resume``) continues an interrupted run in the same RUN_DIR from its last
@@ -33,16 +35,24 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from medsilo.components.checkpoint import CHECKPOINT_DIR_ENV
 from medsilo.components.controller import FAILURE_FILE, PROGRESS_FILE, RESULTS_FILE
-from medsilo.components.executor import SITES_FILE_ENV, THREADS_ENV
+from medsilo.components.executor import RUN_ID_ENV, SITES_FILE_ENV, THREADS_ENV
 from medsilo.config import JobSpec, SitesFile
+from medsilo.config.common import SERVER_COMPONENTS, SITE_COMPONENTS
 from medsilo.errors import MedsiloError
 from medsilo.jobs.builder import export_job
-from medsilo.secure.guard import LEDGER_DIR_ENV, ensure_simulation_pki
+from medsilo.secure.keys import (
+    HE_DIR_ENV,
+    LEDGER_DIR_ENV,
+    ensure_simulation_pki,
+    generate_simulation_contexts,
+)
+from medsilo.secure.pipeline import pipeline_module
 from medsilo.secure.policy import check_job
 
 RUN_MARKER = "medsilo-run.json"
@@ -84,11 +94,11 @@ def _prepare_run_dir(run_dir: Path) -> None:
 
 
 def _allow_list(workspace: Path) -> None:
-    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-
+    """The simulator's ``local/resources.json``: one file for server and sites, so the union of both lists."""
     local = workspace / "local"
     local.mkdir(parents=True, exist_ok=True)
-    resources = {"format_version": 2, "class_allow_list": [*DEFAULT_CLASS_ALLOW_LIST, "medsilo."]}
+    resources = {"format_version": 2, "class_allow_list": [*SERVER_COMPONENTS, *SITE_COMPONENTS],
+                 "class_list_enforcement_mode": "enforce"}  # fmt: skip
     (local / "resources.json").write_text(json.dumps(resources, indent=2) + "\n")
 
 
@@ -124,7 +134,9 @@ def run_simulation(
         _prepare_resume(run_dir, spec)
     else:
         _prepare_run_dir(run_dir)
-    (run_dir / RUN_MARKER).write_text(json.dumps({"job": spec.name, "sites_file": str(sites_file)}) + "\n")
+    run_id = f"sim-{uuid.uuid4().hex[:16]}"
+    (run_dir / RUN_MARKER).write_text(json.dumps({"job": spec.name, "sites_file": str(sites_file),
+                                                  "run_id": run_id}) + "\n")  # fmt: skip
     job_dir = export_job(spec, run_dir / "job", min_sites=len(names), resume=resume)
     workspace = run_dir / "workspace"
     _allow_list(workspace)
@@ -139,18 +151,17 @@ def run_simulation(
         "PYTHONUNBUFFERED": "1",
         "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),  # as NVFlare's sub_start.sh recommends for sites
         CHECKPOINT_DIR_ENV: str(run_dir / "checkpoints"),
+        RUN_ID_ENV: run_id,
     }
-    # each site's privacy ledger persists beside sites.yml (a site's workspace outlives its jobs), signed
-    # with a certificate from a local root CA made once there (medsilo.secure.guard)
+    # each party's privacy ledger persists beside sites.yml (a site's workspace outlives its jobs), signed
+    # with a certificate from a local root CA made once there (medsilo.secure.keys)
     ledgers = sites_file.parent / "ledgers"
     ensure_simulation_pki(ledgers, names)
     env[LEDGER_DIR_ENV] = str(ledgers)
-    if "ckks" in spec.privacy.mode:  # NVFlare's HE recipe refuses the simulator; medsilo makes the keys here
-        from medsilo.secure.keys import HE_DIR_ENV, generate_simulation_keys
-
+    if pipeline_module(spec.privacy.mode).Site.encrypted:  # NVFlare's HE recipe refuses the simulator; not ours
         keys = run_dir / "he_keys"
         if not (resume and keys.is_dir()):  # a resumed job's checkpointed payload is encrypted under these keys
-            generate_simulation_keys(keys, names, spec.privacy.poly_modulus_degree)
+            generate_simulation_contexts(keys, names, spec.privacy.poly_modulus_degree)
         env[HE_DIR_ENV] = str(keys)
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(workspace),
            "-c", ",".join(names), "-t", str(len(names))]  # fmt: skip

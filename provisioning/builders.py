@@ -11,12 +11,16 @@ They run inside NVFlare's own provisioner (``nvflare provision`` or ``medsilo pr
   ``SignatureBuilder`` signs them and a changed context makes the kit refuse to start.
 * :class:`SitePolicyBuilder` — into every kit's ``local/``: ``authorization.json`` (roles → rights; the
   ``auditor`` role may only view; custom code (BYOC) is refused for every role), ``resources.json``
-  (NVFlare's defaults with the class allow-list extended by ``medsilo.`` and, on the server, job and
-  snapshot storage inside the workspace instead of ``/tmp/nvflare``); into each site kit
-  ``privacy.json`` (the site-enforced scope: CKKS filters when the site requires encryption) and a
-  ``medsilo_site.yml`` template for hospital IT to fill in.
-* :class:`PeerCertsBuilder` — into each site kit ``startup/peers/<site>.crt``: every site's certificate,
-  which a site uses to check who signed the contributions of an aggregate before releasing it.
+  (a class allow-list that names exactly the classes a medsilo job uses — the site executor and the privacy
+  filter at a site, the round controller at the server; NVFlare's default list is dropped, nothing is allowed
+  by package prefix — enforced; at a site, NVFlare's live log streaming to the server switched off, so job
+  logs stay at the site; on the server, job and snapshot storage inside the workspace instead of
+  ``/tmp/nvflare``); into each site kit ``privacy.json`` (the site-enforced scope: a filter that lets out only
+  uploads protected under at least the site's required mode) and a ``medsilo_site.yml`` template for hospital
+  IT to fill in.
+* :class:`PeerCertsBuilder` — into every site kit and the server kit ``startup/peers/<site>.crt``: every site's
+  certificate, with which a site checks who signed the contributions of an aggregate before releasing it and
+  the server checks who signed each upload before recording it.
 """
 
 from __future__ import annotations
@@ -29,10 +33,8 @@ from nvflare.lighter.constants import ProvFileName
 from nvflare.lighter.impl.he import HEBuilder
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
-from medsilo.config.common import PRIVACY_STRENGTH
+from medsilo.config.common import SERVER_COMPONENTS, SITE_COMPONENTS
 
-ALLOWED_PACKAGE = "medsilo."
-"""Class-path prefix added to every kit's class allow-list (medsilo components are pre-installed)."""
 PRIVACY_SCOPE = "medsilo"
 """Name of the privacy scope written into each site's ``privacy.json`` (its default scope)."""
 SITE_TEMPLATE = "medsilo_site.yml"
@@ -115,21 +117,22 @@ class SitePolicyBuilder(Builder):
             # the kit's final place: WorkspaceBuilder moves the work folder to prod_<last + 1> at the end
             stage = f"prod_{ctx[CtxKey.LAST_PROD_STAGE] + 1:02d}"
             storage = self.server_storage or os.path.join(ctx.get_workspace(), stage, server.name, "storage")
-            self._common(Path(ctx.get_local_dir(server)), storage=storage)
+            self._common(Path(ctx.get_local_dir(server)), SERVER_COMPONENTS, storage=storage)
         for client in project.get_clients():
             local = Path(ctx.get_local_dir(client))
-            self._common(local)
+            self._common(local, SITE_COMPONENTS, log_streaming=False)
             mode = self.required_modes.get(client.name, "none")
             _write_json(local / "privacy.json", privacy_scope(mode))
             (local / SITE_TEMPLATE).write_text(site_template(client.name, project.name, mode, self.min_contributors))
 
     @staticmethod
-    def _common(local: Path, storage: str | None = None) -> None:
-        from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-
+    def _common(local: Path, allowed: tuple[str, ...], storage: str | None = None, log_streaming: bool = True) -> None:
         _write_json(local / "authorization.json", AUTHORIZATION)
         resources = json.loads((local / "resources.json.default").read_text())
-        resources["class_allow_list"] = [*DEFAULT_CLASS_ALLOW_LIST, ALLOWED_PACKAGE]
+        resources["class_allow_list"] = list(allowed)
+        # A site's job logs stay at the site: NVFlare would stream them to the server (and inject its
+        # JobLogStreamer into every job), which is data leaving the site outside its privacy ledger.
+        resources["allow_log_streaming"] = log_streaming
         resources["class_list_enforcement_mode"] = "enforce"
         if storage:  # the server: jobs and snapshots off the host-wide /tmp/nvflare default
             resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] = f"{storage}/snapshots"
@@ -140,20 +143,16 @@ class SitePolicyBuilder(Builder):
 
 
 def privacy_scope(required_mode: str) -> dict:
-    """The site's ``privacy.json``: one default scope; CKKS filters in it when the mode includes ``ckks``.
+    """The site's ``privacy.json``: one default scope whose result filter lets out only uploads the privacy
+    pipeline protected under at least ``required_mode`` (:class:`medsilo.secure.filters.ProtectedOnly`).
 
-    Site-scope filters run before a job's own filters (NVFlare applies the scope's first), so the upload is
-    encrypted here even when a job configures no encryption; medsilo's filters pass an already encrypted
-    payload through, so a ``ckks`` job that also lists them encrypts once.
+    The protection itself is the executor's privacy pipeline, chosen from the job's mode after the site's
+    policy refused anything weaker; this filter is the site's own check at NVFlare's boundary, which a job
+    cannot remove.
     """
-    scope: dict = {"name": PRIVACY_SCOPE, "properties": {"required_mode": required_mode}}
-    if "ckks" in PRIVACY_STRENGTH[required_mode]:
-        scope["task_result_filters"] = [
-            {"path": "medsilo.secure.filters.CKKSEncryptor", "args": {"tasks": ["train"]}}
-        ]
-        scope["task_data_filters"] = [
-            {"path": "medsilo.secure.filters.CKKSDecryptor", "args": {"tasks": ["train", "evaluate"]}}
-        ]
+    scope = {"name": PRIVACY_SCOPE, "properties": {"required_mode": required_mode},
+             "task_result_filters": [{"path": "medsilo.secure.filters.ProtectedOnly",
+                                      "args": {"required_mode": required_mode}}]}  # fmt: skip
     return {"scopes": [scope], "default_scope": PRIVACY_SCOPE}
 
 
@@ -174,12 +173,14 @@ privacy:
 data:
   max_unreadable_fraction: 0.05
   allow_identifiable_dicom: false
+  allow_paths_outside_manifest: false   # true if manifests name images outside their own folder
 compute: {{threads: 2, device: cpu}}
 """
 
 
 class PeerCertsBuilder(Builder):
-    """Copy every site's certificate into each site kit's ``startup/peers/`` (after ``CertBuilder``)."""
+    """Copy every site's certificate into each site kit's and the server kit's ``startup/peers/`` (after
+    ``CertBuilder``)."""
 
     def build(self, project: Project, ctx: ProvisionContext):
         clients = project.get_clients()
@@ -189,8 +190,9 @@ class PeerCertsBuilder(Builder):
             if not cert.is_file():
                 raise RuntimeError(f"{cert}: missing; PeerCertsBuilder must come after CertBuilder")
             certs[client.name] = cert.read_bytes()
-        for client in clients:
-            peers = Path(ctx.get_kit_dir(client)) / "peers"
+        server = project.get_server()
+        for party in [*clients, *([server] if server else [])]:
+            peers = Path(ctx.get_kit_dir(party)) / "peers"
             peers.mkdir(exist_ok=True)
             for name, data in certs.items():
                 (peers / f"{name}.crt").write_bytes(data)

@@ -7,8 +7,9 @@ and exits non-zero when any row fails. Checks, in order:
   and the files NVFlare signed at provisioning (``startup/signature.json``) are unchanged: a changed
   startup file makes NVFlare refuse to start the site, so it is caught here first.
 * **site config** — ``local/medsilo_site.yml`` is valid and names this kit's site.
-* **dataset NAME** — per dataset: the manifest parses, every image is read the way a job reads it
-  (counts per class and split), and unreadable files stay under ``data.max_unreadable_fraction``.
+* **dataset NAME** — per dataset: the manifest parses, its image paths stay inside its folder (unless
+  ``data.allow_paths_outside_manifest``), every image is read the way a job reads it (counts per class and
+  split), and unreadable files stay under ``data.max_unreadable_fraction``.
 * **de-identification NAME** — chest X-ray datasets: no DICOM still has identifying attributes filled
   in (listed by attribute keyword and file, never by value) unless the site allows it.
 * **HE context** — ``startup/client_context.tenseal`` is a medsilo CKKS context with the secret key
@@ -124,7 +125,7 @@ def _check_dataset(name: str, ref, config, rows: list[Check], progress: bool) ->
     from medsilo.medical.data.readers import IdentifyingImage, UnreadableImage
 
     try:
-        manifest = read_manifest(ref.manifest)
+        manifest = read_manifest(ref.manifest, allow_outside=config.data.allow_paths_outside_manifest)
     except MedsiloError as exc:
         rows.append(Check(f"dataset {name}", "fail", str(exc)))
         return
@@ -181,11 +182,13 @@ def _first(failures: list) -> str:
 def _check_he(kit: Path, site: str | None, config, rows: list[Check]) -> None:
     import torch
 
+    from medsilo.config.common import PRIVACY_STRENGTH
     from medsilo.secure.ckks import CKKSError, decrypt, encrypt, fingerprint, load_context, parameters
-    from medsilo.secure.keys import CLIENT_CONTEXT
+    from medsilo.secure.keys import CLIENT_CONTEXT, Party
+    from medsilo.secure.pki import PKIError
 
     path = kit / "startup" / CLIENT_CONTEXT
-    required = config is not None and "ckks" in config.privacy.required_mode
+    required = config is not None and "ckks" in PRIVACY_STRENGTH[config.privacy.required_mode]
     if not path.is_file():
         rows.append(Check("HE context", "fail" if required else "warn",
                           f"{path}: missing; " + ("this site requires ckks, so it can run no job — re-provision "
@@ -202,18 +205,22 @@ def _check_he(kit: Path, site: str | None, config, rows: list[Check]) -> None:
         return
     peers = kit / "startup" / "peers"
     own = peers / f"{site}.crt"
+    try:
+        n_peers = len(Party(site or "?", kit).peers())  # each issued by the kit's root CA for the name it is filed under
+    except PKIError as exc:
+        rows.append(Check("HE context", "fail", f"{exc}; aggregate releases cannot check contributors"))
+        return
     if not own.is_file() or own.read_bytes() != (kit / "startup" / "client.crt").read_bytes():
         rows.append(Check("HE context", "fail", f"{peers}: does not hold this site's certificate; aggregate releases "
                                                 "cannot check contributors — re-provision the kit"))  # fmt: skip
         return
-    n_peers = len(list(peers.glob("*.crt")))
     rows.append(Check("HE context", "ok", f"CKKS N={parameters(ctx)['poly_modulus_degree']}, key set "
                                           f"{fingerprint(ctx)[:12]}, secret key present, encrypt→decrypt round trip "
                                           f"exact; {n_peers} peer certificates"))
 
 
 def _check_ledger(kit: Path, site: str | None, config, rows: list[Check]) -> None:
-    from medsilo.secure.guard import budget_accountant
+    from medsilo.secure.budget import budget_accountant
     from medsilo.secure.ledger import LEDGER_FILE, verify_file
 
     try:

@@ -1,6 +1,15 @@
-"""Privacy and security at the site: policy enforcement (:mod:`.policy`), CKKS packing (:mod:`.ckks`),
-the NVFlare encrypt/decrypt filters (:mod:`.filters`), signed aggregate release (:mod:`.release`), where
-each party's keys live (:mod:`.keys`), differential-privacy mechanisms and accounting (:mod:`.dp`), the
-signed hash-chained privacy ledger (:mod:`.ledger`), the site's guard that checks budgets and writes the
-ledger (:mod:`.guard`) and the local PKI for simulation (:mod:`.pki`). The threat model is in
-``docs/threat-model.md``."""
+"""Privacy and security at the site and the server.
+
+* :mod:`.pipeline` — one privacy pipeline per mode (``none``, ``dp``, ``ckks``, ``ckks+dp``): the only path by
+  which an upload leaves a site (charge, seal, sign, ledger) and by which the server accepts and combines it;
+* :mod:`.upload` — the signed wire every upload and released aggregate travels in;
+* :mod:`.release` — the aggregate release check (exact announced participant set, once per round);
+* :mod:`.filters` — the site-scope NVFlare filter that lets out only protected uploads;
+* :mod:`.policy` — a site's policy against a job; :mod:`.keys` — where each party's keys, contexts and
+  ledger live; :mod:`.pki` — certificates, signatures, key files;
+* :mod:`.ckks` — CKKS packing and wire format; :mod:`.dp` — DP mechanisms and accounting;
+  :mod:`.budget` — a site's budget from its ledger, charged atomically;
+* :mod:`.ledger` — the signed hash-chained privacy ledger; :mod:`.anchors` — checks across ledgers.
+
+The threat model, and a table of the attacks the tests play, is ``docs/threat-model.md``.
+"""

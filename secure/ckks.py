@@ -76,7 +76,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -87,6 +86,7 @@ import tenseal as ts
 import torch
 
 from medsilo.errors import MedsiloError
+from medsilo.secure.files import write_atomic
 
 DEFAULT_PARAMETERS: dict[int, tuple[tuple[int, ...], int]] = {
     4096: ((40, 29, 40), 40),
@@ -277,7 +277,7 @@ def save_context(ctx: ts.Context, path: str | os.PathLike, secret: bool) -> Path
         )
     else:
         data = public_copy(ctx)
-    write_atomic(path, data, 0o600 if secret else 0o644, "CKKS context")
+    write_atomic(path, data, 0o600 if secret else 0o644, "CKKS context", error=CKKSError)
     return path
 
 
@@ -766,25 +766,3 @@ def _parse_context(data: bytes, what: str) -> ts.Context:
 
 def _canonical_json(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-
-
-def write_atomic(path: str | os.PathLike, data: bytes, mode: int, what: str = "file") -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename, with ``mode``.
-
-    Readers never see a half-written key or context file. Raises :class:`CKKSError` naming ``path``.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise CKKSError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CKKSError(f"{path}: cannot write {what} ({e.strerror or e})") from e
-    return path

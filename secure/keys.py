@@ -1,111 +1,180 @@
-"""Where each party finds its CKKS context and signing keys, in simulation and in a deployment.
+"""Where each party finds its keys, certificates, CKKS context and privacy ledger — simulated or deployed.
 
 Who holds what (``docs/threat-model.md``):
 
-* the **server**: the public CKKS context only (parameters + public key, no secret key): it can add
-  ciphertexts, never decrypt them;
-* every **site**: the secret CKKS context (one key set per federation, shared by all its sites, as in
-  NVFlare's HE model), its own signing key, and every site's public signing key (to check who
-  contributed to an aggregate before releasing it).
+* the **server**: the *public* CKKS context only (no secret key: it adds ciphertexts, never decrypts), its own
+  signing key, and every site's certificate (to check who signed an upload before recording it);
+* every **site**: the secret CKKS context (one key set per federation, shared by its sites, as in NVFlare's HE
+  model), its own signing key, and every site's certificate (to check who contributed to an aggregate before
+  releasing it).
 
-Two layouts, chosen by the environment:
+One signing identity per party signs both its uploads (:mod:`medsilo.secure.upload`) and its ledger entries
+(:mod:`medsilo.secure.ledger`). Certificates of peers are accepted only when issued by the party's root CA and
+only for the common name they are filed under; ``server`` is never a peer.
 
-**Simulation** (``medsilo sim`` generates fresh keys per run and sets ``MEDSILO_HE_DIR``)::
+**Deployment** (startup kits), relative to the party's workspace::
 
+    privacy_ledger.jsonl                     the party's ledger
+    startup/rootCA.pem                       the project's root CA
+    startup/client.key, client.crt           a site's key and certificate (server.key, server.crt: the server)
+    startup/peers/<site>.crt                 every site's certificate (site and server kits)
+    startup/client_context.tenseal           a site's secret CKKS context (0600)
+    startup/server_context.tenseal           the server's public CKKS context
+
+**Simulation** (``medsilo sim`` sets :data:`LEDGER_DIR_ENV` to ``ledgers/`` beside ``sites.yml``, so ledgers and
+budgets persist across runs as a site's workspace would, and :data:`HE_DIR_ENV` to the run's key folder)::
+
+    LEDGER_DIR/<party>/privacy_ledger.jsonl  each party's ledger
+    LEDGER_DIR/pki/rootCA.pem, rootCA.key    a local root CA, made once (:func:`ensure_simulation_pki`)
+    LEDGER_DIR/pki/<party>.key, <party>.crt  each party's key and certificate (CN = party)
     HE_DIR/server/server_context.tenseal     public context (0644)
     HE_DIR/<site>/client_context.tenseal     secret context (0600)
-    HE_DIR/<site>/signing_key.pem            the site's Ed25519 signing key (0600)
-    HE_DIR/public/<site>.pem                 every site's public signing key
 
-In the simulator every site runs as the same OS user on one machine, so these files model the
-layout, not a security boundary.
-
-**Deployment** (startup kits; ``MEDSILO_HE_DIR`` unset), relative to the party's workspace::
-
-    startup/server_context.tenseal           server kit: public context
-    startup/client_context.tenseal           site kit: secret context
-    startup/client.key                       site kit: the site's NVFlare private key (RSA), used to sign
-    startup/peers/<site>.crt|.pem            site kit: the other sites' certificates / public keys
-
-The contexts must be medsilo's public-key CKKS contexts (:func:`medsilo.secure.ckks.make_context`);
-NVFlare's stock HE builder writes symmetric ones, which :mod:`medsilo.secure.ckks` refuses (they carry no
-public key, so a foreign key set could not be detected). ``medsilo provision`` writes the files above
-(:class:`medsilo.provisioning.builders.MedsiloHEBuilder`, :class:`~medsilo.provisioning.builders.PeerCertsBuilder`),
-and NVFlare signs them with the rest of ``startup/``.
+In the simulator every party runs as the same OS user on one machine, so these files model the layout, not a
+security boundary.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsilo.secure.ckks import CKKSError, load_context, make_context, save_context
-from medsilo.secure.release import (
-    generate_signing_key,
-    load_private_key,
-    load_public_key,
-    save_private_key,
-    save_public_key,
-)
+from medsilo.secure import pki
+from medsilo.secure.ledger import LEDGER_FILE, Ledger
 
 HE_DIR_ENV = "MEDSILO_HE_DIR"
-"""Simulation only: folder of generated key material (layout in the module docstring)."""
+"""Simulation only: folder of the run's CKKS contexts (layout in the module docstring)."""
+LEDGER_DIR_ENV = "MEDSILO_LEDGER_DIR"
+"""Simulation only: folder of every party's ledger and the local PKI (module docstring)."""
+SERVER = "server"
+"""The server's party name in ledgers and certificates."""
 SERVER_CONTEXT, CLIENT_CONTEXT = "server_context.tenseal", "client_context.tenseal"
 
 
-def he_dir() -> Path | None:
-    """The simulation key folder, or ``None`` in a deployment."""
-    value = os.environ.get(HE_DIR_ENV)
-    return Path(value) if value else None
+class KeyMaterialError(pki.PKIError):
+    """A key, certificate or context a party needs is missing or not trusted; the message names the file."""
 
 
-def generate_simulation_keys(out: str | Path, sites: Iterable[str], poly_modulus_degree: int = 8192) -> Path:
-    """Write a fresh CKKS key set and one signing key per site under ``out`` (layout above)."""
-    out = Path(out)
-    sites = list(sites)
-    for folder in ("server", "public", *sites):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    ctx = make_context(poly_modulus_degree)
-    save_context(ctx, out / "server" / SERVER_CONTEXT, secret=False)
-    for site in sites:
-        save_context(ctx, out / site / CLIENT_CONTEXT, secret=True)
-        key = generate_signing_key()
-        save_private_key(key, out / site / "signing_key.pem")
-        save_public_key(key.public_key(), out / "public" / f"{site}.pem")
+def ensure_simulation_pki(folder: str | Path, parties: Iterable[str]) -> Path:
+    """Create ``folder/pki`` (a local root CA, one certificate per site and one for the server) unless they
+    exist; returns it."""
+    out = Path(folder) / "pki"
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / pki.ROOT_CA_CERT).is_file():
+        ca_key, ca_cert = pki.load_private_key(out / pki.ROOT_CA_KEY), pki.load_certificate(out / pki.ROOT_CA_CERT)
+    else:
+        ca_key, ca_cert = pki.make_local_ca(out)
+    for party in [*parties, SERVER]:
+        if not (out / f"{party}.crt").is_file():
+            pki.issue_certificate(ca_key, ca_cert, party, out)
     return out
 
 
-def server_context(workspace: str | Path):
-    """The server's public context (refuses a file that holds the secret key)."""
-    base = he_dir()
-    path = base / "server" / SERVER_CONTEXT if base else Path(workspace) / "startup" / SERVER_CONTEXT
-    return load_context(path, secret=False)
+def generate_simulation_contexts(out: str | Path, sites: Iterable[str], poly_modulus_degree: int = 8192) -> Path:
+    """Write a fresh CKKS key set under ``out``: the server's public context, each site's secret one."""
+    from medsilo.secure.ckks import make_context, save_context
+
+    out = Path(out)
+    sites = list(sites)
+    for folder in (SERVER, *sites):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    ctx = make_context(poly_modulus_degree)
+    save_context(ctx, out / SERVER / SERVER_CONTEXT, secret=False)
+    for site in sites:
+        save_context(ctx, out / site / CLIENT_CONTEXT, secret=True)
+    return out
 
 
-def site_context(site: str, workspace: str | Path):
-    """The site's secret context."""
-    base = he_dir()
-    path = base / site / CLIENT_CONTEXT if base else Path(workspace) / "startup" / CLIENT_CONTEXT
-    return load_context(path, secret=True)
+@dataclass
+class Party:
+    """One party's key material and ledger, resolved for simulation or deployment (module docstring).
 
+    Args:
+        name: the site's name, or :data:`SERVER`.
+        workspace: its NVFlare workspace root (deployment locations).
+    """
 
-def signing_key(site: str, workspace: str | Path):
-    """The site's private signing key (Ed25519 in simulation, the kit's RSA key in deployment)."""
-    base = he_dir()
-    return load_private_key(base / site / "signing_key.pem" if base else Path(workspace) / "startup" / "client.key")
+    name: str
+    workspace: Path
+    _peers: dict | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        self.workspace = Path(self.workspace)
+        value = os.environ.get(LEDGER_DIR_ENV)
+        self._sim = Path(value) if value else None
 
-def peer_public_keys(workspace: str | Path) -> dict:
-    """Every known site's public signing key, by site name (from ``public/`` or ``startup/peers/``)."""
-    base = he_dir()
-    folder = base / "public" if base else Path(workspace) / "startup" / "peers"
-    if not folder.is_dir():
-        raise CKKSError(
-            f"{folder}: no folder of site public keys; the site cannot check who contributed to an aggregate "
-            "(re-provision the kit, or run through 'medsilo sim')"
-        )
-    keys = {p.stem: load_public_key(p) for p in sorted(folder.iterdir()) if p.suffix in (".pem", ".crt")}
-    if not keys:
-        raise CKKSError(f"{folder}: holds no .pem or .crt public keys")
-    return keys
+    @property
+    def is_server(self) -> bool:
+        return self.name == SERVER
+
+    @property
+    def _startup(self) -> Path:
+        return self.workspace / "startup"
+
+    @property
+    def root_ca(self) -> Path:
+        """The root CA every certificate this party trusts must chain to."""
+        return self._sim / "pki" / pki.ROOT_CA_CERT if self._sim else self._startup / pki.ROOT_CA_CERT
+
+    @property
+    def ledger_path(self) -> Path:
+        return self._sim / self.name / LEDGER_FILE if self._sim else self.workspace / LEDGER_FILE
+
+    def _key_files(self) -> tuple[Path, Path]:
+        if self._sim:
+            return self._sim / "pki" / f"{self.name}.key", self._sim / "pki" / f"{self.name}.crt"
+        role = "server" if self.is_server else "client"
+        return self._startup / f"{role}.key", self._startup / f"{role}.crt"
+
+    def ledger(self) -> Ledger:
+        """This party's ledger, signed with its key (the folder is created in simulation)."""
+        path = self.ledger_path
+        if self._sim:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        key, cert = self._key_files()
+        return Ledger(path, self.name, key, cert)
+
+    def signing_key(self) -> pki.PrivateKey:
+        return pki.load_private_key(self._key_files()[0])
+
+    def public_key(self) -> pki.PublicKey:
+        """This party's own signature public key (from its certificate)."""
+        return pki.load_public_key(self._key_files()[1])
+
+    def peers(self) -> dict[str, pki.PublicKey]:
+        """Every site's signature public key, from certificates issued by :attr:`root_ca` whose CN is the site.
+
+        Raises:
+            PKIError: no peer folder or no certificates in it, an unreadable certificate, one issued by another
+                CA, or one whose CN is not the name it is filed under.
+        """
+        if self._peers is None:
+            folder = self._sim / "pki" if self._sim else self._startup / "peers"
+            if not folder.is_dir():
+                raise KeyMaterialError(f"{folder}: no folder of site certificates; the {self.name} cannot check who signed "
+                                "an upload (re-provision the kit)")  # fmt: skip
+            ca = pki.load_certificate(self.root_ca)
+            peers = {}
+            for path in sorted(folder.glob("*.crt")):
+                if path.stem == SERVER:
+                    continue
+                cert = pki.load_certificate(path)
+                pki.verify_certificate(cert, ca)
+                if pki.common_name_of(cert) != path.stem:
+                    raise KeyMaterialError(f"{path}: certificate is for CN={pki.common_name_of(cert)!r}, not {path.stem!r}")
+                peers[path.stem] = pki.certificate_public_key(cert, str(path))
+            if not peers:
+                raise KeyMaterialError(f"{folder}: holds no site certificates (*.crt)")
+            self._peers = peers
+        return self._peers
+
+    def he_context(self):
+        """The site's secret CKKS context, or the server's public one (a secret one there is refused)."""
+        from medsilo.secure.ckks import load_context
+
+        he = os.environ.get(HE_DIR_ENV)
+        name = SERVER_CONTEXT if self.is_server else CLIENT_CONTEXT
+        path = Path(he) / self.name / name if he else self._startup / name
+        return load_context(path, secret=not self.is_server)

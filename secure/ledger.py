@@ -32,8 +32,8 @@ escapes), no NaN/Infinity. A line is exactly the signed bytes with ``,"sig":"<ba
 final ``}``, then ``\\n``: so ``sig`` is the last key, and the signed bytes are recovered from the line with
 plain text tools (``sed -E 's/,"sig":"[^"]*"}$/}/'``); the verifier refuses any line not in this exact form.
 Signatures are Ed25519, or RSA-PSS (MGF1-SHA-256, SHA-256, 32-byte salt) for NVFlare's RSA kit keys
-(:mod:`medsilo.secure.pki`). The signed bytes start with ``{`` and so can never be confused with a
-:mod:`medsilo.secure.release` contribution signature made with the same key.
+(:mod:`medsilo.secure.pki`). The signed bytes start with ``{`` and so can never be confused with an upload
+statement (:mod:`medsilo.secure.upload`, domain-prefixed) signed with the same key.
 
 **Verification** (:func:`verify`, ``medsilo audit verify``) reports the *first* bad line of each file:
 not ASCII, bad JSON, a missing/unknown/mistyped field, not canonical, a torn last line (no newline at the
@@ -44,10 +44,13 @@ certificate not issued by it or not valid at the entry's time. Without a root CA
 trusted on first use and a signer change later in the file is reported (a key rotation can only be accepted
 against the root CA).
 
-**Limits.** Removing lines from the *end* leaves a valid shorter ledger: the file alone cannot show it. Compare
-the entry count with the other parties' ledgers (the server's records each release it received) and NVFlare's
-``audit.log``. Whoever holds the party's private key can rewrite the whole file; the ledger proves what the key
-holder wrote, in order, and that nobody else changed it.
+**Limits.** Removing lines from the *end* leaves a valid shorter ledger: the file alone cannot show it, nor a
+whole ledger copied into another party's folder. :mod:`medsilo.secure.anchors` closes both across ledgers: every
+upload a site signs carries its ledger head, the server's ledger records each statement it received
+(``received``), and ``medsilo audit verify`` reports a site ledger shorter than, or different from, what the
+server recorded, and a ledger in another party's place. Whoever holds the party's private key can still rewrite
+the history the server never saw; the ledger proves what the key holder wrote, in order, and that nobody else
+changed it.
 
 **Writing** (:class:`Ledger`): one ``write`` of the whole line plus ``\\n``, then ``fsync``, in append mode,
 under an exclusive ``fcntl.flock`` on the file, so several processes of one party (e.g. two NVFlare jobs at one
@@ -100,7 +103,9 @@ from medsilo.secure import pki
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 """Default ledger file name inside a party's workspace."""
-EVENTS = ("release", "refusal", "decrypt", "aggregate_release", "synthetic_release", "policy_loaded")
+EVENTS = ("release", "refusal", "decrypt", "aggregate_release", "synthetic_release", "policy_loaded", "received")
+"""``received`` is the server's: an upload it accepted, with the sender's signed statement (the site's ledger
+head), against which ``medsilo audit verify`` checks that the site's ledger was not cut short."""
 SPENDING_EVENTS = ("release", "aggregate_release", "synthetic_release")
 """Events whose ``privacy`` cost counts towards a budget (something left the party); refusals never count."""
 GENESIS = "0" * 64
@@ -159,6 +164,11 @@ def encode_line(body: Mapping[str, Any], sig: str) -> bytes:
 def line_hash(line: bytes) -> str:
     """SHA-256 hex of one line's bytes without its newline (the next entry's ``prev``)."""
     return hashlib.sha256(line).hexdigest()
+
+
+def entry_hash(entry: Mapping[str, Any]) -> str:
+    """:func:`line_hash` of a parsed entry (its canonical line)."""
+    return line_hash(encode_line({k: v for k, v in entry.items() if k != "sig"}, entry["sig"]))
 
 
 class Ledger:
@@ -237,6 +247,35 @@ class Ledger:
                     fd, self._fd = self._fd, None
                     fcntl.flock(fd, fcntl.LOCK_UN)
                     os.close(fd)
+
+    def head(self) -> tuple[int, str]:
+        """``(seq, line hash)`` of the last entry, or ``(-1, GENESIS)`` for an empty ledger.
+
+        Call it inside :meth:`locked` when the head must still be the head at the next :meth:`append` (a
+        signed upload carries the head its own ledger entry follows).
+        """
+        with self.locked():
+            seq, prev, _ = self._tail()
+        return seq - 1, prev
+
+    def read(self, root_ca: x509.Certificate | str | os.PathLike | None = None) -> list[dict]:
+        """Every entry, verified (chain, signatures, and with ``root_ca`` the signer certificates), all of
+        this ledger's party. Call it inside :meth:`locked` to read, check and append atomically.
+
+        Raises:
+            LedgerError: the first bad line (``file:line: reason``), or an entry of another party (a ledger
+                copied in from another site's folder).
+        """
+        with self.locked():
+            if os.fstat(self._fd).st_size == 0:
+                return []
+            found = verified_entries(self.path, root_ca)
+        if found and found[0]["party"] != self.party:
+            raise LedgerError(
+                f"{self.path}:1: this ledger belongs to {found[0]['party']!r}, not {self.party!r} (copied in from "
+                "another site's folder?); refusing to use it"
+            )
+        return found
 
     def append(
         self,
@@ -631,6 +670,8 @@ def _parse(raw: bytes) -> tuple[dict | None, str | None]:
         return None, "not ASCII (ledger lines are ASCII JSON)"
     try:
         entry = json.loads(text)
+    except RecursionError:
+        return None, "nested too deeply to be a ledger entry"
     except json.JSONDecodeError as e:
         return None, f"not valid JSON ({e.msg} at column {e.colno})"
     if not isinstance(entry, dict):
@@ -757,9 +798,7 @@ def _count_lines(fd: int, size: int) -> int:
 
 def _load_private_key(key: object) -> pki.PrivateKey:
     if isinstance(key, str | os.PathLike):
-        from medsilo.secure.release import load_private_key  # loads TenSEAL/PyTorch: only for key files
-
-        return load_private_key(key)
+        return pki.load_private_key(key)
     if not isinstance(key, pki.PrivateKey):
         raise LedgerError(
             f"private_key: expected an Ed25519/RSA private key or a PEM file, got {type(key).__name__}"
@@ -777,9 +816,7 @@ def _load_signer(value: object) -> tuple[x509.Certificate | None, pki.PublicKey]
         if is_cert:
             value = pki.load_certificate(path)
         else:
-            from medsilo.secure.release import load_public_key  # loads TenSEAL/PyTorch: only for key files
-
-            return None, load_public_key(path)
+            return None, pki.load_public_key(path)
     if isinstance(value, x509.Certificate):
         return value, pki.certificate_public_key(value, "signer certificate")
     if isinstance(value, pki.PublicKey):

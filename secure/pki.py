@@ -16,10 +16,10 @@ both are valid at the time that matters (the ledger entry's time, not today: an 
 not invalidate entries signed while it was valid).
 
 Signatures (:func:`sign`, :func:`verify_signature`): Ed25519, or RSA-PSS with MGF1-SHA-256, SHA-256 and a
-32-byte salt (any salt length accepted when verifying), as :mod:`medsilo.secure.release` uses.
+32-byte salt (any salt length accepted when verifying).
 
-Key files are written with :mod:`medsilo.secure.release`'s helpers (imported only when a file is written,
-because that module loads TenSEAL and PyTorch; checking certificates and signatures stays light).
+Key files: :func:`save_private_key` (PKCS#8 PEM, mode 0600), :func:`save_public_key`, :func:`load_private_key`
+and :func:`load_public_key` (a PEM public key or a certificate). This module needs only ``cryptography``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from medsilo.errors import MedsiloError
+from medsilo.secure.files import write_atomic
 
 PrivateKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 PublicKey = ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -334,10 +335,74 @@ def _save(
 ) -> None:
     if out_dir is None:
         return
-    from medsilo.secure.ckks import write_atomic  # loads TenSEAL and PyTorch: only when writing files
-    from medsilo.secure.release import save_private_key
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_private_key(key, out / key_name)
-    write_atomic(out / cert_name, cert.public_bytes(serialization.Encoding.PEM), 0o644, "certificate")
+    write_atomic(out / cert_name, cert.public_bytes(serialization.Encoding.PEM), 0o644, "certificate", error=PKIError)
+
+
+# ---- key files ---------------------------------------------------------------------------------------
+
+
+def save_private_key(private_key: PrivateKey, path: str | os.PathLike) -> Path:
+    """Write ``private_key`` as unencrypted PKCS#8 PEM, atomically, mode 0600."""
+    data = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return write_atomic(path, data, 0o600, "private key", error=PKIError)
+
+
+def save_public_key(public_key: PublicKey, path: str | os.PathLike) -> Path:
+    """Write ``public_key`` as SubjectPublicKeyInfo PEM, atomically, mode 0644."""
+    data = public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return write_atomic(path, data, 0o644, "public key", error=PKIError)
+
+
+def load_private_key(path: str | os.PathLike, password: bytes | None = None) -> PrivateKey:
+    """Load a PEM private key (Ed25519 or RSA, e.g. a kit's ``startup/client.key``).
+
+    Raises:
+        PKIError: naming the file: missing, unreadable, not a PEM key, wrong or missing password, or an
+            unsupported key type.
+    """
+    path = Path(path)
+    data = _read_key_file(path, "private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=password)
+    except TypeError as e:  # encrypted without password, or password for an unencrypted key
+        raise PKIError(f"{path}: {e}") from e
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise PKIError(f"{path}: not a readable PEM private key ({e}); check the file and its password") from e
+    if not isinstance(key, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
+        raise PKIError(f"{path}: {type(key).__name__} keys are not supported for signing; use Ed25519 or RSA")
+    return key
+
+
+def load_public_key(path: str | os.PathLike) -> PublicKey:
+    """Load a public key from a PEM public key or a PEM X.509 certificate (a kit's ``client.crt``).
+
+    The certificate is not checked against a root CA here (:func:`verify_certificate` does that).
+
+    Raises:
+        PKIError: naming the file: missing, unreadable, neither a PEM public key nor a certificate, or an
+            unsupported key type.
+    """
+    path = Path(path)
+    data = _read_key_file(path, "public key")
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise PKIError(f"{path}: not a PEM public key or X.509 certificate ({e})") from e
+    return _check_key_type(key, str(path))
+
+
+def _read_key_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as e:
+        raise PKIError(f"{path}: {what} file not found") from e
+    except OSError as e:
+        raise PKIError(f"{path}: cannot read {what} file ({e.strerror or e})") from e

@@ -1,8 +1,10 @@
 """``medsilo audit``: verify privacy ledgers, and report what left each party and the privacy budget spent.
 
 ``medsilo audit verify LEDGER_OR_DIR... [--root-ca FILE]`` checks every line of every ledger (chain links,
-signatures, signer certificates; :mod:`medsilo.secure.ledger`) and prints one line per file: ``FILE: OK, N
-entries (party P)`` or ``FILE:LINE: reason`` for the first bad line. Exit status 0 when every ledger holds, 1
+signatures, signer certificates; :mod:`medsilo.secure.ledger`), then across them (:mod:`medsilo.secure.anchors`):
+each ledger is its place's party (``hospital-1/privacy_ledger.jsonl`` holds hospital-1's entries), and no site
+ledger is shorter than, or differs from, what the server's ledger recorded receiving from that site. It prints
+one line per file: ``FILE: OK, N entries (party P)`` or ``FILE:LINE: reason`` for the first problem. Exit status 0 when every ledger holds, 1
 when any does not, 2 on bad input (a missing file, an unreadable root CA).
 
 ``medsilo audit report LEDGER_OR_DIR... --out FILE.html|FILE.json [--root-ca FILE] [--allow-unverified]``
@@ -60,6 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     verify.add_argument("ledgers", type=Path, nargs="+", metavar="LEDGER_OR_DIR", help=paths_help)
     verify.add_argument("--root-ca", type=Path, metavar="FILE", help=ca_help)
+    verify.add_argument("--party", metavar="NAME",
+                        help="the party every given ledger must belong to (e.g. the site whose ledger you audit)")
     verify.set_defaults(func=run_verify)
     report = verbs.add_parser(
         "report",
@@ -103,20 +107,23 @@ def find_ledgers(paths: list[Path]) -> list[Path]:
 
 def run_verify(args: argparse.Namespace) -> int:
     from medsilo.secure import ledger, pki
+    from medsilo.secure.anchors import cross_check
 
     files = find_ledgers(args.ledgers)
     ca = pki.load_certificate(args.root_ca) if args.root_ca else None
+    checks = [ledger.verify_file(file, ca) for file in files]
+    crossed = {p.file: p for p in cross_check(checks, party=args.party)}
     bad = 0
-    for file in files:
-        check = ledger.verify_file(file, ca)
-        if check.problem:
+    for check in checks:
+        problem = check.problem or crossed.get(check.file)
+        if problem:
             bad += 1
-            print(check.problem)
+            print(problem)
         else:
             party = check.entries[0]["party"] if check.entries else "empty"
-            print(f"{file}: OK, {len(check.entries)} entries (party {party})")
-        for torn in sorted(file.parent.glob(f"{file.name}.torn-*")):
-            print(f"{file}: note: a torn last line was moved aside by repair into {torn}")
+            print(f"{check.file}: OK, {len(check.entries)} entries (party {party})")
+        for torn in sorted(check.file.parent.glob(f"{check.file.name}.torn-*")):
+            print(f"{check.file}: note: a torn last line was moved aside by repair into {torn}")
     print(f"{len(files)} ledger(s), {bad} with problems")
     if ca is None:
         print(
@@ -196,7 +203,7 @@ def summarize(checks: list, root_ca: str | None = None) -> dict[str, Any]:
 def _budgets(items: list[dict], spending: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """ε spent per budget scope, and its series over time.
 
-    Entries that carry the mechanism's ``event`` (what medsilo's sites write) are composed by the same
+    Entries that carry their mechanism ``events`` (what medsilo's sites write) are composed by the same
     accountant the site uses (:class:`medsilo.secure.dp.PrivacyAccountant`, RDP at the scope's δ), so the
     total is the site's own; ``epsilon_recorded`` is the last cumulative ε the site wrote, and
     ``mismatch`` is true when the two disagree (a site that under-reports its spending). Entries without
@@ -219,7 +226,7 @@ def _budgets(items: list[dict], spending: tuple[str, ...]) -> dict[str, dict[str
         eps = _number(privacy.get("epsilon")) or 0.0
         b["epsilon"] += eps
         b["delta"] += _number(privacy.get("delta")) or 0.0
-        b["_events"].append(privacy.get("event"))
+        b["_events"].extend(privacy.get("events") or [privacy.get("event")])
         b["_deltas"].add(_number(privacy.get("delta")))
         recorded = _number(privacy.get("cumulative_epsilon"))
         b["series"].append({"time": e.get("time"), "seq": e.get("seq"), "job": e.get("job"), "round": e.get("round"),

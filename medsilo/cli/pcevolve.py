@@ -8,7 +8,8 @@ whole run is refused before any selection when it cannot fit), and writes into `
 
 * ``images/`` — the synthetic images (CR DICOM for chest X-ray, PNG for pathology);
 * ``manifest.csv`` — the site's manifest plus one ``train`` row per synthetic image, ``source`` =
-  ``pcevolve``, so it can replace the dataset's manifest in the site config;
+  ``pcevolve``, so it can replace the dataset's manifest in the site config (its rows name the site's own
+  images outside ``--out``, so that config needs ``data.allow_paths_outside_manifest: true``);
 * ``pcevolve.json`` — the settings, ε per selection and in total, and the selectivity factor.
 
 Everything is written to a temporary folder and renamed at the end: an interrupted or refused run
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                       PCEvolveConfig, "medsilo pcevolve options")  # fmt: skip
     if not math.isfinite(config.epsilon):
         raise MedsiloError("--epsilon: must be finite (ε = inf releases the selection without privacy)")
-    site, ref, policy, workspace = _site(args)
+    site, ref, policy, data_policy, workspace = _site(args)
     if args.out.exists():
         raise MedsiloError(f"--out {args.out}: already exists; choose a new folder (nothing was overwritten)")
     if args.generator not in policy.pcevolve_generators:
@@ -66,16 +67,19 @@ def run(args: argparse.Namespace) -> int:
                            f"({', '.join(policy.pcevolve_generators) or 'none'})")  # fmt: skip
     result = run_pcevolve(site, ref.manifest, ref.modality, policy, workspace, config, args.out,
                           image_size=args.image_size, generator_name=args.generator,
-                          progress=not args.no_progress)  # fmt: skip
+                          progress=not args.no_progress,
+                          allow_outside=data_policy.allow_paths_outside_manifest)  # fmt: skip
     print(f"wrote {result['images']} synthetic images and {args.out / 'manifest.csv'}; ε = {config.epsilon:g} "
           f"(ε per selection {result['epsilon_per_pick']:.3g}, selectivity ×{result['selectivity']:.3g})")  # fmt: skip
+    print(f"note: its rows for the site's own images point outside {args.out}; a site config that trains "
+          "with it needs data.allow_paths_outside_manifest: true")
     return 0
 
 
 def _site(args: argparse.Namespace):
-    """(site name, dataset ref, privacy policy, workspace) from the site's config or ``sites.yml``."""
+    """(site name, dataset ref, privacy policy, data policy, workspace) from its config or ``sites.yml``."""
     from medsilo.config.site import load_site_config, load_sites_file
-    from medsilo.secure.guard import LEDGER_DIR_ENV, ensure_simulation_pki
+    from medsilo.secure.keys import LEDGER_DIR_ENV, ensure_simulation_pki
 
     if args.sites:
         if not args.site:
@@ -96,27 +100,31 @@ def _site(args: argparse.Namespace):
     name = args.dataset or (names[0] if len(names) == 1 else None)
     if name is None or name not in config.datasets:
         raise MedsiloError(f"site {config.site}: choose --dataset from {', '.join(names)}")
-    return config.site, config.datasets[name], config.privacy, workspace
+    return config.site, config.datasets[name], config.privacy, config.data, workspace
 
 
 def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspace: Path, config, out: Path, *,
-                 image_size: int, generator_name: str = "procedural", progress: bool = True) -> dict:  # fmt: skip
-    """Run PCEvolve on a site's train split and write ``out`` (module docstring); returns the summary."""
+                 image_size: int, generator_name: str = "procedural", progress: bool = True,
+                 allow_outside: bool = False) -> dict:  # fmt: skip
+    """Run PCEvolve on a site's train split and write ``out`` (module docstring); returns the summary.
+
+    ``allow_outside`` is the site's ``data.allow_paths_outside_manifest`` (see :func:`read_manifest`).
+    """
     from tqdm import tqdm
 
     from medsilo.config.manifest import read_manifest
     from medsilo.medical.data import load_site_data
-    from medsilo.medical.synth.pcevolve.evolve import selectivity
+    from medsilo.medical.synth.pcevolve.evolve import charged_evolve, selectivity
     from medsilo.medical.synth.pcevolve.store import write_synthetic
-    from medsilo.secure.guard import charged_evolve
+    from medsilo.secure.keys import Party
 
-    manifest = read_manifest(manifest_file)
+    manifest = read_manifest(manifest_file, allow_outside=allow_outside)
     data = load_site_data(manifest, modality=modality, image_size=image_size, progress=progress)
     classes = manifest.classes
     run_id = f"pcevolve-{time.strftime('%Y%m%dT%H%M%S')}"
     eps = config.epsilon_per_pick(len(classes))
     bar = tqdm(total=config.iterations, desc=f"pcevolve {site}", unit="it", disable=not progress, leave=False)
-    result = charged_evolve(site, workspace, run_id, policy, generator_name, modality, classes, image_size,
+    result = charged_evolve(Party(site, workspace), run_id, policy, generator_name, modality, classes, image_size,
                             data.train.images, data.train.labels, config, progress=lambda i, n: bar.update(1))  # fmt: skip
     bar.close()
     summary = {"site": site, "run": run_id, "settings": config.model_dump(), "image_size": image_size,

@@ -21,6 +21,14 @@ PRIVACY_STRENGTH: dict[str, set[str]] = {
 }
 """The protections each mode applies; mode A is at least as strong as B when it applies all of B's."""
 
+SITE_COMPONENTS: tuple[str, ...] = (
+    "medsilo.components.executor.SiteExecutor",
+    "medsilo.secure.filters.ProtectedOnly",
+)
+"""The only classes a site lets a job (or its own privacy scope) build: its ``class_allow_list``, exact paths."""
+SERVER_COMPONENTS: tuple[str, ...] = ("medsilo.components.controller.RoundController",)
+"""The only class the server lets a job build."""
+
 SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 """Site names become NVFlare client names and folder names: letters, digits, ``_ . -``."""
 

@@ -1,7 +1,7 @@
 """A real deployment on this machine: provisioned kits, one NVFlare process per party, the admin API.
 
 One module-scoped POC with 3 synthetic hospitals (hospital-1 requires ``ckks`` in its kit, so its
-``privacy.json`` scope encrypts whatever the job says). The tests run in file order against it: an encrypted
+``privacy.json`` scope lets out only encrypted uploads, whatever the job says). The tests run in file order against it: an encrypted
 FedProto job through the admin API, the auditor's refusals, a job carrying custom code, a site killed
 mid-job, and the shutdown that must leave no process behind.
 """
@@ -68,10 +68,10 @@ def test_up_starts_every_party_from_provisioned_kits(system):
     assert state["sites"] == SITES
     live = set(poc.workspace_processes(workspace))
     assert set(state["pids"].values()) <= live
-    site_kit = _kit(state, "hospital-1")
-    scope = json.loads((site_kit / "local" / "privacy.json").read_text())["scopes"][0]
-    assert scope["task_result_filters"][0]["path"] == "medsilo.secure.filters.CKKSEncryptor"
-    assert "task_result_filters" not in json.loads((_kit(state, "hospital-2") / "local" / "privacy.json").read_text())["scopes"][0]
+    for site, mode in (("hospital-1", "ckks"), ("hospital-2", "none")):
+        scope = json.loads((_kit(state, site) / "local" / "privacy.json").read_text())["scopes"][0]
+        assert scope["task_result_filters"] == [{"path": "medsilo.secure.filters.ProtectedOnly",
+                                                 "args": {"required_mode": mode}}]  # fmt: skip
     with poc.admin_session(workspace) as sess:
         assert sorted(c.name for c in sess.get_system_info().client_info) == SITES
 
@@ -88,18 +88,21 @@ def test_encrypted_prototype_job_through_the_admin_api(system):
     # the submission and its download are in the server's audit log, under the admin's name
     audit = (_kit(state, "server") / "audit.log").read_text()
     assert "submit_job" in audit and state["admin"] in audit and f"download_job {job_id}" in audit
-    # hospital-1's own privacy scope encrypted its uploads before the job's filter saw them
+    # hospital-1's own privacy scope checked every result before it left (only protected uploads pass)
     site_audit = (_kit(state, "hospital-1") / job_id / "audit.log").read_text()
-    assert "applied filter: CKKSEncryptor@site on task_result" in site_audit
-    assert "CKKSEncryptor@site" not in (_kit(state, "hospital-2") / job_id / "audit.log").read_text()
-    # every ledger (3 sites and the server) verifies against the provisioned root CA; each site's uploads
-    # of this job are recorded as encrypted, with the digest of the ciphertext that left
+    assert "applied filter: ProtectedOnly@site on task_result" in site_audit
+    # every ledger (3 sites and the server) verifies against the provisioned root CA, and against each other
+    # (each site's ledger holds what the server recorded receiving); each site's uploads of this job are
+    # recorded as encrypted, with the digest of the ciphertext that left
     ledgers = [_kit(state, p) / LEDGER_FILE for p in [*SITES, "server"]]
     assert verify(ledgers, state["root_ca"]) == []
+    assert main(["audit", "verify", *map(str, ledgers), "--root-ca", str(state["root_ca"])]) == 0
     for site in SITES:
         releases = [e for e in entries(_kit(state, site) / LEDGER_FILE) if e["event"] == "release" and e["job"] == job_id]
         assert [e["round"] for e in releases] == [1, 2]
         assert all(e["what"]["encrypted"] for e in releases)
+    received = [e for e in entries(_kit(state, "server") / LEDGER_FILE) if e["event"] == "received" and e["job"] == job_id]
+    assert sorted((e["round"], e["what"]["site"]) for e in received) == [(r, s) for r in (1, 2) for s in SITES]
 
 
 def test_auditor_may_view_but_not_submit_or_download(system, capsys):

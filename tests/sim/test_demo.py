@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from medsilo.cli import main
+from medsilo.secure.ledger import LEDGER_FILE, entries
 
 
 def test_demo_one_round(tmp_path, capsys):
@@ -16,7 +17,13 @@ def test_demo_one_round(tmp_path, capsys):
     assert results["algorithm"] == "fedper" and len(results["sites"]) == 4
     assert [r["round"] for r in results["rounds"]] == [1]
     local = json.loads((out / "runs" / "cxr-demo-local" / "results.json").read_text())
-    assert local["algorithm"] == "local" and local["rounds"][0]["bytes_up"] == 0
+    assert local["algorithm"] == "local"
+    # Local shares no tensor: each site's round-1 wire is a signed statement about an empty upload
+    ledgers = out / "hospitals" / "ledgers"
+    uploads = [e for site in local["sites"] for e in entries(ledgers / site / LEDGER_FILE)
+               if e["event"] == "release" and e["job"] == local["job_id"]]  # fmt: skip
+    assert len(uploads) == 4 and all(e["what"]["tensors"] == [] for e in uploads)
+    assert local["rounds"][0]["bytes_up"] == sum(e["what"]["bytes"] for e in uploads) < 4 * 1024
     page = (out / "report.html").read_text()
     assert "medsilo demo: fedper vs local" in page and "<td>local</td>" in page
     assert (out / "hospitals" / "sites.yml").is_file()

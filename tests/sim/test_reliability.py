@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from medsilo.components import checkpoint
 from medsilo.config import JobSpec
 from medsilo.errors import MedsiloError
 from medsilo.jobs.simulate import run_simulation
@@ -136,14 +138,19 @@ def test_a_job_killed_after_round_2_resumes_to_the_uninterrupted_result(healthy_
     whole = run_simulation(spec, healthy_sites, tmp_path / "whole", progress=False)
 
     run_dir = tmp_path / "killed"
-    server_checkpoint = run_dir / "checkpoints" / "server.pkl"
+    checkpoints = run_dir / "checkpoints"
     done = threading.Event()
 
-    def kill_the_simulator_after_round_2():
-        import pickle
+    def completed_rounds() -> int:
+        try:
+            state = checkpoint.load_server(checkpoints, spec_digest=checkpoint.spec_digest(spec.model_dump(mode="json")))
+        except checkpoint.CheckpointError:  # being replaced right now
+            return 0
+        return state.round if state is not None else 0
 
+    def kill_the_simulator_after_round_2():
         while not done.is_set():
-            if server_checkpoint.is_file() and pickle.loads(server_checkpoint.read_bytes())["round"] >= 2:
+            if completed_rounds() >= 2:
                 for pid in _simulator_processes(run_dir):
                     os.kill(pid, signal.SIGKILL)
                 return
@@ -161,9 +168,13 @@ def test_a_job_killed_after_round_2_resumes_to_the_uninterrupted_result(healthy_
     with pytest.raises(MedsiloError, match="nothing to resume"):
         run_simulation(spec, healthy_sites, tmp_path / "never-ran", progress=False, resume=True)
 
+    killed_id = json.loads((run_dir / "medsilo-run.json").read_text())["run_id"]
     resumed = run_simulation(spec, healthy_sites, run_dir, progress=False, resume=True)
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
     for a, b in zip(whole["rounds"], resumed["rounds"]):
         assert a["metrics"] == b["metrics"] or all(  # the same predictions and losses, round by round
             a["metrics"][s][k] == pytest.approx(b["metrics"][s][k], abs=1e-6) for s in a["metrics"] for k in a["metrics"][s])
     assert resumed["final"] == whole["final"] and resumed["selected_round"] == whole["selected_round"]
+    # a resumed run is a run of its own (its own id in ledgers and signatures), restored from the killed one's
+    # checkpoints, which are bound to the killed run's id
+    assert resumed["job_id"] not in (killed_id, whole["job_id"])

@@ -14,6 +14,7 @@ from medsilo.cli import main
 from medsilo.config import JobSpec, load_sites_file
 from medsilo.errors import MedsiloError
 from medsilo.jobs.simulate import run_simulation
+from medsilo.secure.ledger import LEDGER_FILE, entries
 from medsilo.medical.synth import SynthRequest, synthesize
 
 
@@ -74,8 +75,13 @@ def test_heterogeneous_backbones_with_per_site_server_form(sites_yml, tmp_path):
     results = run_simulation(spec, sites_yml, tmp_path / "run", progress=False)
     _check(results, "fedtgp", list(models), shares_weights=True, models=models)
     assert results["algorithm_form"] == "per-site"
-    # K x d prototype sums and K counts up; K x d generated prototypes down (float32)
-    assert results["rounds"][0]["bytes_up"] == 3 * (2 * 8 + 2) * 4
+    # K x d prototype sums and K counts up, in signed wires whose bytes each site's ledger records;
+    # K x d generated prototypes down (float32)
+    ledgers = sites_yml.parent / "ledgers"
+    sent = [e for s in models for e in entries(ledgers / s / LEDGER_FILE)
+            if e["event"] == "release" and e["job"] == results["job_id"] and e["round"] == 1]  # fmt: skip
+    assert [e["what"]["plaintext_bytes"] for e in sent] == [(2 * 8 + 2) * 4] * 3
+    assert results["rounds"][0]["bytes_up"] == sum(e["what"]["bytes"] for e in sent)
     assert results["rounds"][1]["bytes_down"] == 3 * 2 * 8 * 4
 
 

@@ -176,9 +176,7 @@ def test_kit_files_from_the_local_ca(tmp_path, capsys):
 
 
 def _load_ca(key_path: Path, cert_path: Path):
-    from medsilo.secure.release import load_private_key
-
-    return load_private_key(key_path), pki.load_certificate(cert_path)
+    return pki.load_private_key(key_path), pki.load_certificate(cert_path)
 
 
 def test_report_recomposes_gaussian_events_and_flags_an_under_reported_total(tmp_path, ca):

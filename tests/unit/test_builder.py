@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from medsilo.cli import main
-from medsilo.components.controller import JobStopped, sum_uploads
 from medsilo.config import load_job_spec
+from medsilo.secure.pipeline.base import PipelineRefusal, sum_uploads
 
 SPEC = Path(__file__).resolve().parents[2] / "jobs" / "cxr_fedavg.yml"
 
@@ -31,21 +31,19 @@ def test_job_build_writes_a_standard_folder(tmp_path, capsys):
     executor = client["executors"][0]
     assert executor["executor"]["path"] == "medsilo.components.executor.SiteExecutor"
     assert sorted(executor["tasks"]) == ["evaluate", "release", "train"]
-    assert not client.get("task_result_filters")  # plaintext job: no CKKS filters
+    assert not client.get("task_result_filters") and not client.get("task_data_filters")
     text = (job / "app/config/config_fed_client.json").read_text()
     assert "manifest" not in text and "/" not in json.dumps(executor["executor"]["args"])  # no data paths
 
 
-def test_ckks_job_carries_the_site_filters(tmp_path):
+def test_a_ckks_job_is_the_same_two_classes_with_the_mode_in_the_spec(tmp_path):
+    # the executor's privacy pipeline applies the mode: the job carries no filter a job author could drop
     spec = tmp_path / "ckks.yml"
     spec.write_text(SPEC.read_text().replace("mode: none", "mode: ckks"))
     assert main(["job", "build", str(spec), "--out", str(tmp_path / "out")]) == 0
     client = json.loads((tmp_path / "out" / "cxr-fedavg" / "app/config/config_fed_client.json").read_text())
-    result = client["task_result_filters"][0]
-    data = client["task_data_filters"][0]
-    assert result["tasks"] == ["train"] and result["filters"][0]["path"] == "medsilo.secure.filters.CKKSEncryptor"
-    assert sorted(data["tasks"]) == ["evaluate", "train"]  # NVFlare stores the task list unordered
-    assert data["filters"][0]["path"] == "medsilo.secure.filters.CKKSDecryptor"
+    assert not client.get("task_result_filters") and not client.get("task_data_filters")
+    assert client["executors"][0]["executor"]["args"]["job"]["privacy"]["mode"] == "ckks"
 
 
 def test_rebuild_replaces_the_folder(tmp_path):
@@ -70,7 +68,7 @@ def test_sum_uploads_adds_per_name_and_refuses_mismatches():
     total = sum_uploads({"a": a, "b": b})
     np.testing.assert_allclose(total["w"], [4.0, 6.0])
     assert float(total["n"]) == 3.0
-    with pytest.raises(JobStopped, match="sites a and b uploaded different tensors"):
+    with pytest.raises(PipelineRefusal, match="sites a and b uploaded different tensors"):
         sum_uploads({"a": a, "b": {"w": b["w"]}})
-    with pytest.raises(JobStopped, match="site b uploaded 'w' with shape \\(3,\\)"):
+    with pytest.raises(PipelineRefusal, match="site b uploaded 'w' with shape \\(3,\\)"):
         sum_uploads({"a": a, "b": {"w": np.zeros(3, np.float32), "n": b["n"]}})

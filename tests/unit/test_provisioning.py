@@ -13,6 +13,7 @@ import yaml
 
 from medsilo.cli import main
 from medsilo.config import ConfigError
+from medsilo.config.common import SERVER_COMPONENTS, SITE_COMPONENTS
 from medsilo.config.site import SiteConfig
 from medsilo.medical.synth import SynthRequest, synthesize
 from medsilo.provisioning.check import check_kit
@@ -72,14 +73,17 @@ def test_kits_carry_medsilo_policy(kits):
         assert all(rights["byoc"] == "none" for rights in authz.values())  # no custom code for any role
         assert {k: v for k, v in authz["auditor"].items() if v != "none"} == {"view": "any"}
         resources = json.loads((prod / party / "local" / "resources.json").read_text())
-        assert "medsilo." in resources["class_allow_list"] and resources["class_list_enforcement_mode"] == "enforce"
+        allowed = SERVER_COMPONENTS if party == "server" else SITE_COMPONENTS
+        assert resources["class_allow_list"] == list(allowed) and resources["class_list_enforcement_mode"] == "enforce"
+        assert resources["allow_log_streaming"] is (party == "server")  # a site's job logs stay at the site
     server = json.loads((prod / "server" / "local" / "resources.json").read_text())
     jobs = next(c for c in server["components"] if c["id"] == "job_manager")["args"]["uri_root"]
     assert jobs == str(prod / "server" / "storage" / "jobs")  # not the host-wide /tmp/nvflare
-    # encryption enforced by the site's own privacy scope where the network says so, nowhere else
-    scope = json.loads((prod / "hospital-1" / "local" / "privacy.json").read_text())["scopes"][0]
-    assert scope["task_result_filters"][0]["path"] == "medsilo.secure.filters.CKKSEncryptor"
-    assert "task_result_filters" not in json.loads((prod / "hospital-2" / "local" / "privacy.json").read_text())["scopes"][0]
+    # each site's own privacy scope lets out only uploads protected at least as the network requires of it
+    for site, mode in (("hospital-1", "ckks"), ("hospital-2", "none")):
+        scope = json.loads((prod / site / "local" / "privacy.json").read_text())["scopes"][0]
+        assert scope["task_result_filters"] == [{"path": "medsilo.secure.filters.ProtectedOnly",
+                                                 "args": {"required_mode": mode}}]  # fmt: skip
     # the site config template is valid YAML for this site, only its data path to fill in
     template = SiteConfig.model_validate(yaml.safe_load((prod / "hospital-1" / "local" / "medsilo_site.yml").read_text()))
     assert template.site == "hospital-1" and template.privacy.required_mode == "ckks"
@@ -100,6 +104,9 @@ def test_kits_hold_one_ckks_key_set_secret_only_at_sites(kits):
         peers = sorted(p.name for p in (startup / "peers").glob("*.crt"))
         assert peers == ["hospital-1.crt", "hospital-2.crt"]
         assert (startup / "peers" / f"{site}.crt").read_bytes() == (startup / "client.crt").read_bytes()
+    # the server holds every site's certificate too, to check who signed each upload it records
+    assert sorted(p.name for p in (prod / "server" / "startup" / "peers").glob("*.crt")) == ["hospital-1.crt",
+                                                                                              "hospital-2.crt"]  # fmt: skip
 
 
 def test_reprovisioning_keeps_the_root_ca(tmp_path):
@@ -160,7 +167,10 @@ def test_check_catches_identifying_dicom_without_printing_it(site_kit, dataset, 
     rows = dataset.read_text().replace("images/", f"{dataset.parent}/images/")
     manifest.write_text(rows + f"{phi},pneumonia,p-phi,train\n")
     path = site_kit / "local" / "medsilo_site.yml"
-    path.write_text(path.read_text().replace(str(dataset), str(manifest)))
+    config = yaml.safe_load(path.read_text())
+    config["datasets"]["cxr"]["manifest"] = str(manifest)
+    config.setdefault("data", {})["allow_paths_outside_manifest"] = True  # its rows name the dataset's images
+    path.write_text(yaml.safe_dump(config))
     checks = _rows(site_kit)
     assert checks["dataset cxr"][0] == "ok" and "16 images" in checks["dataset cxr"][1]
     status, detail = checks["de-identification cxr"]

@@ -226,6 +226,37 @@ def evolve(
     return result
 
 
+def charged_evolve(party, run_id: str, policy, generator_name: str, modality: str, classes, image_size: int,
+                   images, labels, config: PCEvolveConfig, progress=None) -> PCEvolveResult:  # fmt: skip
+    """Run PCEvolve at a site with every selection charged to its budget and ledger.
+
+    The generator is resolved by name (:func:`~medsilo.medical.synth.pcevolve.generators.make_generator`;
+    callers check the site allows it), the whole run is admitted first (refused, with a ``refusal`` entry and
+    :class:`~medsilo.secure.dp.BudgetExceeded`, when its T·C picks cannot fit), then each iteration is charged
+    before its draws (:class:`medsilo.secure.budget.SelectionCharge`).
+
+    Args:
+        party: the site's :class:`medsilo.secure.keys.Party` (its ledger and root CA).
+        run_id: names the run in the ledger.
+        policy: the site's :class:`~medsilo.config.site.PrivacyPolicy` (its budget cap, if any).
+        generator_name, modality, classes, image_size: what to generate.
+        images: the site's private training images ``(N, C, H, W)``; labels: ``(N,)``.
+        config: the run's settings.
+        progress: ``progress(iteration, iterations)`` after each iteration.
+    """
+    from medsilo.medical.synth.pcevolve.generators import make_generator
+    from medsilo.secure.budget import BudgetBook, SelectionCharge
+
+    generator = make_generator(generator_name, modality, classes, image_size)
+    what = {"kind": "selection", "generator": generator_name, "encoder": config.encoder,
+            "iterations": config.iterations, "per_class": config.per_class, "classes": len(classes)}  # fmt: skip
+    book = BudgetBook(party.name, party.ledger(), policy.budget, root_ca=party.root_ca)
+    charge = SelectionCharge(book, run_id, what)
+    eps = config.epsilon_per_pick(len(classes))
+    charge.admit([ExponentialEvent(epsilon=eps, count=len(classes))] * config.iterations)
+    return evolve(images, labels, classes, generator, config, charge=charge, progress=progress)
+
+
 def _named(cands: list[Candidate], label: int, iteration: int) -> list[Candidate]:
     for i, x in enumerate(cands):
         if x.label != label:

@@ -1,0 +1,428 @@
+"""The two halves every privacy mode shares: what a site does to an upload before it leaves, and what the
+server does with what arrives. A mode (one module beside this one) changes only how a body is sealed, opened
+and combined, whether releases are noised and charged, and whether an aggregate can be released.
+
+**Site half** (:class:`SitePipeline`), one object per site and job, driven by the site executor:
+
+* :meth:`~SitePipeline.start` — once, at the job's first task: checks the site's ledger against the server's
+  record of it (the *anchor*: the statement this site last signed that the server recorded) — a ledger that is
+  shorter than, or differs from, what the server saw is refused — and writes ``policy_loaded``;
+* :meth:`~SitePipeline.admit` / :meth:`~SitePipeline.noise` — early budget checks (DP modes);
+* :meth:`~SitePipeline.protect` — the only way an upload leaves: under the ledger lock it reads the verified
+  ledger, refuses a second upload of the same (job, round), charges the DP events (DP modes), seals the body
+  (pack or encrypt), signs a statement (job, round, participant set, own ``min_contributors``, body digest, the
+  ledger head) and appends the ``release`` entry with the SHA-256 of the exact bytes that leave — all before
+  returning them;
+* :meth:`~SitePipeline.open` — what the server sent (decrypting an encrypted aggregate, with a ``decrypt``
+  entry); :meth:`~SitePipeline.release` — an aggregate release where the mode has one.
+
+**Server half** (:class:`ServerPipeline`), one per job, driven by the round controller: :meth:`announce` (the
+round's participant set and the anchors), :meth:`accept` (every reply must be a wire signed by its sender for
+this job, round, mode and participant set; each is recorded in the server's ledger as ``received`` — the anchor
+— before it is used) and :meth:`combine` (the next payload).
+
+Neither half imports NVFlare or the algorithms: the algorithm's server half is passed in and used through
+``update``, ``update_from_sites``, ``form`` and ``needs_plaintext_aggregate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from medsilo.errors import MedsiloError
+from medsilo.secure import pki
+from medsilo.secure.budget import BudgetBook
+from medsilo.secure.dp import DPRelease, Event, fresh_generator
+from medsilo.secure.keys import Party
+from medsilo.secure.ledger import Ledger, entry_hash
+from medsilo.secure.upload import WIRE_PARAM, Statement, Wire, WireError, open_wire, seal, unpack_arrays
+
+Arrays = dict[str, np.ndarray]
+AskRelease = Callable[[str, Arrays], Arrays]
+"""``ask_release(site, request) -> reply``: the controller's way to send one site a ``release`` task."""
+
+
+class PipelineRefusal(MedsiloError):
+    """A site or the server refuses to send, accept or release something; the message says why."""
+
+
+class RoundSkipped(PipelineRefusal):
+    """The round gives no new payload (e.g. its aggregate cannot be released); the server keeps the current one."""
+
+
+@dataclass(frozen=True)
+class JobTerms:
+    """What a pipeline needs to know about the job it protects.
+
+    Attributes:
+        job: the job's id (NVFlare's; ``medsilo sim``: the run id) — what signatures and ledgers bind to.
+        mode: the privacy mode.
+        rounds: training rounds.
+        min_contributors: the job's ``privacy.min_contributors``.
+        dp: the job's :class:`~medsilo.config.job.DPSpec` (DP modes), else ``None``.
+        poly_modulus_degree: CKKS ring size.
+        releases: the algorithm's server learns from a plaintext aggregate (``needs_plaintext_aggregate``):
+            only then does a site honour a ``release`` task.
+    """
+
+    job: str
+    mode: str
+    rounds: int
+    min_contributors: int
+    dp: Any = None
+    poly_modulus_degree: int = 8192
+    releases: bool = False
+
+    @classmethod
+    def of(cls, job_id: str, spec, *, releases: bool) -> JobTerms:
+        """The terms of a validated :class:`~medsilo.config.job.JobSpec` run as ``job_id``."""
+        p = spec.privacy
+        return cls(job=job_id, mode=p.mode, rounds=spec.training.rounds, min_contributors=p.min_contributors,
+                   dp=p.dp, poly_modulus_degree=p.poly_modulus_degree, releases=releases)  # fmt: skip
+
+
+def describe_arrays(arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """Names, shapes, dtypes, bytes and the SHA-256 of the exact bytes (name order, C order) — never values."""
+    digest = hashlib.sha256()
+    tensors, total = [], 0
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(np.asarray(arrays[name]))
+        digest.update(name.encode() + b"\0" + arr.tobytes())
+        tensors.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype)})
+        total += arr.nbytes
+    return {"tensors": tensors, "bytes": total, "sha256": digest.hexdigest()}
+
+
+def signed_record(wire: Wire) -> dict[str, Any]:
+    """A wire's statement and signature as JSON (what the server's ledger records and echoes as an anchor)."""
+    return {"statement": wire.statement.to_json(), "signature": wire.signature.hex()}
+
+
+def record_signed_by(record: object, public_key: pki.PublicKey) -> Statement:
+    """The statement of a ``{"statement", "signature"}`` record, after checking the signature.
+
+    Raises:
+        PipelineRefusal: a malformed record or a signature that does not verify with ``public_key``.
+    """
+    try:
+        statement = Statement.from_json(record["statement"])  # type: ignore[index]
+        signature = bytes.fromhex(record["signature"])  # type: ignore[index]
+    except (WireError, KeyError, TypeError, ValueError) as e:
+        raise PipelineRefusal(f"a signed record is malformed ({e})") from e
+    if not pki.verify_signature(public_key, signature, statement.message()):
+        raise PipelineRefusal(f"a record presented as signed by {statement.site} does not verify with its key")
+    return statement
+
+
+class SitePipeline:
+    """Site half of a privacy mode (module docstring). Subclasses set the class attributes and :meth:`seal`.
+
+    Args:
+        party: the site's key material and ledger location.
+        terms: the job's :class:`JobTerms`.
+        policy: the site's :class:`~medsilo.config.site.PrivacyPolicy` (budget, ``min_contributors``).
+    """
+
+    mode: ClassVar[str] = ""
+    noised: ClassVar[bool] = False
+    """Uploads carry DP noise: every upload's mechanism events are charged to the site's budget."""
+    encrypted: ClassVar[bool] = False
+    """Bodies are CKKS ciphertexts; the site decrypts what the server sums."""
+
+    def __init__(self, party: Party, terms: JobTerms, policy):
+        self.party, self.site, self.terms, self.policy = party, party.name, terms, policy
+        self.ledger: Ledger = party.ledger()
+        delta = terms.dp.delta if terms.dp is not None else 1e-5
+        self.book = BudgetBook(self.site, self.ledger, policy.budget, default_delta=delta, root_ca=party.root_ca)
+        self.min_contributors = max(terms.min_contributors, policy.min_contributors)
+        self._key: pki.PrivateKey | None = None
+
+    # ---- once per job ---------------------------------------------------------------------------
+
+    def start(self, anchor: Mapping[str, Any] | None) -> None:
+        """Check this site's ledger against the server's record (``anchor``), then write ``policy_loaded``.
+
+        Raises:
+            PipelineRefusal: the anchor is not this site's signature, or this site's ledger does not hold the
+                entries the anchored statement says it had (cut short, or replaced).
+        """
+        with self.ledger.locked():
+            entries = self.ledger.read(self.party.root_ca)
+            if anchor:
+                self._check_anchor(anchor, entries)
+            text = json.dumps(self.policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+            self.ledger.append("policy_loaded", job=self.terms.job, round=0, privacy=None,
+                               what={"kind": "policy", "policy": json.loads(text),
+                                     "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                     "privacy_mode": self.mode})  # fmt: skip
+
+    def _check_anchor(self, anchor: Mapping[str, Any], entries: Sequence[dict]) -> None:
+        own_key = self.party.public_key()
+        statement = record_signed_by(anchor, own_key)
+        if statement.site != self.site:
+            raise PipelineRefusal(f"site {self.site}: the server's record names site {statement.site}")
+        seq, where = statement.ledger_seq, self.ledger.path
+        if len(entries) < seq + 2:
+            raise PipelineRefusal(f"site {self.site}: {where} has {len(entries)} entries, but the server holds this "
+                                  f"site's signed upload that followed entry {seq + 1} (job {statement.job}, round "
+                                  f"{statement.round}): the ledger was cut short or replaced; restore it from "
+                                  "backup before running jobs (the privacy budget depends on it)")  # fmt: skip
+        at = entries[seq + 1]
+        if (seq >= 0 and entry_hash(entries[seq]) != statement.ledger_hash) or at["what"].get("body_sha256") != \
+                statement.digest:  # fmt: skip
+            raise PipelineRefusal(f"site {self.site}: {where} differs from what the server recorded at entry "
+                                  f"{seq + 2} (job {statement.job}, round {statement.round}): the ledger was "
+                                  "rewritten or replaced; restore it before running jobs")  # fmt: skip
+
+    def admit(self, events_per_round: Sequence[Event]) -> None:
+        """Refuse the whole job now (``refusal`` entry, :class:`~medsilo.secure.dp.BudgetExceeded`) when its
+        rounds' DP events cannot all fit the site's budget; nothing to do in modes without noise."""
+        if self.noised:
+            planned = list(events_per_round) * self.terms.rounds
+            self.book.check(planned, job=self.terms.job, rnd=1, what={"kind": "upload"})
+
+    # ---- each round -----------------------------------------------------------------------------
+
+    def noise(self, rnd: int, events: Sequence[Event]) -> DPRelease | None:
+        """The noise settings of round ``rnd``'s upload after an early budget check (``None``: no noise)."""
+        if not self.noised:
+            return None
+        self.book.check(list(events), job=self.terms.job, rnd=rnd, what={"kind": "upload"})
+        return DPRelease.from_spec(self.terms.dp, fresh_generator())
+
+    def protect(self, rnd: int, participants: Sequence[str], arrays: Arrays,
+                events: Sequence[Event] = ()) -> tuple[np.ndarray, dict[str, float] | None]:  # fmt: skip
+        """Charge, seal, sign and ledger one upload; returns the wire (uint8) and this job's (ε, δ) so far.
+
+        Args:
+            rnd: the round.
+            participants: the round's participant set as the server announced it.
+            arrays: the upload sums ``{name: float32 array}`` (noised already in DP modes).
+            events: the DP mechanism events that produced ``arrays`` (DP modes; charged here).
+
+        Raises:
+            PipelineRefusal: the site is not among the participants, too few participants for an encrypted
+                round, or this round was uploaded before (ledger); BudgetExceeded: the events do not fit.
+                A refusal is ledgered and nothing leaves.
+        """
+        people = sorted(set(participants))
+        terms = self.terms
+        with self.ledger.locked():
+            entries = self.ledger.read(self.party.root_ca)
+            reason = self._upload_refusal(entries, rnd, people, list(participants))
+            if reason:
+                self.book.refuse(terms.job, rnd, PipelineRefusal(reason), {"kind": "upload"})
+                raise PipelineRefusal(f"site {self.site}: {reason}")
+            privacy = None
+            if self.noised:
+                privacy = self.book.charge(entries, list(events), job=terms.job, rnd=rnd, what={"kind": "upload"})
+            seq, head = self.ledger.head()
+            body, sealed = self.seal(arrays)
+            wire = seal({"kind": "upload", "site": self.site, "job": terms.job, "round": rnd, "mode": self.mode,
+                         "participants": people, "min_contributors": self.min_contributors,
+                         "body": "ckks" if self.encrypted else "arrays", "ledger_seq": seq, "ledger_hash": head},
+                        body, self.signing_key())  # fmt: skip
+            blob = wire.to_bytes()
+            plain = describe_arrays(arrays)
+            what = {"kind": "upload", "tensors": plain["tensors"], "bytes": len(blob),
+                    "sha256": hashlib.sha256(blob).hexdigest(), "body_sha256": wire.statement.digest,
+                    "plaintext_bytes": plain["bytes"], "plaintext_sha256": plain["sha256"],
+                    "encrypted": self.encrypted, "scheme": sealed, "participants": people,
+                    "min_contributors": self.min_contributors, "ledger_head": {"seq": seq, "hash": head}}  # fmt: skip
+            if privacy is not None:
+                privacy["job_epsilon"] = self.book.job_epsilon(entries, terms.job, extra=events)
+            self.ledger.append("release", job=terms.job, round=rnd, what=what, privacy=privacy)
+        spent = {"epsilon": privacy["job_epsilon"], "delta": privacy["delta"]} if privacy else None
+        return np.frombuffer(blob, dtype=np.uint8), spent
+
+    def _upload_refusal(self, entries: Sequence[dict], rnd: int, people: list[str], given: list[str]) -> str | None:
+        if given != people or self.site not in people:
+            return (f"round {rnd}'s participant set {given} does not list this site once in order; the server must "
+                    "announce the sorted set of sites it asks")  # fmt: skip
+        if self.encrypted and len(people) < self.min_contributors:
+            return (f"round {rnd} has {len(people)} participants, fewer than this site's min_contributors "
+                    f"{self.min_contributors}: an aggregate of so few could reveal its upload")  # fmt: skip
+        before = self.own_upload(entries, rnd)
+        if before is not None:
+            return (f"round {rnd} of job {self.terms.job} was uploaded before ({self.ledger.path}:{before['seq'] + 1}); "
+                    "a second upload of one round could be set against the first")  # fmt: skip
+        return None
+
+    def signing_key(self) -> pki.PrivateKey:
+        if self._key is None:
+            self._key = self.party.signing_key()
+        return self._key
+
+    def seal(self, arrays: Arrays) -> tuple[bytes, dict | None]:
+        """The body bytes of an upload and the scheme for the ledger (``None``: plaintext)."""
+        from medsilo.secure.upload import pack_arrays
+
+        return pack_arrays(arrays), None
+
+    def open(self, rnd: int, payload: Arrays, meta: Mapping[str, Any]) -> Arrays:
+        """The plaintext payload of a task (plaintext modes: the arrays as sent; encrypted ones refused).
+
+        Raises:
+            PipelineRefusal: the payload is not plaintext arrays.
+        """
+        for name, value in payload.items():
+            if name.startswith("__") or np.asarray(value).dtype == np.uint8:
+                raise PipelineRefusal(f"site {self.site}: payload entry '{name}' is not a plaintext tensor; "
+                                      f"privacy mode {self.mode} sends plaintext")  # fmt: skip
+        return payload
+
+    def release(self, rnd: int, request: Arrays) -> np.ndarray:
+        """An aggregate release (modes that have one override this)."""
+        raise PipelineRefusal(f"site {self.site}: privacy mode {self.mode} has no aggregate release; a release "
+                              "request is refused")  # fmt: skip
+
+    def own_upload(self, entries: Sequence[dict], rnd: int, job: str | None = None) -> dict | None:
+        """This site's ``release`` entry of its round-``rnd`` upload in ``job`` (default: this job), if any."""
+        job = self.terms.job if job is None else job
+        for e in entries:
+            if e["event"] == "release" and e["job"] == job and e["round"] == rnd and e["what"].get("kind") == "upload":
+                return e
+        return None
+
+
+class ServerPipeline:
+    """Server half of a privacy mode (module docstring). Subclasses override :meth:`combine_wires`.
+
+    Args:
+        party: the server's key material and ledger location.
+        terms: the job's :class:`JobTerms`.
+    """
+
+    mode: ClassVar[str] = ""
+
+    def __init__(self, party: Party, terms: JobTerms):
+        self.party, self.terms = party, terms
+        self.ledger: Ledger = party.ledger()
+        self.release_bytes = 0
+        """Bytes of the last round's release round trip (request + reply), counted as traffic."""
+
+    def announce(self, rnd: int, sites: Sequence[str], first: bool) -> dict[str, Any]:
+        """Task meta for round ``rnd``: the participant set, and on the job's first task every site's anchor."""
+        meta: dict[str, Any] = {"participants": sorted(sites)}
+        if first:
+            meta["anchors"] = self.anchors(sites)
+        return meta
+
+    def anchors(self, sites: Sequence[str]) -> dict[str, dict]:
+        """The last statement the server recorded from each site (any job, upload or released aggregate), as
+        signed by that site: the site checks its ledger still holds what the statement says followed it."""
+        found: dict[str, dict] = {}
+        with self.ledger.locked():
+            for e in self.ledger.read(self.party.root_ca):
+                if e["event"] == "received" and e["what"].get("site") in sites:
+                    found[e["what"]["site"]] = {"statement": e["what"]["statement"],
+                                                "signature": e["what"]["signature"]}  # fmt: skip
+        return found
+
+    def accept(self, rnd: int, participants: Sequence[str], replies: Mapping[str, Arrays],
+               kind: str = "upload") -> dict[str, Wire]:  # fmt: skip
+        """Open each reply's wire and record it in the server's ledger (``received``) before it is used.
+
+        Raises:
+            PipelineRefusal: a reply that is not exactly one wire, a wire not signed by its sender, or a
+                statement for another job, round, mode, kind or participant set.
+        """
+        people = sorted(participants)
+        wires: dict[str, Wire] = {}
+        for site, params in replies.items():
+            if set(params) != {WIRE_PARAM}:
+                raise PipelineRefusal(f"site {site}: its reply is not one protected upload (got "
+                                      f"{sorted(params)[:4]}); nothing unprotected is accepted")  # fmt: skip
+            try:
+                wire = open_wire(params[WIRE_PARAM], self.party.peers(), sender=site)
+            except WireError as e:
+                raise PipelineRefusal(f"site {site}: {e}") from e
+            s = wire.statement
+            expected = (("kind", s.kind, kind), ("job", s.job, self.terms.job), ("round", s.round, rnd),
+                        ("mode", s.mode, self.mode), ("participants", list(s.participants), people))  # fmt: skip
+            for name, got, want in expected:
+                if got != want:
+                    raise PipelineRefusal(f"site {site}: its {kind} says {name} {got!r}, expected {want!r}")
+            wires[site] = wire
+        with self.ledger.locked():
+            for site, wire in wires.items():
+                raw = wire.to_bytes()
+                self.ledger.append("received", job=self.terms.job, round=rnd, privacy=None,
+                                   what={"kind": kind, "site": site, "bytes": len(raw),
+                                         "sha256": hashlib.sha256(raw).hexdigest(), **signed_record(wire)})  # fmt: skip
+        return wires
+
+    def combine(self, rnd: int, participants: Sequence[str], replies: Mapping[str, Arrays], algorithm,
+                ask_release: AskRelease) -> Arrays | None:  # fmt: skip
+        """The payload for round ``rnd + 1`` from the round's replies (``None``: keep the current payload).
+
+        Args:
+            rnd: the round.
+            participants: the announced participant set.
+            replies: site → reply params, for the sites that answered.
+            algorithm: the algorithm's server half.
+            ask_release: sends one site a ``release`` task (modes with an aggregate release).
+        """
+        self.release_bytes = 0
+        wires = self.accept(rnd, participants, replies)
+        return self.combine_wires(rnd, participants, wires, algorithm, ask_release)
+
+    def combine_wires(self, rnd: int, participants: Sequence[str], wires: Mapping[str, Wire], algorithm,
+                      ask_release: AskRelease) -> Arrays | None:  # fmt: skip
+        """Plaintext modes: the algorithm reads each site's arrays (``per-site``) or their sum."""
+        uploads = {site: unpack_arrays(w.body) for site, w in wires.items()}
+        if algorithm.form == "per-site":
+            return to_numpy(algorithm.update_from_sites({s: to_torch(u) for s, u in uploads.items()}, rnd))
+        aggregate = sum_uploads(uploads) if uploads else {}
+        return to_numpy(algorithm.update(to_torch(aggregate), rnd))
+
+    def record_send(self, task: str, payload: Arrays, rnd: int, sites: Sequence[str]) -> None:
+        """The server's ``release`` entry for a payload about to go to ``sites`` (written before it is sent)."""
+        kind = "release_request" if task == "release" else "payload"
+        encrypted = any(name.startswith("__") for name in payload)
+        self.ledger.append("release", job=self.terms.job, round=rnd, privacy=None,
+                           what={"kind": kind, **describe_arrays(payload), "encrypted": encrypted,
+                                 "task": task, "to": list(sites)})  # fmt: skip
+
+
+# ---- plaintext tensor helpers --------------------------------------------------------------------
+
+
+def sum_uploads(uploads: Mapping[str, Arrays]) -> Arrays:
+    """Element-wise sum per name over sites' uploads (float64 accumulation, float32 result).
+
+    Raises:
+        PipelineRefusal: sites disagree on names or shapes (fail closed: never aggregate a partial set).
+    """
+    names = {site: set(u) for site, u in uploads.items()}
+    reference_site, reference = next(iter(names.items()))
+    for site, keys in names.items():
+        if keys != reference:
+            diff = sorted(keys ^ reference)[:5]
+            raise PipelineRefusal(f"sites {reference_site} and {site} uploaded different tensors (e.g. {diff})")
+    total: dict[str, np.ndarray] = {}
+    for site, upload in uploads.items():
+        for name, value in upload.items():
+            arr = np.asarray(value, dtype=np.float64)
+            if name in total and total[name].shape != arr.shape:
+                raise PipelineRefusal(f"site {site} uploaded '{name}' with shape {arr.shape}, others "
+                                      f"{total[name].shape}")  # fmt: skip
+            total[name] = total[name] + arr if name in total else arr.copy()
+    return {k: v.astype(np.float32) for k, v in total.items()}
+
+
+def to_numpy(tensors: Mapping[str, Any]) -> Arrays:
+    """Torch tensors → float32 numpy arrays (what travels in a task)."""
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in tensors.items()}
+
+
+def to_torch(arrays: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    """Numpy arrays → torch tensors (shares memory where possible)."""
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in (arrays or {}).items()}

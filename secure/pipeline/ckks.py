@@ -1,0 +1,224 @@
+"""Privacy mode ``ckks``: uploads encrypted under CKKS; the server adds ciphertexts and never decrypts.
+
+**Site.** Every tensor of the upload — parameters × n, prototype sums, per-class counts, ``n`` — is packed into
+CKKS ciphertexts (:func:`medsilo.secure.ckks.encrypt`) with the federation's key set; only the layout (names,
+shapes) stays readable. The signed statement names the participant set and the site's own
+``min_contributors``; a round with fewer participants than that is refused before anything leaves.
+
+**Server, linear algorithms** (FedAvg family, FedProto, FedDistill, LG-FedAvg …): the payload for the next
+round is the ciphertext sum of the round's uploads plus every contributor's signed statement
+(:data:`CONTRIBUTORS`). The server adds only statements it accepted, and only when at least the largest
+``min_contributors`` any contributor signed are in the sum. A site decrypting the payload (:meth:`Site.open`)
+checks those statements itself: signed by distinct known sites, for this job and the previous round, one
+participant set, enough contributors, and — if it contributed — its own upload as its ledger records it; then
+it decrypts and writes a ``decrypt`` entry. (It cannot check that the server added the ciphertexts it names:
+``docs/threat-model.md``.)
+
+**Server, server-side learning** (FedTGP/FedKTL aggregate form): an aggregate release (:mod:`medsilo.secure.release`)
+by one participant, rotating round by round, of exactly the announced participant set — so a round where not
+every participant answered is not released and the server keeps its payload. The releasing site checks,
+decrypts and ledgers under its ledger lock, once per (job, round), and sends the plaintext sum back as a
+signed wire of kind ``aggregate``, which the server records before learning from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from medsilo.secure.ckks import CKKSError, EncryptedUpload, add, decrypt, encrypt
+from medsilo.secure.pipeline.base import (
+    Arrays,
+    AskRelease,
+    PipelineRefusal,
+    RoundSkipped,
+    ServerPipeline,
+    SitePipeline,
+    record_signed_by,
+    signed_record,
+    to_numpy,
+    to_torch,
+)
+from medsilo.secure.release import ReleaseRefused, release
+from medsilo.secure.upload import WIRE_PARAM, Statement, Wire, pack_arrays, seal, unpack_arrays
+
+CIPHERTEXT = "__ckks__"
+"""Payload entry of an encrypted aggregate (uint8 bytes of an :class:`~medsilo.secure.ckks.EncryptedUpload`)."""
+CONTRIBUTORS = "__contributors__"
+"""Payload entry beside it: the contributors' signed statements (uint8 bytes of a JSON list)."""
+
+
+class Site(SitePipeline):
+    """Site half: encrypt and sign uploads, check and decrypt aggregates, release exact sets."""
+
+    mode = "ckks"
+    encrypted = True
+
+    def __init__(self, party, terms, policy):
+        super().__init__(party, terms, policy)
+        self._ctx = None
+
+    def context(self):
+        """The site's secret CKKS context (loaded once, refused if it is not secret)."""
+        if self._ctx is None:
+            self._ctx = self.party.he_context()
+        return self._ctx
+
+    def seal(self, arrays: Arrays) -> tuple[bytes, dict | None]:
+        import torch
+
+        enc = encrypt(self.context(), {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
+        scheme = {"name": "ckks", "poly_modulus_degree": self.terms.poly_modulus_degree,
+                  "ciphertexts": len(enc.ciphertexts)}  # fmt: skip
+        return enc.to_bytes(), scheme
+
+    def open(self, rnd: int, payload: Arrays, meta: Mapping[str, Any]) -> Arrays:
+        """Decrypt an encrypted aggregate after checking who is in it; plaintext payloads (computed by the
+        server from a released aggregate) pass through.
+
+        Raises:
+            PipelineRefusal: malformed contributor records, a record not signed by a known site, a record for
+                another job or round, two participant sets, too few contributors, or this site's own upload
+                not as its ledger records it; CKKSError: ciphertexts that cannot be decrypted.
+        """
+        if CIPHERTEXT not in payload:
+            return super().open(rnd, payload, meta)
+        if set(payload) != {CIPHERTEXT, CONTRIBUTORS}:
+            raise PipelineRefusal(f"site {self.site}: an encrypted payload holds exactly {CIPHERTEXT} and "
+                                  f"{CONTRIBUTORS}, got {sorted(payload)}")  # fmt: skip
+        resume = meta.get("resume_from") or {}
+        job = resume.get("job", self.terms.job) if isinstance(resume, dict) else self.terms.job
+        statements = self._contributors(payload[CONTRIBUTORS], job, rnd - 1)
+        enc = EncryptedUpload.from_bytes(payload[CIPHERTEXT])
+        plain = decrypt(self.context(), enc)
+        self.ledger.append("decrypt", job=self.terms.job, round=rnd, privacy=None,
+                           what={"kind": "aggregate", "digest": enc.digest(), "values": enc.layout.num_values,
+                                 "ciphertexts": len(enc.ciphertexts), "encrypted": True, "of_job": job,
+                                 "of_round": rnd - 1, "contributors": sorted(statements)})  # fmt: skip
+        return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in plain.items()}
+
+    def _contributors(self, raw: np.ndarray, job: str, of_round: int) -> dict[str, Statement]:
+        try:
+            records = json.loads(np.asarray(raw, dtype=np.uint8).tobytes().decode("ascii"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise PipelineRefusal(f"site {self.site}: the aggregate's contributor records are not JSON ({e})") from e
+        if not isinstance(records, list) or not records:
+            raise PipelineRefusal(f"site {self.site}: the aggregate names no contributors")
+        peers = self.party.peers()
+        found: dict[str, Statement] = {}
+        for record in records:
+            site = record.get("statement", {}).get("site") if isinstance(record, dict) else None
+            if site not in peers or site in found:
+                raise PipelineRefusal(f"site {self.site}: the aggregate names contributor {site!r} unknown or twice")
+            s = record_signed_by(record, peers[site])
+            if (s.kind, s.job, s.round, s.mode) != ("upload", job, of_round, self.mode):
+                raise PipelineRefusal(f"site {self.site}: contributor {site} signed an upload for job {s.job} round "
+                                      f"{s.round} ({s.mode}); this aggregate is of job {job} round {of_round}")  # fmt: skip
+            found[site] = s
+        sets = {s.participants for s in found.values()}
+        if len(sets) != 1 or not set(found) <= set(next(iter(sets))):
+            raise PipelineRefusal(f"site {self.site}: the aggregate's contributors were not all announced in one "
+                                  "participant set")  # fmt: skip
+        needed = max(self.min_contributors, *(s.min_contributors for s in found.values()))
+        if len(found) < needed:
+            raise PipelineRefusal(f"site {self.site}: the aggregate holds {len(found)} contributors, need ≥ {needed}; "
+                                  "it is not decrypted")  # fmt: skip
+        if self.site in found:
+            own = self.own_upload(self.ledger.read(self.party.root_ca), of_round, job)
+            if own is None or own["what"].get("body_sha256") != found[self.site].digest:
+                raise PipelineRefusal(f"site {self.site}: the aggregate claims an upload of this site for round "
+                                      f"{of_round} that its ledger does not record")  # fmt: skip
+        return found
+
+    def release(self, rnd: int, request: Arrays) -> np.ndarray:
+        """Release the plaintext sum of round ``rnd``'s exact participant set, once (module docstring).
+
+        Raises:
+            PipelineRefusal / ReleaseRefused: the algorithm needs no release, this site released the round
+                before, or a check of :func:`medsilo.secure.release.release` failed — ledgered as ``refusal``.
+        """
+        terms = self.terms
+        with self.ledger.locked():
+            entries = self.ledger.read(self.party.root_ca)
+            try:
+                if not terms.releases:
+                    raise ReleaseRefused(f"site {self.site}: this job's algorithm learns nothing on the server, so "
+                                         "no aggregate of it is ever released")  # fmt: skip
+                for number, e in enumerate(entries, start=1):
+                    if e["event"] == "aggregate_release" and e["job"] == terms.job and e["round"] == rnd:
+                        raise ReleaseRefused(f"site {self.site}: round {rnd} of job {terms.job} was released before "
+                                             f"({self.ledger.path}:{number}); a second release could be set "
+                                             "against the first")  # fmt: skip
+                own = self.own_upload(entries, rnd)
+                aggregate, record = release(list(request.values()), self.party.peers(), self.context(), job=terms.job,
+                                            rnd=rnd, mode=self.mode, releaser=self.site,
+                                            own_digest=own["what"].get("body_sha256") if own else None,
+                                            min_contributors=self.min_contributors)  # fmt: skip
+            except (ReleaseRefused, CKKSError) as exc:
+                self.book.refuse(terms.job, rnd, exc, {"kind": "aggregate"})
+                raise
+            seq, head = self.ledger.head()
+            wire = seal({"kind": "aggregate", "site": self.site, "job": terms.job, "round": rnd, "mode": self.mode,
+                         "participants": record["participants"], "min_contributors": record["min_contributors"],
+                         "body": "arrays", "ledger_seq": seq, "ledger_hash": head},
+                        pack_arrays(to_numpy(aggregate)), self.signing_key())  # fmt: skip
+            blob = wire.to_bytes()
+            self.ledger.append("aggregate_release", job=terms.job, round=rnd, privacy=None,
+                               what={"kind": "aggregate", **record, "bytes": len(blob),
+                                     "sha256": hashlib.sha256(blob).hexdigest(), "body_sha256": wire.statement.digest,
+                                     "ledger_head": {"seq": seq, "hash": head}})  # fmt: skip
+        return np.frombuffer(blob, dtype=np.uint8)
+
+
+class Server(ServerPipeline):
+    """Server half: add ciphertexts (linear algorithms) or obtain an aggregate release (server-side learning)."""
+
+    mode = "ckks"
+
+    def __init__(self, party, terms):
+        super().__init__(party, terms)
+        self._ctx = None
+
+    def combine_wires(self, rnd: int, participants: Sequence[str], wires: Mapping[str, Wire], algorithm,
+                      ask_release: AskRelease) -> Arrays | None:  # fmt: skip
+        if algorithm.form == "per-site":
+            raise PipelineRefusal(f"privacy mode {self.mode}: the algorithm reads per-site uploads, which an "
+                                  "encrypted mode never gives the server")  # fmt: skip
+        if not wires:
+            raise PipelineRefusal(f"round {rnd}: no site's upload arrived")
+        if algorithm.needs_plaintext_aggregate:
+            return self._released(rnd, participants, wires, algorithm, ask_release)
+        signed = max(w.statement.min_contributors for w in wires.values())
+        needed = max(self.terms.min_contributors, signed)
+        if len(wires) < needed:
+            raise PipelineRefusal(f"round {rnd}: {len(wires)} encrypted uploads arrived, but a contributor requires "
+                                  f"≥ {needed} in any aggregate")  # fmt: skip
+        if self._ctx is None:
+            self._ctx = self.party.he_context()
+        sites = sorted(wires)
+        try:
+            total = add(self._ctx, [EncryptedUpload.from_bytes(wires[s].body) for s in sites],
+                        labels=[f"site {s}" for s in sites])  # fmt: skip
+        except CKKSError as e:
+            raise PipelineRefusal(f"round {rnd}: encrypted uploads refused: {e}") from e
+        records = json.dumps([signed_record(wires[s]) for s in sites], sort_keys=True, separators=(",", ":"))
+        return {CIPHERTEXT: total.to_array(), CONTRIBUTORS: np.frombuffer(records.encode("ascii"), dtype=np.uint8)}
+
+    def _released(self, rnd: int, participants: Sequence[str], wires: Mapping[str, Wire], algorithm,
+                  ask_release: AskRelease) -> Arrays:  # fmt: skip
+        people = sorted(participants)
+        if sorted(wires) != people:
+            raise RoundSkipped(f"round {rnd}: {', '.join(sorted(set(people) - set(wires)))} did not answer; a "
+                                   "release covers exactly the announced participants, so this round's aggregate "
+                                   "is not released and the server keeps its payload")  # fmt: skip
+        releaser = people[(rnd - 1) % len(people)]  # rotate, so no single site releases every round
+        request = {s: wires[s].to_array() for s in people}
+        reply = ask_release(releaser, request)
+        accepted = self.accept(rnd, participants, {releaser: reply}, kind="aggregate")
+        self.release_bytes = sum(int(a.nbytes) for a in request.values()) + int(reply[WIRE_PARAM].nbytes)
+        aggregate = unpack_arrays(accepted[releaser].body)
+        return to_numpy(algorithm.update(to_torch(aggregate), rnd))

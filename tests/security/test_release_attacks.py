@@ -1,0 +1,166 @@
+"""A malicious server tries to obtain one site's exact upload under ``ckks`` through aggregate releases.
+
+Every attack plays the server operator: it holds the public context, every wire the sites sent, and decides
+what to ask whom. Each must be refused before anything is decrypted, with the refusal in the site's ledger.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medsilo.config.site import PrivacyPolicy
+from medsilo.secure.ledger import entries
+from medsilo.secure.pipeline.base import PipelineRefusal
+from medsilo.secure.release import ReleaseRefused
+from medsilo.secure.upload import WIRE_PARAM, Wire, seal
+
+from .conftest import SITES, upload
+
+
+def _round(federation, terms, rnd: int = 1, participants=SITES, policies=None):
+    """Every participant uploads round ``rnd``; returns their site pipelines and wires (uint8 arrays)."""
+    policies = policies or {}
+    sites = {s: federation.site(s, terms, policies.get(s)) for s in participants}
+    wires = {s: sites[s].protect(rnd, list(participants), upload(i))[0] for i, s in enumerate(participants)}
+    return sites, wires
+
+
+def _events(federation, site: str, event: str) -> list[dict]:
+    return [e for e in entries(federation.ledger(site)) if e["event"] == event]
+
+
+def test_two_overlapping_releases_of_one_round_cannot_isolate_a_site(federation):
+    terms = federation.terms("ckks")
+    sites, wires = _round(federation, terms)
+    # the honest request: hospital-1 releases the sum of all four
+    everyone = {s: wires[s] for s in SITES}
+    full = sites["hospital-1"].release(1, everyone)
+    assert full.dtype == np.uint8 and len(_events(federation, "hospital-1", "aggregate_release")) == 1
+    # the attack: hospital-2 is asked for the sum without hospital-1; the difference would be hospital-1's upload
+    without_one = {s: wires[s] for s in SITES[1:]}
+    with pytest.raises(ReleaseRefused, match=r"exactly the announced participants .*missing hospital-1"):
+        sites["hospital-2"].release(1, without_one)
+    assert _events(federation, "hospital-2", "aggregate_release") == []
+    refusal = _events(federation, "hospital-2", "refusal")[-1]
+    assert refusal["round"] == 1 and refusal["what"]["sent"] is False and "missing hospital-1" in refusal["reason"]
+
+
+def test_a_site_signs_one_upload_per_round_so_the_server_cannot_get_a_smaller_set_signed(federation):
+    terms = federation.terms("ckks")
+    sites, _ = _round(federation, terms)
+    # the server re-asks three sites for round 1 with a participant set that leaves hospital-1 out
+    for site in SITES[1:]:
+        with pytest.raises(PipelineRefusal, match=r"round 1 of job job-1 was uploaded before"):
+            sites[site].protect(1, list(SITES[1:]), upload(7))
+    # ... across a restart too: a new process of hospital-2 reads the same ledger
+    again = federation.site("hospital-2", terms)
+    with pytest.raises(PipelineRefusal, match="uploaded before"):
+        again.protect(1, list(SITES[1:]), upload(7))
+    assert [e["round"] for e in _events(federation, "hospital-2", "release")] == [1]
+
+
+def test_a_site_releases_a_round_once_even_after_a_restart(federation):
+    terms = federation.terms("ckks")
+    sites, wires = _round(federation, terms)
+    sites["hospital-1"].release(1, dict(wires))
+    restarted = federation.site("hospital-1", terms)
+    with pytest.raises(ReleaseRefused, match=r"round 1 of job job-1 was released before \(.*:\d+\)"):
+        restarted.release(1, dict(wires))
+    assert len(_events(federation, "hospital-1", "aggregate_release")) == 1
+
+
+def test_a_contributors_own_min_contributors_is_bound_into_what_it_signed(federation):
+    terms = federation.terms("ckks", min_contributors=2)
+    # hospital-3 demands five contributors in any aggregate of its upload; the job asks for two
+    sites, wires = _round(federation, terms, policies={"hospital-3": PrivacyPolicy(min_contributors=4)})
+    assert sites["hospital-1"].release(1, dict(wires)) is not None  # four: enough for everyone
+    terms = federation.terms("ckks", job="job-2")
+    people = SITES[:3]
+    with pytest.raises(PipelineRefusal, match="fewer than this site's min_contributors 4"):
+        federation.site("hospital-3", terms, PrivacyPolicy(min_contributors=4)).protect(1, list(people), upload(1))
+    # a site that signed min_contributors 4 into a 3-site round (e.g. an old policy) still stops the release
+    sites = {s: federation.site(s, terms) for s in people}
+    wires = {s: sites[s].protect(1, list(people), upload(i))[0] for i, s in enumerate(people)}
+    forged = Wire.from_bytes(wires["hospital-3"])
+    assert forged.statement.min_contributors == 2
+    third = federation.site("hospital-3", terms)
+    statement = {**forged.statement.to_json(), "min_contributors": 4}
+    statement.pop("digest")
+    wires["hospital-3"] = seal(statement, forged.body, third.signing_key()).to_array()
+    with pytest.raises(ReleaseRefused, match=r"3 contributors, need ≥ 4 \(signed by hospital-3\)"):
+        sites["hospital-1"].release(1, wires)
+
+
+def test_the_server_cannot_pass_its_own_ciphertext_off_as_a_site(federation):
+    terms = federation.terms("ckks")
+    sites, wires = _round(federation, terms, participants=SITES[:3])
+    server = federation.server(terms)
+    # the server encrypts values of its choosing and signs them with its own key, claiming to be hospital-4
+    forged = Wire.from_bytes(wires["hospital-3"])
+    statement = {**forged.statement.to_json(), "site": "hospital-4", "participants": list(SITES)}
+    statement.pop("digest")
+    from medsilo.secure.keys import Party
+
+    fake = seal(statement, forged.body, Party("server", federation.root).signing_key()).to_array()
+    with pytest.raises(ReleaseRefused, match="hospital-4: signature does not verify"):
+        sites["hospital-1"].release(1, {**wires, "hospital-4": fake})
+    # and a wire altered after signing (another ciphertext under hospital-2's statement)
+    altered = Wire.from_bytes(wires["hospital-2"])
+    other = Wire.from_bytes(wires["hospital-3"])
+    tampered = Wire(altered.statement, altered.signature, other.body).to_array()
+    with pytest.raises(ReleaseRefused, match="hospital-2: the body does not match the digest it signed"):
+        sites["hospital-1"].release(1, {**wires, "hospital-2": tampered})
+    assert server is not None and _events(federation, "hospital-1", "aggregate_release") == []
+
+
+def test_release_tasks_are_refused_for_algorithms_that_learn_nothing_on_the_server(federation):
+    terms = federation.terms("ckks", releases=False)  # e.g. FedProto or FedAvg: the server only adds
+    sites, wires = _round(federation, terms)
+    with pytest.raises(ReleaseRefused, match="no aggregate of it is ever released"):
+        sites["hospital-1"].release(1, dict(wires))
+    # and a plaintext-mode site has no release at all
+    plain = federation.site("hospital-1", federation.terms("none", job="job-9"))
+    with pytest.raises(PipelineRefusal, match="privacy mode none has no aggregate release"):
+        plain.release(1, dict(wires))
+
+
+def test_uploads_of_another_job_or_round_do_not_count(federation):
+    terms = federation.terms("ckks")
+    sites, wires = _round(federation, terms)
+    with pytest.raises(ReleaseRefused, match="says round 1, this release is for 2"):
+        sites["hospital-1"].release(2, dict(wires))
+    other = federation.terms("ckks", job="job-2")
+    with pytest.raises(ReleaseRefused, match="says job 'job-1', this release is for 'job-2'"):
+        federation.site("hospital-1", other).release(1, dict(wires))
+
+
+def test_the_server_records_every_upload_and_the_sites_check_who_is_in_an_aggregate(federation):
+    from medsilo.components.algorithms import fedproto
+
+    terms = federation.terms("ckks", releases=False)
+    sites, wires = _round(federation, terms)
+    server = federation.server(terms)
+    replies = {s: {WIRE_PARAM: w} for s, w in wires.items()}
+    payload = server.combine(1, list(SITES), replies, fedproto.Server(fedproto.Config(), 3, list(SITES)), None)
+    received = [e for e in entries(federation.ledger("server")) if e["event"] == "received"]
+    assert sorted(e["what"]["site"] for e in received) == list(SITES)
+    plain = sites["hospital-2"].open(2, payload, {})
+    want = sum(upload(i)["proto_sum"] for i in range(4))
+    assert np.allclose(plain["proto_sum"], want, atol=1e-4)
+    # the server drops hospital-1's statement from the list to pass off a 3-site sum as hospital-2's view…
+    import json
+
+    records = json.loads(payload["__contributors__"].tobytes())
+    fewer = {**payload, "__contributors__": np.frombuffer(json.dumps(records[1:2]).encode(), np.uint8)}
+    with pytest.raises(PipelineRefusal, match="holds 1 contributors, need ≥ 2"):
+        sites["hospital-3"].open(2, fewer, {})
+    # … or replaces hospital-3's own statement by another of hospital-3's uploads (another job)
+    other = federation.terms("ckks", job="job-2", releases=False)
+    mine = federation.site("hospital-3", other).protect(1, list(SITES), upload(5))[0]
+    swapped = [r if r["statement"]["site"] != "hospital-3" else
+               {"statement": Wire.from_bytes(mine).statement.to_json(), "signature": Wire.from_bytes(mine).signature.hex()}
+               for r in records]  # fmt: skip
+    bad = {**payload, "__contributors__": np.frombuffer(json.dumps(swapped).encode(), np.uint8)}
+    with pytest.raises(PipelineRefusal, match="signed an upload for job job-2"):
+        sites["hospital-3"].open(2, bad, {})
