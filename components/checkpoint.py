@@ -103,10 +103,12 @@ class CheckpointError(MedsiloError):
     """A checkpoint that cannot be written, or that is missing, unreadable or of another job."""
 
 
-def checkpoint_dir(workspace: str | Path, job_name: str) -> Path:
-    """The checkpoint folder of this party for ``job_name`` (simulation: the env folder, shared)."""
+def checkpoint_dir(workspace: str | Path, job_name: str, digest: str) -> Path:
+    """The checkpoint folder of this party for the job ``job_name`` whose spec has :func:`spec_digest`
+    ``digest``: ``<workspace>/checkpoints/<name>-<digest[:16]>`` (simulation: the env folder of the run), so
+    another spec under the same name never touches these files."""
     base = os.environ.get(CHECKPOINT_DIR_ENV)
-    return Path(base) if base else Path(workspace) / "checkpoints" / job_name
+    return Path(base) if base else Path(workspace) / "checkpoints" / f"{job_name}-{digest[:16]}"
 
 
 def spec_digest(job: dict) -> str:
@@ -172,6 +174,21 @@ def load_site(folder: str | Path, site: str, rnd: int, client: Any, *, job_id: s
     _check_header(path, record, kind="site", party=site, rnd=rnd, job_id=job_id, spec=spec_digest,
                   half=client)  # fmt: skip
     for action in _restore_plan(path, client, record["state"], CLIENT_REBUILT):
+        action()
+
+
+def snapshot(client: Any) -> dict[str, dict[str, Any]]:
+    """An in-memory copy of a client half's state (what :func:`save_site` stores), to undo a round with."""
+    return _half_state(client, CLIENT_REBUILT, Path("<memory>"))
+
+
+def restore_snapshot(client: Any, state: dict[str, dict[str, Any]]) -> None:
+    """Put ``client`` back to a :func:`snapshot` (e.g. a round whose upload the site refused after training).
+
+    Raises:
+        CheckpointError: the snapshot does not fit ``client`` (then ``client`` is unchanged).
+    """
+    for action in _restore_plan(Path("<memory>"), client, state, CLIENT_REBUILT):
         action()
 
 

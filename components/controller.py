@@ -1,11 +1,14 @@
 """RoundController: the NVFlare ``ModelController`` that hosts an algorithm's server half.
 
-For each round it announces the round's participant set and sends the current payload to every site with the
-``train`` task; the job's **privacy pipeline** (:mod:`medsilo.secure.pipeline`, server half) checks and records
-each site's signed upload and turns the round into the next payload — a plaintext update by the algorithm's
-server half, an encrypted sum, or an update from an aggregate one site released. The controller records
-timings, payload bytes and the metrics the sites report; it never handles a ciphertext itself. After the last round a final
-``evaluate`` task scores the last payload. It then writes, into its run folder (which
+First every site is sent ``join``: it loads its data, checks its ledger against the server's record and
+admits or refuses the job; the sites that join are the job's participants, announced unchanged with every
+round (participant sets that change between rounds could be set against each other). For each round it sends
+the current payload to every participant with the ``train`` task; the job's **privacy pipeline**
+(:mod:`medsilo.secure.pipeline`, server half) checks and records each site's signed upload and turns the round
+into the next payload — a plaintext update by the algorithm's server half, an encrypted sum, or an update
+from an aggregate one site released. The controller records timings, payload bytes and the metrics the sites
+report; it never handles a ciphertext itself. After the last round a final ``evaluate`` task scores the
+last payload. It then writes, into its run folder (which
 ``nvflare job download`` and the simulator workspace both expose):
 
 * ``progress.jsonl`` — one line per round as it completes (read by ``medsilo sim`` for its display);
@@ -25,8 +28,8 @@ answer at all stops the job: nothing is written as if it were complete — unles
 ``reliability.min_sites``: then the round completes with the sites that answered (at least that many),
 the failed site is recorded (``failures`` in ``results.json``, a line in the report) and asked again
 next round; its metrics for rounds it could not evaluate are left out, never filled in. A site that
-declines the whole job at round 1 (exhausted privacy budget) is dropped when ``privacy.min_contributors``
-sites remain.
+declines the job at ``join`` (exhausted privacy budget), or does not answer it under ``min_sites``, is not a
+participant; the job goes on when ``privacy.min_contributors`` sites joined.
 """
 
 from __future__ import annotations
@@ -42,7 +45,15 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from medsilo.components.executor import TASK_EVALUATE, TASK_RELEASE, TASK_TRAIN, job_identity, payload_bytes
+from medsilo.components.executor import (
+    TASK_EVALUATE,
+    TASK_JOIN,
+    TASK_RELEASE,
+    TASK_TRAIN,
+    job_identity,
+    payload_bytes,
+)
+from medsilo.config.job import decode_job
 from medsilo.errors import MedsiloError
 
 RESULTS_FILE, PROGRESS_FILE, FAILURE_FILE = "results.json", "progress.jsonl", "failure.json"
@@ -62,11 +73,23 @@ class RoundController(ModelController):
             (:mod:`medsilo.components.checkpoint`); without a checkpoint the job starts at round 1.
     """
 
-    def __init__(self, job: dict, task_timeout: int = 0, resume: bool = False):
+    def __init__(self, job: str, task_timeout: int = 0, resume: bool = False):
         super().__init__(persistor_id="", ignore_result_error=True, task_check_period=0.1)
         self.job = job  # attribute names must equal argument names for NVFlare's job export
         self.task_timeout = task_timeout
         self.resume = resume
+        # NVFlare expands {$ENV} in job-config strings: the spec is encoded, the other arguments type-checked,
+        # no message repeats their values, and a bad one stops the job when it runs (an error raised here would
+        # be repeated, argument and all, by NVFlare's own build error)
+        self._job, self._job_error = {}, None
+        try:
+            if isinstance(task_timeout, bool) or not isinstance(task_timeout, int) or task_timeout < 0:
+                raise MedsiloError(f"task_timeout: must be an integer ≥ 0 (got a {type(task_timeout).__name__})")
+            if not isinstance(resume, bool):
+                raise MedsiloError(f"resume: must be true or false (got a {type(resume).__name__})")
+            self._job = decode_job(job)
+        except MedsiloError as exc:
+            self._job_error = str(exc)
         self._min_sites: int | None = None
         self._failures: list[dict[str, Any]] = []
         self._pipeline = None
@@ -83,7 +106,9 @@ class RoundController(ModelController):
 
         run_dir = Path(os.path.dirname(self.fl_ctx.get_prop(FLContextKey.APP_ROOT)))
         try:
-            spec = validate(self.job, JobSpec, f"job '{self.job.get('name', '?')}'")
+            if self._job_error:
+                raise JobStopped(f"server: {self._job_error}")
+            spec = validate(self._job, JobSpec, f"job '{self._job.get('name', '?')}'")
             self._min_sites = spec.reliability.min_sites
             self.task_timeout = spec.reliability.task_timeout or self.task_timeout
             sites = sorted(self.sample_clients())
@@ -91,36 +116,39 @@ class RoundController(ModelController):
             job_id = job_identity(self.fl_ctx)
             terms = JobTerms.of(job_id, spec, releases=algo.Server.needs_plaintext_aggregate)
             self._pipeline = pipeline_module(spec.privacy.mode).Server(Party(SERVER, self._workspace_root()), terms)
-            saved = checkpoint.checkpoint_dir(self._workspace_root(), spec.name)
-            digest = checkpoint.spec_digest(self.job)
+            digest = checkpoint.spec_digest(self._job)
+            saved = checkpoint.checkpoint_dir(self._workspace_root(), spec.name, digest)
             payload: dict[str, np.ndarray] = {}
             rounds, first = spec.training.rounds, 1
             state = checkpoint.load_server(saved, spec_digest=digest) if self.resume else None
-            resume_from = None
+            resume_from = {"job": state.job_id, "round": state.round} if state is not None else None
+            # join: every site loads its data, checks its ledger, admits or refuses the job; the sites that
+            # join are the job's participants, one set for every round (sets that differ between rounds could
+            # be set against each other)
+            joined = self._ask(TASK_JOIN, {}, 0, rounds, state.sites if state else sites, refusable=True,
+                               tolerant=True, resume_from=resume_from, first=True)  # fmt: skip
+            refused = {s: m.meta["error"] for s, m in joined.items() if m.meta.get("refused")}
+            sites = self._without_refused(sorted(joined), refused, spec)
             if state is not None:
-                payload, sites, self._failures, first = state.payload, state.sites, state.failures, state.round + 1
+                if sites != state.sites:
+                    raise JobStopped(f"a resumed job needs the sites of the interrupted one ({', '.join(state.sites)}); "
+                                     f"joined: {', '.join(sites) or 'none'}")  # fmt: skip
+                payload, self._failures, first = state.payload, state.failures, state.round + 1
                 recorder = state.recorder
                 recorder.job_id = job_id
                 server = algo.Server(spec.algorithm.config(), len(spec.classes), sites)
                 state.restore_server(server)
-                resume_from = {"job": state.job_id, "round": state.round}
                 self.info(f"job {spec.name}: resuming after round {state.round} of job {state.job_id} from {saved}")
             else:
+                server = algo.Server(spec.algorithm.config(), len(spec.classes), sites)
+                recorder = RunRecorder(job=spec.name, algorithm=spec.algorithm.name,
+                                       privacy={"mode": spec.privacy.mode}, sites=sites,
+                                       models={s: spec.backbone_for(s) for s in sites}, algorithm_form=server.form,
+                                       refused=refused, job_id=job_id)  # fmt: skip
                 self.info(f"job {spec.name}: {spec.algorithm.name} on {len(sites)} sites for {rounds} rounds")
             for rnd in range(first, rounds + 1):
                 t0 = time.perf_counter()
-                announced = list(sites)  # the participant set every upload of this round is signed for
-                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, announced, refusable=rnd == 1, tolerant=True,
-                                    resume_from=resume_from if rnd == first else None, first=rnd == first)  # fmt: skip
-                if rnd == 1:
-                    refused = {s: m.meta["error"] for s, m in replies.items() if m.meta.get("refused")}
-                    sites = self._without_refused(sites, refused, spec)
-                    replies = {s: m for s, m in replies.items() if s not in refused}
-                    server = algo.Server(spec.algorithm.config(), len(spec.classes), sites)
-                    recorder = RunRecorder(job=spec.name, algorithm=spec.algorithm.name,
-                                           privacy={"mode": spec.privacy.mode}, sites=sites,
-                                           models={s: spec.backbone_for(s) for s in sites}, algorithm_form=server.form,
-                                           refused=refused, job_id=job_id)  # fmt: skip
+                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites, tolerant=True)
                 self._record_evaluations(recorder, rnd - 1, replies)
                 for site, m in replies.items():
                     if m.meta.get("privacy_spent"):
@@ -130,7 +158,7 @@ class RoundController(ModelController):
                 uploads = {s: m.params or {} for s, m in replies.items()}
                 bytes_up = sum(payload_bytes(u) for u in uploads.values())
                 bytes_down = payload_bytes(payload) * len(sites)
-                payload = self._next_payload(server, payload, uploads, rnd, rounds, announced)
+                payload = self._next_payload(server, payload, uploads, rnd, rounds, sites)
                 bytes_up += self._pipeline.release_bytes  # an aggregate release's round trip counts as traffic
                 recorder.add_training(rnd, seconds=time.perf_counter() - t0, bytes_up=bytes_up, bytes_down=bytes_down,
                                       train_loss={s: float(m.meta["train_loss"]) for s, m in replies.items()})  # fmt: skip
@@ -138,8 +166,7 @@ class RoundController(ModelController):
                                        server=server, recorder=recorder, sites=sites, failures=self._failures)  # fmt: skip
                 if rnd > 1:
                     self._progress(run_dir, recorder.progress(rnd - 1))
-            replies = self._ask(TASK_EVALUATE, payload, rounds + 1, rounds, sites, tolerant=True,
-                                resume_from=resume_from if first > rounds else None, first=first > rounds)  # fmt: skip
+            replies = self._ask(TASK_EVALUATE, payload, rounds + 1, rounds, sites, tolerant=True)
             self._record_evaluations(recorder, rounds, replies)
             self._progress(run_dir, recorder.progress(rounds))
             recorder.set_failures(self._failures)
@@ -177,7 +204,7 @@ class RoundController(ModelController):
             raise JobStopped(f"server: round {rnd}: {exc}") from exc
 
     def _without_refused(self, sites: list[str], refused: dict[str, str], spec) -> list[str]:
-        """The sites that go on after some refused the job at round 1 (e.g. an exhausted privacy budget).
+        """The sites that go on after some refused the job at ``join`` (e.g. an exhausted privacy budget).
 
         Nothing from a refusing site reached the server. The job continues when at least
         ``privacy.min_contributors`` sites remain, else it stops with every site's reason.
@@ -201,13 +228,14 @@ class RoundController(ModelController):
              first: bool = False) -> dict[str, FLModel]:  # fmt: skip
         """Send ``task`` to every site; return site → reply, or stop the job naming the failing sites.
 
-        The task's metadata carries the round, and for ``train`` the round's participant set (which every
-        upload's signature names); the job's first task carries each site's ledger anchor. With ``refusable``,
+        The task's metadata carries the round and the job's participant set (which every upload's signature
+        names); the job's first task (``join``) carries each site's ledger anchor. With ``refusable``,
         replies marked ``refused`` (the site declined the whole job before anything left it) are returned for
         the caller to drop. With ``tolerant`` and the job's ``reliability.min_sites`` set, sites that answered
         with an error or not at all (died, timed out) are recorded as failed for this task and left out, as
-        long as ``min_sites`` answered; otherwise any failure stops the job. ``resume_from`` (first task of a
-        resumed job: ``{"job": id, "round": r}``) tells the sites which checkpoint to restore.
+        long as ``min_sites`` answered; otherwise any failure stops the job (the uploads that did arrive are
+        recorded in the server's ledger first). ``resume_from`` (the ``join`` of a resumed job:
+        ``{"job": id, "round": r}``) tells the sites which checkpoint to restore.
         """
         try:
             meta = {"round": rnd} | (self._pipeline.announce(rnd, sites, first) if task != TASK_RELEASE else {})
@@ -217,7 +245,7 @@ class RoundController(ModelController):
             raise JobStopped(f"server: cannot use its privacy ledger: {exc}") from exc
         if resume_from is not None:
             meta["resume_from"] = resume_from
-        data = FLModel(params=payload, params_type=ParamsType.FULL, current_round=rnd - 1, total_rounds=rounds,
+        data = FLModel(params=payload, params_type=ParamsType.FULL, current_round=max(rnd - 1, 0), total_rounds=rounds,
                        meta=meta)  # fmt: skip
         results = self.send_model_and_wait(task_name=task, data=data, targets=sites, timeout=self.task_timeout)
         replies = {m.meta.get("client_name"): m for m in results}
@@ -231,12 +259,14 @@ class RoundController(ModelController):
                       if m.meta.get("error") and not (refusable and m.meta.get("refused"))}  # fmt: skip
             failed |= {s: r for s, r in zip(missing, reasons[len(errors):])}
             answered = {s: m for s, m in replies.items() if s in sites and s not in failed}
-            if not (tolerant and self._min_sites is not None):
-                raise JobStopped("; ".join(reasons))
             working = [s for s, m in answered.items() if not m.meta.get("refused")]
-            if len(working) < self._min_sites:
-                raise JobStopped("; ".join(reasons) + f"; only {len(working)} site(s) answered task '{task}' of round "
-                                 f"{rnd}, the job needs reliability.min_sites = {self._min_sites}")  # fmt: skip
+            if not (tolerant and self._min_sites is not None) or len(working) < self._min_sites:
+                if task == TASK_TRAIN:  # what the others sent is anchored in the server's ledger all the same
+                    self._pipeline.record(rnd, sites, {s: m.params or {} for s, m in answered.items()})
+                short = "" if not (tolerant and self._min_sites is not None) else (
+                    f"; only {len(working)} site(s) answered task '{task}' of round {rnd}, the job needs "
+                    f"reliability.min_sites = {self._min_sites}")  # fmt: skip
+                raise JobStopped("; ".join(reasons) + short)
             for site, reason in failed.items():
                 self.warning(f"round {rnd}: continuing without {site} for task '{task}': {reason}")
                 self._failures.append({"site": site, "round": rnd, "task": task, "reason": reason})

@@ -1,6 +1,7 @@
 """SiteExecutor: the NVFlare ``Executor`` that runs an algorithm's client half at one hospital.
 
-On the first task of a job it resolves everything from the *site's* side — never from the job:
+The job's first task is ``join``. There the site resolves everything from its *own* side — never from the
+job — and answers whether it takes part (the server fixes the job's participants from the answers):
 
 1. the site config: ``<site workspace>/local/medsilo_site.yml`` in a deployment, or, in the simulator,
    this site's entry of the ``sites.yml`` named by the ``MEDSILO_SITES_FILE`` environment variable
@@ -11,21 +12,30 @@ On the first task of a job it resolves everything from the *site's* side — nev
    site's limit (:func:`medsilo.medical.data.load_site_data`);
 4. the site's model from the zoo (the job's backbone for this site), and the algorithm's client half;
 5. the **privacy pipeline** of the job's mode (:mod:`medsilo.secure.pipeline`): the only way anything of this
-   site's data leaves. It checks the site's ledger against the server's record, admits or refuses a DP job
-   against the budget, and on every ``train`` task charges, seals, signs and ledgers the upload before it is
-   returned; it opens (decrypts) what the server sends and answers ``release`` tasks where the mode has them.
-   The executor never sees a ciphertext.
+   site's data leaves. Before anything is read it checks the site's ledger against the server's record and
+   ledgers the rules in force; it admits or refuses a DP job against the budget; on every ``train`` task it
+   refuses, before training, a round whose upload could not leave (round out of order, another participant
+   set, a round uploaded before), then charges, seals, signs and ledgers the upload before it is returned;
+   it opens (decrypts) what the server sends and answers ``release`` tasks where the mode has them. The
+   executor never sees a ciphertext. Evaluation figures are ledgered before they leave, and a job is
+   evaluated once per round and once at the end, never on request.
+
+The job spec arrives as one encoded string (:func:`medsilo.config.job.encode_job`): NVFlare expands
+``{$ENV}`` references in job-config strings, which must never reach a spec value.
 
 Each ``train`` task then: applies the server payload, evaluates the model this site deploys on its
-val and test splits (these metrics belong to the previous round), trains, and returns the protected upload.
-The final ``evaluate`` task applies the last payload and evaluates only. After each ``train`` task the
-site checkpoints its client half (:mod:`medsilo.components.checkpoint`) before the upload is ledgered; the
-first task of a resumed job names the job and round whose checkpoint it restores.
+val and test splits (these metrics belong to the previous round), trains, and returns the protected upload;
+if the upload is refused after training, the client half is put back as it was. The final ``evaluate``
+task applies the last payload and evaluates only. After each upload the site checkpoints its client half
+(:mod:`medsilo.components.checkpoint`); the ``join`` of a resumed job names the interrupted job and round
+whose checkpoint it restores (recorded in the site's ``policy_loaded`` entry).
 
 A problem the site can name (bad config, missing dataset, policy refusal, too many unreadable files,
 diverged training, a refused release) is returned to the server as a result carrying ``error`` in its
 metadata and no parameters, so the server can stop the job with the site's reason; nothing is uploaded in
-that case. Logs carry names, counts and timings only — never image values or patient identifiers.
+that case. Problems reading the site's data reach the server only as counts and kinds (file names may carry
+patient or study names); the full message is in the site's log. Logs carry names, counts and timings only —
+never image values or patient identifiers.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from medsilo.components import checkpoint
+from medsilo.config.job import decode_job
 from medsilo.errors import MedsiloError
 from medsilo.secure.dp import BudgetExceeded
 from medsilo.secure.pipeline.base import to_numpy, to_torch
@@ -61,7 +72,7 @@ RUN_ID_ENV = "MEDSILO_RUN_ID"
 ``simulate_job``, and ledgers and signatures must tell runs apart)."""
 SITE_CONFIG = Path("local") / "medsilo_site.yml"
 """A deployed site's config, relative to its workspace."""
-TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE = "train", "evaluate", "release"
+TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE = "join", "train", "evaluate", "release"
 
 
 def job_identity(fl_ctx: FLContext) -> str:
@@ -99,41 +110,54 @@ class SiteExecutor(Executor):
         job: the job spec as a JSON-plain dict (validated again here; see :class:`medsilo.config.JobSpec`).
     """
 
-    def __init__(self, job: dict):
+    def __init__(self, job: str):
         super().__init__()
         self.job = job  # attribute name must equal the argument name for NVFlare's job export
+        # a bad argument is reported at the first task, not here: NVFlare's own build error would repeat the
+        # (environment-expanded) argument in its message
+        try:
+            self._job, self._job_error = decode_job(job), None
+        except MedsiloError as exc:
+            self._job, self._job_error = {}, str(exc)
         self._spec = None
         self._state: _SiteState | None = None
         self._config = None
         self._started = False
+        self._evaluated = False
         self._synthetic: dict | None = None
-        self._resumed = False
 
     # ---- NVFlare entry point -------------------------------------------------------------------
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name not in (TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE):
+        if task_name not in (TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
-        refusable = not self._started
+        joining = task_name == TASK_JOIN
         try:
+            if self._job_error:
+                raise MedsiloError(self._job_error)
             incoming = FLModelUtils.from_shareable(shareable)
             meta = incoming.meta or {}
-            rnd = int(meta.get("round", 0))
-            state = self._prepare(site, fl_ctx)
+            rnd = meta.get("round", 0)
+            if joining:
+                return self._join(site, meta, fl_ctx)
+            if not self._started:
+                raise MedsiloError(f"site {site}: task '{task_name}' before this job's 'join'; the site takes part "
+                                   "only in jobs it joined")  # fmt: skip
+            state = self._state
             pipeline = state.pipeline
-            if not self._started:  # the ledger checked against the server's record, the rules in force ledgered
-                pipeline.start((meta.get("anchors") or {}).get(site))
-                pipeline.admit(state.events)  # a DP job that cannot fit the site's budget is refused here
-                self._started = True
-            resume = meta.get("resume_from")
-            if resume is not None and not self._resumed:  # an interrupted job goes on where it stopped
-                self._restore(site, resume, state, fl_ctx)
             if task_name == TASK_RELEASE:
                 wire = pipeline.release(rnd, incoming.params or {})
                 self.log_info(fl_ctx, f"{site}: released round {rnd}'s aggregate")
                 return FLModelUtils.to_shareable(FLModel(params={WIRE_PARAM: wire}, params_type=ParamsType.FULL,
                                                          meta={"round": rnd}))  # fmt: skip
+            if task_name == TASK_EVALUATE:
+                if self._evaluated or rnd != self._spec.training.rounds + 1:
+                    raise MedsiloError(f"site {site}: a job is evaluated once, after its last round; this request "
+                                       "is refused")  # fmt: skip
+                self._evaluated = True
+            else:  # refused before training when the upload could not leave: nothing is trained, nothing charged
+                pipeline.precheck(rnd, meta.get("participants"))
             t0 = time.perf_counter()
             payload = pipeline.open(rnd, incoming.params or {}, meta)
             state.client.receive(to_torch(payload) or None, rnd)
@@ -144,53 +168,103 @@ class SiteExecutor(Executor):
                 return make_reply(ReturnCode.TASK_ABORTED)
             params: dict[str, Any] = {}
             if task_name == TASK_TRAIN:
-                import torch
-
-                torch.manual_seed(state.seed * 1_000_003 + rnd)  # anything drawing from torch's global RNG: per round
-                dp = pipeline.noise(rnd, state.events)
-                upload = state.client.train_private(rnd, dp) if dp is not None else state.client.train(rnd)
-                # before the ledger entry: a checkpoint that cannot be written stops the upload unrecorded
-                checkpoint.save_site(self._checkpoints(fl_ctx), site, rnd, state.client, job_id=job_identity(fl_ctx),
-                                     spec_digest=checkpoint.spec_digest(self.job))  # fmt: skip
-                wire, spent = pipeline.protect(rnd, meta.get("participants") or [], to_numpy(upload.sums), state.events)
-                params = {WIRE_PARAM: wire}
-                out["train_loss"] = upload.train_loss
+                params, spent, loss = self._train(site, rnd, meta.get("participants"), state, fl_ctx)
+                out["train_loss"] = loss
                 if spent is not None:
                     out["privacy_spent"] = spent
                 if self._synthetic:
                     out["synthetic"] = self._synthetic
+            if "eval" in out:  # the metrics leave with this reply: ledgered first
+                pipeline.record_metrics(rnd, task_name, out["eval"])
             out["seconds"] = round(time.perf_counter() - t0, 3)
             self.log_info(fl_ctx, f"{site}: {task_name} round {rnd} done in {out['seconds']} s, "
                                   f"upload {payload_bytes(params)} bytes")  # fmt: skip
             return FLModelUtils.to_shareable(FLModel(params=params, params_type=ParamsType.FULL, meta=out))
         except (MedsiloError, FloatingPointError) as exc:
-            reason = str(exc) if str(exc).startswith(f"site {site}") else f"site {site}: {exc}"
-            self.log_error(fl_ctx, reason)
-            meta = {"error": reason}
-            if isinstance(exc, BudgetExceeded) and refusable:
+            text = str(exc)
+            self.log_error(fl_ctx, text if text.startswith(f"site {site}") else f"site {site}: {text}")
+            meta = {"error": self._reason_for_server(site, exc)}
+            if isinstance(exc, BudgetExceeded) and joining:
                 meta["refused"] = True  # declined before anything left: the job may go on without this site
             return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta=meta))
 
-    def _restore(self, site: str, resume: Any, state: _SiteState, fl_ctx: FLContext) -> None:
-        """Restore the client half from the checkpoint the server names (``{"job": id, "round": r}``)."""
-        if not isinstance(resume, dict) or not isinstance(resume.get("job"), str) or \
-                not isinstance(resume.get("round"), int):  # fmt: skip
-            raise MedsiloError(f"site {site}: the resume request must name a job id and a round, got {resume!r}")
-        checkpoint.load_site(self._checkpoints(fl_ctx), site, resume["round"], state.client, job_id=resume["job"],
-                             spec_digest=checkpoint.spec_digest(self.job))  # fmt: skip
-        self._resumed = True
+    def _join(self, site: str, meta: dict[str, Any], fl_ctx: FLContext) -> Shareable:
+        """The job's first task: load everything, check the ledger against the server's record, ledger the
+        rules in force (and the checkpoint a resumed job restores), admit or refuse the job."""
+        if self._started:
+            raise MedsiloError(f"site {site}: this job was joined already")
+        resume = meta.get("resume_from")
+        if resume is not None:
+            self._check_resume(site, resume, fl_ctx)
+        state = self._prepare(site, fl_ctx, (meta.get("anchors") or {}).get(site), resume)
+        if resume is not None:  # an interrupted job goes on where it stopped
+            checkpoint.load_site(self._checkpoints(fl_ctx), site, resume["round"], state.client, job_id=resume["job"],
+                                 spec_digest=checkpoint.spec_digest(self._job))  # fmt: skip
+        state.pipeline.admit(state.events)  # a DP job that cannot fit the site's budget is refused here
+        self._started = True
+        self.log_info(fl_ctx, f"{site}: joined job {job_identity(fl_ctx)}")
+        return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta={"round": 0}))
+
+    def _check_resume(self, site: str, resume: Any, fl_ctx: FLContext) -> None:
+        """A resume names the *interrupted* job (another job id) and the round it completed."""
+        ok = isinstance(resume, dict) and isinstance(resume.get("job"), str) and isinstance(resume.get("round"), int) \
+            and not isinstance(resume.get("round"), bool)  # fmt: skip
+        if not ok or resume["job"] == job_identity(fl_ctx) or not 1 <= resume["round"] <= self._job_rounds():
+            raise MedsiloError(f"site {site}: a resume must name another (interrupted) job and a round within the "
+                               "job's rounds; refused")  # fmt: skip
+
+    def _job_rounds(self) -> int:
+        training = self._job.get("training")
+        rounds = training.get("rounds") if isinstance(training, dict) else None
+        return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else 0
+
+    def _train(self, site: str, rnd: int, participants: Any, state: _SiteState,
+               fl_ctx: FLContext) -> tuple[dict[str, Any], dict | None, float]:  # fmt: skip
+        """One round's local training, protected upload and checkpoint. If the upload is refused after training
+        (a budget another job spent meanwhile), the client half goes back to its state before the round, so
+        nothing it learnt then can reach a later release."""
+        import torch
+
+        pipeline = state.pipeline
+        torch.manual_seed(state.seed * 1_000_003 + rnd)  # anything drawing from torch's global RNG: per round
+        dp = pipeline.noise(rnd, state.events)
+        before = checkpoint.snapshot(state.client)
+        upload = state.client.train_private(rnd, dp) if dp is not None else state.client.train(rnd)
+        try:
+            wire, spent = pipeline.protect(rnd, participants, to_numpy(upload.sums), state.events)
+        except MedsiloError:
+            checkpoint.restore_snapshot(state.client, before)
+            raise
+        # after the ledger entry: a checkpoint that cannot be written stops the reply (the ledger then shows an
+        # upload that never left, and the round cannot be uploaded again)
+        checkpoint.save_site(self._checkpoints(fl_ctx), site, rnd, state.client, job_id=job_identity(fl_ctx),
+                             spec_digest=checkpoint.spec_digest(self._job))  # fmt: skip
+        return {WIRE_PARAM: wire}, spent, upload.train_loss
+
+    @staticmethod
+    def _reason_for_server(site: str, exc: Exception) -> str:
+        """What the server is told when this site fails a task. Reading the site's own data names its files
+        (paths may carry patient or study names): the server gets counts and kinds of problems only; the full
+        message stays in the site's log."""
+        from medsilo.errors import DataError
+
+        if isinstance(exc, DataError):
+            summary = exc.public or f"its dataset could not be used ({type(exc).__name__})"
+            return f"site {site}: {summary}; the details (file names) are in the site's log"
+        text = str(exc)
+        return text if text.startswith(f"site {site}") else f"site {site}: {text}"
 
     def _checkpoints(self, fl_ctx: FLContext) -> Path:
-        return checkpoint.checkpoint_dir(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".", self.job["name"])
+        return checkpoint.checkpoint_dir(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".", self._job.get("name", "?"),
+                                         checkpoint.spec_digest(self._job))  # fmt: skip
 
     # ---- setup, once per job -------------------------------------------------------------------
 
-    def _prepare(self, site: str, fl_ctx: FLContext) -> _SiteState:
-        if self._state is not None:
-            return self._state
+    def _prepare(self, site: str, fl_ctx: FLContext, anchor: Any, resume: Any) -> _SiteState:
         import torch
 
         from medsilo.components.algorithms import algorithm_module
+        from medsilo.components.algorithms.base import SiteSetup
         from medsilo.config import JobSpec, read_manifest
         from medsilo.config.loading import validate
         from medsilo.medical.data import channels_of, load_site_data
@@ -200,10 +274,16 @@ class SiteExecutor(Executor):
         from medsilo.secure.pipeline.base import JobTerms
         from medsilo.secure.policy import check_job
 
-        spec = validate(self.job, JobSpec, f"job '{self.job.get('name', '?')}'")
+        spec = validate(self._job, JobSpec, f"job '{self._job.get('name', '?')}'")
         config = self._site_config(site, fl_ctx)
         check_job(config, spec)
         self._config = config
+        workspace = Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".")
+        algo = algorithm_module(spec.algorithm.name)
+        terms = JobTerms.of(job_identity(fl_ctx), spec, releases=algo.Server.needs_plaintext_aggregate)
+        pipeline = pipeline_module(spec.privacy.mode).Site(Party(site, workspace), terms, config.privacy)
+        # before anything is read or charged: the ledger as the server last saw it, the rules in force
+        pipeline.start(anchor, resume)
         threads = int(os.environ.get(THREADS_ENV, 0)) or config.compute.threads
         torch.set_num_threads(threads)
 
@@ -221,22 +301,16 @@ class SiteExecutor(Executor):
         )
         self.log_info(fl_ctx, f"{site}: loaded {len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test "
                               f"images in {time.perf_counter() - t0:.1f} s, skipped {len(data.failures)}")  # fmt: skip
-        workspace = Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".")
         aug = spec.augmentation.pcevolve
         if aug is not None and site in aug.sites:
             data = self._pcevolve(site, spec, config, manifest, data, workspace, seed, fl_ctx)
-
-        from medsilo.components.algorithms.base import SiteSetup
 
         model = build_model(spec.backbone_for(site), in_channels=channels_of(spec.modality),
                             num_classes=len(spec.classes), feature_dim=spec.feature_dim, seed=spec.seed)  # fmt: skip
         batch = min(spec.training.batch_size, config.compute.max_batch_size)
         setup = SiteSetup(site=site, model=model, data=data, num_classes=len(spec.classes),
                           training=spec.training, seed=seed, batch_size=batch)  # fmt: skip
-        algo = algorithm_module(spec.algorithm.name)
         client = algo.Client(setup, spec.algorithm.config())
-        terms = JobTerms.of(job_identity(fl_ctx), spec, releases=algo.Server.needs_plaintext_aggregate)
-        pipeline = pipeline_module(spec.privacy.mode).Site(Party(site, workspace), terms, config.privacy)
         events = client.dp_events(spec.privacy.dp) if pipeline.noised else []
         self._spec = spec
         self._state = _SiteState(client=client, data=data, batch_size=batch, pipeline=pipeline, events=events, seed=seed)

@@ -11,8 +11,13 @@ mode and in production (``nvflare job submit`` / the admin console).
 Layout written by :func:`export_job`::
 
     OUT/<job name>/meta.json
-    OUT/<job name>/app/config/config_fed_server.json   # RoundController(job=<spec>)
-    OUT/<job name>/app/config/config_fed_client.json   # SiteExecutor(job=<spec>) for train, evaluate, release
+    OUT/<job name>/app/config/config_fed_server.json   # RoundController(job=<encoded spec>)
+    OUT/<job name>/app/config/config_fed_client.json   # SiteExecutor(job=<encoded spec>) for join, train,
+                                                        # evaluate, release
+
+The spec travels encoded (:func:`medsilo.config.job.encode_job`: base64 of its canonical JSON), because NVFlare
+expands ``{NAME}``/``{$ENV}`` references in job-config strings with the receiving party's variables;
+``medsilo job show DIR`` (or :func:`~medsilo.config.job.decode_job`) prints it.
 """
 
 from __future__ import annotations
@@ -57,15 +62,16 @@ def build_job(spec: JobSpec, *, min_sites: int = 1, resume: bool = False):
     from nvflare.job_config.api import FedJob
 
     from medsilo.components.controller import RoundController
-    from medsilo.components.executor import TASK_EVALUATE, TASK_RELEASE, TASK_TRAIN, SiteExecutor
+    from medsilo.components.executor import TASK_EVALUATE, TASK_JOIN, TASK_RELEASE, TASK_TRAIN, SiteExecutor
+    from medsilo.config.job import encode_job
 
-    plain = spec.model_dump(mode="json")
+    plain = encode_job(spec.model_dump(mode="json"))
     job = FedJob(name=spec.name, min_clients=min_sites)
     job.job.__class__ = _preinstalled_config_class()  # same state, one method changed (see its docstring)
     job.set_app_packages(["medsilo"])  # pre-installed: reference by path, copy nothing into custom/
     job.to_server(RoundController(job=plain, resume=resume), id="controller")
     job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
-    job.to_clients(SiteExecutor(job=plain), tasks=[TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE])
+    job.to_clients(SiteExecutor(job=plain), tasks=[TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE])
     return job
 
 

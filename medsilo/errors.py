@@ -14,7 +14,17 @@ class MedsiloError(Exception):
 
 
 class DataError(MedsiloError):
-    """Images or manifests that cannot be used (unreadable files, identifying DICOM tags, bad labels)."""
+    """Images or manifests that cannot be used (unreadable files, identifying DICOM tags, bad labels).
+
+    Args:
+        message: the full explanation for the site's own staff (it may name files).
+        public: a summary without file names or values, which a site may tell the server (counts and kinds of
+            problems); ``None`` when only the kind of error may be told.
+    """
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public
 
 
 def did_you_mean(value: object, options: Iterable[object]) -> str:

@@ -47,14 +47,17 @@ def cross_check(checks: Sequence[FileCheck], party: str | None = None) -> list[P
 
     Args:
         checks: :func:`~medsilo.secure.ledger.verify_file` results; only ledgers that verified on their own are
-            compared. A server record of a site whose ledger is not among them is not a problem (an auditor
-            may check one site).
+            compared. An empty ledger belongs to the party its place (or ``party``) names. With the server's
+            ledger and at least one site's among them, a site the server received from whose ledger is missing
+            is a problem of the server's file (deleted?); the server's ledger alone, or one site's, is checked
+            on its own.
         party: when given, every ledger must be this party's, wherever it lies.
     """
     problems: dict[Path, Problem] = {}
     good = [c for c in checks if c.ok and c.entries]
     known = {c.entries[0]["party"] for c in good} | ({party} if party else set())
     known |= {e["what"].get("site") for c in good for e in c.entries if e["event"] == "received"}
+    empty = {c.file: party or expected_party(c.file) for c in checks if c.ok and not c.entries}
     for c in good:
         owner, want = c.entries[0]["party"], party or expected_party(c.file)
         if want in known and want != owner:
@@ -64,10 +67,21 @@ def cross_check(checks: Sequence[FileCheck], party: str | None = None) -> list[P
     for c in good:
         if c.entries[0]["party"] != SERVER and c.file not in problems:
             sites.setdefault(c.entries[0]["party"], []).append(c)
-    for server in (c for c in good if c.entries[0]["party"] == SERVER):
-        for record in server.entries:
+    for c in checks:
+        if c.file in empty and empty[c.file] not in (None, SERVER):
+            sites.setdefault(empty[c.file], []).append(c)
+    servers = [c for c in good if c.entries[0]["party"] == SERVER]
+    for server in servers:
+        received = [r for r in server.entries if r["event"] == "received"]
+        missing = sorted({r["what"].get("site") for r in received} - set(sites) - {None})
+        if missing and sites:
+            first = next(r for r in received if r["what"].get("site") == missing[0])
+            problems.setdefault(server.file, Problem(server.file, first["seq"] + 1, (
+                f"the server received uploads from {', '.join(missing)}, whose ledger is not among those checked "
+                "(deleted?); give it, or check the server's ledger on its own")))  # fmt: skip
+        for record in received:
             what = record["what"]
-            if record["event"] != "received" or what.get("site") not in sites:
+            if what.get("site") not in sites:
                 continue
             for site_check in sites[what["site"]]:
                 if site_check.file in problems:
@@ -87,6 +101,9 @@ def _anchor_problem(site: FileCheck, what: dict, server_file: Path, server_line:
     except (WireError, ValueError, TypeError) as e:
         return 1, f"the server's record ({server_file}:{server_line}) is malformed ({e})"
     seq, entries = statement.ledger_seq, site.entries
+    if not entries:
+        return 1, (f"ledger is empty, but the server received this site's signed {statement.kind} that followed "
+                   f"entry {seq + 1} ({server_file}:{server_line}): the ledger was emptied or replaced")  # fmt: skip
     key = _signer_key(entries, min(seq + 1, len(entries) - 1))
     if key is None or not pki.verify_signature(key, signature, statement.message()):
         return 1, (f"the server's record {server_file}:{server_line} holds a statement this site's key did not sign; "

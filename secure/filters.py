@@ -2,11 +2,15 @@
 
 Protection itself happens in the job's privacy pipeline (:mod:`medsilo.secure.pipeline`), which the site's
 executor runs for every upload; this filter is the site's independent check at NVFlare's boundary, whatever a
-job configures. It runs on every task result of the site and lets a result through only when
+job configures. It runs on every task result of the site — every data kind and return code, and results that
+are not DXOs at all — and lets a result through only when
 
 * it carries no tensors (evaluation replies, errors), or
 * its tensors are exactly one medsilo wire (:mod:`medsilo.secure.upload`) signed as this site, protected under
   a privacy mode that applies everything the site's ``required_mode`` demands.
+
+(Metadata — evaluation figures, training loss — is the executor's, ledgered before it leaves; this filter
+does not read it.)
 
 Anything else is replaced by an error reply that names the reason; the server learns nothing of the result.
 Each result it checks is recorded in the site's NVFlare job audit log (``applied filter: ProtectedOnly@site``).
@@ -14,10 +18,10 @@ Each result it checks is recorded in the site's NVFlare job audit log (``applied
 
 from __future__ import annotations
 
-from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.shareable import ReservedHeaderKey, ReturnCode, Shareable, make_reply
 
 from medsilo.config.common import PRIVACY_STRENGTH
 from medsilo.secure.upload import WIRE_PARAM, Wire, WireError
@@ -51,10 +55,34 @@ class ProtectedOnly(DXOFilter):
     """
 
     def __init__(self, required_mode: str = "none"):
-        super().__init__(supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS])
+        kinds = [getattr(DataKind, k) for k in dir(DataKind) if k.isupper()]
+        super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=kinds)
         if required_mode not in PRIVACY_STRENGTH:
             raise ValueError(f"required_mode: must be one of {', '.join(PRIVACY_STRENGTH)}, got {required_mode!r}")
         self.required_mode = required_mode  # attribute name must equal the argument name for NVFlare's job export
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        """Check every result: NVFlare's DXO filter would pass results with another return code, or that are
+        not DXOs, unchecked."""
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:  # noqa: BLE001 - not a DXO: only an empty reply (headers alone) may pass
+            dxo = None
+        if dxo is None:
+            if set(shareable) - {ReservedHeaderKey.HEADERS}:
+                return self._stopped(fl_ctx, "it is not a medsilo reply")
+            return shareable
+        if shareable.get_return_code() != ReturnCode.OK and dxo.data:
+            return self._stopped(fl_ctx, "an error reply carries tensors")
+        if dxo.data_kind == DataKind.COLLECTION:
+            return self._stopped(fl_ctx, "a collection of results is not a medsilo reply")
+        return super().process(shareable, fl_ctx)
+
+    def _stopped(self, fl_ctx: FLContext, problem: str) -> Shareable:
+        reason = f"site {fl_ctx.get_identity_name()}: a task result was stopped at the site's privacy scope: {problem}"
+        self.log_error(fl_ctx, reason)
+        reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        return DXO(DataKind.WEIGHTS, data={}, meta={"error": reason}).update_shareable(reply)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         site = fl_ctx.get_identity_name()

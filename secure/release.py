@@ -23,8 +23,11 @@ round) — its ledger refuses a second one, across restarts — and that one sta
 A release needs every member's statement naming exactly the released set. So two releasable sets S₁ ≠ S₂ of
 one round cannot share a member (it would have signed both S₁ and S₂): they are disjoint, and the difference of
 their sums isolates nobody. A second release of the *same* set gives the same sum and nothing new; each site
-still releases a round at most once (its ledger). What remains — a server that reruns a job as a new job with
-fewer participants — is stated in ``docs/threat-model.md``.
+still releases a round at most once (its ledger). Across rounds, a site signs one participant set per job (the
+sites that joined it) and refuses rounds out of the job's range or order, so every release of a job covers the
+same set — sums of rounds with and without a site (per-class counts, say, which do not change between rounds)
+cannot be set against each other either. What remains — a server that reruns a job as a new job with fewer
+participants — is stated in ``docs/threat-model.md``.
 """
 
 from __future__ import annotations

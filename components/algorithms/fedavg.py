@@ -21,6 +21,8 @@ Privacy modes: all. No hyper-parameters.
 
 from __future__ import annotations
 
+import torch
+
 from medsilo.components.algorithms.base import (
     AlgorithmConfig,
     Client as BaseClient,
@@ -40,14 +42,25 @@ class Config(AlgorithmConfig):
 
 
 class Client(BaseClient):
-    """FedAvg at one site."""
+    """FedAvg at one site.
+
+    Attributes:
+        reference: the last global model this site received (before round 1 the shared seeded
+            initialisation), by parameter name: what a private round's update is taken against, so the
+            released update never carries the site's own earlier, non-private training.
+    """
 
     dp_form = "update"
+
+    def __init__(self, setup, config):
+        super().__init__(setup, config)
+        self.reference = _parameters(self.model)
 
     def receive(self, payload: Tensors | None, rnd: int) -> None:
         """Load the global weighted mean (before round 1 the shared seeded initialisation is kept)."""
         if payload:
             load_mean(self.model, payload, "w.")
+            self.reference = _parameters(self.model)
 
     def train(self, rnd: int) -> Upload:
         """Train the global model locally; upload ``w.*`` = θ_i · n_i and ``n`` = n_i."""
@@ -59,11 +72,21 @@ class Client(BaseClient):
         """Train as :meth:`train`; upload the DP global-plus-noisy-update ``w.*`` and ``n`` = 1.
 
         Costs the default :meth:`~.base.Client.dp_events`, one ``GaussianEvent(dp.noise_multiplier)``
-        (``gaussian_update``, sensitivity 2·C between any two datasets of the site)."""
-        before = {name: p.detach().float().clone() for name, p in self.model.named_parameters()}
+        (``gaussian_update``, sensitivity 2·C between any two datasets of the site). Training starts from
+        :attr:`reference`, public to the server, whatever the model holds now (had the server sent nothing, the
+        model would still hold this site's own training, and Δ would reveal it unclipped)."""
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(self.reference[name])
+        before = {name: t.clone() for name, t in self.reference.items()}
         loss = self.fit(rnd)
         return Upload({**private_weights(self.model, before, dp, "w."), **count(1)}, loss)
 
 
 class Server(BaseServer):
     """Linear: the payload is the aggregate Σ θ_i n_i, Σ n_i."""
+
+
+def _parameters(model) -> Tensors:
+    """Detached float copies of ``model``'s parameters, by name."""
+    return {name: p.detach().float().clone() for name, p in model.named_parameters()}

@@ -161,7 +161,8 @@ def load_site_data(
 
     total = len(rows)
     if failures and len(failures) / total > max_unreadable_fraction:
-        raise DataError(_failure_summary(manifest, failures, total, max_unreadable_fraction))
+        raise DataError(_failure_summary(manifest, failures, total, max_unreadable_fraction),
+                        public=_failure_counts(failures, total, max_unreadable_fraction))  # fmt: skip
     empty = [s for s in SPLITS if not loaded[s][0]]
     if empty:
         detail = f"; {_failure_summary(manifest, failures, total, max_unreadable_fraction)}" if failures else ""
@@ -185,10 +186,13 @@ def load_site_data(
 
 
 def _failure_summary(manifest: Manifest, failures: list[LoadFailure], total: int, limit: float) -> str:
+    examples = "; ".join(f"line {f.line} {f.path}: {f.reason}" for f in failures[:3])
+    return f"{manifest.file}: {_failure_counts(failures, total, limit)}. First: {examples}"
+
+
+def _failure_counts(failures: list[LoadFailure], total: int, limit: float) -> str:
+    """How many images could not be used and why, by kind — no file names (what a site may tell the server)."""
     counts = Counter(_category(f.reason) for f in failures)
     kinds = ", ".join(f"{n}× {kind}" for kind, n in counts.most_common())
-    examples = "; ".join(f"line {f.line} {f.path}: {f.reason}" for f in failures[:3])
-    return (
-        f"{manifest.file}: {len(failures)} of {total} images ({len(failures) / total:.0%}) could not be used, "
-        f"more than the allowed {limit:.0%} (data.max_unreadable_fraction): {kinds}. First: {examples}"
-    )
+    return (f"{len(failures)} of {total} images ({len(failures) / total:.0%}) could not be used, more than the "
+            f"allowed {limit:.0%} (data.max_unreadable_fraction): {kinds}")  # fmt: skip

@@ -20,6 +20,8 @@ Algorithm hyper-parameters (``algorithm.params``) are checked against the algori
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,7 +30,7 @@ from pydantic import Field, StringConstraints, ValidationInfo, field_validator, 
 from medsilo.components.algorithms import ALGORITHMS, HTFL_ALGORITHMS
 from medsilo.config.common import PRIVACY_STRENGTH, SITE_NAME_PATTERN, Modality, PrivacyMode, Strict
 from medsilo.config.loading import load_yaml, validate
-from medsilo.errors import did_you_mean
+from medsilo.errors import MedsiloError, did_you_mean
 from medsilo.medical.models import BACKBONES
 
 ClassName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_ .-]{0,62}$")]
@@ -313,3 +315,40 @@ class JobSpec(Strict):
 def load_job_spec(path: str | Path) -> JobSpec:
     """Read and validate a job spec file."""
     return load_yaml(path, JobSpec)
+
+
+JOB_ENCODING = "medsilo-job-v1:"
+"""Prefix of a job spec as the controller and executor receive it: :func:`encode_job`."""
+
+
+def encode_job(spec: dict) -> str:
+    """A validated spec (JSON-plain) as the one string argument NVFlare passes to medsilo's components:
+    :data:`JOB_ENCODING` + base64url of its canonical JSON.
+
+    Why a string: NVFlare expands ``{NAME}`` and ``{$ENV_VAR}`` references in every string of a job config
+    with the receiving party's variables and environment before anything is built, so a spec sent as plain
+    JSON would let a job author read a site's environment (through the values an error message reports).
+    Base64 has no braces, so nothing in it can be expanded.
+    """
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return JOB_ENCODING + base64.urlsafe_b64encode(text.encode("ascii")).decode("ascii")
+
+
+def decode_job(value: object) -> dict:
+    """The spec dict of an :func:`encode_job` string (validate it with :class:`JobSpec` next).
+
+    Raises:
+        MedsiloError: ``value`` is not such a string; the message never repeats the value (it may hold a
+            party's secrets NVFlare expanded into it).
+    """
+    if not isinstance(value, str) or not value.startswith(JOB_ENCODING):
+        raise MedsiloError(f"job: not a medsilo job encoding ({type(value).__name__}); build the job with "
+                           "'medsilo job build' and submit that folder unchanged")  # fmt: skip
+    try:
+        spec = json.loads(base64.urlsafe_b64decode(value[len(JOB_ENCODING) :].encode("ascii")))
+    except (ValueError, UnicodeError, RecursionError):
+        raise MedsiloError("job: the encoded spec does not decode; build the job with 'medsilo job build' and "
+                           "submit that folder unchanged") from None  # fmt: skip
+    if not isinstance(spec, dict):
+        raise MedsiloError("job: the encoded spec is not a mapping")
+    return spec

@@ -146,22 +146,28 @@ class SitePipeline:
 
     # ---- once per job ---------------------------------------------------------------------------
 
-    def start(self, anchor: Mapping[str, Any] | None) -> None:
-        """Check this site's ledger against the server's record (``anchor``), then write ``policy_loaded``.
+    def start(self, anchor: Mapping[str, Any] | None, resumed_from: Mapping[str, Any] | None = None) -> None:
+        """Check this site's ledger against the server's record (``anchor``), then write ``policy_loaded``
+        (the rules in force, and the checkpoint a resumed job restores: ``resumed_from`` job and round).
 
         Raises:
             PipelineRefusal: the anchor is not this site's signature, or this site's ledger does not hold the
-                entries the anchored statement says it had (cut short, or replaced).
+                entries the anchored statement says it had (cut short, or replaced); ledgered as ``refusal``.
         """
         with self.ledger.locked():
             entries = self.ledger.read(self.party.root_ca)
             if anchor:
-                self._check_anchor(anchor, entries)
+                try:
+                    self._check_anchor(anchor, entries)
+                except PipelineRefusal as exc:
+                    self.book.refuse(self.terms.job, 0, exc, {"kind": "job"})
+                    raise
             text = json.dumps(self.policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
             self.ledger.append("policy_loaded", job=self.terms.job, round=0, privacy=None,
                                what={"kind": "policy", "policy": json.loads(text),
                                      "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                                     "privacy_mode": self.mode})  # fmt: skip
+                                     "privacy_mode": self.mode,
+                                     "resumed_from": dict(resumed_from) if resumed_from else None})  # fmt: skip
 
     def _check_anchor(self, anchor: Mapping[str, Any], entries: Sequence[dict]) -> None:
         own_key = self.party.public_key()
@@ -190,6 +196,21 @@ class SitePipeline:
 
     # ---- each round -----------------------------------------------------------------------------
 
+    def precheck(self, rnd: int, participants: Sequence[str]) -> None:
+        """Refuse round ``rnd`` *before* training when its upload could not leave (ledgered ``refusal``):
+        the same checks :meth:`protect` repeats under the lock (round bounds and order, the job's participant
+        set, the site's ``min_contributors``, a second upload of the round).
+
+        Raises:
+            PipelineRefusal: the reason.
+        """
+        with self.ledger.locked():
+            reason = self._upload_refusal(self.ledger.read(self.party.root_ca), rnd, participants)
+            if reason:
+                self.book.refuse(self.terms.job, max(rnd, 0) if isinstance(rnd, int) else 0,
+                                 PipelineRefusal(reason), {"kind": "upload"})  # fmt: skip
+                raise PipelineRefusal(f"site {self.site}: {reason}")
+
     def noise(self, rnd: int, events: Sequence[Event]) -> DPRelease | None:
         """The noise settings of round ``rnd``'s upload after an early budget check (``None``: no noise)."""
         if not self.noised:
@@ -212,14 +233,15 @@ class SitePipeline:
                 round, or this round was uploaded before (ledger); BudgetExceeded: the events do not fit.
                 A refusal is ledgered and nothing leaves.
         """
-        people = sorted(set(participants))
         terms = self.terms
         with self.ledger.locked():
             entries = self.ledger.read(self.party.root_ca)
-            reason = self._upload_refusal(entries, rnd, people, list(participants))
+            reason = self._upload_refusal(entries, rnd, participants)
             if reason:
-                self.book.refuse(terms.job, rnd, PipelineRefusal(reason), {"kind": "upload"})
+                self.book.refuse(terms.job, max(rnd, 0) if isinstance(rnd, int) else 0, PipelineRefusal(reason),
+                                 {"kind": "upload"})  # fmt: skip
                 raise PipelineRefusal(f"site {self.site}: {reason}")
+            people = list(participants)
             privacy = None
             if self.noised:
                 privacy = self.book.charge(entries, list(events), job=terms.job, rnd=rnd, what={"kind": "upload"})
@@ -242,17 +264,37 @@ class SitePipeline:
         spent = {"epsilon": privacy["job_epsilon"], "delta": privacy["delta"]} if privacy else None
         return np.frombuffer(blob, dtype=np.uint8), spent
 
-    def _upload_refusal(self, entries: Sequence[dict], rnd: int, people: list[str], given: list[str]) -> str | None:
-        if given != people or self.site not in people:
-            return (f"round {rnd}'s participant set {given} does not list this site once in order; the server must "
-                    "announce the sorted set of sites it asks")  # fmt: skip
+    def _upload_refusal(self, entries: Sequence[dict], rnd: Any, participants: Any) -> str | None:
+        """Why round ``rnd``'s upload must not leave (``None``: it may). Messages never echo what the server
+        sent beyond a count, so a refusal cannot bloat the ledger."""
+        job = self.terms.job
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or not 1 <= rnd <= self.terms.rounds:
+            return f"the server asked for an upload of a round outside 1…{self.terms.rounds}"
+        if not isinstance(participants, list | tuple) or not all(isinstance(p, str) for p in participants):
+            return "the round's participant set is not a list of site names"
+        people = list(participants)
+        if people != sorted(set(people)) or self.site not in people:
+            return (f"round {rnd}'s participant set ({len(people)} names) does not list this site once, in order; "
+                    "the server must announce the sorted set of sites it asks")  # fmt: skip
+        unknown = [p for p in people if p != self.site and p not in self.party.peers()]
+        if unknown:
+            return (f"round {rnd}'s participant set names {len(unknown)} site(s) this site holds no certificate for; "
+                    "only provisioned sites count as participants")  # fmt: skip
         if self.encrypted and len(people) < self.min_contributors:
             return (f"round {rnd} has {len(people)} participants, fewer than this site's min_contributors "
                     f"{self.min_contributors}: an aggregate of so few could reveal its upload")  # fmt: skip
-        before = self.own_upload(entries, rnd)
-        if before is not None:
-            return (f"round {rnd} of job {self.terms.job} was uploaded before ({self.ledger.path}:{before['seq'] + 1}); "
-                    "a second upload of one round could be set against the first")  # fmt: skip
+        mine = [e for e in entries if e["event"] == "release" and e["job"] == job and e["what"].get("kind") == "upload"]
+        for e in mine:
+            if e["round"] == rnd:
+                return (f"round {rnd} of job {job} was uploaded before ({self.ledger.path}:{e['seq'] + 1}); a second "
+                        "upload of one round could be set against the first")  # fmt: skip
+            if e["round"] > rnd:
+                return (f"round {rnd} comes after round {e['round']} of job {job} ({self.ledger.path}:{e['seq'] + 1}); "
+                        "rounds only move forward")  # fmt: skip
+        if mine and mine[0]["what"].get("participants") != people:
+            return (f"round {rnd}'s participant set differs from the one this site signed in round "
+                    f"{mine[0]['round']} of job {job}; a job keeps one set of participants (two sets could be set "
+                    "against each other)")  # fmt: skip
         return None
 
     def signing_key(self) -> pki.PrivateKey:
@@ -266,12 +308,29 @@ class SitePipeline:
 
         return pack_arrays(arrays), None
 
+    def record_metrics(self, rnd: int, task: str, metrics: Mapping[str, Any]) -> None:
+        """A ``release`` entry (kind ``metrics``) for evaluation results about to go to the server: which splits
+        and figures, and the SHA-256 of their canonical JSON — not the values. They are aggregate figures of
+        the site's val/test splits and are not covered by DP (``docs/threat-model.md``)."""
+        text = json.dumps(metrics, sort_keys=True, separators=(",", ":"), default=float)
+        figures = sorted({k for split in metrics.values() if isinstance(split, Mapping) for k in split})
+        self.ledger.append("release", job=self.terms.job, round=rnd, privacy=None,
+                           what={"kind": "metrics", "task": task, "splits": sorted(metrics), "figures": figures,
+                                 "sha256": hashlib.sha256(text.encode()).hexdigest(), "bytes": len(text),
+                                 "encrypted": False})  # fmt: skip
+
     def open(self, rnd: int, payload: Arrays, meta: Mapping[str, Any]) -> Arrays:
         """The plaintext payload of a task (plaintext modes: the arrays as sent; encrypted ones refused).
 
+        In DP modes a round after the first needs a payload: a DP round starts from the server's model or
+        prototypes, never from the site's own non-private state.
+
         Raises:
-            PipelineRefusal: the payload is not plaintext arrays.
+            PipelineRefusal: the payload is not plaintext arrays, or a DP round after the first has none.
         """
+        if self.noised and not payload and rnd > 1:
+            raise PipelineRefusal(f"site {self.site}: the server sent no payload for round {rnd}; a private round "
+                                  "starts from what the server sent")  # fmt: skip
         for name, value in payload.items():
             if name.startswith("__") or np.asarray(value).dtype == np.uint8:
                 raise PipelineRefusal(f"site {self.site}: payload entry '{name}' is not a plaintext tensor; "
@@ -334,30 +393,53 @@ class ServerPipeline:
             PipelineRefusal: a reply that is not exactly one wire, a wire not signed by its sender, or a
                 statement for another job, round, mode, kind or participant set.
         """
+        signed, wires, problems = self._open_all(rnd, participants, replies, kind)
+        self._record(rnd, signed, kind)
+        if problems:
+            raise PipelineRefusal("; ".join(problems))
+        return wires
+
+    def record(self, rnd: int, participants: Sequence[str], replies: Mapping[str, Arrays]) -> None:
+        """Record (``received``) every valid upload among ``replies`` — also when the round cannot go on (another
+        site failed): what the server holds from a site is anchored in its ledger either way."""
+        signed, _, _ = self._open_all(rnd, participants, {s: p for s, p in replies.items() if p}, "upload")
+        self._record(rnd, signed, "upload")
+
+    def _open_all(self, rnd: int, participants: Sequence[str], replies: Mapping[str, Arrays],
+                  kind: str) -> tuple[dict[str, Wire], dict[str, Wire], list[str]]:  # fmt: skip
+        """``(validly signed wires, those that are also for this round as announced, problems)``."""
         people = sorted(participants)
+        signed: dict[str, Wire] = {}
         wires: dict[str, Wire] = {}
+        problems: list[str] = []
         for site, params in replies.items():
             if set(params) != {WIRE_PARAM}:
-                raise PipelineRefusal(f"site {site}: its reply is not one protected upload (got "
-                                      f"{sorted(params)[:4]}); nothing unprotected is accepted")  # fmt: skip
+                problems.append(f"site {site}: its reply is not one protected upload ({len(params)} entries); "
+                                "nothing unprotected is accepted")  # fmt: skip
+                continue
             try:
                 wire = open_wire(params[WIRE_PARAM], self.party.peers(), sender=site)
             except WireError as e:
-                raise PipelineRefusal(f"site {site}: {e}") from e
+                problems.append(f"site {site}: {e}")
+                continue
+            signed[site] = wire
             s = wire.statement
             expected = (("kind", s.kind, kind), ("job", s.job, self.terms.job), ("round", s.round, rnd),
                         ("mode", s.mode, self.mode), ("participants", list(s.participants), people))  # fmt: skip
-            for name, got, want in expected:
-                if got != want:
-                    raise PipelineRefusal(f"site {site}: its {kind} says {name} {got!r}, expected {want!r}")
-            wires[site] = wire
+            wrong = [f"its {kind} says {name} {got!r}, expected {want!r}" for name, got, want in expected if got != want]
+            if wrong:
+                problems.append(f"site {site}: {wrong[0]}")
+            else:
+                wires[site] = wire
+        return signed, wires, problems
+
+    def _record(self, rnd: int, wires: Mapping[str, Wire], kind: str) -> None:
         with self.ledger.locked():
             for site, wire in wires.items():
                 raw = wire.to_bytes()
                 self.ledger.append("received", job=self.terms.job, round=rnd, privacy=None,
                                    what={"kind": kind, "site": site, "bytes": len(raw),
                                          "sha256": hashlib.sha256(raw).hexdigest(), **signed_record(wire)})  # fmt: skip
-        return wires
 
     def combine(self, rnd: int, participants: Sequence[str], replies: Mapping[str, Arrays], algorithm,
                 ask_release: AskRelease) -> Arrays | None:  # fmt: skip

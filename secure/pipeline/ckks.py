@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from medsilo.secure.ckks import CKKSError, EncryptedUpload, add, decrypt, encrypt
+from medsilo.secure.ckks import CKKSError, EncryptedUpload, add, decrypt, encrypt, parameters
 from medsilo.secure.pipeline.base import (
     Arrays,
     AskRelease,
@@ -72,9 +72,7 @@ class Site(SitePipeline):
         import torch
 
         enc = encrypt(self.context(), {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
-        scheme = {"name": "ckks", "poly_modulus_degree": self.terms.poly_modulus_degree,
-                  "ciphertexts": len(enc.ciphertexts)}  # fmt: skip
-        return enc.to_bytes(), scheme
+        return enc.to_bytes(), {**parameters(self.context()), "ciphertexts": len(enc.ciphertexts)}
 
     def open(self, rnd: int, payload: Arrays, meta: Mapping[str, Any]) -> Arrays:
         """Decrypt an encrypted aggregate after checking who is in it; plaintext payloads (computed by the
@@ -86,6 +84,9 @@ class Site(SitePipeline):
                 not as its ledger records it; CKKSError: ciphertexts that cannot be decrypted.
         """
         if CIPHERTEXT not in payload:
+            if payload and not self.terms.releases:
+                raise PipelineRefusal(f"site {self.site}: under {self.mode} the server never holds a plaintext payload "
+                                      "of this job's algorithm (it only adds ciphertexts); a plaintext one is refused")  # fmt: skip
             return super().open(rnd, payload, meta)
         if set(payload) != {CIPHERTEXT, CONTRIBUTORS}:
             raise PipelineRefusal(f"site {self.site}: an encrypted payload holds exactly {CIPHERTEXT} and "
@@ -145,6 +146,8 @@ class Site(SitePipeline):
         with self.ledger.locked():
             entries = self.ledger.read(self.party.root_ca)
             try:
+                if isinstance(rnd, bool) or not isinstance(rnd, int) or not 1 <= rnd <= terms.rounds:
+                    raise ReleaseRefused(f"site {self.site}: a release of a round outside 1…{terms.rounds} is refused")
                 if not terms.releases:
                     raise ReleaseRefused(f"site {self.site}: this job's algorithm learns nothing on the server, so "
                                          "no aggregate of it is ever released")  # fmt: skip
@@ -159,7 +162,7 @@ class Site(SitePipeline):
                                             own_digest=own["what"].get("body_sha256") if own else None,
                                             min_contributors=self.min_contributors)  # fmt: skip
             except (ReleaseRefused, CKKSError) as exc:
-                self.book.refuse(terms.job, rnd, exc, {"kind": "aggregate"})
+                self.book.refuse(terms.job, rnd if isinstance(rnd, int) and rnd >= 0 else 0, exc, {"kind": "aggregate"})
                 raise
             seq, head = self.ledger.head()
             wire = seal({"kind": "aggregate", "site": self.site, "job": terms.job, "round": rnd, "mode": self.mode,

@@ -98,7 +98,7 @@ def test_encrypted_prototype_job_through_the_admin_api(system):
     assert verify(ledgers, state["root_ca"]) == []
     assert main(["audit", "verify", *map(str, ledgers), "--root-ca", str(state["root_ca"])]) == 0
     for site in SITES:
-        releases = [e for e in entries(_kit(state, site) / LEDGER_FILE) if e["event"] == "release" and e["job"] == job_id]
+        releases = [e for e in entries(_kit(state, site) / LEDGER_FILE) if e["event"] == "release" and e["job"] == job_id and e["what"]["kind"] == "upload"]
         assert [e["round"] for e in releases] == [1, 2]
         assert all(e["what"]["encrypted"] for e in releases)
     received = [e for e in entries(_kit(state, "server") / LEDGER_FILE) if e["event"] == "received" and e["job"] == job_id]
@@ -156,15 +156,21 @@ def test_job_completes_without_a_site_killed_mid_job(system):
     kit = _kit(state, victim)
     spec = _spec("deploy-kill", rounds=2, min_sites=2, task_timeout=15)
 
-    def kill_once_the_job_runs_there():
-        # the site's job process appears next to its parent process when the job is deployed there
+    ledger = kit / LEDGER_FILE
+    known = len(entries(ledger)) if ledger.exists() else 0
+
+    def kill_once_it_has_uploaded():
+        # mid-job: once the site joined and its round-1 upload is in its ledger, its processes die
         deadline = time.monotonic() + 120
-        while len(_processes_of(workspace, kit)) < 2 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            fresh = entries(ledger)[known:] if ledger.exists() else []
+            if any(e["event"] == "release" and e["what"].get("kind") == "upload" for e in fresh):
+                break
             time.sleep(0.2)
         for pid in _processes_of(workspace, kit):
             os.kill(pid, signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_once_the_job_runs_there)
+    killer = threading.Thread(target=kill_once_it_has_uploaded)
     killer.start()
     try:
         results = _submit(workspace, spec)

@@ -96,7 +96,7 @@ def test_a_ckks_dp_job_at_a_site_without_any_privacy_filter_is_charged_encrypted
     ledgers = data.parent / "ledgers"
     for site in sites["sites"]:
         mine = [e for e in entries(ledgers / site / "privacy_ledger.jsonl") if e["job"] == results["job_id"]]
-        sent = [e for e in mine if e["event"] == "release"]
+        sent = [e for e in mine if e["event"] == "release" and e["what"]["kind"] == "upload"]
         assert [e["round"] for e in sent] == [1, 2]
         assert all(e["what"]["encrypted"] and e["privacy"]["epsilon"] > 0 for e in sent)
         assert results["privacy_spent"][site]["epsilon"] == pytest.approx(sent[-1]["privacy"]["job_epsilon"])

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.signal import Signal
 from nvflare.apis.workspace import Workspace
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.private.fed.client.client_json_config import ClientJsonConfigurator
 from nvflare.private.fed.server.server_json_config import ServerJsonConfigurator
 from nvflare.private.fed.utils.fed_utils import authorize_build_component
@@ -46,7 +49,7 @@ def _evil(marker: Path) -> dict:
     return {"path": "medsilo.secure.keys.ensure_simulation_pki", "args": {"folder": str(marker), "parties": ["x"]}}
 
 
-def _build(kit: Path, party: str, app: Path, allow: list[str] | None = None) -> None:
+def _build(kit: Path, party: str, app: Path, allow: list[str] | None = None):
     """Configure ``app`` the way an NVFlare site (or the server) does for a submitted job."""
     if allow is not None:
         resources = json.loads((kit / "local" / "resources.json").read_text())
@@ -66,6 +69,7 @@ def _build(kit: Path, party: str, app: Path, allow: list[str] | None = None) -> 
                                       args=args, app_root=str(app.parent), kv_list=[])  # fmt: skip
     conf.set_component_build_authorizer(authorize_build_component, fl_ctx=ctx, event_handlers=[])
     conf.configure()
+    return conf
 
 
 def _client_app(tmp_path: Path, executor: dict) -> Path:
@@ -139,3 +143,42 @@ def test_a_job_cannot_build_another_workflow_at_the_server(kits, tmp_path):
     with pytest.raises(Exception, match="is not in allow_list"):
         _build(kits / "server", "server", app)
     assert not marker.exists()
+
+
+def test_a_job_cannot_read_a_sites_environment_through_nvflare_variables(kits, tmp_path, monkeypatch):
+    """NVFlare expands ``{$NAME}`` in every job-config string with the receiving party's environment before
+    building anything. medsilo's components take the spec as one encoded string (no braces to expand), and
+    refuse anything else at the first task with a message that does not repeat it (an error at build time
+    would be repeated, expanded argument and all, by NVFlare's own message)."""
+    from medsilo.config.job import decode_job
+
+    monkeypatch.setenv("HOSPITAL_PACS_PASSWORD", "pacs-Adm1n!2025")
+    spec = JobSpec(name="ok", modality="cxr", classes=["a", "b"], dataset="cxr", model="cnn",
+                   algorithm={"name": "fedproto"})  # fmt: skip
+    job = export_job(spec, tmp_path / "plain")
+    config = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    encoded = config["executors"][0]["executor"]["args"]["job"]
+    assert decode_job(encoded)["name"] == "ok" and "{" not in encoded
+    attempts = {
+        "spec as plain JSON": {**decode_job(encoded), "seed": "{$HOSPITAL_PACS_PASSWORD}"},
+        "the whole argument": "{$HOSPITAL_PACS_PASSWORD}",
+    }
+    for name, job_arg in attempts.items():
+        executor = {"path": "medsilo.components.executor.SiteExecutor", "args": {"job": job_arg}}
+        conf = _build(kits / "hospital-1", "hospital-1", _client_app(tmp_path / name.replace(" ", "-"), executor))
+        built = conf.runner_config.task_router.task_table["train"]
+        ctx = FLContext()
+        ctx.set_prop(ReservedKey.IDENTITY_NAME, "hospital-1", private=False, sticky=False)
+        reply = FLModelUtils.from_shareable(built.execute("join", FLModelUtils.to_shareable(FLModel(params={})),
+                                                          ctx, Signal()))  # fmt: skip
+        assert "not a medsilo job encoding" in reply.meta["error"], name
+        assert "pacs-Adm1n" not in json.dumps(reply.meta), name
+    # the server's other arguments are type-checked the same way, and the job stops without repeating them
+    app = tmp_path / "server-app" / "config"
+    app.mkdir(parents=True)
+    workflow = {"id": "controller", "path": "medsilo.components.controller.RoundController",
+                "args": {"job": encoded, "task_timeout": "{$HOSPITAL_PACS_PASSWORD}"}}  # fmt: skip
+    (app / "config_fed_server.json").write_text(json.dumps({"format_version": 2, "workflows": [workflow],
+                                                            "components": []}))  # fmt: skip
+    controller = _build(kits / "server", "server", app).runner_config.workflows[0].controller
+    assert controller._job_error == "task_timeout: must be an integer ≥ 0 (got a str)"

@@ -72,7 +72,8 @@ def test_cutting_the_tail_off_a_site_ledger_is_caught_by_the_audit_and_by_the_si
     with pytest.raises(PipelineRefusal, match=r"has 3 entries, but the server holds this site's signed upload .* cut "
                                                r"short or replaced"):  # fmt: skip
         site.start(anchor)
-    assert len(entries(ledger)) == 3  # nothing appended: no job ran on the reset budget
+    after = entries(ledger)  # nothing ran on the reset budget: only the refusal, with its reason, was appended
+    assert len(after) == 4 and after[-1]["event"] == "refusal" and "cut short" in after[-1]["reason"]
 
 
 def test_rewriting_a_site_ledger_under_its_own_key_is_caught_by_the_anchor(federation, capsys):
@@ -126,3 +127,17 @@ def test_a_ledger_line_nested_too_deeply_is_reported_by_line_not_a_traceback(fed
         fh.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
     code, out = _verify(capsys, federation)
     assert code == 1 and f"{ledger}:3: nested too deeply to be a ledger entry" in out
+
+
+def test_an_emptied_or_deleted_site_ledger_is_caught_by_the_audit(federation, capsys):
+    _job(federation, "job-1", rounds=1, mode="none")
+    ledger = federation.ledger("hospital-2")
+    ledger.write_bytes(b"")  # emptied: a 0-byte file verifies on its own
+    code, out = _verify(capsys, federation)
+    assert code == 1 and f"{ledger}:1: ledger is empty, but the server received this site's signed upload" in out
+    ledger.unlink()  # deleted: the server's ledger says whose is missing
+    code, out = _verify(capsys, federation)
+    server = federation.ledger("server")
+    assert code == 1 and f"{server}:" in out and "received uploads from hospital-2, whose ledger is not among" in out
+    # the server's ledger on its own is checked on its own
+    assert main(["audit", "verify", str(server), "--root-ca", str(federation.root_ca)]) == 0

@@ -164,3 +164,49 @@ def test_the_server_records_every_upload_and_the_sites_check_who_is_in_an_aggreg
     bad = {**payload, "__contributors__": np.frombuffer(json.dumps(swapped).encode(), np.uint8)}
     with pytest.raises(PipelineRefusal, match="signed an upload for job job-2"):
         sites["hospital-3"].open(2, bad, {})
+
+
+def test_a_second_participant_set_within_a_job_is_refused_so_rounds_cannot_be_differenced(federation):
+    # the server releases round 1 of {A, B, C, D} and would release round 2 of {B, C, D}: per-class counts do
+    # not change between rounds, so the difference would be hospital-1's label histogram
+    terms = federation.terms("ckks", rounds=3)
+    sites, wires = _round(federation, terms)
+    sites["hospital-1"].release(1, dict(wires))
+    for site in SITES[1:]:
+        with pytest.raises(PipelineRefusal, match="differs from the one this site signed in round 1"):
+            sites[site].protect(2, list(SITES[1:]), upload(1))
+
+
+def test_a_participant_set_with_invented_or_countless_names_is_refused_briefly(federation):
+    terms = federation.terms("ckks")
+    site = federation.site("hospital-1", terms)
+    with pytest.raises(PipelineRefusal, match="names 2 site\\(s\\) this site holds no certificate for"):
+        site.protect(1, ["ghost-1", "ghost-2", "hospital-1"], upload(0))  # padding its own min_contributors
+    crowd = sorted([f"x{i:07d}" for i in range(50_000)] + ["hospital-1"])
+    with pytest.raises(PipelineRefusal):
+        site.protect(1, crowd, upload(0))
+    assert max(len(line) for line in federation.ledger("hospital-1").read_bytes().splitlines()) < 4096
+
+
+def test_under_ckks_a_site_takes_no_plaintext_model_for_an_algorithm_the_server_only_adds(federation):
+    # a plaintext payload would let the server probe the site's evaluation with models of its choosing
+    site = federation.site("hospital-1", federation.terms("ckks", releases=False))
+    with pytest.raises(PipelineRefusal, match="never holds a plaintext payload"):
+        site.open(2, {"w.head.weight": np.zeros((2, 8), np.float32)}, {})
+    # with server-side learning the payload is the server's plaintext output: accepted
+    releasing = federation.site("hospital-1", federation.terms("ckks", job="job-2", releases=True))
+    assert set(releasing.open(2, {"global_protos": np.zeros((3, 4), np.float32)}, {})) == {"global_protos"}
+
+
+def test_the_server_records_the_good_uploads_of_a_round_it_refuses(federation):
+    from medsilo.components.algorithms import fedproto
+
+    terms = federation.terms("none", releases=False)
+    sites, wires = _round(federation, terms)
+    server = federation.server(terms)
+    replies = {s: {WIRE_PARAM: w} for s, w in wires.items()}
+    replies["hospital-4"] = {"proto_sum": np.zeros((3, 4), np.float32)}  # one site's reply is unprotected
+    with pytest.raises(PipelineRefusal, match="hospital-4: its reply is not one protected upload"):
+        server.combine(1, list(SITES), replies, fedproto.Server(fedproto.Config(), 3, list(SITES)), None)
+    received = [e["what"]["site"] for e in entries(federation.ledger("server")) if e["event"] == "received"]
+    assert received == list(SITES[:3])  # the others' uploads, which the server holds, are anchored

@@ -21,7 +21,7 @@ def test_demo_one_round(tmp_path, capsys):
     # Local shares no tensor: each site's round-1 wire is a signed statement about an empty upload
     ledgers = out / "hospitals" / "ledgers"
     uploads = [e for site in local["sites"] for e in entries(ledgers / site / LEDGER_FILE)
-               if e["event"] == "release" and e["job"] == local["job_id"]]  # fmt: skip
+               if e["event"] == "release" and e["job"] == local["job_id"] and e["what"]["kind"] == "upload"]  # fmt: skip
     assert len(uploads) == 4 and all(e["what"]["tensors"] == [] for e in uploads)
     assert local["rounds"][0]["bytes_up"] == sum(e["what"]["bytes"] for e in uploads) < 4 * 1024
     page = (out / "report.html").read_text()

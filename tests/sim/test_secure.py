@@ -46,7 +46,7 @@ def test_ckks_fedproto_gives_the_plaintext_results(sites_yml, tmp_path):
     # the server never saw a plaintext upload: every site encrypted every round, and the server recorded each
     ledgers = sites_yml.parent / "ledgers"
     for site in MODELS:
-        sent = [e for e in entries(ledgers / site / LEDGER_FILE) if e["job"] == secret["job_id"] and e["event"] == "release"]
+        sent = [e for e in entries(ledgers / site / LEDGER_FILE) if e["job"] == secret["job_id"] and e["event"] == "release" and e["what"]["kind"] == "upload"]
         assert [e["round"] for e in sent] == [1, 2] and all(e["what"]["encrypted"] for e in sent)
     received = [e for e in entries(ledgers / "server" / LEDGER_FILE) if e["job"] == secret["job_id"] and e["event"] == "received"]
     assert sorted((e["round"], e["what"]["site"]) for e in received) == [(r, s) for r in (1, 2) for s in sorted(MODELS)]
@@ -91,7 +91,7 @@ def test_dp_job_spends_budget_and_a_capped_site_refuses_the_next_one(sites_yml, 
     spent = first["privacy_spent"]
     assert set(spent) == set(MODELS) and all(3.5 < s["epsilon"] < 6 and s["delta"] == 1e-5 for s in spent.values())
     ledger = data / "ledgers" / "hospital-2" / LEDGER_FILE
-    releases = [e for e in entries(ledger) if e["event"] == "release"]
+    releases = [e for e in entries(ledger) if e["event"] == "release" and e["what"]["kind"] == "upload"]
     assert [e["round"] for e in releases] == [1, 2] and releases[-1]["privacy"]["job_epsilon"] == pytest.approx(
         spent["hospital-2"]["epsilon"])
     # a round is DP-SGD (σ_sgd = σ = 2, ~14 images in batches of 8) plus the release: 2 rounds cost ε ≈ 4.5;
@@ -100,7 +100,7 @@ def test_dp_job_spends_budget_and_a_capped_site_refuses_the_next_one(sites_yml, 
     assert second["sites"] == ["hospital-1", "hospital-3"]
     assert "hospital-2" in second["refused"] and "ε" in second["refused"]["hospital-2"]
     after = entries(ledger)
-    assert after[-1]["event"] == "refusal" and len([e for e in after if e["event"] == "release"]) == 2
+    assert after[-1]["event"] == "refusal" and len([e for e in after if e["event"] == "release" and e["what"]["kind"] == "upload"]) == 2
     assert verify([data / "ledgers" / s / LEDGER_FILE for s in MODELS],
                   root_ca=data / "ledgers" / "pki" / "rootCA.pem") == []  # fmt: skip
 

@@ -14,8 +14,8 @@ from medsilo.cli import main
 from medsilo.config import JobSpec, load_sites_file
 from medsilo.errors import MedsiloError
 from medsilo.jobs.simulate import run_simulation
-from medsilo.secure.ledger import LEDGER_FILE, entries
 from medsilo.medical.synth import SynthRequest, synthesize
+from medsilo.secure.ledger import LEDGER_FILE, entries
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_heterogeneous_backbones_with_per_site_server_form(sites_yml, tmp_path):
     # K x d generated prototypes down (float32)
     ledgers = sites_yml.parent / "ledgers"
     sent = [e for s in models for e in entries(ledgers / s / LEDGER_FILE)
-            if e["event"] == "release" and e["job"] == results["job_id"] and e["round"] == 1]  # fmt: skip
+            if e["event"] == "release" and e["what"]["kind"] == "upload" and e["job"] == results["job_id"] and e["round"] == 1]  # fmt: skip
     assert [e["what"]["plaintext_bytes"] for e in sent] == [(2 * 8 + 2) * 4] * 3
     assert results["rounds"][0]["bytes_up"] == sum(e["what"]["bytes"] for e in sent)
     assert results["rounds"][1]["bytes_down"] == 3 * 2 * 8 * 4

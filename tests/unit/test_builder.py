@@ -10,6 +10,7 @@ import pytest
 
 from medsilo.cli import main
 from medsilo.config import load_job_spec
+from medsilo.config.job import decode_job
 from medsilo.secure.pipeline.base import PipelineRefusal, sum_uploads
 
 SPEC = Path(__file__).resolve().parents[2] / "jobs" / "cxr_fedavg.yml"
@@ -26,11 +27,14 @@ def test_job_build_writes_a_standard_folder(tmp_path, capsys):
     client = json.loads((job / "app/config/config_fed_client.json").read_text())
     controller = server["workflows"][0]
     assert controller["path"] == "medsilo.components.controller.RoundController"
-    assert controller["args"]["job"] == load_job_spec(SPEC).model_dump(mode="json")
+    # the spec travels encoded (NVFlare would expand {$ENV} references in plain strings), the same at both ends
+    assert decode_job(controller["args"]["job"]) == load_job_spec(SPEC).model_dump(mode="json")
+    assert client["executors"][0]["executor"]["args"]["job"] == controller["args"]["job"]
+    assert "{" not in controller["args"]["job"]
     assert server["server"]["task_request_interval"] == 0.2
     executor = client["executors"][0]
     assert executor["executor"]["path"] == "medsilo.components.executor.SiteExecutor"
-    assert sorted(executor["tasks"]) == ["evaluate", "release", "train"]
+    assert sorted(executor["tasks"]) == ["evaluate", "join", "release", "train"]
     assert not client.get("task_result_filters") and not client.get("task_data_filters")
     text = (job / "app/config/config_fed_client.json").read_text()
     assert "manifest" not in text and "/" not in json.dumps(executor["executor"]["args"])  # no data paths
@@ -43,7 +47,7 @@ def test_a_ckks_job_is_the_same_two_classes_with_the_mode_in_the_spec(tmp_path):
     assert main(["job", "build", str(spec), "--out", str(tmp_path / "out")]) == 0
     client = json.loads((tmp_path / "out" / "cxr-fedavg" / "app/config/config_fed_client.json").read_text())
     assert not client.get("task_result_filters") and not client.get("task_data_filters")
-    assert client["executors"][0]["executor"]["args"]["job"]["privacy"]["mode"] == "ckks"
+    assert decode_job(client["executors"][0]["executor"]["args"]["job"])["privacy"]["mode"] == "ckks"
 
 
 def test_rebuild_replaces_the_folder(tmp_path):
@@ -72,3 +76,13 @@ def test_sum_uploads_adds_per_name_and_refuses_mismatches():
         sum_uploads({"a": a, "b": {"w": b["w"]}})
     with pytest.raises(PipelineRefusal, match="site b uploaded 'w' with shape \\(3,\\)"):
         sum_uploads({"a": a, "b": {"w": np.zeros(3, np.float32), "n": b["n"]}})
+
+
+def test_job_show_prints_the_spec_a_folder_carries(tmp_path, capsys):
+    main(["job", "build", str(SPEC), "--out", str(tmp_path)])
+    capsys.readouterr()
+    assert main(["job", "show", str(tmp_path / "cxr-fedavg")]) == 0
+    shown = capsys.readouterr().out
+    assert "name: cxr-fedavg" in shown and "algorithm:" in shown
+    assert main(["job", "show", str(tmp_path)]) == 2
+    assert "not a medsilo job folder" in capsys.readouterr().err

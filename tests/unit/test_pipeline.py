@@ -149,7 +149,7 @@ def test_the_binding_charge_happens_when_the_upload_leaves(root):
     # cap ε = 4.5: σ = 2 costs ε ≈ 3.19, 4.01, 4.73 after 2, 3, 4 releases. Both jobs pass the early check
     # for their round, then the first one's releases leave first: the second's upload is refused at protect
     policy = PrivacyPolicy(budget=Budget(epsilon=4.5, delta=1e-5))
-    first, second = (_site(root, SITES[0], _terms("dp", job=f"job-{i}"), policy) for i in (1, 2))
+    first, second = (_site(root, SITES[0], _terms("dp", job=f"job-{i}", rounds=3), policy) for i in (1, 2))
     assert second.noise(1, [EVENT]) is not None and first.noise(1, [EVENT]) is not None
     for rnd in (1, 2, 3):
         first.protect(rnd, list(SITES), {"s": np.ones(3, np.float32)}, [EVENT])
@@ -174,7 +174,10 @@ def test_the_server_accepts_only_signed_uploads_for_this_round_and_participant_s
     for replies, participants, rnd, message in cases:
         with pytest.raises(PipelineRefusal, match=message):
             server.combine(rnd, participants, replies, algorithm, None)
-    assert not _ledger(root, SERVER).exists() or entries(_ledger(root, SERVER)) == []
+    # a wire its sender validly signed is recorded (it anchors the site's ledger) even when it is not used;
+    # the unsigned tensors and the wire presented as another site's are not
+    received = [e for e in entries(_ledger(root, SERVER)) if e["event"] == "received"]
+    assert [(e["round"], e["what"]["site"]) for e in received] == [(2, SITES[0]), (1, SITES[0])]
 
 
 def test_a_missing_site_key_fails_closed_naming_the_file(root):
@@ -229,3 +232,18 @@ def test_the_site_scope_filter_lets_out_only_uploads_protected_as_the_site_requi
     assert "error" not in evaluation.meta and evaluation.meta["eval"] == {}
     with pytest.raises(ValueError, match="required_mode"):
         ProtectedOnly(required_mode="ckks+")
+
+
+def test_the_site_scope_filter_checks_every_kind_and_return_code(root):
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.shareable import ReturnCode
+
+    tensors = {"w": np.ones(3, np.float32)}
+    for kind, message in ((DataKind.WEIGHT_DIFF, "not one protected upload"),
+                          (DataKind.METRICS, "not one protected upload"), (DataKind.COLLECTION, "collection")):  # fmt: skip
+        out = ProtectedOnly().process(DXO(kind, data=tensors).to_shareable(), _ctx(SITES[0]))
+        assert message in FLModelUtils.from_shareable(out).meta["error"], kind
+    failing = DXO(DataKind.WEIGHTS, data=tensors).to_shareable()
+    failing.set_return_code(ReturnCode.EXECUTION_EXCEPTION)
+    out = ProtectedOnly().process(failing, _ctx(SITES[0]))
+    assert "an error reply carries tensors" in FLModelUtils.from_shareable(out).meta["error"]
