@@ -53,7 +53,6 @@ Where: simulation (``MEDSILO_CHECKPOINT_DIR``, set by ``medsilo sim`` to ``RUN_D
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -109,11 +108,6 @@ def checkpoint_dir(workspace: str | Path, job_name: str, digest: str) -> Path:
     another spec under the same name never touches these files."""
     base = os.environ.get(CHECKPOINT_DIR_ENV)
     return Path(base) if base else Path(workspace) / "checkpoints" / f"{job_name}-{digest[:16]}"
-
-
-def spec_digest(job: dict) -> str:
-    """SHA-256 of the job spec (JSON-plain): a checkpoint only resumes the job that wrote it."""
-    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
 
 
 def site_file(folder: str | Path, site: str, rnd: int) -> Path:

@@ -53,7 +53,7 @@ from medsilo.components.executor import (
     job_identity,
     payload_bytes,
 )
-from medsilo.config.job import decode_job
+from medsilo.config.job import decode_job, spec_digest
 from medsilo.errors import MedsiloError
 
 RESULTS_FILE, PROGRESS_FILE, FAILURE_FILE = "results.json", "progress.jsonl", "failure.json"
@@ -114,9 +114,9 @@ class RoundController(ModelController):
             sites = sorted(self.sample_clients())
             algo = algorithm_module(spec.algorithm.name)
             job_id = job_identity(self.fl_ctx)
-            terms = JobTerms.of(job_id, spec, releases=algo.Server.needs_plaintext_aggregate)
+            digest = spec_digest(self._job)
+            terms = JobTerms.of(job_id, spec, releases=algo.Server.needs_plaintext_aggregate, digest=digest)
             self._pipeline = pipeline_module(spec.privacy.mode).Server(Party(SERVER, self._workspace_root()), terms)
-            digest = checkpoint.spec_digest(self._job)
             saved = checkpoint.checkpoint_dir(self._workspace_root(), spec.name, digest)
             payload: dict[str, np.ndarray] = {}
             rounds, first = spec.training.rounds, 1

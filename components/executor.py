@@ -57,11 +57,11 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from medsilo.components import checkpoint
-from medsilo.config.job import decode_job
+from medsilo.config.job import decode_job, spec_digest
 from medsilo.errors import MedsiloError
 from medsilo.secure.dp import BudgetExceeded
 from medsilo.secure.pipeline.base import to_numpy, to_torch
-from medsilo.secure.upload import WIRE_PARAM
+from medsilo.secure.upload import NAME as JOB_ID, WIRE_PARAM
 
 SITES_FILE_ENV = "MEDSILO_SITES_FILE"
 """Simulator only: path of the ``sites.yml`` standing in for every site's own config."""
@@ -76,8 +76,15 @@ TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE = "join", "train", "evaluate"
 
 
 def job_identity(fl_ctx: FLContext) -> str:
-    """The id ledgers, signatures and checkpoints bind to: NVFlare's job id, or the simulator run's id."""
-    return os.environ.get(RUN_ID_ENV) or fl_ctx.get_job_id()
+    """The id ledgers, signatures and checkpoints bind to: NVFlare's job id, or the simulator run's id.
+
+    Raises:
+        MedsiloError: an id that is not a plain name (it names folders and appears in signed statements).
+    """
+    value = os.environ.get(RUN_ID_ENV) or fl_ctx.get_job_id()
+    if not isinstance(value, str) or not JOB_ID.fullmatch(value):
+        raise MedsiloError("the job id is not a plain name (letters, digits, '.', '_', '-'); refusing it")
+    return value
 
 
 def payload_bytes(arrays: dict[str, Any] | None) -> int:
@@ -199,19 +206,25 @@ class SiteExecutor(Executor):
         state = self._prepare(site, fl_ctx, (meta.get("anchors") or {}).get(site), resume)
         if resume is not None:  # an interrupted job goes on where it stopped
             checkpoint.load_site(self._checkpoints(fl_ctx), site, resume["round"], state.client, job_id=resume["job"],
-                                 spec_digest=checkpoint.spec_digest(self._job))  # fmt: skip
+                                 spec_digest=spec_digest(self._job))  # fmt: skip
         state.pipeline.admit(state.events)  # a DP job that cannot fit the site's budget is refused here
         self._started = True
         self.log_info(fl_ctx, f"{site}: joined job {job_identity(fl_ctx)}")
         return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta={"round": 0}))
 
     def _check_resume(self, site: str, resume: Any, fl_ctx: FLContext) -> None:
-        """A resume names the *interrupted* job (another job id) and the round it completed."""
-        ok = isinstance(resume, dict) and isinstance(resume.get("job"), str) and isinstance(resume.get("round"), int) \
-            and not isinstance(resume.get("round"), bool)  # fmt: skip
+        """A resume names the *interrupted* job (another job id) and the round it completed, exactly; whether the
+        site's ledger vouches for it is the pipeline's check at join."""
+        ok = isinstance(resume, dict) and set(resume) == {"job", "round"} and isinstance(resume["job"], str) \
+            and JOB_ID.fullmatch(resume["job"]) is not None and isinstance(resume["round"], int) \
+            and not isinstance(resume["round"], bool)  # fmt: skip
         if not ok or resume["job"] == job_identity(fl_ctx) or not 1 <= resume["round"] <= self._job_rounds():
             raise MedsiloError(f"site {site}: a resume must name another (interrupted) job and a round within the "
                                "job's rounds; refused")  # fmt: skip
+        augmentation = self._job.get("augmentation")
+        if isinstance(augmentation, dict) and augmentation.get("pcevolve"):
+            raise MedsiloError(f"site {site}: a job with augmentation.pcevolve is not resumed (the site would "
+                               "synthesize and spend privacy budget again); run it afresh")  # fmt: skip
 
     def _job_rounds(self) -> int:
         training = self._job.get("training")
@@ -229,7 +242,14 @@ class SiteExecutor(Executor):
         torch.manual_seed(state.seed * 1_000_003 + rnd)  # anything drawing from torch's global RNG: per round
         dp = pipeline.noise(rnd, state.events)
         before = checkpoint.snapshot(state.client)
-        upload = state.client.train_private(rnd, dp) if dp is not None else state.client.train(rnd)
+        try:
+            upload = state.client.train_private(rnd, dp) if dp is not None else state.client.train(rnd)
+        except Exception as exc:  # noqa: BLE001 - whatever stopped training: undo it, close the round, say little
+            checkpoint.restore_snapshot(state.client, before)
+            pipeline.close_round(rnd, exc if isinstance(exc, MedsiloError | FloatingPointError) else
+                                 MedsiloError(f"training failed ({type(exc).__name__})"))  # fmt: skip
+            raise MedsiloError(f"site {site}: round {rnd}'s training failed; the round is closed (the site's log "
+                               "has the reason)") from exc  # fmt: skip
         try:
             wire, spent = pipeline.protect(rnd, participants, to_numpy(upload.sums), state.events)
         except MedsiloError:
@@ -238,7 +258,7 @@ class SiteExecutor(Executor):
         # after the ledger entry: a checkpoint that cannot be written stops the reply (the ledger then shows an
         # upload that never left, and the round cannot be uploaded again)
         checkpoint.save_site(self._checkpoints(fl_ctx), site, rnd, state.client, job_id=job_identity(fl_ctx),
-                             spec_digest=checkpoint.spec_digest(self._job))  # fmt: skip
+                             spec_digest=spec_digest(self._job))  # fmt: skip
         return {WIRE_PARAM: wire}, spent, upload.train_loss
 
     @staticmethod
@@ -256,7 +276,7 @@ class SiteExecutor(Executor):
 
     def _checkpoints(self, fl_ctx: FLContext) -> Path:
         return checkpoint.checkpoint_dir(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".", self._job.get("name", "?"),
-                                         checkpoint.spec_digest(self._job))  # fmt: skip
+                                         spec_digest(self._job))  # fmt: skip
 
     # ---- setup, once per job -------------------------------------------------------------------
 
@@ -280,7 +300,8 @@ class SiteExecutor(Executor):
         self._config = config
         workspace = Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".")
         algo = algorithm_module(spec.algorithm.name)
-        terms = JobTerms.of(job_identity(fl_ctx), spec, releases=algo.Server.needs_plaintext_aggregate)
+        terms = JobTerms.of(job_identity(fl_ctx), spec, releases=algo.Server.needs_plaintext_aggregate,
+                            digest=spec_digest(self._job))  # fmt: skip
         pipeline = pipeline_module(spec.privacy.mode).Site(Party(site, workspace), terms, config.privacy)
         # before anything is read or charged: the ledger as the server last saw it, the rules in force
         pipeline.start(anchor, resume)

@@ -25,6 +25,9 @@ from typing import Any
 from medsilo.secure.dp import BudgetExceeded, Event, PrivacyAccountant, event_from_json
 from medsilo.secure.ledger import SPENDING_EVENTS, Ledger, costs
 
+MAX_REASON = 600
+"""Longest refusal reason a ledger entry keeps."""
+
 
 def spent_events(entries: Iterable[dict], scope: str) -> list[Event]:
     """The mechanism events of every spending entry of ``scope``, oldest first (old and new entry forms)."""
@@ -80,9 +83,12 @@ class BudgetBook:
                                              scope=self.scope, cap_epsilon=self.cap)  # fmt: skip
 
     def refuse(self, job: str, rnd: int, exc: Exception, what: dict[str, Any]) -> None:
-        """Write a ``refusal`` entry: nothing was sent (``what.sent = false``), with the reason."""
+        """Write a ``refusal`` entry: nothing was sent (``what.sent = false``), with the reason (at most
+        :data:`MAX_REASON` characters, so no request can bloat the ledger)."""
+        reason = str(exc)
+        reason = reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"
         self.ledger.append("refusal", job=job, round=rnd, what={**what, "sent": False},
-                           privacy={"scope": self.scope, "epsilon_cap": self.cap}, reason=str(exc))  # fmt: skip
+                           privacy={"scope": self.scope, "epsilon_cap": self.cap}, reason=reason)  # fmt: skip
 
     def check(self, planned: Sequence[Event], *, job: str, rnd: int, what: dict[str, Any]) -> None:
         """Refuse now (``refusal`` entry, :class:`BudgetExceeded`) when ``planned`` cannot fit the cap.

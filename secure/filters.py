@@ -58,7 +58,8 @@ class ProtectedOnly(DXOFilter):
         kinds = [getattr(DataKind, k) for k in dir(DataKind) if k.isupper()]
         super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=kinds)
         if required_mode not in PRIVACY_STRENGTH:
-            raise ValueError(f"required_mode: must be one of {', '.join(PRIVACY_STRENGTH)}, got {required_mode!r}")
+            # the value is not repeated: NVFlare may have expanded a party's environment into it
+            raise ValueError(f"required_mode: must be one of {', '.join(PRIVACY_STRENGTH)}")
         self.required_mode = required_mode  # attribute name must equal the argument name for NVFlare's job export
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ _PREFIX = struct.Struct(">6sHI")  # magic, version, header length
 _SHA = 32
 _DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 _HEX64 = frozenset("0123456789abcdef")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+"""What a site name or job id in a statement may be (messages may name them, so they are bounded)."""
+MAX_PARTICIPANTS = 1024
+_COUNT = struct.Struct(">I")
+_LENGTH = struct.Struct(">Q")
 
 
 class WireError(MedsiloError):
@@ -92,13 +98,16 @@ class Statement:
             raise WireError(f"statement must hold exactly {', '.join(fields)}; got {got}")
         for name in ("kind", "site", "job", "mode", "body", "digest", "ledger_hash"):
             if not isinstance(value[name], str) or not value[name]:
-                raise WireError(f"statement.{name}: must be a non-empty string, got {value[name]!r}")
+                raise WireError(f"statement.{name}: must be a non-empty string")
+        if not NAME.fullmatch(value["site"]) or not NAME.fullmatch(value["job"]):
+            raise WireError("statement: site and job must be plain names (letters, digits, '.', '_', '-'; ≤ 128)")
         for name, low in (("round", 0), ("min_contributors", 1), ("ledger_seq", -1)):
             if isinstance(value[name], bool) or not isinstance(value[name], int) or value[name] < low:
-                raise WireError(f"statement.{name}: must be an integer ≥ {low}, got {value[name]!r}")
+                raise WireError(f"statement.{name}: must be an integer ≥ {low}")
         people = value["participants"]
-        if not isinstance(people, list) or not all(isinstance(p, str) and p for p in people):
-            raise WireError("statement.participants: must be a list of site names")
+        if not isinstance(people, list) or len(people) > MAX_PARTICIPANTS or \
+                not all(isinstance(p, str) and NAME.fullmatch(p) for p in people):  # fmt: skip
+            raise WireError(f"statement.participants: must be a list of at most {MAX_PARTICIPANTS} site names")
         if people != sorted(set(people)):
             raise WireError("statement.participants: must be sorted and without repeats")
         if value["kind"] not in KINDS or value["body"] not in BODIES:
@@ -194,6 +203,7 @@ def open_wire(data: bytes | np.ndarray, public_keys: Mapping[str, pki.PublicKey]
     site = wire.statement.site
     if sender is not None and site != sender:
         raise WireError(f"a wire from {sender} is signed as {site!r}; refusing an upload presented as another site's")
+    # from here on ``site`` is a bounded plain name (Statement.from_json), safe to name in messages
     if site not in public_keys:
         raise WireError(f"site {site}: unknown signer (known: {', '.join(sorted(public_keys)) or 'none'})")
     if hashlib.sha256(wire.body).hexdigest() != wire.statement.digest:
@@ -206,6 +216,41 @@ def open_wire(data: bytes | np.ndarray, public_keys: Mapping[str, pki.PublicKey]
 def wire_digest(data: bytes | np.ndarray) -> str:
     """SHA-256 (hex) of a wire's bytes exactly as they travel (what ledgers record as ``sha256``)."""
     return hashlib.sha256(_as_bytes(data, "wire")).hexdigest()
+
+
+# ---- several wires in one payload entry ---------------------------------------------------------------
+
+
+def pack_wires(wires: list[bytes]) -> bytes:
+    """Wires → one byte string: uint32 count, then each wire as uint64 length + bytes."""
+    return _COUNT.pack(len(wires)) + b"".join(_LENGTH.pack(len(w)) + bytes(w) for w in wires)
+
+
+def unpack_wires(data: bytes | np.ndarray, limit: int = MAX_PARTICIPANTS) -> list[bytes]:
+    """:func:`pack_wires` bytes back into wires (each still to be opened with :func:`open_wire`).
+
+    Raises:
+        WireError: malformed, truncated, trailing bytes, or more than ``limit`` wires.
+    """
+    data = _as_bytes(data, "wire list")
+    if len(data) < _COUNT.size:
+        raise WireError("wire list is truncated")
+    (count,) = _COUNT.unpack_from(data)
+    if count > limit:
+        raise WireError(f"wire list holds {count} wires, more than {limit}")
+    pos, out = _COUNT.size, []
+    for _ in range(count):
+        if pos + _LENGTH.size > len(data):
+            raise WireError("wire list is truncated")
+        (size,) = _LENGTH.unpack_from(data, pos)
+        pos += _LENGTH.size
+        if pos + size > len(data):
+            raise WireError("wire list is truncated")
+        out.append(data[pos : pos + size])
+        pos += size
+    if pos != len(data):
+        raise WireError("wire list has bytes after its wires")
+    return out
 
 
 # ---- plaintext bodies ------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ Algorithm hyper-parameters (``algorithm.params``) are checked against the algori
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -72,6 +74,10 @@ class AlgorithmSpec(Strict):
         return validate(dict(self.params), algorithm_module(self.name).Config, file, field_prefix="algorithm.params")
 
 
+MAX_ROUNDS = 10_000
+"""Most rounds a job may ask for (a site plans a DP job's whole cost at join)."""
+
+
 class Training(Strict):
     """The shared local-training loop's settings.
 
@@ -85,7 +91,7 @@ class Training(Strict):
         weight_decay: L2 penalty (≥ 0).
     """
 
-    rounds: int = Field(default=10, ge=1)
+    rounds: int = Field(default=10, ge=1, le=MAX_ROUNDS)
     local_epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=0.01, gt=0)
@@ -182,14 +188,14 @@ class PCEvolveSpec(Strict):
     Attributes:
         sites: sites that synthesize data for themselves.
         epsilon: total ε each of those sites spends on selection (> 0).
-        images_per_class: synthetic images kept per class (≥ 1).
+        images_per_class: synthetic images kept per class (≥ 2: PCEvolve varies candidates in pairs or more).
         iterations: evolution iterations (≥ 1).
         generator: generator plug-in name (``procedural`` needs no download).
     """
 
     sites: list[Annotated[str, StringConstraints(pattern=SITE_NAME_PATTERN)]] = Field(min_length=1)
     epsilon: float = Field(gt=0)
-    images_per_class: int = Field(default=50, ge=1)
+    images_per_class: int = Field(default=50, ge=2)
     iterations: int = Field(default=5, ge=1)
     generator: str = "procedural"
 
@@ -319,36 +325,48 @@ def load_job_spec(path: str | Path) -> JobSpec:
 
 JOB_ENCODING = "medsilo-job-v1:"
 """Prefix of a job spec as the controller and executor receive it: :func:`encode_job`."""
+_ENCODED = re.compile(r"medsilo-job-v1:([A-Za-z0-9_-]+={0,2})\.([0-9a-f]{64})")
+
+
+def spec_digest(spec: dict) -> str:
+    """SHA-256 (hex) of a spec's canonical JSON: what checkpoints, ledgers and resumes bind a job's spec by."""
+    return hashlib.sha256(_canonical(spec)).hexdigest()
 
 
 def encode_job(spec: dict) -> str:
     """A validated spec (JSON-plain) as the one string argument NVFlare passes to medsilo's components:
-    :data:`JOB_ENCODING` + base64url of its canonical JSON.
+    :data:`JOB_ENCODING` + base64url of its canonical JSON + ``.`` + its :func:`spec_digest`.
 
-    Why a string: NVFlare expands ``{NAME}`` and ``{$ENV_VAR}`` references in every string of a job config
-    with the receiving party's variables and environment before anything is built, so a spec sent as plain
-    JSON would let a job author read a site's environment (through the values an error message reports).
-    Base64 has no braces, so nothing in it can be expanded.
+    Why: NVFlare expands ``{NAME}`` and ``{$ENV_VAR}`` references in every string of a job config with the
+    receiving party's variables and environment, anywhere in the string, before anything is built. Base64
+    has no braces of its own, and the digest tag makes anything NVFlare put into the string fail
+    :func:`decode_job` — a job author cannot know the digest of a site's secret.
     """
-    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return JOB_ENCODING + base64.urlsafe_b64encode(text.encode("ascii")).decode("ascii")
+    text = _canonical(spec)
+    return f"{JOB_ENCODING}{base64.urlsafe_b64encode(text).decode('ascii')}.{hashlib.sha256(text).hexdigest()}"
 
 
 def decode_job(value: object) -> dict:
-    """The spec dict of an :func:`encode_job` string (validate it with :class:`JobSpec` next).
+    """The spec dict of an :func:`encode_job` string, checked exactly (validate it with :class:`JobSpec` next).
 
     Raises:
-        MedsiloError: ``value`` is not such a string; the message never repeats the value (it may hold a
-            party's secrets NVFlare expanded into it).
+        MedsiloError: ``value`` is not such a string, does not decode strictly (ASCII base64, UTF-8 JSON), fails
+            its digest or is not in canonical form; the message never repeats the value (it may hold a party's
+            secrets NVFlare expanded into it).
     """
-    if not isinstance(value, str) or not value.startswith(JOB_ENCODING):
-        raise MedsiloError(f"job: not a medsilo job encoding ({type(value).__name__}); build the job with "
-                           "'medsilo job build' and submit that folder unchanged")  # fmt: skip
+    fix = "build the job with 'medsilo job build' and submit that folder unchanged"
+    match = _ENCODED.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise MedsiloError(f"job: not a medsilo job encoding ({type(value).__name__}); {fix}")
     try:
-        spec = json.loads(base64.urlsafe_b64decode(value[len(JOB_ENCODING) :].encode("ascii")))
+        text = base64.b64decode(match[1].encode("ascii"), altchars=b"-_", validate=True)
+        spec = json.loads(text.decode("utf-8"))
     except (ValueError, UnicodeError, RecursionError):
-        raise MedsiloError("job: the encoded spec does not decode; build the job with 'medsilo job build' and "
-                           "submit that folder unchanged") from None  # fmt: skip
-    if not isinstance(spec, dict):
-        raise MedsiloError("job: the encoded spec is not a mapping")
+        raise MedsiloError(f"job: the encoded spec does not decode; {fix}") from None
+    if hashlib.sha256(text).hexdigest() != match[2] or not isinstance(spec, dict) or _canonical(spec) != text:
+        raise MedsiloError(f"job: the encoded spec does not match its digest (changed after it was built); {fix}")
     return spec
+
+
+def _canonical(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")

@@ -42,7 +42,16 @@ from medsilo.secure.budget import BudgetBook
 from medsilo.secure.dp import DPRelease, Event, fresh_generator
 from medsilo.secure.keys import Party
 from medsilo.secure.ledger import Ledger, entry_hash
-from medsilo.secure.upload import WIRE_PARAM, Statement, Wire, WireError, open_wire, seal, unpack_arrays
+from medsilo.secure.upload import (
+    WIRE_PARAM,
+    Statement,
+    Wire,
+    WireError,
+    open_wire,
+    pack_arrays,
+    seal,
+    unpack_arrays,
+)
 
 Arrays = dict[str, np.ndarray]
 AskRelease = Callable[[str, Arrays], Arrays]
@@ -79,13 +88,15 @@ class JobTerms:
     dp: Any = None
     poly_modulus_degree: int = 8192
     releases: bool = False
+    spec_digest: str = ""
 
     @classmethod
-    def of(cls, job_id: str, spec, *, releases: bool) -> JobTerms:
-        """The terms of a validated :class:`~medsilo.config.job.JobSpec` run as ``job_id``."""
+    def of(cls, job_id: str, spec, *, releases: bool, digest: str = "") -> JobTerms:
+        """The terms of a validated :class:`~medsilo.config.job.JobSpec` run as ``job_id`` (``digest``: the
+        :func:`~medsilo.config.job.spec_digest` of the spec as it arrived, which a resume must match)."""
         p = spec.privacy
         return cls(job=job_id, mode=p.mode, rounds=spec.training.rounds, min_contributors=p.min_contributors,
-                   dp=p.dp, poly_modulus_degree=p.poly_modulus_degree, releases=releases)  # fmt: skip
+                   dp=p.dp, poly_modulus_degree=p.poly_modulus_degree, releases=releases, spec_digest=digest)  # fmt: skip
 
 
 def describe_arrays(arrays: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,32 +153,70 @@ class SitePipeline:
         delta = terms.dp.delta if terms.dp is not None else 1e-5
         self.book = BudgetBook(self.site, self.ledger, policy.budget, default_delta=delta, root_ca=party.root_ca)
         self.min_contributors = max(terms.min_contributors, policy.min_contributors)
+        self.resumed: dict[str, Any] | None = None
+        """The interrupted job this one resumes: ``{"job", "round", "participants"}`` (set by :meth:`start`)."""
         self._key: pki.PrivateKey | None = None
 
     # ---- once per job ---------------------------------------------------------------------------
 
     def start(self, anchor: Mapping[str, Any] | None, resumed_from: Mapping[str, Any] | None = None) -> None:
-        """Check this site's ledger against the server's record (``anchor``), then write ``policy_loaded``
-        (the rules in force, and the checkpoint a resumed job restores: ``resumed_from`` job and round).
+        """Join: check this site's ledger against the server's record (``anchor``) and the job against what the
+        ledger says (a job is joined once; a resume names an interrupted job of the same spec that was never
+        resumed before, and the round it completed), then write ``policy_loaded`` (the rules in force, the spec
+        digest, and for a resume the interrupted job, its round and participant set, which this job inherits).
 
         Raises:
-            PipelineRefusal: the anchor is not this site's signature, or this site's ledger does not hold the
-                entries the anchored statement says it had (cut short, or replaced); ledgered as ``refusal``.
+            PipelineRefusal: the anchor is not this site's signature or the ledger does not hold what it says
+                (cut short, or replaced); the job was joined before; a resume this site cannot vouch for.
+                Ledgered as ``refusal``.
         """
         with self.ledger.locked():
             entries = self.ledger.read(self.party.root_ca)
-            if anchor:
-                try:
+            try:
+                if anchor:
                     self._check_anchor(anchor, entries)
-                except PipelineRefusal as exc:
-                    self.book.refuse(self.terms.job, 0, exc, {"kind": "job"})
-                    raise
+                for e in entries:
+                    if e["event"] == "policy_loaded" and e["job"] == self.terms.job:
+                        raise PipelineRefusal(f"site {self.site}: job {self.terms.job} was joined before "
+                                              f"({self.ledger.path}:{e['seq'] + 1}); a site joins a job once")  # fmt: skip
+                inherited = self._resume_check(entries, resumed_from) if resumed_from else None
+            except PipelineRefusal as exc:
+                self.book.refuse(self.terms.job, 0, exc, {"kind": "job"})
+                raise
             text = json.dumps(self.policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
             self.ledger.append("policy_loaded", job=self.terms.job, round=0, privacy=None,
                                what={"kind": "policy", "policy": json.loads(text),
                                      "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                                     "privacy_mode": self.mode,
-                                     "resumed_from": dict(resumed_from) if resumed_from else None})  # fmt: skip
+                                     "privacy_mode": self.mode, "spec_sha256": self.terms.spec_digest,
+                                     "resumed_from": inherited})  # fmt: skip
+            self.resumed = inherited
+
+    def _resume_check(self, entries: Sequence[dict], resumed_from: Mapping[str, Any]) -> dict[str, Any]:
+        """What a resume inherits, after checking this site's ledger vouches for it (see :meth:`start`)."""
+        old, k = resumed_from.get("job"), resumed_from.get("round")
+        where = f"site {self.site}: cannot resume job {old} after round {k}"
+        joins = [e for e in entries if e["event"] == "policy_loaded" and e["job"] == old]
+        if not joins or joins[0]["what"].get("spec_sha256") != self.terms.spec_digest or not self.terms.spec_digest:
+            raise PipelineRefusal(f"{where}: this site's ledger holds no join of that job with this job's spec")
+        for e in entries:
+            what = e["what"]
+            if e["event"] == "release" and e["job"] == old and what.get("kind") == "metrics" and \
+                    what.get("task") == "evaluate":  # fmt: skip
+                raise PipelineRefusal(f"{where}: that job completed ({self.ledger.path}:{e['seq'] + 1}); only an "
+                                      "interrupted job is resumed")  # fmt: skip
+            if e["event"] == "policy_loaded" and (what.get("resumed_from") or {}).get("job") == old:
+                raise PipelineRefusal(f"{where}: it was resumed before, as job {e['job']}")
+        uploads = [e for e in entries if e["event"] == "release" and e["job"] == old and e["what"].get("kind") == "upload"]
+        rounds = [e["round"] for e in uploads]
+        if not isinstance(k, int) or k not in rounds or max(rounds) not in (k, k + 1):
+            raise PipelineRefusal(f"{where}: this site's last upload of that job was round "
+                                  f"{max(rounds) if rounds else 'none'}")  # fmt: skip
+        return {"job": old, "round": k, "participants": uploads[0]["what"].get("participants")}
+
+    def close_round(self, rnd: int, exc: Exception) -> None:
+        """Ledger that round ``rnd`` failed after training began: nothing left, and the round cannot be asked
+        again (a failure is itself a data-dependent answer)."""
+        self.book.refuse(self.terms.job, rnd, exc, {"kind": "upload", "closed": True})
 
     def _check_anchor(self, anchor: Mapping[str, Any], entries: Sequence[dict]) -> None:
         own_key = self.party.public_key()
@@ -205,11 +254,7 @@ class SitePipeline:
             PipelineRefusal: the reason.
         """
         with self.ledger.locked():
-            reason = self._upload_refusal(self.ledger.read(self.party.root_ca), rnd, participants)
-            if reason:
-                self.book.refuse(self.terms.job, max(rnd, 0) if isinstance(rnd, int) else 0,
-                                 PipelineRefusal(reason), {"kind": "upload"})  # fmt: skip
-                raise PipelineRefusal(f"site {self.site}: {reason}")
+            self._check_upload(self.ledger.read(self.party.root_ca), rnd, participants)
 
     def noise(self, rnd: int, events: Sequence[Event]) -> DPRelease | None:
         """The noise settings of round ``rnd``'s upload after an early budget check (``None``: no noise)."""
@@ -229,18 +274,13 @@ class SitePipeline:
             events: the DP mechanism events that produced ``arrays`` (DP modes; charged here).
 
         Raises:
-            PipelineRefusal: the site is not among the participants, too few participants for an encrypted
-                round, or this round was uploaded before (ledger); BudgetExceeded: the events do not fit.
-                A refusal is ledgered and nothing leaves.
+            PipelineRefusal: any reason of :meth:`precheck` (checked again here, under the lock);
+                BudgetExceeded: the events do not fit. A refusal is ledgered and nothing leaves.
         """
         terms = self.terms
         with self.ledger.locked():
             entries = self.ledger.read(self.party.root_ca)
-            reason = self._upload_refusal(entries, rnd, participants)
-            if reason:
-                self.book.refuse(terms.job, max(rnd, 0) if isinstance(rnd, int) else 0, PipelineRefusal(reason),
-                                 {"kind": "upload"})  # fmt: skip
-                raise PipelineRefusal(f"site {self.site}: {reason}")
+            self._check_upload(entries, rnd, participants)
             people = list(participants)
             privacy = None
             if self.noised:
@@ -264,6 +304,14 @@ class SitePipeline:
         spent = {"epsilon": privacy["job_epsilon"], "delta": privacy["delta"]} if privacy else None
         return np.frombuffer(blob, dtype=np.uint8), spent
 
+    def _check_upload(self, entries: Sequence[dict], rnd: Any, participants: Any) -> None:
+        """Ledger a ``refusal`` and raise :class:`PipelineRefusal` when :meth:`_upload_refusal` names a reason."""
+        reason = self._upload_refusal(entries, rnd, participants)
+        if reason:
+            at = rnd if isinstance(rnd, int) and not isinstance(rnd, bool) and rnd >= 0 else 0
+            self.book.refuse(self.terms.job, at, PipelineRefusal(reason), {"kind": "upload"})
+            raise PipelineRefusal(f"site {self.site}: {reason}")
+
     def _upload_refusal(self, entries: Sequence[dict], rnd: Any, participants: Any) -> str | None:
         """Why round ``rnd``'s upload must not leave (``None``: it may). Messages never echo what the server
         sent beyond a count, so a refusal cannot bloat the ledger."""
@@ -283,6 +331,20 @@ class SitePipeline:
         if self.encrypted and len(people) < self.min_contributors:
             return (f"round {rnd} has {len(people)} participants, fewer than this site's min_contributors "
                     f"{self.min_contributors}: an aggregate of so few could reveal its upload")  # fmt: skip
+        for e in entries:
+            what = e["what"]
+            if e["event"] == "policy_loaded" and (what.get("resumed_from") or {}).get("job") == job:
+                return f"job {job} was resumed as job {e['job']}; it takes no more uploads"
+            if e["event"] == "refusal" and e["job"] == job and e["round"] == rnd and what.get("closed"):
+                return f"round {rnd} of job {job} was closed when its training failed ({self.ledger.path}:{e['seq'] + 1})"
+        inherited = next((e["what"].get("resumed_from") for e in entries
+                          if e["event"] == "policy_loaded" and e["job"] == job), None)  # fmt: skip
+        if inherited:
+            if rnd <= inherited["round"]:
+                return f"this job resumes job {inherited['job']} after round {inherited['round']}; round {rnd} is done"
+            if people != inherited["participants"]:
+                return (f"round {rnd}'s participant set differs from the one this site signed in job "
+                        f"{inherited['job']}, which this job resumes")  # fmt: skip
         mine = [e for e in entries if e["event"] == "release" and e["job"] == job and e["what"].get("kind") == "upload"]
         for e in mine:
             if e["round"] == rnd:
@@ -304,8 +366,6 @@ class SitePipeline:
 
     def seal(self, arrays: Arrays) -> tuple[bytes, dict | None]:
         """The body bytes of an upload and the scheme for the ledger (``None``: plaintext)."""
-        from medsilo.secure.upload import pack_arrays
-
         return pack_arrays(arrays), None
 
     def record_metrics(self, rnd: int, task: str, metrics: Mapping[str, Any]) -> None:

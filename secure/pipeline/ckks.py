@@ -1,4 +1,4 @@
-"""Privacy mode ``ckks``: uploads encrypted under CKKS; the server adds ciphertexts and never decrypts.
+"""Privacy mode ``ckks``: uploads encrypted under CKKS; the server forwards ciphertexts and never decrypts.
 
 **Site.** Every tensor of the upload — parameters × n, prototype sums, per-class counts, ``n`` — is packed into
 CKKS ciphertexts (:func:`medsilo.secure.ckks.encrypt`) with the federation's key set; only the layout (names,
@@ -6,13 +6,15 @@ shapes) stays readable. The signed statement names the participant set and the s
 ``min_contributors``; a round with fewer participants than that is refused before anything leaves.
 
 **Server, linear algorithms** (FedAvg family, FedProto, FedDistill, LG-FedAvg …): the payload for the next
-round is the ciphertext sum of the round's uploads plus every contributor's signed statement
-(:data:`CONTRIBUTORS`). The server adds only statements it accepted, and only when at least the largest
-``min_contributors`` any contributor signed are in the sum. A site decrypting the payload (:meth:`Site.open`)
-checks those statements itself: signed by distinct known sites, for this job and the previous round, one
-participant set, enough contributors, and — if it contributed — its own upload as its ledger records it; then
-it decrypts and writes a ``decrypt`` entry. (It cannot check that the server added the ciphertexts it names:
-``docs/threat-model.md``.)
+round is every contributor's signed wire (:data:`CONTRIBUTIONS`), once the server has checked them (signed,
+for this round, at least the largest ``min_contributors`` any contributor signed, adding up under one key set
+and layout). Each site adds them itself and decrypts that sum (:meth:`Site.open`) — never a ciphertext the
+server made: holding the public key, the server could otherwise encrypt a model of its choosing, or an affine
+function of another site's ciphertext, and watch what the site does with it. The site checks the wires:
+signed by distinct known sites, for this job and the previous round, one participant set, enough
+contributors, and — if it contributed — its own upload as its ledger records it; it decrypts a round once
+(its ledger's ``decrypt`` entries) and writes the ``decrypt`` entry before using the sum. The price is
+bandwidth: each site downloads every contributor's ciphertexts (N × an upload) instead of one sum.
 
 **Server, server-side learning** (FedTGP/FedKTL aggregate form): an aggregate release (:mod:`medsilo.secure.release`)
 by one participant, rotating round by round, of exactly the announced participant set — so a round where not
@@ -24,7 +26,6 @@ signed wire of kind ``aggregate``, which the server records before learning from
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,18 +39,25 @@ from medsilo.secure.pipeline.base import (
     RoundSkipped,
     ServerPipeline,
     SitePipeline,
-    record_signed_by,
-    signed_record,
     to_numpy,
     to_torch,
 )
 from medsilo.secure.release import ReleaseRefused, release
-from medsilo.secure.upload import WIRE_PARAM, Statement, Wire, pack_arrays, seal, unpack_arrays
+from medsilo.secure.upload import (
+    WIRE_PARAM,
+    Wire,
+    WireError,
+    open_wire,
+    pack_arrays,
+    pack_wires,
+    seal,
+    unpack_arrays,
+    unpack_wires,
+)
 
-CIPHERTEXT = "__ckks__"
-"""Payload entry of an encrypted aggregate (uint8 bytes of an :class:`~medsilo.secure.ckks.EncryptedUpload`)."""
-CONTRIBUTORS = "__contributors__"
-"""Payload entry beside it: the contributors' signed statements (uint8 bytes of a JSON list)."""
+CONTRIBUTIONS = "__contributions__"
+"""The payload entry of a linear algorithm's encrypted round: every contributor's signed wire
+(:func:`medsilo.secure.upload.pack_wires`), which each site adds itself before decrypting."""
 
 
 class Site(SitePipeline):
@@ -75,62 +83,77 @@ class Site(SitePipeline):
         return enc.to_bytes(), {**parameters(self.context()), "ciphertexts": len(enc.ciphertexts)}
 
     def open(self, rnd: int, payload: Arrays, meta: Mapping[str, Any]) -> Arrays:
-        """Decrypt an encrypted aggregate after checking who is in it; plaintext payloads (computed by the
-        server from a released aggregate) pass through.
+        """Sum and decrypt the previous round's encrypted uploads itself (linear algorithms), once per round;
+        plaintext payloads (computed by the server from a released aggregate) pass through.
+
+        The site never decrypts a ciphertext the server made: it re-adds the contributors' own signed wires
+        (the server, holding the public key, could otherwise encrypt a model of its choosing, or an affine
+        function of another site's ciphertext, and watch what the site does with it).
 
         Raises:
-            PipelineRefusal: malformed contributor records, a record not signed by a known site, a record for
-                another job or round, two participant sets, too few contributors, or this site's own upload
-                not as its ledger records it; CKKSError: ciphertexts that cannot be decrypted.
+            PipelineRefusal: a plaintext payload for an algorithm the server only adds; contributions that are
+                malformed, not signed by distinct known sites, for another job, round or mode, from more than one
+                participant set or outside it, too few, or presenting this site's own upload other than as its
+                ledger records it; a round whose aggregate this site decrypted before. CKKSError: ciphertexts
+                that cannot be added or decrypted.
         """
-        if CIPHERTEXT not in payload:
+        if CONTRIBUTIONS not in payload:
             if payload and not self.terms.releases:
                 raise PipelineRefusal(f"site {self.site}: under {self.mode} the server never holds a plaintext payload "
-                                      "of this job's algorithm (it only adds ciphertexts); a plaintext one is refused")  # fmt: skip
+                                      "of this job's algorithm (it only forwards ciphertexts); a plaintext one is refused")  # fmt: skip
             return super().open(rnd, payload, meta)
-        if set(payload) != {CIPHERTEXT, CONTRIBUTORS}:
-            raise PipelineRefusal(f"site {self.site}: an encrypted payload holds exactly {CIPHERTEXT} and "
-                                  f"{CONTRIBUTORS}, got {sorted(payload)}")  # fmt: skip
-        resume = meta.get("resume_from") or {}
-        job = resume.get("job", self.terms.job) if isinstance(resume, dict) else self.terms.job
-        statements = self._contributors(payload[CONTRIBUTORS], job, rnd - 1)
-        enc = EncryptedUpload.from_bytes(payload[CIPHERTEXT])
-        plain = decrypt(self.context(), enc)
-        self.ledger.append("decrypt", job=self.terms.job, round=rnd, privacy=None,
-                           what={"kind": "aggregate", "digest": enc.digest(), "values": enc.layout.num_values,
-                                 "ciphertexts": len(enc.ciphertexts), "encrypted": True, "of_job": job,
-                                 "of_round": rnd - 1, "contributors": sorted(statements)})  # fmt: skip
+        if set(payload) != {CONTRIBUTIONS} or not isinstance(rnd, int) or rnd < 2:
+            raise PipelineRefusal(f"site {self.site}: an encrypted payload holds exactly the previous round's "
+                                  "contributions")  # fmt: skip
+        of_round = rnd - 1
+        of_job = self.resumed["job"] if self.resumed and of_round == self.resumed["round"] else self.terms.job
+        try:
+            wires = [open_wire(w, self.party.peers()) for w in unpack_wires(payload[CONTRIBUTIONS])]
+        except WireError as e:
+            raise PipelineRefusal(f"site {self.site}: the round's contributions are refused: {e}") from e
+        found = self._contributors(wires, of_job, of_round)
+        with self.ledger.locked():
+            entries = self.ledger.read(self.party.root_ca)
+            for e in entries:
+                what = e["what"]
+                if e["event"] == "decrypt" and e["job"] == self.terms.job and what.get("of_job") == of_job and \
+                        what.get("of_round") == of_round:  # fmt: skip
+                    raise PipelineRefusal(f"site {self.site}: the aggregate of round {of_round} was decrypted before "
+                                          f"({self.ledger.path}:{e['seq'] + 1}); a site decrypts a round once")  # fmt: skip
+            sites = sorted(found)
+            total = add(self.context(), [EncryptedUpload.from_bytes(found[s].body) for s in sites],
+                        labels=[f"site {s}" for s in sites])  # fmt: skip
+            plain = decrypt(self.context(), total)
+            self.ledger.append("decrypt", job=self.terms.job, round=rnd, privacy=None,
+                               what={"kind": "aggregate", "digest": total.digest(), "values": total.layout.num_values,
+                                     "ciphertexts": len(total.ciphertexts), "encrypted": True, "of_job": of_job,
+                                     "of_round": of_round, "contributors": sites})  # fmt: skip
         return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in plain.items()}
 
-    def _contributors(self, raw: np.ndarray, job: str, of_round: int) -> dict[str, Statement]:
-        try:
-            records = json.loads(np.asarray(raw, dtype=np.uint8).tobytes().decode("ascii"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise PipelineRefusal(f"site {self.site}: the aggregate's contributor records are not JSON ({e})") from e
-        if not isinstance(records, list) or not records:
-            raise PipelineRefusal(f"site {self.site}: the aggregate names no contributors")
-        peers = self.party.peers()
-        found: dict[str, Statement] = {}
-        for record in records:
-            site = record.get("statement", {}).get("site") if isinstance(record, dict) else None
-            if site not in peers or site in found:
-                raise PipelineRefusal(f"site {self.site}: the aggregate names contributor {site!r} unknown or twice")
-            s = record_signed_by(record, peers[site])
-            if (s.kind, s.job, s.round, s.mode) != ("upload", job, of_round, self.mode):
-                raise PipelineRefusal(f"site {self.site}: contributor {site} signed an upload for job {s.job} round "
+    def _contributors(self, wires: list[Wire], job: str, of_round: int) -> dict[str, Wire]:
+        found: dict[str, Wire] = {}
+        digests: set[str] = set()
+        for wire in wires:
+            s = wire.statement
+            if s.site in found or s.digest in digests:
+                raise PipelineRefusal(f"site {self.site}: the contributions hold site {s.site} or one ciphertext twice")
+            if (s.kind, s.job, s.round, s.mode, s.body) != ("upload", job, of_round, self.mode, "ckks"):
+                raise PipelineRefusal(f"site {self.site}: contributor {s.site} signed an upload for job {s.job} round "
                                       f"{s.round} ({s.mode}); this aggregate is of job {job} round {of_round}")  # fmt: skip
-            found[site] = s
-        sets = {s.participants for s in found.values()}
+            found[s.site], _ = wire, digests.add(s.digest)
+        if not found:
+            raise PipelineRefusal(f"site {self.site}: the aggregate names no contributors")
+        sets = {w.statement.participants for w in found.values()}
         if len(sets) != 1 or not set(found) <= set(next(iter(sets))):
             raise PipelineRefusal(f"site {self.site}: the aggregate's contributors were not all announced in one "
                                   "participant set")  # fmt: skip
-        needed = max(self.min_contributors, *(s.min_contributors for s in found.values()))
+        needed = max(self.min_contributors, *(w.statement.min_contributors for w in found.values()))
         if len(found) < needed:
             raise PipelineRefusal(f"site {self.site}: the aggregate holds {len(found)} contributors, need ≥ {needed}; "
                                   "it is not decrypted")  # fmt: skip
         if self.site in found:
             own = self.own_upload(self.ledger.read(self.party.root_ca), of_round, job)
-            if own is None or own["what"].get("body_sha256") != found[self.site].digest:
+            if own is None or own["what"].get("body_sha256") != found[self.site].statement.digest:
                 raise PipelineRefusal(f"site {self.site}: the aggregate claims an upload of this site for round "
                                       f"{of_round} that its ledger does not record")  # fmt: skip
         return found
@@ -203,13 +226,12 @@ class Server(ServerPipeline):
         if self._ctx is None:
             self._ctx = self.party.he_context()
         sites = sorted(wires)
-        try:
-            total = add(self._ctx, [EncryptedUpload.from_bytes(wires[s].body) for s in sites],
-                        labels=[f"site {s}" for s in sites])  # fmt: skip
+        try:  # the server's own check that the uploads add up (one key set, one layout); the sites add them again
+            add(self._ctx, [EncryptedUpload.from_bytes(wires[s].body) for s in sites], labels=[f"site {s}" for s in sites])
         except CKKSError as e:
             raise PipelineRefusal(f"round {rnd}: encrypted uploads refused: {e}") from e
-        records = json.dumps([signed_record(wires[s]) for s in sites], sort_keys=True, separators=(",", ":"))
-        return {CIPHERTEXT: total.to_array(), CONTRIBUTORS: np.frombuffer(records.encode("ascii"), dtype=np.uint8)}
+        packed = pack_wires([wires[s].to_bytes() for s in sites])
+        return {CONTRIBUTIONS: np.frombuffer(packed, dtype=np.uint8)}
 
     def _released(self, rnd: int, participants: Sequence[str], wires: Mapping[str, Wire], algorithm,
                   ask_release: AskRelease) -> Arrays:  # fmt: skip

@@ -22,10 +22,11 @@ import torch
 from medsilo.components import checkpoint
 from medsilo.components.algorithms import algorithm_module
 from medsilo.components.results import RunRecorder
+from medsilo.config.job import spec_digest
 from medsilo.tests.helpers import tiny_setup
 
 JOB_ID = "job-1"
-DIGEST = checkpoint.spec_digest({"name": "t"})
+DIGEST = spec_digest({"name": "t"})
 
 
 class Planted:
@@ -145,7 +146,7 @@ def _rewrite(path: Path, change) -> None:
 
 @pytest.mark.parametrize(("change", "load", "match"), [
     (None, {"job_id": "job-2"}, "written by job 'job-1', not job 'job-2'"),
-    (None, {"spec_digest": checkpoint.spec_digest({"name": "u"})}, "another version of the job spec"),
+    (None, {"spec_digest": spec_digest({"name": "u"})}, "another version of the job spec"),
     (lambda r: r.update(version=2), {}, "format version 2, this medsilo reads version 1"),
     (lambda r: r.update(party="b"), {}, "written by 'b', not 'a'"),
     (lambda r: r.update(party=torch.tensor([1])), {}, r"written by tensor\(\[1\]\), not 'a'"),

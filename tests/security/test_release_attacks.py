@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from medsilo.config.site import PrivacyPolicy
+from medsilo.secure.keys import Party
 from medsilo.secure.ledger import entries
 from medsilo.secure.pipeline.base import PipelineRefusal
 from medsilo.secure.release import ReleaseRefused
@@ -135,35 +137,46 @@ def test_uploads_of_another_job_or_round_do_not_count(federation):
         federation.site("hospital-1", other).release(1, dict(wires))
 
 
-def test_the_server_records_every_upload_and_the_sites_check_who_is_in_an_aggregate(federation):
+def test_the_server_records_every_upload_and_the_sites_add_the_contributions_themselves(federation):
     from medsilo.components.algorithms import fedproto
+    from medsilo.secure.ckks import encrypt
+    from medsilo.secure.keys import Party
+    from medsilo.secure.pipeline.ckks import CONTRIBUTIONS
+    from medsilo.secure.upload import pack_wires, unpack_wires
 
-    terms = federation.terms("ckks", releases=False)
+    terms = federation.terms("ckks", releases=False, rounds=3)
     sites, wires = _round(federation, terms)
     server = federation.server(terms)
     replies = {s: {WIRE_PARAM: w} for s, w in wires.items()}
     payload = server.combine(1, list(SITES), replies, fedproto.Server(fedproto.Config(), 3, list(SITES)), None)
     received = [e for e in entries(federation.ledger("server")) if e["event"] == "received"]
     assert sorted(e["what"]["site"] for e in received) == list(SITES)
-    plain = sites["hospital-2"].open(2, payload, {})
-    want = sum(upload(i)["proto_sum"] for i in range(4))
-    assert np.allclose(plain["proto_sum"], want, atol=1e-4)
-    # the server drops hospital-1's statement from the list to pass off a 3-site sum as hospital-2's view…
-    import json
+    forwarded = unpack_wires(payload[CONTRIBUTIONS])
 
-    records = json.loads(payload["__contributors__"].tobytes())
-    fewer = {**payload, "__contributors__": np.frombuffer(json.dumps(records[1:2]).encode(), np.uint8)}
+    def sent(items):
+        return {CONTRIBUTIONS: np.frombuffer(pack_wires(items), dtype=np.uint8)}
+
+    # the server drops contributions to pass off a smaller sum …
     with pytest.raises(PipelineRefusal, match="holds 1 contributors, need ≥ 2"):
-        sites["hospital-3"].open(2, fewer, {})
-    # … or replaces hospital-3's own statement by another of hospital-3's uploads (another job)
-    other = federation.terms("ckks", job="job-2", releases=False)
-    mine = federation.site("hospital-3", other).protect(1, list(SITES), upload(5))[0]
-    swapped = [r if r["statement"]["site"] != "hospital-3" else
-               {"statement": Wire.from_bytes(mine).statement.to_json(), "signature": Wire.from_bytes(mine).signature.hex()}
-               for r in records]  # fmt: skip
-    bad = {**payload, "__contributors__": np.frombuffer(json.dumps(swapped).encode(), np.uint8)}
+        sites["hospital-3"].open(2, sent(forwarded[1:2]), {})
+    # … replaces hospital-3's own upload by another of hospital-3's (another job) …
+    other = federation.site("hospital-3", federation.terms("ckks", job="job-2", releases=False))
+    mine = other.protect(1, list(SITES), upload(5))[0].tobytes()
     with pytest.raises(PipelineRefusal, match="signed an upload for job job-2"):
-        sites["hospital-3"].open(2, bad, {})
+        sites["hospital-3"].open(2, sent([*forwarded[:2], mine, forwarded[3]]), {})
+    # … or encrypts a model of its choosing (it holds the public key) under a site's statement: the site adds
+    # the contributions itself, so a ciphertext the server made cannot pass for one a site signed
+    chosen = encrypt(Party("server", federation.root).he_context(),
+                     {"proto_sum": torch.zeros(3, 4), "proto_count": torch.ones(3)}).to_bytes()  # fmt: skip
+    genuine = Wire.from_bytes(forwarded[0])
+    with pytest.raises(PipelineRefusal, match="hospital-1: the body does not match the digest it signed"):
+        sites["hospital-3"].open(2, sent([Wire(genuine.statement, genuine.signature, chosen).to_bytes(),
+                                          *forwarded[1:]]), {})  # fmt: skip
+    # the genuine contributions: the site's own sum, decrypted once
+    plain = sites["hospital-2"].open(2, payload, {})
+    assert np.allclose(plain["proto_sum"], sum(upload(i)["proto_sum"] for i in range(4)), atol=1e-4)
+    with pytest.raises(PipelineRefusal, match="the aggregate of round 1 was decrypted before"):
+        sites["hospital-2"].open(2, payload, {})
 
 
 def test_a_second_participant_set_within_a_job_is_refused_so_rounds_cannot_be_differenced(federation):
@@ -210,3 +223,19 @@ def test_the_server_records_the_good_uploads_of_a_round_it_refuses(federation):
         server.combine(1, list(SITES), replies, fedproto.Server(fedproto.Config(), 3, list(SITES)), None)
     received = [e["what"]["site"] for e in entries(federation.ledger("server")) if e["event"] == "received"]
     assert received == list(SITES[:3])  # the others' uploads, which the server holds, are anchored
+
+
+def test_a_release_request_cannot_bloat_the_ledger_with_names_of_its_choosing(federation):
+    from medsilo.secure.upload import Statement
+
+    terms = federation.terms("ckks")
+    sites, wires = _round(federation, terms)
+    forged = Wire.from_bytes(wires["hospital-2"])
+    huge = Statement(**{**forged.statement.to_json(), "site": "x" * 100_000,
+                        "participants": tuple(forged.statement.participants)})  # fmt: skip
+    key = Party("hospital-2", federation.root).signing_key()
+    bad = Wire(huge, key.sign(huge.message()), forged.body).to_bytes()
+    with pytest.raises(ReleaseRefused, match="site and job must be plain names"):
+        sites["hospital-1"].release(1, {**wires, "hospital-2": bad})
+    assert max(len(line) for line in federation.ledger("hospital-1").read_bytes().splitlines()) < 4096
+

@@ -188,3 +188,68 @@ def test_fedavg_dp_update_is_taken_against_what_the_server_sent():
     released = {k[2:]: v for k, v in upload.sums.items() if k.startswith("w.")}
     distance = sum(float((released[k] - received[k]).pow(2).sum()) for k in released) ** 0.5
     assert distance <= clip * 1.01
+
+
+def test_a_job_is_joined_once_so_its_preparation_is_never_redone(site, monkeypatch):
+    spec = _spec()
+    site(spec)("join", 0)
+    again = site(spec)("join", 0)  # a new executor of the same job (run-1): the ledger remembers
+    assert "job run-1 was joined before" in again.meta["error"]
+
+
+def test_a_resume_must_be_of_an_interrupted_job_the_site_vouches_for(site, monkeypatch):
+    spec = _spec(rounds=3)
+    first = site(spec)
+    first("join", 0)
+    first("train", 1, participants=SITES)  # run-1 stops after round 1 (the server's checkpoint)
+    monkeypatch.setenv(RUN_ID_ENV, "run-2")
+    resumed = site(spec)
+    assert "error" not in resumed("join", 0, resume_from={"job": "run-1", "round": 1}).meta
+    # the resumed job goes on from round 2 with run-1's participants; run-1 itself is closed
+    assert "round 1 is done" in resumed("train", 1, participants=SITES).meta["error"]
+    assert "differs from the one this site signed in job run-1" in resumed("train", 2, participants=[SITES[0]]).meta["error"]
+    assert "error" not in resumed("train", 2, participants=SITES).meta
+    monkeypatch.setenv(RUN_ID_ENV, "run-1")
+    assert "was resumed as job run-2" in first("train", 2, participants=SITES).meta["error"]
+    # a second resume of run-1, or a resume of a job this site never ran with this spec, is refused
+    monkeypatch.setenv(RUN_ID_ENV, "run-3")
+    assert "it was resumed before, as job run-2" in site(spec)("join", 0, resume_from={"job": "run-1", "round": 1}).meta["error"]
+    monkeypatch.setenv(RUN_ID_ENV, "run-4")
+    other = site(_spec(rounds=2))
+    assert "holds no join of that job with this job's spec" in other("join", 0, resume_from={"job": "run-2", "round": 1}).meta["error"]
+
+
+def test_a_completed_job_is_never_resumed(site, monkeypatch):
+    spec = _spec()
+    done = site(spec)
+    done("join", 0)
+    done("train", 1, participants=SITES)
+    done("train", 2, participants=SITES)
+    done("evaluate", 3)
+    monkeypatch.setenv(RUN_ID_ENV, "run-2")
+    reply = site(spec)("join", 0, resume_from={"job": "run-1", "round": 1})
+    assert "that job completed" in reply.meta["error"]
+
+
+def test_a_round_whose_training_fails_is_undone_and_closed(site, monkeypatch):
+    # training that fails part-way (a loss gone infinite on some record: an answer about the data) must leave
+    # nothing behind, and the round cannot be asked again for another such answer
+    task = site(_spec())
+    task("join", 0)
+    client = task.executor._state.client
+    real = type(client).train
+
+    def train_then_diverge(self, rnd):
+        real(self, rnd)  # some steps were taken …
+        raise FloatingPointError("training loss is not finite")  # … then a record made the loss infinite
+
+    monkeypatch.setattr(type(client), "train", train_then_diverge)
+    before = _weights(task)
+    reply = task("train", 1, participants=SITES)
+    assert "round 1's training failed; the round is closed" in reply.meta["error"] and reply.params == {}
+    assert "not finite" not in reply.meta["error"]  # the reason stays in the site's log
+    assert _same(before, _weights(task))  # undone
+    again = task("train", 1, participants=SITES)
+    assert "was closed when its training failed" in again.meta["error"]
+    closed = [e for e in entries(task.ledger) if e["event"] == "refusal" and e["what"].get("closed")]
+    assert len(closed) == 1

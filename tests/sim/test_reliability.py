@@ -13,6 +13,7 @@ import pytest
 
 from medsilo.components import checkpoint
 from medsilo.config import JobSpec
+from medsilo.config.job import spec_digest
 from medsilo.errors import MedsiloError
 from medsilo.jobs.simulate import run_simulation
 from medsilo.medical.synth import SynthRequest, synthesize
@@ -145,7 +146,7 @@ def test_a_job_killed_after_round_2_resumes_to_the_uninterrupted_result(healthy_
 
     def completed_rounds() -> int:
         try:
-            state = checkpoint.load_server(checkpoints, spec_digest=checkpoint.spec_digest(spec.model_dump(mode="json")))
+            state = checkpoint.load_server(checkpoints, spec_digest=spec_digest(spec.model_dump(mode="json")))
         except checkpoint.CheckpointError:  # being replaced right now
             return 0
         return state.round if state is not None else 0

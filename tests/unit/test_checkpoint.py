@@ -13,10 +13,11 @@ from medsilo.components import checkpoint
 from medsilo.components.algorithms import ALGORITHMS, algorithm_module
 from medsilo.components.results import RunRecorder
 from medsilo.config import JobSpec
+from medsilo.config.job import spec_digest
 from medsilo.tests.helpers import aggregate, tiny_setup
 
 JOB = {"name": "t", "training": {"rounds": 3}}
-DIGEST = checkpoint.spec_digest(JOB)
+DIGEST = spec_digest(JOB)
 JOB_ID = "0b1c2d3e-job"
 SITES = ("a", "b")
 
@@ -221,7 +222,7 @@ def test_the_server_checkpoint_carries_its_job_recorder_and_payload(tmp_path):
         {k: (v.dtype, v.tolist()) for k, v in payload.items()}  # fmt: skip
     assert saved.recorder.to_json() == recorder.to_json()  # NaN included: it comes back as NaN
     assert saved.recorder.results() == recorder.results()
-    longer = checkpoint.spec_digest({**JOB, "training": {"rounds": 4}})
+    longer = spec_digest({**JOB, "training": {"rounds": 4}})
     with pytest.raises(checkpoint.CheckpointError, match="another version of the job spec"):
         checkpoint.load_server(tmp_path, spec_digest=longer)
     other = algorithm_module("ditto").Server(algorithm_module("ditto").Config(), 3, ["a", "b"])

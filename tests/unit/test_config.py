@@ -60,6 +60,7 @@ def test_heterogeneous_model_map():
     "change, match",
     [
         ({"training": {"rounds": -3}}, r"training\.rounds: must be greater than or equal to 1, got -3"),
+        ({"training": {"rounds": 10**7}}, r"training\.rounds: must be less than or equal to 10000, got 10000000"),
         ({"algorithm": {"name": "fedavgg"}}, r"algorithm\.name: unknown algorithm; did you mean 'fedavg'\?"),
         ({"modality": "ct"}, r"modality: must be 'cxr' or 'pathology', got 'ct'"),
         ({"privacy": {"mode": "ckk"}}, r"privacy\.mode: must be 'none', 'dp', 'ckks' or 'ckks\+dp', got 'ckk'"),

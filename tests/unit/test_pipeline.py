@@ -32,8 +32,8 @@ from medsilo.secure.keys import (
 from medsilo.secure.ledger import LEDGER_FILE, entries, verify
 from medsilo.secure.pipeline import pipeline_module
 from medsilo.secure.pipeline.base import JobTerms, PipelineRefusal
-from medsilo.secure.pipeline.ckks import CIPHERTEXT
-from medsilo.secure.upload import WIRE_PARAM, Wire, unpack_arrays
+from medsilo.secure.pipeline.ckks import CONTRIBUTIONS
+from medsilo.secure.upload import WIRE_PARAM, Wire, pack_wires, seal, unpack_arrays, unpack_wires
 from medsilo.tests.helpers import aggregate, tiny_setup
 
 SITES = ("hospital-1", "hospital-2")
@@ -81,8 +81,10 @@ def test_an_encrypted_round_matches_plaintext_and_the_server_cannot_decrypt(root
         assert (statement.site, statement.round, statement.body, statement.participants) == (s, 1, "ckks", SITES)
     payload = server.combine(1, list(SITES), {s: {WIRE_PARAM: w} for s, w in wires.items()},
                              fedproto.Server(fedproto.Config(), 3, list(SITES)), None)  # fmt: skip
+    forwarded = [Wire.from_bytes(w) for w in unpack_wires(payload[CONTRIBUTIONS])]
+    assert [w.statement.site for w in forwarded] == list(SITES)  # every contributor's own signed wire
     with pytest.raises(CKKSError, match="holds no secret key"):
-        decrypt(Party(SERVER, root).he_context(), EncryptedUpload.from_bytes(payload[CIPHERTEXT]))
+        decrypt(Party(SERVER, root).he_context(), EncryptedUpload.from_bytes(forwarded[0].body))
     got = sites[SITES[0]].open(2, payload, {})
     # Assert: the decrypted aggregate is the plaintext sum; the sites deploy the same model either way
     plain = aggregate([{k: torch.as_tensor(v) for k, v in u.items()} for u in sums.values()])
@@ -195,12 +197,14 @@ def test_an_aggregate_under_a_foreign_key_set_is_refused(root):
     terms = _terms("ckks")
     sites = {s: _site(root, s, terms) for s in SITES}
     wires = {s: sites[s].protect(1, list(SITES), sums[s])[0] for s in SITES}
-    server = pipeline_module("ckks").Server(Party(SERVER, root), terms)
-    payload = server.combine(1, list(SITES), {s: {WIRE_PARAM: w} for s, w in wires.items()},
-                             fedproto.Server(fedproto.Config(), 3, list(SITES)), None)  # fmt: skip
-    foreign = encrypt(make_context(), {k: torch.as_tensor(v) for k, v in sums[SITES[0]].items()})
-    with pytest.raises(CKKSError, match="different key set"):
-        sites[SITES[0]].open(2, {**payload, CIPHERTEXT: foreign.to_array()}, {})
+    # hospital-2 signed a ciphertext under another key set: hospital-1 refuses to add it, naming the site
+    foreign = encrypt(make_context(), {k: torch.as_tensor(v) for k, v in sums[SITES[1]].items()})
+    theirs = Wire.from_bytes(wires[SITES[1]]).statement.to_json()
+    theirs.pop("digest")
+    bad = seal(theirs, foreign.to_bytes(), sites[SITES[1]].signing_key()).to_bytes()
+    swapped = {CONTRIBUTIONS: np.frombuffer(pack_wires([wires[SITES[0]].tobytes(), bad]), np.uint8)}
+    with pytest.raises(CKKSError, match="site hospital-2 was encrypted under a different key set"):
+        sites[SITES[0]].open(2, swapped, {})
 
 
 def _ctx(site: str) -> FLContext:
