@@ -4,7 +4,7 @@ Two parts:
 
 1. **Jobs in the NVFlare simulator.** FedProto, FedDistill, LG-FedAvg and FedAvg on four synthetic CXR
    hospitals with the zoo's small CNN, each run with privacy mode ``none`` and ``ckks``: mean round
-   seconds (sites train, encrypt, the server adds, sites decrypt), the ratio ckks / none, bytes up per
+   seconds (sites train and encrypt, the server forwards, sites add and decrypt), the ratio ckks / none, bytes up per
    site per round, and the test accuracy (which must not change).
 2. **Micro-benchmark of one upload** of each algorithm, from a real local round: values, ciphertexts,
    bytes, and encrypt / add (4 sites) / decrypt milliseconds with medsilo's packing (one vector set per

@@ -67,7 +67,7 @@ class RoundController(ModelController):
     """Runs the job's rounds.
 
     Args:
-        job: the job spec as a JSON-plain dict (validated again here).
+        job: the job spec, encoded (:func:`medsilo.config.job.encode_job`); decoded and validated when the job runs.
         task_timeout: seconds to wait for each site per task (0 = no limit).
         resume: continue from the last round checkpointed by an interrupted run of this same job
             (:mod:`medsilo.components.checkpoint`); without a checkpoint the job starts at round 1.

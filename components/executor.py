@@ -114,7 +114,7 @@ class SiteExecutor(Executor):
     """Runs the job's algorithm at this site.
 
     Args:
-        job: the job spec as a JSON-plain dict (validated again here; see :class:`medsilo.config.JobSpec`).
+        job: the job spec, encoded (:func:`medsilo.config.job.encode_job`); decoded and validated here.
     """
 
     def __init__(self, job: str):
