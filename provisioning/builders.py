@@ -169,7 +169,7 @@ privacy:
   required_mode: {required_mode}        # least protection accepted (set by the network; may be raised)
   min_contributors: {min_contributors}  # signed sites an aggregate needs before this site releases it
   # allowed_algorithms: [fedavg, fedproto]
-  # budget: {{epsilon: 8.0, delta: 1.0e-5}}   # differential-privacy cap across jobs
+  {"" if "dp" in required_mode else "# "}budget: {{epsilon: 8.0, delta: 1.0e-5}}   # differential-privacy cap across jobs{"; required with dp" if "dp" in required_mode else ""}
 data:
   max_unreadable_fraction: 0.05
   allow_identifiable_dicom: false

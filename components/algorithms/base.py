@@ -243,13 +243,19 @@ class Server:
         self.num_classes = num_classes
         self.sites = sites
 
+    @classmethod
+    def form_for(cls, config: AlgorithmConfig) -> str:
+        """What the server half reads under ``config``: ``"sums"`` (the aggregate only; the default) or
+        ``"per-site"`` (each site's upload separately, for a published method that learns from per-site
+        tensors, e.g. FedTGP's prototype training). Recorded in ``results.json`` as ``algorithm_form``;
+        ``per-site`` runs only in privacy mode ``none`` (DESIGN §5). A class method, so validating a spec
+        never builds a server (which may load files the job names)."""
+        return "sums"
+
     @property
     def form(self) -> str:
-        """What the server half reads: ``"sums"`` (the aggregate only; the default) or ``"per-site"``
-        (each site's upload separately, for a published method that learns from per-site tensors,
-        e.g. FedTGP's prototype training). Recorded in ``results.json`` as ``algorithm_form``;
-        ``per-site`` runs only in privacy mode ``none`` (DESIGN §5)."""
-        return "sums"
+        """:meth:`form_for` of this server's config."""
+        return self.form_for(self.config)
 
     def update(self, aggregate: Tensors, rnd: int) -> Tensors:
         """Payload for round ``rnd + 1`` from ``aggregate`` = Σ of round ``rnd``'s uploads."""

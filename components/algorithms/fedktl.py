@@ -373,10 +373,10 @@ class Server(BaseServer):
         self.centroids = nn.Parameter(torch.zeros(num_classes, latent_dim))
         self.last_loss = math.nan
 
-    @property
-    def form(self) -> str:
+    @classmethod
+    def form_for(cls, config: Config) -> str:
         """``per-site`` for the published form, ``sums`` for the aggregate form."""
-        return "per-site" if self.config.form == "published" else "sums"
+        return "per-site" if config.form == "published" else "sums"
 
     def update(self, aggregate: Tensors, rnd: int) -> Tensors:
         """Aggregate form: align on the K class means ``proto_sum[k] / proto_count[k]`` (re-normalised).

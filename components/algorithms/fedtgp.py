@@ -200,10 +200,10 @@ class Server(BaseServer):
         d = embedding[1]
         return build_tgp(self.num_classes, d, self.config.hidden_dim or d, self.config.server_seed)
 
-    @property
-    def form(self) -> str:
+    @classmethod
+    def form_for(cls, config: Config) -> str:
         """``"per-site"`` for the published form, ``"sums"`` for the aggregate form."""
-        return "per-site" if self.config.form == "published" else "sums"
+        return "per-site" if config.form == "published" else "sums"
 
     def update(self, aggregate: Tensors, rnd: int) -> Tensors:
         """Aggregate form: train on one pair per class, the class mean ``Σ proto_sum / Σ proto_count``.

@@ -76,8 +76,8 @@ class PrivacyPolicy(Strict):
         allowed_algorithms: algorithm names this site runs; ``None`` allows every registered algorithm.
         required_mode: the least protection; a job asking for less is refused by the site.
         min_contributors: distinct signed sites an aggregate must contain before this site releases it.
-        budget: DP budget cap; ``None`` means the site sets no cap (and refuses ``dp`` jobs only if
-            ``required_mode`` says so).
+        budget: DP budget cap; ``None`` means the site sets no cap. Required when ``required_mode``
+            includes ``dp`` (a requirement of noise with no cap on ε would be met by any noise at all).
         pcevolve_generators: PCEvolve generators this site may use, as written in a job's
             ``augmentation.pcevolve.generator``: ``procedural`` (offline, default), an ``http(s)://`` endpoint
             (the site's picks — synthetic images — go to it), or ``torchscript:PATH``. A job naming another
@@ -89,6 +89,13 @@ class PrivacyPolicy(Strict):
     min_contributors: int = Field(default=2, ge=1)
     budget: Budget | None = None
     pcevolve_generators: list[str] = Field(default_factory=lambda: ["procedural"])
+
+    @model_validator(mode="after")
+    def _required_dp_has_a_cap(self) -> PrivacyPolicy:
+        if "dp" in self.required_mode and self.budget is None:
+            raise ValueError(f"required_mode '{self.required_mode}' needs a budget (privacy.budget: {{epsilon, delta}}): "
+                             "without a cap any amount of noise, however small, would satisfy it")  # fmt: skip
+        return self
 
 
 class DataPolicy(Strict):

@@ -79,6 +79,10 @@ class JobTerms:
         poly_modulus_degree: CKKS ring size.
         releases: the algorithm's server learns from a plaintext aggregate (``needs_plaintext_aggregate``):
             only then does a site honour a ``release`` task.
+        spec_digest: the SHA-256 of the spec as it arrived (a resume must match it).
+        min_sites: the job's ``reliability.min_sites``: ``None`` (every participant must answer every round)
+            or the fewest participants a round may complete with — and so the fewest contributors an
+            aggregate a site decrypts may have.
     """
 
     job: str
@@ -89,6 +93,7 @@ class JobTerms:
     poly_modulus_degree: int = 8192
     releases: bool = False
     spec_digest: str = ""
+    min_sites: int | None = None
 
     @classmethod
     def of(cls, job_id: str, spec, *, releases: bool, digest: str = "") -> JobTerms:
@@ -96,7 +101,8 @@ class JobTerms:
         :func:`~medsilo.config.job.spec_digest` of the spec as it arrived, which a resume must match)."""
         p = spec.privacy
         return cls(job=job_id, mode=p.mode, rounds=spec.training.rounds, min_contributors=p.min_contributors,
-                   dp=p.dp, poly_modulus_degree=p.poly_modulus_degree, releases=releases, spec_digest=digest)  # fmt: skip
+                   dp=p.dp, poly_modulus_degree=p.poly_modulus_degree, releases=releases, spec_digest=digest,
+                   min_sites=spec.reliability.min_sites)  # fmt: skip
 
 
 def describe_arrays(arrays: Mapping[str, Any]) -> dict[str, Any]:
@@ -331,10 +337,11 @@ class SitePipeline:
         if self.encrypted and len(people) < self.min_contributors:
             return (f"round {rnd} has {len(people)} participants, fewer than this site's min_contributors "
                     f"{self.min_contributors}: an aggregate of so few could reveal its upload")  # fmt: skip
+        superseded = self.superseded(entries)
+        if superseded:
+            return f"{superseded}; it takes no more uploads"
         for e in entries:
             what = e["what"]
-            if e["event"] == "policy_loaded" and (what.get("resumed_from") or {}).get("job") == job:
-                return f"job {job} was resumed as job {e['job']}; it takes no more uploads"
             if e["event"] == "refusal" and e["job"] == job and e["round"] == rnd and what.get("closed"):
                 return f"round {rnd} of job {job} was closed when its training failed ({self.ledger.path}:{e['seq'] + 1})"
         inherited = next((e["what"].get("resumed_from") for e in entries
@@ -359,6 +366,14 @@ class SitePipeline:
                     "against each other)")  # fmt: skip
         return None
 
+    def superseded(self, entries: Sequence[dict]) -> str | None:
+        """Why this job answers no more tasks that use or reveal its state: it was resumed as another job
+        (the resuming job holds its rounds from then on); ``None`` otherwise."""
+        for e in entries:
+            if e["event"] == "policy_loaded" and (e["what"].get("resumed_from") or {}).get("job") == self.terms.job:
+                return f"job {self.terms.job} was resumed as job {e['job']} ({self.ledger.path}:{e['seq'] + 1})"
+        return None
+
     def signing_key(self) -> pki.PrivateKey:
         if self._key is None:
             self._key = self.party.signing_key()
@@ -369,15 +384,26 @@ class SitePipeline:
         return pack_arrays(arrays), None
 
     def record_metrics(self, rnd: int, task: str, metrics: Mapping[str, Any]) -> None:
-        """A ``release`` entry (kind ``metrics``) for evaluation results about to go to the server: which splits
-        and figures, and the SHA-256 of their canonical JSON — not the values. They are aggregate figures of
-        the site's val/test splits and are not covered by DP (``docs/threat-model.md``)."""
+        """A ``release`` entry (kind ``metrics``) for figures about to go to the server: which splits and
+        figures (evaluation on val/test, the training loss), and the SHA-256 of their canonical JSON — not the
+        values. They are aggregate figures of the site's data and are not covered by DP, so DP modes send no
+        training loss (``docs/threat-model.md``).
+
+        Raises:
+            PipelineRefusal: the job was resumed as another one (:meth:`superseded`): nothing more of it leaves.
+        """
         text = json.dumps(metrics, sort_keys=True, separators=(",", ":"), default=float)
         figures = sorted({k for split in metrics.values() if isinstance(split, Mapping) for k in split})
-        self.ledger.append("release", job=self.terms.job, round=rnd, privacy=None,
-                           what={"kind": "metrics", "task": task, "splits": sorted(metrics), "figures": figures,
-                                 "sha256": hashlib.sha256(text.encode()).hexdigest(), "bytes": len(text),
-                                 "encrypted": False})  # fmt: skip
+        with self.ledger.locked():
+            superseded = self.superseded(self.ledger.read(self.party.root_ca))
+            if superseded:
+                exc = PipelineRefusal(f"site {self.site}: {superseded}; its figures are not sent")
+                self.book.refuse(self.terms.job, rnd, exc, {"kind": "metrics"})
+                raise exc
+            self.ledger.append("release", job=self.terms.job, round=rnd, privacy=None,
+                               what={"kind": "metrics", "task": task, "splits": sorted(metrics), "figures": figures,
+                                     "sha256": hashlib.sha256(text.encode()).hexdigest(), "bytes": len(text),
+                                     "encrypted": False})  # fmt: skip
 
     def open(self, rnd: int, payload: Arrays, meta: Mapping[str, Any]) -> Arrays:
         """The plaintext payload of a task (plaintext modes: the arrays as sent; encrypted ones refused).

@@ -112,17 +112,25 @@ class Site(SitePipeline):
         except WireError as e:
             raise PipelineRefusal(f"site {self.site}: the round's contributions are refused: {e}") from e
         found = self._contributors(wires, of_job, of_round)
+        sites = sorted(found)
+        total = add(self.context(), [EncryptedUpload.from_bytes(found[s].body) for s in sites],
+                    labels=[f"site {s}" for s in sites])  # fmt: skip
         with self.ledger.locked():
             entries = self.ledger.read(self.party.root_ca)
+            superseded = self.superseded(entries)
+            if superseded:
+                raise PipelineRefusal(f"site {self.site}: {superseded}; it decrypts nothing more")
             for e in entries:
                 what = e["what"]
-                if e["event"] == "decrypt" and e["job"] == self.terms.job and what.get("of_job") == of_job and \
-                        what.get("of_round") == of_round:  # fmt: skip
-                    raise PipelineRefusal(f"site {self.site}: the aggregate of round {of_round} was decrypted before "
-                                          f"({self.ledger.path}:{e['seq'] + 1}); a site decrypts a round once")  # fmt: skip
-            sites = sorted(found)
-            total = add(self.context(), [EncryptedUpload.from_bytes(found[s].body) for s in sites],
-                        labels=[f"site {s}" for s in sites])  # fmt: skip
+                if e["event"] != "decrypt" or what.get("of_job") != of_job or what.get("of_round") != of_round:
+                    continue
+                # a resumed job may open the round its predecessor opened last, but only the very same sum: two
+                # different sums of one round could be set against each other
+                same = (what.get("contributors"), what.get("digest")) == (sites, total.digest())
+                if e["job"] == self.terms.job or not same:
+                    raise PipelineRefusal(f"site {self.site}: the aggregate of round {of_round} of job {of_job} was "
+                                          f"decrypted before ({self.ledger.path}:{e['seq'] + 1}); a site decrypts "
+                                          "a round once")  # fmt: skip
             plain = decrypt(self.context(), total)
             self.ledger.append("decrypt", job=self.terms.job, round=rnd, privacy=None,
                                what={"kind": "aggregate", "digest": total.digest(), "values": total.layout.num_values,
@@ -147,7 +155,13 @@ class Site(SitePipeline):
         if len(sets) != 1 or not set(found) <= set(next(iter(sets))):
             raise PipelineRefusal(f"site {self.site}: the aggregate's contributors were not all announced in one "
                                   "participant set")  # fmt: skip
-        needed = max(self.min_contributors, *(w.statement.min_contributors for w in found.values()))
+        announced = next(iter(sets))
+        if self.terms.min_sites is None and set(found) != set(announced):
+            raise PipelineRefusal(f"site {self.site}: the aggregate holds {len(found)} of the {len(announced)} "
+                                  "announced participants; this job (no reliability.min_sites) completes a round "
+                                  "only with all of them")  # fmt: skip
+        needed = max(self.min_contributors, self.terms.min_sites or 0,
+                     *(w.statement.min_contributors for w in found.values()))
         if len(found) < needed:
             raise PipelineRefusal(f"site {self.site}: the aggregate holds {len(found)} contributors, need ≥ {needed}; "
                                   "it is not decrypted")  # fmt: skip
@@ -171,6 +185,9 @@ class Site(SitePipeline):
             try:
                 if isinstance(rnd, bool) or not isinstance(rnd, int) or not 1 <= rnd <= terms.rounds:
                     raise ReleaseRefused(f"site {self.site}: a release of a round outside 1…{terms.rounds} is refused")
+                superseded = self.superseded(entries)
+                if superseded:
+                    raise ReleaseRefused(f"site {self.site}: {superseded}; it releases nothing more")
                 if not terms.releases:
                     raise ReleaseRefused(f"site {self.site}: this job's algorithm learns nothing on the server, so "
                                          "no aggregate of it is ever released")  # fmt: skip

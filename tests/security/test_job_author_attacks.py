@@ -185,3 +185,21 @@ def test_a_job_cannot_read_a_sites_environment_through_nvflare_variables(kits, t
                                                             "components": []}))  # fmt: skip
     controller = _build(kits / "server", "server", app).runner_config.workflows[0].controller
     assert controller._job_error == "task_timeout: must be an integer ≥ 0 (got a str)"
+
+
+def test_validating_a_job_at_a_site_never_opens_a_file_the_job_names(tmp_path, monkeypatch):
+    """FedKTL's ``generator`` names a TorchScript file the *server* loads. Validating the spec (which every site
+    does at join) once built the server half and so tried to load it at the site: the join reply then told
+    the server whether a path exists there ('not found' vs 'not a TorchScript module')."""
+    from medsilo.components.algorithms import fedktl
+
+    opened: list[str] = []
+    monkeypatch.setattr(fedktl, "load_generator", lambda spec, **_: opened.append(spec))
+    probe = tmp_path / "smith_john_1961.pt"
+    probe.write_bytes(b"a site's file")
+    for path in (probe, tmp_path / "absent.pt"):
+        spec = JobSpec(name="probe", modality="cxr", classes=["a", "b"], dataset="cxr",
+                       algorithm={"name": "fedktl", "params": {"form": "aggregate", "generator": str(path)}},
+                       privacy={"mode": "ckks"})  # fmt: skip
+        assert spec.algorithm.config().generator == str(path)
+    assert opened == []

@@ -157,7 +157,7 @@ def test_the_server_records_every_upload_and_the_sites_add_the_contributions_the
         return {CONTRIBUTIONS: np.frombuffer(pack_wires(items), dtype=np.uint8)}
 
     # the server drops contributions to pass off a smaller sum …
-    with pytest.raises(PipelineRefusal, match="holds 1 contributors, need ≥ 2"):
+    with pytest.raises(PipelineRefusal, match="holds 1 of the 4 announced participants; this job .* only with all"):
         sites["hospital-3"].open(2, sent(forwarded[1:2]), {})
     # … replaces hospital-3's own upload by another of hospital-3's (another job) …
     other = federation.site("hospital-3", federation.terms("ckks", job="job-2", releases=False))
@@ -175,7 +175,7 @@ def test_the_server_records_every_upload_and_the_sites_add_the_contributions_the
     # the genuine contributions: the site's own sum, decrypted once
     plain = sites["hospital-2"].open(2, payload, {})
     assert np.allclose(plain["proto_sum"], sum(upload(i)["proto_sum"] for i in range(4)), atol=1e-4)
-    with pytest.raises(PipelineRefusal, match="the aggregate of round 1 was decrypted before"):
+    with pytest.raises(PipelineRefusal, match="the aggregate of round 1 of job job-1 was decrypted before"):
         sites["hospital-2"].open(2, payload, {})
 
 
@@ -239,3 +239,59 @@ def test_a_release_request_cannot_bloat_the_ledger_with_names_of_its_choosing(fe
         sites["hospital-1"].release(1, {**wires, "hospital-2": bad})
     assert max(len(line) for line in federation.ledger("hospital-1").read_bytes().splitlines()) < 4096
 
+
+
+def _sent(wires) -> dict[str, np.ndarray]:
+    from medsilo.secure.pipeline.ckks import CONTRIBUTIONS
+    from medsilo.secure.upload import pack_wires
+
+    return {CONTRIBUTIONS: np.frombuffer(pack_wires([bytes(w) for w in wires]), dtype=np.uint8)}
+
+
+def test_two_sites_cannot_be_handed_two_subsets_of_one_round_unless_the_job_allows_failures(federation):
+    """Site 1 opens the whole round, site 2 the round without hospital-4: the two sums differ by exactly
+    hospital-4's upload. Without ``reliability.min_sites`` a round completes only with every participant."""
+    from dataclasses import replace
+
+    terms = federation.terms("ckks", releases=False, rounds=3)
+    sites, wires = _round(federation, terms)
+    sites["hospital-1"].open(2, _sent(wires.values()), {})
+    with pytest.raises(PipelineRefusal, match="holds 3 of the 4 announced participants"):
+        sites["hospital-2"].open(2, _sent([wires[s] for s in SITES[:3]]), {})
+    # a job that tolerates failures says how many may be missing, and a site holds the server to it
+    tolerant = replace(terms, job="job-2", min_sites=3)
+    sites, wires = _round(federation, tolerant)
+    assert sorted(sites["hospital-2"].open(2, _sent([wires[s] for s in SITES[:3]]), {})) == ["proto_count", "proto_sum"]
+    with pytest.raises(PipelineRefusal, match="holds 2 contributors, need ≥ 3"):
+        sites["hospital-3"].open(2, _sent([wires[s] for s in SITES[:2]]), {})
+
+
+def test_a_resume_cannot_reopen_a_round_with_another_set_of_contributors(federation):
+    """Job A decrypts round 1 over four contributors and uploads round 2; the server then resumes A as B 'after
+    round 1' and has B open A's round 1 again without hospital-4 — the difference would be hospital-4's
+    upload. The site opens A's round 1 again only as the very same sum, and job A, once resumed, nothing."""
+    from dataclasses import replace
+
+    # min_sites 3: a job that tolerates one failure, where a 3-site sum of a round is a valid sum in itself
+    a = replace(federation.terms("ckks", job="job-A", releases=False, rounds=3), spec_digest="d" * 64, min_sites=3)
+    b = replace(a, job="job-B")
+    sites = {s: federation.site(s, a) for s in SITES}
+    for site in sites.values():
+        site.start(None)
+    round1 = {s: sites[s].protect(1, list(SITES), upload(i))[0] for i, s in enumerate(SITES)}
+    round2 = {s: sites[s].protect(2, list(SITES), upload(10 + i))[0] for i, s in enumerate(SITES)}
+    target = sites["hospital-1"]
+    full = target.open(2, _sent(round1.values()), {})
+    resumed = federation.site("hospital-1", b)
+    resumed.start(None, {"job": "job-A", "round": 1})
+    before = len(_events(federation, "hospital-1", "decrypt"))
+    with pytest.raises(PipelineRefusal, match="the aggregate of round 1 of job job-A was decrypted before"):
+        resumed.open(2, _sent([round1[s] for s in SITES[:3]]), {})
+    again = resumed.open(2, _sent(round1.values()), {})  # the same sum as job A opened: nothing new
+    assert all(np.array_equal(again[k], full[k]) for k in full)
+    # job A is superseded: its own site half neither decrypts nor reports figures any more
+    with pytest.raises(PipelineRefusal, match="job job-A was resumed as job job-B .*; it decrypts nothing more"):
+        target.open(3, _sent(round2.values()), {})
+    with pytest.raises(PipelineRefusal, match="job job-A was resumed as job job-B .*; its figures are not sent"):
+        target.record_metrics(3, "evaluate", {"test": {"acc": 0.5}})
+    assert len(_events(federation, "hospital-1", "decrypt")) == before + 1  # only the identical re-open

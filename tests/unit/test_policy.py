@@ -25,7 +25,8 @@ def test_allowed_job_passes():
         (_site(), {**JOB, "modality": "pathology"}, r"dataset 'cxr' is cxr, but job 'j' is pathology"),
         (_site(allowed_algorithms=["ditto"]), JOB, r"algorithm 'fedavg' is not in this site's privacy.allowed_algorithms \(ditto\)"),
         (_site(required_mode="ckks"), JOB, r"uses privacy mode 'none', but this site requires 'ckks'"),
-        (_site(required_mode="ckks+dp"), {**JOB, "privacy": {"mode": "ckks"}}, r"requires 'ckks\+dp'"),
+        (_site(required_mode="ckks+dp", budget={"epsilon": 8, "delta": 1e-5}), {**JOB, "privacy": {"mode": "ckks"}},
+         r"requires 'ckks\+dp'"),
     ],
 )  # fmt: skip
 def test_refusals_name_the_rule(site, job, match):
@@ -39,7 +40,16 @@ def test_stronger_mode_than_required_is_accepted():
 
 def test_stronger_dp_mode_than_required_is_accepted():
     dp = {"mode": "ckks+dp", "dp": {"noise_multiplier": 1.0, "clip": 1.0}}
-    check_job(_site(required_mode="dp"), JobSpec(**{**JOB, "privacy": dp}))
+    check_job(_site(required_mode="dp", budget={"epsilon": 8, "delta": 1e-5}), JobSpec(**{**JOB, "privacy": dp}))
+
+
+@pytest.mark.parametrize("mode", ["dp", "ckks+dp"])
+def test_a_site_requiring_dp_must_cap_its_budget(mode):
+    """Without a cap, a job with noise_multiplier 1e-6 (ε ≈ 5e11 a round) would meet 'required_mode: dp'."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=f"required_mode '{mode.replace('+', '.')}' needs a budget"):
+        _site(required_mode=mode)
 
 
 def test_pcevolve_generator_must_be_allowed_by_the_site():
