@@ -98,7 +98,7 @@ class RoundController(ModelController):
         from medsilo.components import checkpoint
         from medsilo.components.algorithms import algorithm_module
         from medsilo.components.results import RunRecorder
-        from medsilo.config import JobSpec
+        from medsilo.config import JobSpec, augment
         from medsilo.config.loading import validate
         from medsilo.secure.keys import SERVER, Party
         from medsilo.secure.pipeline import pipeline_module
@@ -170,7 +170,9 @@ class RoundController(ModelController):
             self._record_evaluations(recorder, rounds, replies)
             self._progress(run_dir, recorder.progress(rounds))
             recorder.set_failures(self._failures)
-            results = recorder.results()
+            results = {**recorder.results(), "augmentation": {
+                "choice": spec.training.augmentation if isinstance(spec.training.augmentation, str) else "list",
+                "steps": augment.describe(spec.augmentation_steps)}}  # fmt: skip
             self._write(run_dir / RESULTS_FILE, results)
             self.info(f"job {spec.name}: done; selected round {results['selected_round']}, "
                       f"mean test accuracy {results['final']['mean_acc']:.3f}")  # fmt: skip

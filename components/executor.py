@@ -41,6 +41,7 @@ never image values or patient identifiers.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -174,15 +175,19 @@ class SiteExecutor(Executor):
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
             params: dict[str, Any] = {}
+            figures = dict(out.get("eval", {}))
             if task_name == TASK_TRAIN:
                 params, spent, loss = self._train(site, rnd, meta.get("participants"), state, fl_ctx)
-                out["train_loss"] = loss
+                # the training loss is a statistic of the training images no DP mechanism covers: DP modes keep it
+                out["train_loss"] = math.nan if pipeline.noised else loss
+                if not pipeline.noised:
+                    figures["train"] = {"loss": loss}
                 if spent is not None:
                     out["privacy_spent"] = spent
                 if self._synthetic:
                     out["synthetic"] = self._synthetic
-            if "eval" in out:  # the metrics leave with this reply: ledgered first
-                pipeline.record_metrics(rnd, task_name, out["eval"])
+            if figures:  # the figures leave with this reply: ledgered first
+                pipeline.record_metrics(rnd, task_name, figures)
             out["seconds"] = round(time.perf_counter() - t0, 3)
             self.log_info(fl_ctx, f"{site}: {task_name} round {rnd} done in {out['seconds']} s, "
                                   f"upload {payload_bytes(params)} bytes")  # fmt: skip
@@ -287,7 +292,7 @@ class SiteExecutor(Executor):
         from medsilo.components.algorithms.base import SiteSetup
         from medsilo.config import JobSpec, read_manifest
         from medsilo.config.loading import validate
-        from medsilo.medical.data import channels_of, load_site_data
+        from medsilo.medical.data import load_site_data
         from medsilo.medical.models import build_model
         from medsilo.secure.keys import Party
         from medsilo.secure.pipeline import pipeline_module
@@ -319,6 +324,8 @@ class SiteExecutor(Executor):
             max_unreadable_fraction=config.data.max_unreadable_fraction,
             allow_identifiable=config.data.allow_identifiable_dicom,
             seed=seed,
+            augmentation=spec.training.augmentation,
+            channels=spec.channels,
         )
         self.log_info(fl_ctx, f"{site}: loaded {len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test "
                               f"images in {time.perf_counter() - t0:.1f} s, skipped {len(data.failures)}")  # fmt: skip
@@ -326,7 +333,7 @@ class SiteExecutor(Executor):
         if aug is not None and site in aug.sites:
             data = self._pcevolve(site, spec, config, manifest, data, workspace, seed, fl_ctx)
 
-        model = build_model(spec.backbone_for(site), in_channels=channels_of(spec.modality),
+        model = build_model(spec.backbone_for(site), in_channels=data.channels,
                             num_classes=len(spec.classes), feature_dim=spec.feature_dim, seed=spec.seed)  # fmt: skip
         batch = min(spec.training.batch_size, config.compute.max_batch_size)
         setup = SiteSetup(site=site, model=model, data=data, num_classes=len(spec.classes),

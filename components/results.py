@@ -8,7 +8,9 @@ training loss of round ``r``.
 
 The reported round (``selected_round``) maximises the mean of the sites' *validation* accuracy —
 every hospital counts the same — and only then are its test numbers read. Ties go to the earlier
-round. ``pooled_acc`` is Σ correct / Σ images over the sites' test splits at that round.
+round. ``pooled_acc`` is Σ correct / Σ images over the sites' test splits at that round. Every round
+also carries each site's ``n_val``/``n_test`` and both means, unweighted (``mean_val_acc``,
+``mean_test_acc``) and sample-weighted (``pooled_val_acc``, ``pooled_test_acc``).
 
 Failed sites (job ``reliability.min_sites``): a site that failed the task carrying round ``r``'s
 evaluation has no metrics for round ``r`` — they are left out of that round (never filled in), its
@@ -207,6 +209,7 @@ class RunRecorder:
         out_rounds = []
         for rnd in rounds:
             r = self._rounds[rnd]
+            sites = self._evaluated(rnd)
             out_rounds.append({
                 "round": rnd,
                 "seconds": round(r.seconds, 3),
@@ -218,9 +221,12 @@ class RunRecorder:
                         "test_acc": _num(r.evals[s]["test"]["acc"]),
                         "test_auroc": _num(r.evals[s]["test"]["auroc"]),
                         "train_loss": _num(r.train_loss.get(s)),
+                        "n_val": int(r.evals[s]["val"]["n"]),
+                        "n_test": int(r.evals[s]["test"]["n"]),
                     }
-                    for s in self._evaluated(rnd)
+                    for s in sites
                 },
+                **_round_means(r.evals, sites),
             })  # fmt: skip
         chosen, evaluated = self._rounds[best].evals, self._evaluated(best)
         per_site = {s: {"test_acc": _num(chosen[s]["test"]["acc"]), "test_auroc": _num(chosen[s]["test"]["auroc"])}
@@ -249,6 +255,18 @@ class RunRecorder:
             "synthetic": self.synthetic,
             "failures": self.failures,
         }
+
+
+def _round_means(evals: dict[str, dict[str, dict[str, float]]], sites: list[str]) -> dict[str, float | None]:
+    """A round's means over ``sites``: unweighted (every hospital counts the same: ``mean_*``) and
+    sample-weighted (every image counts the same: ``pooled_*`` = Σ correct / Σ images)."""
+    out: dict[str, float | None] = {}
+    for split in ("val", "test"):
+        accs = [evals[s][split]["acc"] for s in sites]
+        n = sum(evals[s][split]["n"] for s in sites)
+        out[f"mean_{split}_acc"] = _num(sum(accs) / len(accs)) if accs else None
+        out[f"pooled_{split}_acc"] = _num(sum(evals[s][split]["correct"] for s in sites) / n) if n else None
+    return out
 
 
 # ---- JSON form of a recorder (server checkpoints) ----------------------------------------------------

@@ -331,8 +331,10 @@ def predict(model: nn.Module, loader: torch.utils.data.DataLoader) -> tuple[torc
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Accuracy and AUROC of probabilities ``(N, K)`` against labels ``(N,)``.
 
-    AUROC is binary (positive class 1) for K = 2 and macro one-vs-rest for K > 2 (sklearn);
-    it is NaN when the labels hold fewer than two classes, since it is undefined there.
+    AUROC is binary (positive class 1) for K = 2 and macro one-vs-rest for K > 2 (sklearn) over the
+    classes present in the labels; with exactly two present (a label-skewed site of a K-class job) it is
+    the binary AUROC of the two, on probabilities renormalised over them. It is NaN when the labels hold
+    fewer than two classes, since it is undefined there.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -344,6 +346,9 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
         auroc = math.nan
     elif p.shape[1] == 2:
         auroc = float(roc_auc_score(y, p[:, 1]))
+    elif len(present) == 2:  # sklearn's one-vs-rest refuses two labels: it is the binary case
+        low, high = p[:, present[0]], p[:, present[1]]
+        auroc = float(roc_auc_score(y == present[1], high / np.maximum(low + high, 1e-300)))
     else:
         # restrict to classes present in y; renormalise so rows sum to 1 as sklearn requires
         sub = p[:, present] / p[:, present].sum(1, keepdims=True)

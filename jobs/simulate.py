@@ -156,13 +156,18 @@ def run_simulation(
     # each party's privacy ledger persists beside sites.yml (a site's workspace outlives its jobs), signed
     # with a certificate from a local root CA made once there (medsilo.secure.keys)
     ledgers = sites_file.parent / "ledgers"
+    made = not ledgers.is_dir()
     ensure_simulation_pki(ledgers, names)
     env[LEDGER_DIR_ENV] = str(ledgers)
+    where = [f"privacy ledgers and the simulation's signing keys {'made in' if made else 'kept in'} {ledgers} "
+             f"(budgets span runs; delete the folder to start them over)"]  # fmt: skip
     if pipeline_module(spec.privacy.mode).Site.encrypted:  # NVFlare's HE recipe refuses the simulator; not ours
         keys = run_dir / "he_keys"
         if not (resume and keys.is_dir()):  # a resumed job's checkpointed payload is encrypted under these keys
             generate_simulation_contexts(keys, names, spec.privacy.poly_modulus_degree)
         env[HE_DIR_ENV] = str(keys)
+        where.append(f"CKKS keys of this run in {keys}")
+    print(f"{label or spec.name}: " + "; ".join(where), file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(workspace),
            "-c", ",".join(names), "-t", str(len(names))]  # fmt: skip
     server_dir = workspace / "server" / "simulate_job"

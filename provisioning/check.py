@@ -121,7 +121,7 @@ def _check_dataset(name: str, ref, config, rows: list[Check], progress: bool) ->
     from tqdm import tqdm
 
     from medsilo.config import read_manifest
-    from medsilo.medical.data.dataset import MODALITIES
+    from medsilo.medical.data.dataset import reader_for
     from medsilo.medical.data.readers import IdentifyingImage, UnreadableImage
 
     try:
@@ -129,9 +129,8 @@ def _check_dataset(name: str, ref, config, rows: list[Check], progress: bool) ->
     except MedsiloError as exc:
         rows.append(Check(f"dataset {name}", "fail", str(exc)))
         return
-    spec = MODALITIES[ref.modality]
     allow = config.data.allow_identifiable_dicom
-    reader = spec["reader"](allow) if spec["identifiable_arg"] else spec["reader"]()
+    reader = reader_for(ref.modality, allow_identifiable=allow)
     counts: Counter = Counter()
     unreadable: list[UnreadableImage] = []
     identifying: list[IdentifyingImage] = []

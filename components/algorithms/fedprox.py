@@ -59,10 +59,10 @@ class Config(AlgorithmConfig):
     """FedProx hyper-parameters.
 
     Attributes:
-        mu: proximal weight μ (> 0; ``μ = 0`` would be FedAvg). Default 0.01.
+        mu: proximal weight μ (≥ 0; ``μ = 0``, the reference's default, is exactly FedAvg). Default 0.01.
     """
 
-    mu: float = Field(default=0.01, gt=0)
+    mu: float = Field(default=0.01, ge=0)
 
 
 class Client(BaseClient):

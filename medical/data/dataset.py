@@ -17,28 +17,47 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
+from medsilo.config import augment
+from medsilo.config.common import MODALITY_CHANNELS
 from medsilo.config.manifest import SPLITS, Manifest, ManifestRow
 from medsilo.errors import DataError
-from medsilo.medical.data.readers import LoadCXR, LoadPatch, UnreadableImage
-from medsilo.medical.data.transforms import augmentation, normalize, preprocess
+from medsilo.medical.data.readers import LoadCXR, LoadImageFile, LoadPatch, UnreadableImage
+from medsilo.medical.data.transforms import build_augmentation, normalize, preprocess
 
 log = logging.getLogger(__name__)
 
-MODALITIES: dict[str, dict[str, Any]] = {
-    "cxr": {"channels": 1, "reader": LoadCXR, "identifiable_arg": True},
-    "pathology": {"channels": 3, "reader": LoadPatch, "identifiable_arg": False},
-}
-"""Per modality: input channels and the reader class (and whether it takes ``allow_identifiable``)."""
+MODALITIES: tuple[str, ...] = tuple(MODALITY_CHANNELS)
+"""``cxr``, ``pathology``, ``image`` (:data:`medsilo.config.common.Modality`)."""
+
+
+def reader_for(modality: str, *, allow_identifiable: bool = False, channels: int | None = None) -> Callable:
+    """The file reader of ``modality``: path → ``(C, H, W)`` float32 in [0, 1].
+
+    Args:
+        modality: ``cxr`` (DICOM, :class:`.readers.LoadCXR`), ``pathology`` (RGB patches) or ``image``.
+        allow_identifiable: chest X-ray only: accept DICOMs with identifying attributes.
+        channels: ``image`` only: 1 or 3 to convert every file, ``None`` to keep each file's own.
+    """
+    if modality == "cxr":
+        return LoadCXR(allow_identifiable)
+    if modality == "pathology":
+        return LoadPatch()
+    if modality == "image":
+        return LoadImageFile(channels)
+    raise DataError(f"modality: must be one of {', '.join(MODALITIES)}, got {modality!r}")
 
 
 def channels_of(modality: str) -> int:
-    """Input channels of a modality (1 for chest X-ray, 3 for pathology)."""
-    return MODALITIES[modality]["channels"]
+    """Input channels a modality fixes (1 for chest X-ray, 3 for pathology); for ``image`` the job or the
+    data decide (:attr:`SiteData.channels`)."""
+    channels = MODALITY_CHANNELS[modality]
+    if channels is None:
+        raise ValueError(f"modality '{modality}' does not fix the channel count; read it from the loaded data")
+    return channels
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -89,8 +108,9 @@ class SiteData:
     Attributes:
         train, val, test: the splits (train augments per sample).
         classes: class names in label order.
-        modality: ``cxr`` or ``pathology``.
+        modality: ``cxr``, ``pathology`` or ``image``.
         failures: files that were skipped, with reasons.
+        augmentation: the training transforms in force, resolved (``()``: none).
     """
 
     train: ImageSet
@@ -99,6 +119,12 @@ class SiteData:
     classes: tuple[str, ...]
     modality: str
     failures: list[LoadFailure] = field(default_factory=list)
+    augmentation: tuple = ()
+
+    @property
+    def channels(self) -> int:
+        """The images' channel count (the model's input channels)."""
+        return int(self.train.images.shape[1])
 
     def split(self, name: str) -> ImageSet:
         """A split by name."""
@@ -118,17 +144,23 @@ def load_site_data(
     allow_identifiable: bool = False,
     seed: int | None = None,
     progress: bool = False,
+    augmentation: augment.AugmentationChoice | tuple = "default",
+    channels: int | None = None,
 ) -> SiteData:
     """Read, check and preprocess every image of ``manifest``.
 
     Args:
         manifest: the parsed manifest (classes in the job's order).
-        modality: ``cxr`` or ``pathology``.
+        modality: ``cxr``, ``pathology`` or ``image``.
         image_size: square side S of the model input.
         max_unreadable_fraction: share of files that may be skipped before loading fails.
         allow_identifiable: accept DICOMs with identifying attributes (site policy).
         seed: seeds the training augmentation.
         progress: show a progress bar.
+        augmentation: the job's ``training.augmentation`` (validated): ``default`` (the modality's recipe),
+            ``none``, or transform entries (:mod:`medsilo.config.augment`).
+        channels: ``image`` only: 1 or 3 to convert every file; ``None``: 3 if any file is in colour (the
+            grayscale ones are replicated), else 1.
 
     Returns:
         The site's splits.
@@ -137,10 +169,7 @@ def load_site_data(
         DataError: too many unusable files, or a split without a usable image; the message counts
             the reasons and names the first few files.
     """
-    if modality not in MODALITIES:
-        raise DataError(f"modality: must be one of {sorted(MODALITIES)}, got {modality!r}")
-    spec = MODALITIES[modality]
-    reader = spec["reader"](allow_identifiable) if spec["identifiable_arg"] else spec["reader"]()
+    reader = reader_for(modality, allow_identifiable=allow_identifiable, channels=channels)
     resize = preprocess(image_size)
 
     from tqdm import tqdm
@@ -170,18 +199,24 @@ def load_site_data(
             f"{manifest.file}: no usable image in split(s) {', '.join(empty)}; every split needs images{detail}"
         )
 
-    channels = channels_of(modality)
+    fixed = MODALITY_CHANNELS[modality] or channels
+    present = {image.shape[0] for split in SPLITS for image in loaded[split][0]}
+    want = fixed or max(present)
+    if present - {want, 1} or (fixed and present != {want}):
+        raise DataError(f"{manifest.file}: {modality} images should have {want} channel(s), got "
+                        f"{', '.join(map(str, sorted(present)))}")  # fmt: skip
+    steps = augment.resolve(augmentation, modality)
     sets = {}
     for split in SPLITS:
         images, labels = loaded[split]
-        x = torch.from_numpy(np.stack(images))
-        if x.shape[1] != channels:
-            raise DataError(f"{manifest.file}: {modality} images should have {channels} channel(s), got {x.shape[1]}")
-        augment = augmentation(modality, seed=seed, image_size=image_size) if split == "train" else None
-        sets[split] = ImageSet(x, torch.tensor(labels, dtype=torch.int64), augment)
+        x = torch.from_numpy(np.stack(images)) if {i.shape[0] for i in images} == {want} else \
+            torch.from_numpy(np.stack([np.broadcast_to(i, (want, *i.shape[1:])) for i in images]))  # fmt: skip
+        train = split == "train"
+        transform = build_augmentation(steps, channels=want, seed=seed, image_size=image_size) if train else None
+        sets[split] = ImageSet(x, torch.tensor(labels, dtype=torch.int64), transform)
     return SiteData(
         train=sets["train"], val=sets["val"], test=sets["test"],
-        classes=manifest.classes, modality=modality, failures=failures,
+        classes=manifest.classes, modality=modality, failures=failures, augmentation=steps,
     )  # fmt: skip
 
 

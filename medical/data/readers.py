@@ -1,7 +1,7 @@
-"""Image readers: chest X-ray DICOM and pathology patches, through MONAI's ``LoadImage``.
+"""Image readers: chest X-ray DICOM, pathology patches and generic images, through MONAI's ``LoadImage``.
 
-Both readers return one image as ``(C, H, W)`` float32 in [0, 1] (``C`` = 1 for chest X-ray, 3 for
-pathology) and raise :class:`UnreadableImage` with a short reason for a file that cannot be used; the
+Every reader returns one image as ``(C, H, W)`` float32 in [0, 1] (``C`` = 1 for chest X-ray, 3 for
+pathology, 1 or 3 for generic images) and raises :class:`UnreadableImage` with a short reason for a file that cannot be used; the
 dataset loader counts those and skips them up to the site's allowed fraction.
 
 Chest X-ray (:class:`LoadCXR`) follows the DICOM grayscale pipeline
@@ -19,11 +19,12 @@ Chest X-ray (:class:`LoadCXR`) follows the DICOM grayscale pipeline
 4. Before any of that is used, the de-identification check (:mod:`.deid`) refuses files with
    identifying attributes unless the site allows them.
 
-Pathology (:class:`LoadPatch`) reads PNG/TIFF/JPEG with MONAI's ``PILReader`` (``reverse_indexing=False``
-so rows stay rows), converts to RGB, and scales 0–255 to [0, 1].
+Generic images (:class:`LoadImageFile`, modality ``image``) and pathology patches (:class:`LoadPatch`, always
+RGB) read PNG/TIFF/JPEG with MONAI's ``PILReader`` (``reverse_indexing=False`` so rows stay rows) and scale
+8-bit files by 255, 16-bit grayscale by 65535.
 
-Both readers first read the file's header alone and refuse an image that declares more pixels than its
-modality's limit (:data:`CXR_MAX_PIXELS`, :data:`PATCH_MAX_PIXELS`), so a small hostile or damaged file
+Every reader first reads the file's header alone and refuses an image that declares more pixels than its
+modality's limit (:data:`CXR_MAX_PIXELS`, :data:`PATCH_MAX_PIXELS`, :data:`IMAGE_MAX_PIXELS`), so a small hostile or damaged file
 (a 15 KB PNG can declare 11000×11000 pixels) never makes a site allocate gigabytes.
 """
 
@@ -242,51 +243,97 @@ class LoadCXR:
         return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
 
 
-class LoadPatch:
-    """Load one pathology patch (PNG, TIFF, JPEG) as ``(3, H, W)`` float32 in [0, 1] (RGB).
+IMAGE_MAX_PIXELS = 16 * 2**20
+"""Largest width × height a generic image (modality ``image``) may declare: 16 megapixels, as for patches."""
+
+_GRAY_16 = ("I;16", "I;16B", "I;16L", "I")
+"""Pillow modes of 16-bit (and 32-bit integer) grayscale files, scaled by 65535."""
+_GRAY_8 = ("1", "L", "LA")
+
+
+class LoadImageFile:
+    """Load one PNG, JPEG or TIFF as ``(C, H, W)`` float32 in [0, 1], through MONAI's ``PILReader``.
+
+    8-bit files are divided by 255, 16-bit grayscale by 65535 (values of 32-bit integer files above that
+    are clipped). Alpha is dropped; palette and other colour modes become RGB.
+
+    Args:
+        channels: ``1`` (colour converted to luminance, ITU-R 601), ``3`` (grayscale replicated), or
+            ``None``: as the file is (grayscale → 1, colour → 3).
+        max_pixels: the most pixels a file's header may declare; larger files are refused before decoding.
+        what: what the files are, for messages (``pathology patches``).
 
     Raises (from ``__call__``):
-        UnreadableImage: missing, truncated or not an image, or its header declares more than
-            :data:`PATCH_MAX_PIXELS` pixels (refused before decoding).
+        UnreadableImage: missing, truncated or not an image, floating-point pixels, or a header declaring
+            more than ``max_pixels`` pixels.
     """
 
-    def __init__(self) -> None:
-        from monai.data import PILReader
+    def __init__(self, channels: int | None = None, *, max_pixels: int = IMAGE_MAX_PIXELS, what: str = "images"):
         from monai.transforms import LoadImage
 
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels: must be 1, 3 or None, got {channels!r}")
+        self.channels, self.max_pixels, self.what = channels, max_pixels, what
         with _quiet_loader_setup():
             self._load = LoadImage(image_only=True, dtype=np.float32, ensure_channel_first=True)
-        self._reader = PILReader(reverse_indexing=False, converter=lambda im: im.convert("RGB"))
 
-    @staticmethod
-    def _check_size(path: Path) -> None:
-        """Read the header only (Pillow opens lazily) and refuse a patch over :data:`PATCH_MAX_PIXELS`."""
+    def _mode(self, path: Path) -> str:
+        """Read the header only (Pillow opens lazily): refuse a file over ``max_pixels``; return its mode."""
         from PIL import Image
 
         try:
             with warnings.catch_warnings():
-                # Pillow warns above its own global limit; medsilo refuses on PATCH_MAX_PIXELS below instead
+                # Pillow warns above its own global limit; medsilo refuses on max_pixels below instead
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as im:
                     width, height = im.size
+                    mode = im.mode
         except Image.DecompressionBombError as exc:  # over twice Pillow's limit: it refuses to open at all
-            limit = PATCH_MAX_PIXELS // 2**20
-            raise UnreadableImage(path, f"declares more pixels than Pillow opens ({_short(exc)}); pathology "
-                                        f"patches may have {limit} megapixels at most") from None  # fmt: skip
+            limit = self.max_pixels // 2**20
+            raise UnreadableImage(path, f"declares more pixels than Pillow opens ({_short(exc)}); {self.what} "
+                                        f"may have {limit} megapixels at most") from None  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - an unparsable header makes this one file unreadable
             raise UnreadableImage(path, f"not a readable image ({_short(exc)})") from None
-        _check_declared_size(path, height, width, PATCH_MAX_PIXELS, "pathology patches")
+        _check_declared_size(path, height, width, self.max_pixels, self.what)
+        if mode == "F":
+            raise UnreadableImage(path, "floating-point pixels (Pillow mode F); export 8- or 16-bit images")
+        return mode
 
     def __call__(self, path: str | Path) -> np.ndarray:
+        from monai.data import PILReader
+
         path = Path(path)
         if not path.is_file():
             raise UnreadableImage(path, "file not found")
-        self._check_size(path)
+        mode = self._mode(path)
+        gray = mode in _GRAY_16 or mode in _GRAY_8
+        if gray and mode in _GRAY_16:
+            target, scale = mode, 65535.0  # kept at 16 bits; Pillow's convert("L") would clip it
+        elif gray or self.channels == 1:
+            target, scale = "L", 255.0
+        else:
+            target, scale = "RGB", 255.0
+        reader = PILReader(reverse_indexing=False, converter=lambda im: im if im.mode == target else im.convert(target))
         try:
-            image = self._load(path, reader=self._reader)
+            image = self._load(path, reader=reader)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes this one file unreadable
             raise UnreadableImage(path, f"not a readable image ({_short(exc)})") from None
         x = np.asarray(image, dtype=np.float32)
-        if x.ndim != 3 or x.shape[0] != 3:
-            raise UnreadableImage(path, f"expected an RGB image, got array of shape {tuple(x.shape)}")
-        return x / 255.0
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3 or x.shape[0] not in (1, 3):
+            raise UnreadableImage(path, f"expected a grayscale or RGB image, got array of shape {tuple(x.shape)}")
+        x = np.clip(x / scale, 0.0, 1.0)
+        if self.channels == 3 and x.shape[0] == 1:
+            x = np.repeat(x, 3, axis=0)
+        elif self.channels == 1 and x.shape[0] == 3:
+            x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None].astype(np.float32)
+        return x
+
+
+class LoadPatch(LoadImageFile):
+    """Load one pathology patch (PNG, TIFF, JPEG) as ``(3, H, W)`` float32 in [0, 1] (RGB; grayscale
+    files replicated), refusing a header over :data:`PATCH_MAX_PIXELS` before decoding."""
+
+    def __init__(self) -> None:
+        super().__init__(3, max_pixels=PATCH_MAX_PIXELS, what="pathology patches")

@@ -1,20 +1,22 @@
-"""MONAI transforms for both modalities: resize, normalise, augment, and H&E stain augmentation.
+"""MONAI transforms: resize, normalise, the job's training augmentation, and H&E stain augmentation.
 
 Images enter as ``(C, H, W)`` float32 in [0, 1] (see :mod:`.readers`). Deterministic preprocessing
-(:func:`preprocess`) runs once per image when a dataset is loaded; random augmentation
-(:func:`augmentation`) runs per sample during training, still in [0, 1]; :func:`normalize` then maps
+(:func:`preprocess`) runs once per image when a dataset is loaded; the job's random augmentation
+(:func:`build_augmentation` of ``training.augmentation``, names from the allow-list in
+:mod:`medsilo.config.augment`) runs per sample during training; :func:`normalize` then maps
 [0, 1] to roughly zero mean, unit spread, the same way at every site (a fixed map, not per-image
 statistics, so a hospital's contrast differences remain visible to the model, as they are in reality).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from monai.transforms import RandomizableTransform
 
+from medsilo.errors import DataError
 from medsilo.medical.synth.pathology import E_VECTOR, H_VECTOR
 
 NORM_CENTER, NORM_SCALE = 0.5, 0.25
@@ -89,46 +91,62 @@ class RandHEDJitter(RandomizableTransform):
         return torch.exp(-(self._mix.T @ stains)).reshape(x.shape).clamp(0, 1)
 
 
-def augmentation(
-    modality: str, seed: int | None = None, image_size: int | None = None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Training-time random augmentation for ``modality`` (``cxr`` or ``pathology``), on [0, 1] images.
+def _affine(step, image_size: int | None):
+    from monai.transforms import RandAffine
 
-    * ``cxr``: small rotation/scale/shift, gamma and Gaussian noise (no flips: the heart's side is
-      anatomy, and the laterality marker would lie).
-    * ``pathology``: flips, 90° rotations (tissue has no orientation) and H&E stain jitter.
+    # the sampling grid is cached when the image size is known (the same images every call)
+    return RandAffine(prob=step.prob, rotate_range=(step.rotate_range,), scale_range=(step.scale_range,) * 2,
+                      translate_range=(step.translate_range,) * 2, shear_range=(step.shear_range,) * 2
+                      if step.shear_range else None, padding_mode=step.padding_mode,
+                      cache_grid=image_size is not None,
+                      spatial_size=(image_size, image_size) if image_size else None)  # fmt: skip
+
+
+def _builders() -> dict[str, Callable]:
+    """Transform name (:data:`medsilo.config.augment.STEPS`) → ``(step, image_size) -> transform``."""
+    from monai import transforms as mt
+
+    return {
+        "RandAffine": _affine,
+        "RandFlip": lambda s, _: mt.RandFlip(prob=s.prob, spatial_axis=s.spatial_axis),
+        "RandRotate90": lambda s, _: mt.RandRotate90(prob=s.prob, max_k=s.max_k),
+        "RandZoom": lambda s, _: mt.RandZoom(prob=s.prob, min_zoom=s.min_zoom, max_zoom=s.max_zoom, keep_size=True),
+        "RandAdjustContrast": lambda s, _: mt.RandAdjustContrast(prob=s.prob, gamma=tuple(s.gamma)),
+        "RandGaussianNoise": lambda s, _: mt.RandGaussianNoise(prob=s.prob, std=s.std),
+        "RandScaleIntensity": lambda s, _: mt.RandScaleIntensity(factors=s.factors, prob=s.prob),
+        "RandShiftIntensity": lambda s, _: mt.RandShiftIntensity(offsets=s.offsets, prob=s.prob),
+        "RandGaussianSmooth": lambda s, _: mt.RandGaussianSmooth(sigma_x=tuple(s.sigma), sigma_y=tuple(s.sigma),
+                                                                 prob=s.prob),
+        "RandHEDJitter": lambda s, _: RandHEDJitter(prob=s.prob, sigma=s.sigma, bias=s.bias),
+    }  # fmt: skip
+
+
+def build_augmentation(
+    steps: Sequence, *, channels: int, seed: int | None = None, image_size: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The training-time transform for resolved ``steps`` (:func:`medsilo.config.augment.resolve`), on
+    ``(C, S, S)`` images in [0, 1]; ``None`` when there are no steps (the exact preprocessed pixels).
 
     Args:
-        modality: which recipe.
+        steps: validated transform entries, applied in order.
+        channels: the images' channel count (RGB-only transforms need 3).
         seed: seeds the transforms' own generators (the global RNG is never touched).
         image_size: square input side, when known: lets the affine transform reuse its sampling grid.
-    """
-    from monai.transforms import (
-        Compose,
-        RandAdjustContrast,
-        RandAffine,
-        RandFlip,
-        RandGaussianNoise,
-        RandRotate90,
-    )
 
-    recipes: dict[str, Callable[[], list]] = {
-        "cxr": lambda: [
-            RandAffine(prob=0.5, rotate_range=(0.09,), scale_range=(0.06, 0.06), translate_range=(2, 2),
-                       padding_mode="zeros", cache_grid=image_size is not None,
-                       spatial_size=(image_size, image_size) if image_size else None),
-            RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25)),
-            RandGaussianNoise(prob=0.2, std=0.02),
-        ],
-        "pathology": lambda: [
-            RandFlip(prob=0.5, spatial_axis=0),
-            RandFlip(prob=0.5, spatial_axis=1),
-            RandRotate90(prob=0.5),
-            RandHEDJitter(prob=0.8),
-        ],
-    }  # fmt: skip
-    if modality not in recipes:
-        raise ValueError(f"modality: must be one of {sorted(recipes)}, got {modality!r}")
-    compose = Compose(recipes[modality]())
+    Raises:
+        DataError: an RGB-only transform (H&E jitter) for images with one channel.
+    """
+    from monai.transforms import Compose
+
+    from medsilo.config.augment import RGB_ONLY
+
+    if not steps:
+        return None
+    rgb_only = sorted({s.transform for s in steps} & RGB_ONLY)
+    if rgb_only and channels != 3:
+        raise DataError(f"training.augmentation: {', '.join(rgb_only)} needs RGB images, but this site's images "
+                        f"have {channels} channel(s)")  # fmt: skip
+    builders = _builders()
+    compose = Compose([builders[s.transform](s, image_size) for s in steps])
     compose.set_random_state(seed=seed)
     return compose

@@ -7,8 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 
-Modality = Literal["cxr", "pathology"]
-"""``cxr``: chest X-ray DICOM (1 channel); ``pathology``: RGB H&E patches (3 channels)."""
+Modality = Literal["cxr", "pathology", "image"]
+"""``cxr``: chest X-ray DICOM (1 channel); ``pathology``: RGB H&E patches (3 channels); ``image``: PNG, JPEG
+or TIFF of any specialty, grayscale or RGB, with no domain-specific augmentation by default."""
+
+MODALITY_CHANNELS: dict[str, int | None] = {"cxr": 1, "pathology": 3, "image": None}
+"""Input channels each modality fixes (``None``: the job's ``channels``, or the data, decide)."""
 
 PrivacyMode = Literal["none", "dp", "ckks", "ckks+dp"]
 """What the server may see of a site's upload (DESIGN §5)."""

@@ -30,7 +30,16 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from medsilo.components.algorithms import ALGORITHMS, HTFL_ALGORITHMS
-from medsilo.config.common import PRIVACY_STRENGTH, SITE_NAME_PATTERN, Modality, PrivacyMode, Strict
+from medsilo.config import augment
+from medsilo.config.augment import AugmentationChoice
+from medsilo.config.common import (
+    MODALITY_CHANNELS,
+    PRIVACY_STRENGTH,
+    SITE_NAME_PATTERN,
+    Modality,
+    PrivacyMode,
+    Strict,
+)
 from medsilo.config.loading import load_yaml, validate
 from medsilo.errors import MedsiloError, did_you_mean
 from medsilo.medical.models import BACKBONES
@@ -89,6 +98,9 @@ class Training(Strict):
         optimizer: ``sgd`` (momentum below) or ``adam``.
         momentum: SGD momentum in [0, 1).
         weight_decay: L2 penalty (≥ 0).
+        augmentation: what random transforms each training image goes through: ``default`` (the
+            modality's recipe), ``none`` (the exact preprocessed pixels) or a list of allow-listed MONAI
+            transforms with their parameters (:mod:`medsilo.config.augment`).
     """
 
     rounds: int = Field(default=10, ge=1, le=MAX_ROUNDS)
@@ -98,6 +110,7 @@ class Training(Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    augmentation: AugmentationChoice = "default"
 
 
 class Reliability(Strict):
@@ -201,7 +214,8 @@ class PCEvolveSpec(Strict):
 
 
 class Augmentation(Strict):
-    """Optional data augmentation that runs before training."""
+    """Data a job adds to a site's training split before training (the per-image random transforms are
+    ``training.augmentation``)."""
 
     pcevolve: PCEvolveSpec | None = None
 
@@ -217,8 +231,13 @@ class JobSpec(Strict):
 
     Attributes:
         name: job name (letters, digits, ``_ . -``).
-        modality: ``cxr`` or ``pathology``.
-        classes: class names in label order (≥ 2, unique).
+        modality: ``cxr`` (DICOM chest X-ray), ``pathology`` (RGB H&E patches) or ``image`` (PNG/JPEG/TIFF
+            of any specialty, grayscale or RGB).
+        classes: class names in label order (≥ 2, unique; numbers are read as names: ``[0, 1]`` is
+            ``["0", "1"]``).
+        channels: the model's input channels: ``1`` (grayscale images are used as they are, RGB converted
+            to luminance) or ``3`` (grayscale replicated); ``null`` (default) for ``image`` reads it from each
+            site's files (3 if any is in colour); chest X-ray is always 1, pathology 3.
         dataset: the dataset name each site resolves through its own config.
         image_size: square input side in pixels (8–512).
         model: one backbone for every site, or a map site → backbone (heterogeneous FL).
@@ -230,6 +249,7 @@ class JobSpec(Strict):
     name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
     modality: Modality
     classes: list[ClassName] = Field(min_length=2)
+    channels: Literal[1, 3] | None = None
     dataset: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
     image_size: int = Field(default=64, ge=8, le=512)
     model: Any = "cnn"
@@ -241,6 +261,22 @@ class JobSpec(Strict):
     evaluation: Evaluation = Evaluation()
     reliability: Reliability = Reliability()
     seed: int = Field(default=0, ge=0)
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _numbers_as_names(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, int) and not isinstance(item, bool):
+                out.append(str(item))  # YAML reads [0, 1, 2] as numbers; the manifest's labels are text
+            elif not isinstance(item, str):
+                raise ValueError(f"class names are text; quote {item!r} in the YAML (e.g. classes: ['0.5', '1.5']) "
+                                 f"so it matches the manifest's label column")
+            else:
+                out.append(item)
+        return out
 
     @field_validator("classes")
     @classmethod
@@ -268,6 +304,27 @@ class JobSpec(Strict):
         raise ValueError("must be a backbone name or a non-empty map site -> backbone name")
 
     @model_validator(mode="after")
+    def _channels_fit(self) -> JobSpec:
+        fixed = MODALITY_CHANNELS[self.modality]
+        if fixed is not None and self.channels not in (None, fixed):
+            raise ValueError(f"channels: {self.modality} images have {fixed} channel(s); leave channels out "
+                             f"or use modality 'image'")  # fmt: skip
+        channels = self.input_channels
+        steps = augment.resolve(self.training.augmentation, self.modality)
+        rgb_only = sorted({s.transform for s in steps} & augment.RGB_ONLY)
+        if rgb_only and channels == 1:
+            raise ValueError(f"training.augmentation: {', '.join(rgb_only)} needs RGB images, but this job's "
+                             f"images have 1 channel")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _pcevolve_modality(self) -> JobSpec:
+        if self.augmentation.pcevolve is not None and self.modality not in ("cxr", "pathology"):
+            raise ValueError(f"augmentation.pcevolve: PCEvolve's generators make chest X-ray and pathology "
+                             f"images, not '{self.modality}'")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _algorithm_params(self, info: ValidationInfo) -> JobSpec:
         # raises ConfigError (not a ValueError), which pydantic lets through with its own field names
         self.algorithm.config((info.context or {}).get("file", "<job spec>"))
@@ -286,11 +343,11 @@ class JobSpec(Strict):
                 f"'{self.privacy.mode}' cannot run it; algorithms with one: {', '.join(with_dp)}"
             )
 
-        server = algorithm_module(self.algorithm.name).Server(self.algorithm.config(), len(self.classes), [])
-        if server.form != "sums":
+        form = algorithm_module(self.algorithm.name).Server.form_for(self.algorithm.config())
+        if form != "sums":
             raise ValueError(
                 f"algorithm '{self.algorithm.name}' in this configuration reads each site's upload on the server "
-                f"(form '{server.form}'), which privacy mode '{self.privacy.mode}' forbids: the server may only "
+                f"(form '{form}'), which privacy mode '{self.privacy.mode}' forbids: the server may only "
                 f"see sums; choose the algorithm's aggregate form (algorithm.params.form: aggregate)"
             )
         return self
@@ -303,6 +360,16 @@ class JobSpec(Strict):
                 f"use one backbone for every site, or a heterogeneous-FL algorithm ({', '.join(HTFL_ALGORITHMS)})"
             )
         return self
+
+    @property
+    def input_channels(self) -> int | None:
+        """The model's input channels: fixed by the modality, else ``channels`` (``None``: from the data)."""
+        return MODALITY_CHANNELS[self.modality] or self.channels
+
+    @property
+    def augmentation_steps(self) -> tuple:
+        """``training.augmentation`` resolved for this modality (:func:`medsilo.config.augment.resolve`)."""
+        return augment.resolve(self.training.augmentation, self.modality)
 
     @property
     def heterogeneous(self) -> bool:

@@ -42,8 +42,13 @@ class ConfigError(MedsiloError):
         super().__init__("; ".join(f"{self.file}: {p}" for p in problems))
 
 
+HIDDEN_LOC = ("function-", "choice:")
+"""Prefixes of the parts of pydantic's error locations that are not field names: validator wrappers and the
+tags of unions that choose their branch from the value (e.g. ``training.augmentation``)."""
+
+
 def _field_name(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-"))]
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith(HIDDEN_LOC))]
     return ".".join(parts) if parts else "(top level)"
 
 
@@ -59,6 +64,17 @@ def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
     return None, False
 
 
+def _tagged(annotation: Any, tag: str) -> Any:
+    """The member of a tagged union (pydantic ``Tag`` metadata) that carries ``tag``, or ``None``."""
+    for arg in getattr(annotation, "__args__", ()):
+        if any(getattr(meta, "tag", None) == tag for meta in getattr(arg, "__metadata__", ())):
+            return arg.__origin__
+        found = _tagged(arg, tag)
+        if found is not None:
+            return found
+    return None
+
+
 def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Field names of the sub-model that holds the unknown key ``loc[-1]``."""
     current: type[BaseModel] | None = model
@@ -67,7 +83,12 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         field = current.model_fields.get(str(parts.pop(0)))
         if field is None:
             return []
-        current, is_mapping = _model_in(field.annotation)
+        annotation = field.annotation
+        while parts and (isinstance(parts[0], int) or str(parts[0]).startswith("choice:")):
+            part = parts.pop(0)  # a list index, or the branch a tagged union chose
+            if isinstance(part, str):
+                annotation = _tagged(annotation, part)
+        current, is_mapping = _model_in(annotation)
         if is_mapping and parts:
             parts.pop(0)  # the user's key, e.g. a site or dataset name
     return list(current.model_fields) if current is not None else []

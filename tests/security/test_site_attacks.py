@@ -7,6 +7,8 @@ refused before anything is trained, evaluated or charged, with the refusal in th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -132,8 +134,9 @@ def test_evaluation_is_answered_once_after_the_last_round_and_ledgered(site):
     assert set(reply.meta["eval"]) == {"val", "test"}
     assert "evaluated once" in task("evaluate", 3).meta["error"]
     metrics = [e for e in entries(task.ledger) if e["event"] == "release" and e["what"]["kind"] == "metrics"]
-    assert [(e["round"], e["what"]["task"]) for e in metrics] == [(2, "train"), (3, "evaluate")]
-    assert all(e["what"]["splits"] == ["test", "val"] and len(e["what"]["sha256"]) == 64 for e in metrics)
+    assert [(e["round"], e["what"]["task"]) for e in metrics] == [(1, "train"), (2, "train"), (3, "evaluate")]
+    assert [e["what"]["splits"] for e in metrics] == [["train"], ["test", "train", "val"], ["test", "val"]]
+    assert all(len(e["what"]["sha256"]) == 64 for e in metrics)
 
 
 def test_a_private_round_after_the_first_needs_the_servers_payload(site):
@@ -253,3 +256,22 @@ def test_a_round_whose_training_fails_is_undone_and_closed(site, monkeypatch):
     assert "was closed when its training failed" in again.meta["error"]
     closed = [e for e in entries(task.ledger) if e["event"] == "refusal" and e["what"].get("closed")]
     assert len(closed) == 1
+
+
+def test_the_training_loss_is_ledgered_and_a_private_round_keeps_it(site):
+    """The mean training loss is a statistic of the training images: it leaves only after a metrics entry
+    records it, and never from a DP round (no mechanism covers it)."""
+    plain = site(_spec())
+    plain("join", 0)
+    reply = plain("train", 1, participants=SITES)
+    assert isinstance(reply.meta["train_loss"], float) and not math.isnan(reply.meta["train_loss"])
+    recorded = [e["what"] for e in entries(plain.ledger) if e["what"].get("kind") == "metrics"]
+    assert recorded[-1]["splits"] == ["train"] and recorded[-1]["figures"] == ["loss"]
+
+
+def test_a_private_round_keeps_its_training_loss(site):
+    private = site(_spec("dp", algorithm="fedproto", dp=DP))
+    private("join", 0)
+    reply = private("train", 1, participants=SITES)
+    assert math.isnan(reply.meta["train_loss"]) and "error" not in reply.meta
+    assert not [e for e in entries(private.ledger) if e["what"].get("kind") == "metrics"]

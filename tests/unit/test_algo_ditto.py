@@ -92,7 +92,23 @@ def test_scores_use_the_personal_model_deterministically():
     torch.testing.assert_close(client.scores(x), p)
 
 
-@pytest.mark.parametrize(("field", "value"), [("mu", 0.0), ("plocal_epochs", 0)])
+def test_mu_zero_the_reference_default_makes_the_personal_model_a_local_one():
+    from medsilo.components.algorithms import local
+
+    ditto_client = ditto.Client(tiny_setup(n=12, local_epochs=1), ditto.Config(mu=0.0))
+    alone = local.Client(tiny_setup(n=12, local_epochs=1), local.Config())
+    other = ditto.Client(tiny_setup("b", n=8, seed=3), ditto.Config(mu=0.0))
+    uploads = [ditto_client.train(1).sums, other.train(1).sums]
+    alone.train(1)
+    ditto_client.receive(ditto.Server(ditto.Config(mu=0.0), 3, ["a", "b"]).update(aggregate(uploads), 1), 2)
+    ditto_client.train(2)
+    alone.train(2)
+    for (k, v), (_, p) in zip(ditto_client.personal.named_parameters(), alone.model.named_parameters(), strict=True):
+        torch.testing.assert_close(v.detach(), p.detach(), rtol=0, atol=0, msg=k)  # the global model never pulled
+    assert not torch.allclose(ditto_client.model.head.weight, alone.model.head.weight)  # w did move
+
+
+@pytest.mark.parametrize(("field", "value"), [("mu", -0.1), ("plocal_epochs", 0)])
 def test_bad_config_is_refused(field, value):
     with pytest.raises(ValidationError, match=field):
         ditto.Config(**{field: value})

@@ -106,7 +106,14 @@ def test_scores_are_deterministic_probabilities():
     torch.testing.assert_close(client.scores(x), p)
 
 
-@pytest.mark.parametrize("mu", [0.0, -0.1])
-def test_mu_must_be_positive(mu):
-    with pytest.raises(ValidationError, match="greater than 0"):
-        fedprox.Config(mu=mu)
+def test_mu_must_not_be_negative():
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        fedprox.Config(mu=-0.1)
+
+
+def test_mu_zero_the_reference_default_is_fedavg():
+    prox = fedprox.Client(tiny_setup(n=8), fedprox.Config(mu=0.0)).train(1).sums
+    plain = fedavg.Client(tiny_setup(n=8), fedavg.Config()).train(1).sums
+    assert set(prox) == set(plain)
+    for k in plain:
+        torch.testing.assert_close(prox[k], plain[k], rtol=0, atol=0)

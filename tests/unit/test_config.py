@@ -62,7 +62,7 @@ def test_heterogeneous_model_map():
         ({"training": {"rounds": -3}}, r"training\.rounds: must be greater than or equal to 1, got -3"),
         ({"training": {"rounds": 10**7}}, r"training\.rounds: must be less than or equal to 10000, got 10000000"),
         ({"algorithm": {"name": "fedavgg"}}, r"algorithm\.name: unknown algorithm; did you mean 'fedavg'\?"),
-        ({"modality": "ct"}, r"modality: must be 'cxr' or 'pathology', got 'ct'"),
+        ({"modality": "ct"}, r"modality: must be 'cxr', 'pathology' or 'image', got 'ct'"),
         ({"privacy": {"mode": "ckk"}}, r"privacy\.mode: must be 'none', 'dp', 'ckks' or 'ckks\+dp', got 'ckk'"),
         ({"privacy": {"mode": "dp"}}, r"privacy: mode 'dp' needs a 'dp' section"),
         ({"privacy": {"mode": "dp", "dp": {"noise_multiplier": 1.0, "clip": 0}}},
@@ -74,6 +74,18 @@ def test_heterogeneous_model_map():
         ({"trainning": {}}, r"trainning: unknown field; did you mean 'training'\? \(allowed: name, modality"),
         ({"training": {"epochs": 2}}, r"training\.epochs: unknown field; .*allowed: rounds, local_epochs"),
         ({"augmentation": {"pcevolve": {"sites": [], "epsilon": 1}}}, r"augmentation\.pcevolve\.sites: list should have at least 1 item"),
+        ({"training": {"augmentation": "defualt"}}, r"training\.augmentation: must be 'default' or 'none', got 'defualt'$"),
+        ({"training": {"augmentation": [{"transform": "RandFlp"}]}},
+         r"training\.augmentation\.0: unknown transform 'RandFlp'; did you mean 'RandFlip'\? choose from RandAffine, "),
+        ({"training": {"augmentation": [{"transform": "RandFlip"}, {"transform": "RandAffine", "rotate": 1}]}},
+         r"training\.augmentation\.1\.rotate: unknown field; did you mean 'rotate_range'\? \(allowed: prob, transform"),
+        ({"training": {"augmentation": [{"transform": "RandFlip", "prob": 1.5}]}},
+         r"training\.augmentation\.0\.prob: must be less than or equal to 1, got 1\.5$"),
+        ({"training": {"augmentation": [{"transform": "RandHEDJitter"}]}},
+         r"training\.augmentation: RandHEDJitter needs RGB images, but this job's images have 1 channel"),
+        ({"training": {"augmentation": ["RandFlip"]}}, r"training\.augmentation\.0: must be a mapping such as"),
+        ({"classes": [0.5, 1.5]}, r"classes: class names are text; quote 0\.5 in the YAML"),
+        ({"channels": 3}, r"channels: cxr images have 1 channel\(s\)"),
     ],
 )  # fmt: skip
 def test_bad_job_specs_name_the_field(tmp_path, change, match):
@@ -203,3 +215,20 @@ def test_dp_modes_need_an_algorithm_with_a_private_form():
     with pytest.raises(ConfigError, match=r"'fedrep' has no differentially private form.*with one: .*fedavg.*fedproto"):
         validate({**MINIMAL_JOB, "algorithm": {"name": "fedrep"}, "privacy": dp}, JobSpec, "j.yml")
     assert validate({**MINIMAL_JOB, "algorithm": {"name": "fedproto"}, "privacy": dp}, JobSpec, "j.yml").privacy.dp
+
+
+def test_numeric_class_names_and_an_explicit_augmentation_list_are_accepted(tmp_path):
+    change = {"modality": "image", "classes": [0, 1, 2], "channels": 1,
+              "training": {"augmentation": [{"transform": "RandAffine", "rotate_range": 0.1},
+                                            {"transform": "RandGaussianNoise", "std": 0.05}]}}  # fmt: skip
+    job = load_job_spec(_yaml(tmp_path, {**MINIMAL_JOB, **change}, "job.yml"))
+    assert job.classes == ["0", "1", "2"] and job.input_channels == 1
+    assert [s.transform for s in job.augmentation_steps] == ["RandAffine", "RandGaussianNoise"]
+    assert job.augmentation_steps[0].rotate_range == 0.1 and job.augmentation_steps[0].prob == 0.5
+
+
+def test_default_augmentation_resolves_per_modality(tmp_path):
+    cxr = load_job_spec(_yaml(tmp_path, MINIMAL_JOB, "job.yml"))
+    assert [s.transform for s in cxr.augmentation_steps] == ["RandAffine", "RandAdjustContrast", "RandGaussianNoise"]
+    image = load_job_spec(_yaml(tmp_path, {**MINIMAL_JOB, "modality": "image"}, "job.yml"))
+    assert image.augmentation_steps == () and image.input_channels is None

@@ -49,6 +49,58 @@ def test_training_augmentation_is_seeded(site):
     assert not torch.allclose(xa, plain)  # something was augmented
 
 
+def test_augmentation_none_feeds_the_exact_preprocessed_pixels(site):
+    runs = [load_site_data(_manifest(site), modality="cxr", image_size=16, seed=s, augmentation="none") for s in (1, 2)]
+    assert runs[0].train.augment is None and runs[0].augmentation == ()
+    batches = []
+    for data in runs:
+        loader = torch.utils.data.DataLoader(data.train, batch_size=4, shuffle=True,
+                                             generator=torch.Generator().manual_seed(9))  # fmt: skip
+        batches.append([x for x, _ in loader])
+    for xa, xb in zip(*batches, strict=True):
+        torch.testing.assert_close(xa, xb, rtol=0, atol=0)  # the seed of the (absent) augmentation is irrelevant
+    items = torch.stack([runs[0].train[i][0] for i in range(len(runs[0].train))])
+    torch.testing.assert_close(items, normalize(runs[0].train.images), rtol=0, atol=0)
+
+
+def test_a_listed_augmentation_is_the_one_applied(site):
+    from medsilo.config.augment import RandFlip
+
+    data = load_site_data(_manifest(site), modality="cxr", image_size=16, seed=0,
+                          augmentation=[RandFlip(prob=1.0, spatial_axis=1)])  # fmt: skip
+    assert data.augmentation == (RandFlip(prob=1.0, spatial_axis=1),)
+    x, _ = data.train[0]
+    torch.testing.assert_close(x, normalize(data.train.images[0]).flip(-1))
+
+
+def _png_site(folder, modes: list[str]):
+    """A generic-image site: one PNG per (split, label) in the given Pillow modes, cycling."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rows = ["path,label,patient_id,split"]
+    kinds = [(split, label) for split in ("train", "val", "test") for label in ("0", "1")]
+    for i, (split, label) in enumerate(kinds):
+        mode = modes[i % len(modes)]
+        pixels = np.full((6, 10, 3) if mode == "RGB" else (6, 10), 20 * i + 10, dtype=np.uint8)
+        Image.fromarray(pixels, mode).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,{label},P{i},{split}")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return read_manifest(folder / "manifest.csv", ["0", "1"])
+
+
+def test_generic_images_take_their_channels_from_the_data_or_the_job(tmp_path):
+    gray = load_site_data(_png_site(tmp_path / "g", ["L"]), modality="image", image_size=8)
+    assert gray.channels == 1 and gray.train.augment is None  # no augmentation by default
+    mixed = load_site_data(_png_site(tmp_path / "m", ["L", "RGB"]), modality="image", image_size=8)
+    assert mixed.channels == 3  # grayscale files replicated beside the colour ones
+    first = mixed.train.images[0]
+    torch.testing.assert_close(first[0], first[2])
+    forced = load_site_data(_png_site(tmp_path / "f", ["RGB"]), modality="image", image_size=8, channels=1)
+    assert forced.channels == 1
+
+
 def _damage(site, count: int) -> list[str]:
     rows = [r for r in _manifest(site).rows if r.split == "train"][:count]
     for r in rows:

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsilo.medical.data.readers import IdentifyingImage, LoadCXR, LoadPatch, UnreadableImage, apply_window
+from medsilo.medical.data.readers import (
+    IdentifyingImage,
+    LoadCXR,
+    LoadImageFile,
+    LoadPatch,
+    UnreadableImage,
+    apply_window,
+)
 from medsilo.tests.helpers import write_dicom
 
 
@@ -162,3 +169,35 @@ def test_patch_reader_converts_grayscale_and_rejects_garbage(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n-truncated")
     with pytest.raises(UnreadableImage, match="not a readable image"):
         LoadPatch()(bad)
+
+
+def test_generic_reader_keeps_grayscale_and_16_bit_depth(tmp_path):
+    gray16 = np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(gray16).save(path)
+    img = LoadImageFile()(path)
+    assert img.shape == (1, 16, 16)
+    np.testing.assert_allclose(img[0], gray16 / 65535.0, atol=1e-6)  # not clipped to 8 bits
+    assert LoadImageFile(3)(path).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize(("mode", "suffix"), [("RGB", "jpg"), ("RGBA", "png"), ("P", "png"), ("RGB", "tif")])
+def test_generic_reader_makes_colour_files_rgb_or_luminance(tmp_path, mode, suffix):
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[..., 0] = 200
+    path = tmp_path / f"c.{suffix}"
+    Image.fromarray(rgb).convert(mode).save(path, quality=100) if suffix == "jpg" else Image.fromarray(rgb).convert(mode).save(path)
+    img = LoadImageFile()(path)
+    assert img.shape == (3, 8, 8)
+    assert abs(float(img[0].mean()) - 200 / 255) < 0.02 and float(img[1:].max()) < 0.05
+    lum = LoadImageFile(1)(path)
+    assert lum.shape == (1, 8, 8) and abs(float(lum.mean()) - 0.299 * 200 / 255) < 0.02
+
+
+def test_generic_reader_refuses_float_pixels_and_missing_files(tmp_path):
+    path = tmp_path / "f.tif"
+    Image.fromarray(np.ones((4, 4), dtype=np.float32)).save(path)
+    with pytest.raises(UnreadableImage, match="floating-point pixels"):
+        LoadImageFile()(path)
+    with pytest.raises(UnreadableImage, match="file not found"):
+        LoadImageFile()(tmp_path / "none.png")

@@ -44,10 +44,19 @@ def test_schema_is_the_design_contract():
                         "selected_round", "final", "privacy_spent", "refused", "synthetic", "failures"}  # fmt: skip
     assert res["algorithm_form"] == "sums"
     r = res["rounds"][1]
-    assert set(r) == {"round", "seconds", "bytes_up", "bytes_down", "metrics"}
-    assert set(r["metrics"]["a"]) == {"val_acc", "test_acc", "test_auroc", "train_loss"}
+    assert set(r) == {"round", "seconds", "bytes_up", "bytes_down", "metrics", "mean_val_acc", "mean_test_acc",
+                      "pooled_val_acc", "pooled_test_acc"}  # fmt: skip
+    assert set(r["metrics"]["a"]) == {"val_acc", "test_acc", "test_auroc", "train_loss", "n_val", "n_test"}
     assert set(res["final"]) == {"per_site", "pooled_acc", "mean_acc", "worst_acc"}
     assert (r["round"], r["bytes_down"], r["metrics"]["b"]["train_loss"]) == (2, 800, 0.4)
+
+
+def test_each_round_carries_site_counts_and_both_means():
+    r = _recorder().results()["rounds"][0]  # round 1: a 9/10 and b 19/20 on test
+    assert (r["metrics"]["a"]["n_test"], r["metrics"]["b"]["n_test"], r["metrics"]["b"]["n_val"]) == (10, 20, 10)
+    assert r["mean_test_acc"] == pytest.approx((0.90 + 0.95) / 2)  # every hospital counts the same
+    assert r["pooled_test_acc"] == pytest.approx((9 + 19) / 30)  # every image counts the same
+    assert r["mean_val_acc"] == pytest.approx(0.55) and r["pooled_val_acc"] == pytest.approx(11 / 20)
 
 
 def test_ties_go_to_the_earlier_round_and_incomplete_rounds_are_ignored():

@@ -39,6 +39,14 @@ def test_metrics_by_hand():
     assert m["acc"] == 0.0 and m["auroc"] == 0.0
 
 
+def test_auroc_of_a_multiclass_job_at_a_site_with_two_classes():
+    probs = torch.tensor([[0.1, 0.2, 0.7], [0.2, 0.6, 0.2], [0.3, 0.1, 0.6], [0.1, 0.8, 0.1]])
+    labels = torch.tensor([2, 1, 1, 2])  # class 0 absent
+    # P(2 | 1 or 2): the 2s score 0.78 and 0.11, the 1s 0.25 and 0.86: one of four (2, 1) pairs ordered
+    m = classification_metrics(probs, labels)
+    assert m["auroc"] == 0.25 and m["acc"] == 0.5
+
+
 def test_multiclass_and_single_class_auroc():
     probs = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
     labels = torch.tensor([0, 1, 2, 0])

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from medsilo.medical.data.transforms import RandHEDJitter, augmentation, normalize, preprocess
+from medsilo.config.augment import RGB_ONLY, STEPS, RandFlip, RandGaussianNoise, resolve
+from medsilo.errors import DataError
+from medsilo.medical.data.transforms import RandHEDJitter, build_augmentation, normalize, preprocess
 
 
 def test_preprocess_keeps_aspect_and_pads_to_a_square():
@@ -53,11 +55,34 @@ def test_hed_jitter_changes_haematoxylin_only_when_eosin_fixed():
 
 def test_augmentation_is_reproducible_per_seed():
     img = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
-    a = [augmentation("pathology", seed=4)(img) for _ in range(1)][0]
-    b = augmentation("pathology", seed=4)(img)
+    steps = resolve("default", "pathology")
+    a = build_augmentation(steps, channels=3, seed=4)(img)
+    b = build_augmentation(steps, channels=3, seed=4)(img)
     torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b))
 
 
-def test_unknown_modality():
-    with pytest.raises(ValueError, match="modality: must be one of"):
-        augmentation("ct")
+def test_none_and_the_image_default_build_no_transform():
+    assert build_augmentation(resolve("none", "cxr"), channels=1) is None
+    assert build_augmentation(resolve("default", "image"), channels=3) is None
+
+
+def test_a_listed_transform_is_applied_exactly():
+    img = torch.arange(16.0).reshape(1, 4, 4) / 16
+    flip = build_augmentation([RandFlip(prob=1.0, spatial_axis=1)], channels=1, seed=0)
+    torch.testing.assert_close(torch.as_tensor(flip(img)).as_subclass(torch.Tensor), img.flip(-1))
+    never = build_augmentation([RandFlip(prob=0.0), RandGaussianNoise(prob=0.0, std=0.5)], channels=1, seed=0)
+    torch.testing.assert_close(torch.as_tensor(never(img)).as_subclass(torch.Tensor), img)
+
+
+@pytest.mark.parametrize("name", sorted(STEPS))
+def test_every_allow_listed_transform_builds_and_keeps_the_shape(name):
+    channels = 3 if name in RGB_ONLY else 1
+    img = torch.rand(channels, 12, 12, generator=torch.Generator().manual_seed(2))
+    transform = build_augmentation([STEPS[name](prob=1.0)], channels=channels, seed=1, image_size=12)
+    out = torch.as_tensor(transform(img))
+    assert out.shape == img.shape and torch.isfinite(out).all()
+
+
+def test_an_rgb_only_transform_on_grayscale_images_is_refused():
+    with pytest.raises(DataError, match="RandHEDJitter needs RGB images, but this site's images have 1 channel"):
+        build_augmentation([STEPS["RandHEDJitter"]()], channels=1)

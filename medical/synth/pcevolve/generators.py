@@ -336,7 +336,13 @@ class TorchScriptGenerator:
 
 
 def make_generator(name: str, modality: str, classes: list[str] | tuple[str, ...], image_size: int) -> Generator:
-    """The generator a job or command names: ``procedural``, ``http(s)://…`` or ``torchscript:PATH``."""
+    """The generator a job or command names: ``procedural``, ``http(s)://…`` or ``torchscript:PATH``.
+
+    Raises:
+        MedsiloError: an unknown generator, or a modality PCEvolve has no generators for (``image``).
+    """
+    if modality not in DOMAINS:
+        raise MedsiloError(f"PCEvolve: no generator makes {modality!r} images; it runs on {', '.join(DOMAINS)} data")
     if name == "procedural":
         return procedural(modality, classes, image_size)
     if name.startswith(("http://", "https://")):
