@@ -8,12 +8,15 @@ the current payload to every participant with the ``train`` task; the job's **pr
 into the next payload — a plaintext update by the algorithm's server half, an encrypted sum, or an update
 from an aggregate one site released. The controller records timings, payload bytes and the metrics the sites
 report; it never handles a ciphertext itself. After the last round a final ``evaluate`` task scores the
-last payload. It then writes, into its run folder (which
+last payload, and an ``export`` task tells every site which round was selected, so that each site keeps
+that round's model in its own workspace (:mod:`medsilo.components.export`; each train and evaluate task
+carries the best round so far, ``best_round``, so a site keeps at most two candidates). It then writes, into its run folder (which
 ``nvflare job download`` and the simulator workspace both expose):
 
 * ``progress.jsonl`` — one line per round as it completes (read by ``medsilo sim`` for its display);
 * ``results.json`` — DESIGN §12, written only when every round completed at every site;
-* ``failure.json`` — instead of ``results.json`` when the job stopped: the sites' own reasons.
+* ``failure.json`` — instead of ``results.json`` when the job stopped: the sites' own reasons;
+* ``tb/`` — TensorBoard event files, one point per completed round (per-site and mean figures, bytes, seconds).
 
 After each completed round it checkpoints its state (:mod:`medsilo.components.checkpoint`); a job
 exported with ``resume`` continues from the last checkpointed round of an interrupted run.
@@ -47,6 +50,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from medsilo.components.executor import (
     TASK_EVALUATE,
+    TASK_EXPORT,
     TASK_JOIN,
     TASK_RELEASE,
     TASK_TRAIN,
@@ -57,6 +61,7 @@ from medsilo.config.job import decode_job, spec_digest
 from medsilo.errors import MedsiloError
 
 RESULTS_FILE, PROGRESS_FILE, FAILURE_FILE = "results.json", "progress.jsonl", "failure.json"
+TENSORBOARD_DIR = "tb"
 
 
 class JobStopped(Exception):
@@ -97,7 +102,7 @@ class RoundController(ModelController):
     def run(self) -> None:
         from medsilo.components import checkpoint
         from medsilo.components.algorithms import algorithm_module
-        from medsilo.components.results import RunRecorder
+        from medsilo.components.results import RunRecorder, TensorBoardLog
         from medsilo.config import JobSpec, augment
         from medsilo.config.loading import validate
         from medsilo.secure.keys import SERVER, Party
@@ -146,9 +151,11 @@ class RoundController(ModelController):
                                        models={s: spec.backbone_for(s) for s in sites}, algorithm_form=server.form,
                                        refused=refused, job_id=job_id)  # fmt: skip
                 self.info(f"job {spec.name}: {spec.algorithm.name} on {len(sites)} sites for {rounds} rounds")
+            board = TensorBoardLog(run_dir / TENSORBOARD_DIR)
             for rnd in range(first, rounds + 1):
                 t0 = time.perf_counter()
-                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites, tolerant=True)
+                replies = self._ask(TASK_TRAIN, payload, rnd, rounds, sites, tolerant=True,
+                                    extra={"best_round": self._best(recorder)})  # fmt: skip
                 self._record_evaluations(recorder, rnd - 1, replies)
                 for site, m in replies.items():
                     if m.meta.get("privacy_spent"):
@@ -166,11 +173,16 @@ class RoundController(ModelController):
                                        server=server, recorder=recorder, sites=sites, failures=self._failures)  # fmt: skip
                 if rnd > 1:
                     self._progress(run_dir, recorder.progress(rnd - 1))
-            replies = self._ask(TASK_EVALUATE, payload, rounds + 1, rounds, sites, tolerant=True)
+                    board.add_round(recorder.round_summary(rnd - 1))
+            replies = self._ask(TASK_EVALUATE, payload, rounds + 1, rounds, sites, tolerant=True,
+                                extra={"best_round": self._best(recorder)})  # fmt: skip
             self._record_evaluations(recorder, rounds, replies)
             self._progress(run_dir, recorder.progress(rounds))
+            board.add_round(recorder.round_summary(rounds))
+            board.close()
             recorder.set_failures(self._failures)
-            results = {**recorder.results(), "augmentation": {
+            exports = self._export(recorder.selected_round(), rounds, sites)
+            results = {**recorder.results(), "exports": exports, "augmentation": {
                 "choice": spec.training.augmentation if isinstance(spec.training.augmentation, str) else "list",
                 "steps": augment.describe(spec.augmentation_steps)}}  # fmt: skip
             self._write(run_dir / RESULTS_FILE, results)
@@ -205,6 +217,29 @@ class RoundController(ModelController):
         except MedsiloError as exc:
             raise JobStopped(f"server: round {rnd}: {exc}") from exc
 
+    @staticmethod
+    def _best(recorder) -> int | None:
+        """The best round so far (the round :meth:`RunRecorder.selected_round` would report now), or ``None``."""
+        return recorder.selected_round() if recorder.complete_rounds() else None
+
+    def _export(self, selected: int, rounds: int, sites: list[str]) -> dict[str, dict[str, Any]]:
+        """Ask every site to keep its model of the ``selected`` round (the job's product, written at the site);
+        returns site → ``{"round", "sha256"}`` or ``{"error"}``. A site that cannot export does not undo the
+        job: its reason is reported in ``results.json`` ``exports``."""
+        data = FLModel(params={}, params_type=ParamsType.FULL, current_round=rounds, total_rounds=rounds,
+                       meta={"round": rounds + 1, "selected_round": selected})  # fmt: skip
+        results = self.send_model_and_wait(task_name=TASK_EXPORT, data=data, targets=sites, timeout=self.task_timeout)
+        replies = {m.meta.get("client_name"): m.meta for m in results}
+        out = {}
+        for site in sites:
+            meta = replies.get(site) or {"error": f"site {site}: no answer to task 'export'"}
+            if isinstance(meta.get("export"), dict):
+                out[site] = {"round": int(meta["export"]["round"]), "sha256": str(meta["export"]["sha256"])[:64]}
+            else:
+                out[site] = {"error": str(meta.get("error", "no model"))[:600]}
+                self.warning(f"{site} kept no model: {out[site]['error']}")
+        return out
+
     def _without_refused(self, sites: list[str], refused: dict[str, str], spec) -> list[str]:
         """The sites that go on after some refused the job at ``join`` (e.g. an exhausted privacy budget).
 
@@ -227,7 +262,7 @@ class RoundController(ModelController):
 
     def _ask(self, task: str, payload: dict[str, np.ndarray], rnd: int, rounds: int, sites: list[str],
              refusable: bool = False, tolerant: bool = False, resume_from: dict | None = None,
-             first: bool = False) -> dict[str, FLModel]:  # fmt: skip
+             first: bool = False, extra: dict[str, Any] | None = None) -> dict[str, FLModel]:  # fmt: skip
         """Send ``task`` to every site; return site → reply, or stop the job naming the failing sites.
 
         The task's metadata carries the round and the job's participant set (which every upload's signature
@@ -247,6 +282,7 @@ class RoundController(ModelController):
             raise JobStopped(f"server: cannot use its privacy ledger: {exc}") from exc
         if resume_from is not None:
             meta["resume_from"] = resume_from
+        meta |= extra or {}
         data = FLModel(params=payload, params_type=ParamsType.FULL, current_round=max(rnd - 1, 0), total_rounds=rounds,
                        meta=meta)  # fmt: skip
         results = self.send_model_and_wait(task_name=task, data=data, targets=sites, timeout=self.task_timeout)

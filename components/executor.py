@@ -26,7 +26,10 @@ The job spec arrives as one encoded string (:func:`medsilo.config.job.encode_job
 Each ``train`` task then: applies the server payload, evaluates the model this site deploys on its
 val and test splits (these metrics belong to the previous round), trains, and returns the protected upload;
 if the upload is refused after training, the client half is put back as it was. The final ``evaluate``
-task applies the last payload and evaluates only. After each upload the site checkpoints its client half
+task applies the last payload and evaluates only; the ``export`` task after it writes the model of the round
+the server selected into the site's own workspace, with a model card and a ledger entry
+(:mod:`medsilo.components.export`; the site keeps the candidates in memory meanwhile, at most two: the
+server's best round so far and the round just evaluated). After each upload the site checkpoints its client half
 (:mod:`medsilo.components.checkpoint`); the ``join`` of a resumed job names the interrupted job and round
 whose checkpoint it restores (recorded in the site's ``policy_loaded`` entry).
 
@@ -58,6 +61,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from medsilo.components import checkpoint
+from medsilo.components.export import MODELS_DIR_ENV, Candidates, ExportError, ExportFacts, export_model
 from medsilo.config.job import decode_job, spec_digest
 from medsilo.errors import MedsiloError
 from medsilo.secure.dp import BudgetExceeded
@@ -73,7 +77,7 @@ RUN_ID_ENV = "MEDSILO_RUN_ID"
 ``simulate_job``, and ledgers and signatures must tell runs apart)."""
 SITE_CONFIG = Path("local") / "medsilo_site.yml"
 """A deployed site's config, relative to its workspace."""
-TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE = "join", "train", "evaluate", "release"
+TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE, TASK_EXPORT = "join", "train", "evaluate", "release", "export"
 
 
 def job_identity(fl_ctx: FLContext) -> str:
@@ -132,12 +136,15 @@ class SiteExecutor(Executor):
         self._config = None
         self._started = False
         self._evaluated = False
+        self._exported = False
         self._synthetic: dict | None = None
+        self._spent: dict | None = None
+        self._candidates = Candidates()
 
     # ---- NVFlare entry point -------------------------------------------------------------------
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name not in (TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE):
+        if task_name not in (TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE, TASK_EXPORT):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         site = fl_ctx.get_identity_name()
         joining = task_name == TASK_JOIN
@@ -159,6 +166,8 @@ class SiteExecutor(Executor):
                 self.log_info(fl_ctx, f"{site}: released round {rnd}'s aggregate")
                 return FLModelUtils.to_shareable(FLModel(params={WIRE_PARAM: wire}, params_type=ParamsType.FULL,
                                                          meta={"round": rnd}))  # fmt: skip
+            if task_name == TASK_EXPORT:
+                return self._export(site, rnd, meta.get("selected_round"), state, fl_ctx)
             if task_name == TASK_EVALUATE:
                 if self._evaluated or rnd != self._spec.training.rounds + 1:
                     raise MedsiloError(f"site {site}: a job is evaluated once, after its last round; this request "
@@ -172,6 +181,8 @@ class SiteExecutor(Executor):
             out: dict[str, Any] = {"round": rnd}
             if task_name == TASK_EVALUATE or rnd > 1:
                 out["eval"] = self._evaluate(state)
+                # the model just scored is the round's candidate for export (with the server's best so far)
+                self._candidates.keep(rnd - 1, state.client, out["eval"], meta.get("best_round"))
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
             params: dict[str, Any] = {}
@@ -183,7 +194,7 @@ class SiteExecutor(Executor):
                 if not pipeline.noised:
                     figures["train"] = {"loss": loss}
                 if spent is not None:
-                    out["privacy_spent"] = spent
+                    out["privacy_spent"] = self._spent = spent
                 if self._synthetic:
                     out["synthetic"] = self._synthetic
             if figures:  # the figures leave with this reply: ledgered first
@@ -199,6 +210,43 @@ class SiteExecutor(Executor):
             if isinstance(exc, BudgetExceeded) and joining:
                 meta["refused"] = True  # declined before anything left: the job may go on without this site
             return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta=meta))
+
+    def _export(self, site: str, rnd: Any, selected: Any, state: _SiteState, fl_ctx: FLContext) -> Shareable:
+        """The job's last task: write the model of the ``selected`` round into this site's workspace
+        (:mod:`medsilo.components.export`); the reply holds the round and the model's digest, no path."""
+        import medsilo
+        from medsilo.config import augment
+
+        spec = self._spec
+        rounds = spec.training.rounds
+        if self._exported or not self._evaluated or rnd != rounds + 1:
+            raise MedsiloError(f"site {site}: a job's model is exported once, after its evaluation; refused")
+        if isinstance(selected, bool) or not isinstance(selected, int) or not 1 <= selected <= rounds:
+            raise MedsiloError(f"site {site}: the export must name a round within 1…{rounds}; refused")
+        self._exported = True
+        try:
+            self._candidates.restore(selected, state.client)
+        except ExportError as exc:
+            raise MedsiloError(f"site {site}: {exc}") from exc
+        job = job_identity(fl_ctx)
+        spent = self._spent or {}
+        facts = ExportFacts(site=site, job_id=job, spec_digest=spec_digest(self._job), job_name=spec.name,
+                            algorithm=spec.algorithm.name, modality=spec.modality, classes=tuple(spec.classes),
+                            image_size=spec.image_size, round=selected, privacy_mode=spec.privacy.mode,
+                            epsilon=spent.get("epsilon"), delta=spent.get("delta"),
+                            augmentation=augment.describe(state.data.augmentation), medsilo_version=medsilo.__version__)
+        models = os.environ.get(MODELS_DIR_ENV)
+        folder = Path(models) / site if models else \
+            Path(fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT) or ".") / "models" / job  # fmt: skip
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            done = export_model(folder, state.client, state.data, facts,
+                                lambda what: state.pipeline.record_export(rnd, what))  # fmt: skip
+        except ExportError as exc:
+            raise MedsiloError(f"site {site}: {exc}") from exc
+        self.log_info(fl_ctx, f"{site}: exported the model of round {selected} to {folder}")
+        reply = {"round": rnd, "export": {"round": selected, "sha256": done["sha256"]}}
+        return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta=reply))
 
     def _join(self, site: str, meta: dict[str, Any], fl_ctx: FLContext) -> Shareable:
         """The job's first task: load everything, check the ledger against the server's record, ledger the

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -202,32 +203,37 @@ class RunRecorder:
             "mean_test_acc": mean([e["test"]["acc"] for e in evals]),
         }
 
+    def round_summary(self, rnd: int) -> dict[str, Any]:
+        """Round ``rnd`` as ``results.json`` lists it: timing, bytes, each evaluating site's figures and counts,
+        and the round's unweighted and sample-weighted means."""
+        r = self._rounds[rnd]
+        sites = self._evaluated(rnd)
+        return {
+            "round": rnd,
+            "seconds": round(r.seconds, 3),
+            "bytes_up": r.bytes_up,
+            "bytes_down": r.bytes_down,
+            "metrics": {
+                s: {
+                    "val_acc": _num(r.evals[s]["val"]["acc"]),
+                    "test_acc": _num(r.evals[s]["test"]["acc"]),
+                    "test_auroc": _num(r.evals[s]["test"]["auroc"]),
+                    "train_loss": _num(r.train_loss.get(s)),
+                    "n_val": int(r.evals[s]["val"]["n"]),
+                    "n_test": int(r.evals[s]["test"]["n"]),
+                }
+                for s in sites
+            },
+            **_round_means(r.evals, sites),
+        }  # fmt: skip
+
     def results(self) -> dict[str, Any]:
         """``results.json`` as in DESIGN §12."""
         rounds = self.complete_rounds()
         best = self.selected_round()
         out_rounds = []
         for rnd in rounds:
-            r = self._rounds[rnd]
-            sites = self._evaluated(rnd)
-            out_rounds.append({
-                "round": rnd,
-                "seconds": round(r.seconds, 3),
-                "bytes_up": r.bytes_up,
-                "bytes_down": r.bytes_down,
-                "metrics": {
-                    s: {
-                        "val_acc": _num(r.evals[s]["val"]["acc"]),
-                        "test_acc": _num(r.evals[s]["test"]["acc"]),
-                        "test_auroc": _num(r.evals[s]["test"]["auroc"]),
-                        "train_loss": _num(r.train_loss.get(s)),
-                        "n_val": int(r.evals[s]["val"]["n"]),
-                        "n_test": int(r.evals[s]["test"]["n"]),
-                    }
-                    for s in sites
-                },
-                **_round_means(r.evals, sites),
-            })  # fmt: skip
+            out_rounds.append(self.round_summary(rnd))
         chosen, evaluated = self._rounds[best].evals, self._evaluated(best)
         per_site = {s: {"test_acc": _num(chosen[s]["test"]["acc"]), "test_auroc": _num(chosen[s]["test"]["auroc"])}
                     if s in chosen else {"test_acc": None, "test_auroc": None} for s in self.sites}  # fmt: skip
@@ -267,6 +273,39 @@ def _round_means(evals: dict[str, dict[str, dict[str, float]]], sites: list[str]
         out[f"mean_{split}_acc"] = _num(sum(accs) / len(accs)) if accs else None
         out[f"pooled_{split}_acc"] = _num(sum(evals[s][split]["correct"] for s in sites) / n) if n else None
     return out
+
+
+class TensorBoardLog:
+    """Each completed round's figures as TensorBoard scalars (``tensorboard --logdir FOLDER``), step = round:
+    ``<site>/val_acc``, ``<site>/test_acc``, ``<site>/test_auroc``, ``<site>/train_loss``, ``mean/…`` and
+    ``pooled/…`` accuracies, ``round/seconds``, ``round/bytes_up``, ``round/bytes_down``. Missing figures (a
+    failed site, a DP round's loss, a one-class AUROC) are left out, never written as zeros.
+
+    Args:
+        folder: the event files' folder (created).
+    """
+
+    def __init__(self, folder: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def add_round(self, summary: dict[str, Any]) -> None:
+        """Write one :meth:`RunRecorder.round_summary`."""
+        step = summary["round"]
+        scalars = {f"round/{k}": summary[k] for k in ("seconds", "bytes_up", "bytes_down")}
+        scalars |= {f"{kind}/{split}_acc": summary[f"{kind}_{split}_acc"] for kind in ("mean", "pooled")
+                    for split in ("val", "test")}  # fmt: skip
+        for site, figures in summary["metrics"].items():
+            scalars |= {f"{site}/{k}": figures[k] for k in ("val_acc", "test_acc", "test_auroc", "train_loss")}
+        for tag, value in scalars.items():
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(tag, float(value), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
 
 
 # ---- JSON form of a recorder (server checkpoints) ----------------------------------------------------

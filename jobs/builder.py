@@ -62,7 +62,14 @@ def build_job(spec: JobSpec, *, min_sites: int = 1, resume: bool = False):
     from nvflare.job_config.api import FedJob
 
     from medsilo.components.controller import RoundController
-    from medsilo.components.executor import TASK_EVALUATE, TASK_JOIN, TASK_RELEASE, TASK_TRAIN, SiteExecutor
+    from medsilo.components.executor import (
+        TASK_EVALUATE,
+        TASK_EXPORT,
+        TASK_JOIN,
+        TASK_RELEASE,
+        TASK_TRAIN,
+        SiteExecutor,
+    )
     from medsilo.config.job import encode_job
 
     plain = encode_job(spec.model_dump(mode="json"))
@@ -71,7 +78,7 @@ def build_job(spec: JobSpec, *, min_sites: int = 1, resume: bool = False):
     job.set_app_packages(["medsilo"])  # pre-installed: reference by path, copy nothing into custom/
     job.to_server(RoundController(job=plain, resume=resume), id="controller")
     job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
-    job.to_clients(SiteExecutor(job=plain), tasks=[TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE])
+    job.to_clients(SiteExecutor(job=plain), tasks=[TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE, TASK_EXPORT])
     return job
 
 

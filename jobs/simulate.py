@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from medsilo.components.checkpoint import CHECKPOINT_DIR_ENV
-from medsilo.components.controller import FAILURE_FILE, PROGRESS_FILE, RESULTS_FILE
+from medsilo.components.controller import FAILURE_FILE, PROGRESS_FILE, RESULTS_FILE, TENSORBOARD_DIR
 from medsilo.components.executor import RUN_ID_ENV, SITES_FILE_ENV, THREADS_ENV
+from medsilo.components.export import MODELS_DIR_ENV
 from medsilo.config import JobSpec, SitesFile
 from medsilo.config.common import SERVER_COMPONENTS, SITE_COMPONENTS
 from medsilo.errors import MedsiloError
@@ -151,6 +152,7 @@ def run_simulation(
         "PYTHONUNBUFFERED": "1",
         "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),  # as NVFlare's sub_start.sh recommends for sites
         CHECKPOINT_DIR_ENV: str(run_dir / "checkpoints"),
+        MODELS_DIR_ENV: str(run_dir / "models"),
         RUN_ID_ENV: run_id,
     }
     # each party's privacy ledger persists beside sites.yml (a site's workspace outlives its jobs), signed
@@ -182,6 +184,8 @@ def run_simulation(
                 proc.wait(timeout=30)
     shutil.rmtree(tmp, ignore_errors=True)
 
+    if (server_dir / TENSORBOARD_DIR).is_dir():  # `tensorboard --logdir RUN_DIR/tb`
+        shutil.copytree(server_dir / TENSORBOARD_DIR, run_dir / TENSORBOARD_DIR, dirs_exist_ok=True)
     results_path = server_dir / RESULTS_FILE
     if results_path.is_file():
         shutil.copyfile(results_path, run_dir / RESULTS_FILE)

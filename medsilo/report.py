@@ -170,8 +170,34 @@ Bytes are the task payloads as sent.</p>
 <p class="note">Each site's test accuracy for the model it would deploy after that round; dashed: mean validation
 accuracy; dotted line: selected round.</p>
 <img alt="accuracy curves" src="data:image/png;base64,{_curves_png(runs)}">
+{_models_section(runs)}
 </body></html>
 """
+
+
+def _models_section(runs: list[dict[str, Any]]) -> str:
+    """Where each site's exported model is, its round and digest, and the command that runs it."""
+    esc = html.escape
+    rows = []
+    for run in runs:
+        for site, export in (run.get("exports") or {}).items():
+            label = esc(run.get("label") or run["job"])
+            if "error" in export:
+                rows.append(f"<tr><td>{label}</td><td>{esc(site)}</td><td colspan=3>no model: {esc(export['error'])}</td></tr>")
+            else:
+                rows.append(f"<tr><td>{label}</td><td>{esc(site)}</td><td>{int(export['round'])}</td>"
+                            f"<td><code>{esc(export['sha256'][:16])}…</code></td>"
+                            f"<td>{_fmt(run['final']['per_site'][site]['test_acc'])}</td></tr>")  # fmt: skip
+    if not rows:
+        return ""
+    return f"""<h2>Models kept at the sites</h2>
+<table><tr><th>run</th><th>site</th><th>round</th><th>model.ts SHA-256</th><th>test acc</th></tr>{"".join(rows)}</table>
+<p class="note">Each site keeps the model it deploys at the selected round in its own workspace (it never leaves
+the site): <code>RUN_DIR/models/&lt;site&gt;/</code> in simulation, <code>&lt;site workspace&gt;/models/&lt;job id&gt;/</code>
+when deployed — a MONAI bundle (TorchScript <code>models/model.ts</code>, state dict, <code>configs/metadata.json</code>) with a
+model card (<code>docs/README.md</code>: data counts, metrics with 95 % bootstrap intervals, privacy, ledger entry).
+Run it on new images with <code>medsilo predict --model MODEL_DIR --manifest MANIFEST.csv --out predictions.csv</code>;
+on the site's test split (<code>--split test</code>) it reproduces the test accuracy above.</p>"""
 
 
 def write_report(runs: list[dict[str, Any]], out: str | Path, title: str = "medsilo report") -> Path:

@@ -103,9 +103,11 @@ from medsilo.secure import pki
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 """Default ledger file name inside a party's workspace."""
-EVENTS = ("release", "refusal", "decrypt", "aggregate_release", "synthetic_release", "policy_loaded", "received")
+EVENTS = ("release", "refusal", "decrypt", "aggregate_release", "synthetic_release", "policy_loaded", "received",
+          "model_export")
 """``received`` is the server's: an upload it accepted, with the sender's signed statement (the site's ledger
-head), against which ``medsilo audit verify`` checks that the site's ledger was not cut short."""
+head), against which ``medsilo audit verify`` checks that the site's ledger was not cut short. ``model_export``
+is a site's: the model it keeps at the end of a job (digests; nothing leaves the site)."""
 SPENDING_EVENTS = ("release", "aggregate_release", "synthetic_release")
 """Events whose ``privacy`` cost counts towards a budget (something left the party); refusals never count."""
 GENESIS = "0" * 64

@@ -102,3 +102,40 @@ def aggregate(uploads):
     """Element-wise sum of uploads (what the server computes), as a plain dict."""
     keys = set().union(*(u.keys() for u in uploads))
     return {k: sum(u[k] for u in uploads if k in u) for k in keys}
+
+
+def check_exported_models(results: dict, models_dir: Path, sites_yml: Path) -> dict[str, Path]:
+    """Assert every site kept its model of the selected round (``models_dir/<site>/``), recorded in its ledger,
+    and that ``medsilo predict`` on the site's test split gives exactly the ``test_acc`` results.json reports.
+    Returns site → model folder."""
+    import csv
+    import hashlib
+
+    import yaml
+
+    from medsilo.cli import main
+    from medsilo.secure.ledger import LEDGER_FILE, entries
+
+    sites = yaml.safe_load(sites_yml.read_text())["sites"]
+    folders = {}
+    for site in results["sites"]:
+        export = results["exports"][site]
+        assert export["round"] == results["selected_round"], export
+        folder = models_dir / site
+        model = folder / "models" / "model.ts"
+        assert hashlib.sha256(model.read_bytes()).hexdigest() == export["sha256"]
+        assert {p.name for p in folder.rglob("*") if p.is_file()} == {
+            "metadata.json", "inference.json", "model.ts", "model.pt", "README.md"}  # fmt: skip
+        recorded = [e for e in entries(sites_yml.parent / "ledgers" / site / LEDGER_FILE)
+                    if e["event"] == "model_export" and e["job"] == results["job_id"]]  # fmt: skip
+        assert [e["what"]["model_sha256"] for e in recorded] == [export["sha256"]]
+        out = models_dir.parent / f"predictions-{site}.csv"
+        manifest = sites_yml.parent / sites[site]["manifest"]
+        assert main(["predict", "--model", str(folder), "--manifest", str(manifest), "--split", "test",
+                     "--out", str(out), "--quiet"]) == 0  # fmt: skip
+        with out.open() as fh:
+            rows = list(csv.DictReader(fh))
+        accuracy = sum(int(r["correct"]) for r in rows) / len(rows)
+        assert accuracy == results["final"]["per_site"][site]["test_acc"], (site, accuracy)
+        folders[site] = folder
+    return folders

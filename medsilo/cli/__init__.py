@@ -13,7 +13,8 @@ import sys
 from medsilo import __version__
 from medsilo.errors import MedsiloError
 
-COMMANDS: tuple[str, ...] = ("demo", "synth", "job", "sim", "report", "audit", "pcevolve", "provision", "site", "poc")
+COMMANDS: tuple[str, ...] = ("demo", "synth", "job", "sim", "predict", "report", "audit", "pcevolve", "provision", "site",
+                             "poc")
 """Sub-command modules under ``medsilo.cli``, in ``--help`` order."""
 
 

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from medsilo.cli.sim import with_rounds
     from medsilo.cli.summary import print_summary
-    from medsilo.config import load_job_spec
+    from medsilo.config import load_job_spec, load_sites_file
     from medsilo.jobs.simulate import run_simulation
     from medsilo.medical.synth import synthesize
     from medsilo.report import write_report
@@ -59,4 +59,13 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(runs, out / "report.html", title=f"medsilo demo: {spec.algorithm.name} vs local")
     shutil.copyfile(out / "runs" / spec.name / "results.json", out / "results.json")
     print(f"wrote {report} and {out / 'results.json'}")
+    models = out / "runs" / spec.name / "models"
+    kept = sorted(site for site, e in runs[0].get("exports", {}).items() if "round" in e)
+    if kept:
+        first = kept[0]
+        manifest = load_sites_file(sites_file).sites[first].manifest
+        print(f"each hospital's {spec.algorithm.name} model (round {runs[0]['selected_round']}, with a model card) is in "
+              f"{models}/<site>/; score {first}'s test images with:")  # fmt: skip
+        print(f"  medsilo predict --model {models / first} --manifest {manifest} --split test "
+              f"--out {out / f'predictions-{first}.csv'}")  # fmt: skip
     return 0

@@ -91,7 +91,7 @@ def assign_split(patient_id: str, fractions: Sequence[float] = (0.6, 0.2, 0.2)) 
     return SPLITS[-1]
 
 
-def _image_path(cell: str, base: Path, allow_outside: bool, where: str) -> Path:
+def image_path(cell: str, base: Path, allow_outside: bool, where: str) -> Path:
     """The resolved file a manifest row's ``path`` names, refused when it leaves ``base``.
 
     Args:
@@ -200,7 +200,7 @@ def read_manifest(
         where = f"{path}: line {lineno}"
         if not rec["path"]:
             raise ManifestError(f"{where}: path: empty")
-        img = _image_path(rec["path"], base, allow_outside, where)
+        img = image_path(rec["path"], base, allow_outside, where)
         if img in seen_paths:
             raise ManifestError(f"{where}: path: same image as line {seen_paths[img]}; list each image once")
         seen_paths[img] = lineno

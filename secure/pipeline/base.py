@@ -405,6 +405,20 @@ class SitePipeline:
                                      "sha256": hashlib.sha256(text.encode()).hexdigest(), "bytes": len(text),
                                      "encrypted": False})  # fmt: skip
 
+    def record_export(self, rnd: int, what: Mapping[str, Any]) -> str:
+        """A ``model_export`` entry for the model this site keeps from the job (``what``: digests, round —
+        nothing leaves the site); returns the entry's hash, which the model card cites.
+
+        Raises:
+            PipelineRefusal: the job was resumed as another one (:meth:`superseded`).
+        """
+        with self.ledger.locked():
+            superseded = self.superseded(self.ledger.read(self.party.root_ca))
+            if superseded:
+                raise PipelineRefusal(f"site {self.site}: {superseded}; its model is not exported")
+            entry = self.ledger.append("model_export", job=self.terms.job, round=rnd, privacy=None, what=dict(what))
+        return entry_hash(entry)
+
     def open(self, rnd: int, payload: Arrays, meta: Mapping[str, Any]) -> Arrays:
         """The plaintext payload of a task (plaintext modes: the arrays as sent; encrypted ones refused).
 

@@ -8,6 +8,7 @@ mid-job, and the shutdown that must leave no process behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -103,6 +104,13 @@ def test_encrypted_prototype_job_through_the_admin_api(system):
         assert all(e["what"]["encrypted"] for e in releases)
     received = [e for e in entries(_kit(state, "server") / LEDGER_FILE) if e["event"] == "received" and e["job"] == job_id]
     assert sorted((e["round"], e["what"]["site"]) for e in received) == [(r, s) for r in (1, 2) for s in SITES]
+    # each hospital keeps its own model in its own workspace; the server holds none
+    for site in SITES:
+        model = _kit(state, site) / "models" / job_id / "models" / "model.ts"
+        assert hashlib.sha256(model.read_bytes()).hexdigest() == results["exports"][site]["sha256"]
+    server_files = [p for p in _kit(state, "server").rglob("*") if p.is_file()]
+    assert not [p for p in server_files if p.suffix == ".ts" or p.name in ("model.pt", "metadata.json")]
+    assert not (_kit(state, "server") / "models").exists()
 
 
 def test_auditor_may_view_but_not_submit_or_download(system, capsys):

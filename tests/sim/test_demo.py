@@ -26,4 +26,12 @@ def test_demo_one_round(tmp_path, capsys):
     assert local["rounds"][0]["bytes_up"] == sum(e["what"]["bytes"] for e in uploads) < 4 * 1024
     page = (out / "report.html").read_text()
     assert "medsilo demo: fedper vs local" in page and "<td>local</td>" in page
+    assert "Models kept at the sites" in page
     assert (out / "hospitals" / "sites.yml").is_file()
+    # the demo says where each hospital's model is, and the command it prints works as printed
+    command = next(line.strip() for line in printed.splitlines() if line.strip().startswith("medsilo predict"))
+    assert str(out / "runs" / "cxr-demo" / "models") in printed
+    assert main(command.split()[1:]) == 0
+    scored = capsys.readouterr().out
+    site = command.split("--model ")[1].split()[0].rsplit("/", 1)[1]
+    assert f"accuracy {results['final']['per_site'][site]['test_acc']:.4f}" in scored

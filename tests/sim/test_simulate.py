@@ -16,6 +16,7 @@ from medsilo.errors import MedsiloError
 from medsilo.jobs.simulate import run_simulation
 from medsilo.medical.synth import SynthRequest, synthesize
 from medsilo.secure.ledger import LEDGER_FILE, entries
+from medsilo.tests.helpers import check_exported_models
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,7 @@ def test_fedavg_through_the_cli(sites_yml, tmp_path, capsys):
 def test_personalized_method(sites_yml, tmp_path):
     results = run_simulation(_spec("fedrep"), sites_yml, tmp_path / "run", progress=False)
     _check(results, "fedrep", ["hospital-1", "hospital-2", "hospital-3"], shares_weights=True)
+    check_exported_models(results, tmp_path / "run" / "models", sites_yml)  # a weight-sharing pFL method
 
 
 def test_heterogeneous_backbones_with_per_site_server_form(sites_yml, tmp_path):
@@ -83,6 +85,7 @@ def test_heterogeneous_backbones_with_per_site_server_form(sites_yml, tmp_path):
     assert [e["what"]["plaintext_bytes"] for e in sent] == [(2 * 8 + 2) * 4] * 3
     assert results["rounds"][0]["bytes_up"] == sum(e["what"]["bytes"] for e in sent)
     assert results["rounds"][1]["bytes_down"] == 3 * 2 * 8 * 4
+    check_exported_models(results, tmp_path / "run" / "models", sites_yml)  # prototypes as the classifier
 
 
 def test_a_failing_site_stops_the_job_with_its_reason(sites_yml, tmp_path):
@@ -108,3 +111,56 @@ def test_preflight_refuses_before_anything_starts(sites_yml, tmp_path):
     hetero = _spec("fedavg").model_copy(update={"model": {"hospital-1": "cnn"}})
     with pytest.raises(MedsiloError, match=r"missing \['hospital-2', 'hospital-3'\]"):
         run_simulation(hetero, sites_yml, tmp_path / "run2", progress=False)
+
+
+def test_real_images_in_the_generic_modality_with_the_jobs_augmentation(tmp_path):
+    """scikit-learn's digits as three label-skewed sites (PNG, modality ``image``), FedDistill, no augmentation:
+    results.json says which augmentation ran and carries each site's counts beside both means; each site's
+    exported model runs with torch alone and its metadata reads as a MONAI bundle's."""
+    import csv
+
+    from medsilo.medical.synth.digits import CLASSES, DigitsRequest, write_digit_sites
+
+    sites_yml = write_digit_sites(tmp_path / "digits", DigitsRequest(sites=3, alpha=0.5, size=16, seed=1))
+    spec = JobSpec(name="t-digits", modality="image", classes=[int(c) for c in CLASSES], dataset="digits",
+                   image_size=16, model="cnn", feature_dim=8, algorithm={"name": "feddistill"},
+                   training={"rounds": 2, "batch_size": 16, "augmentation": "none"})  # fmt: skip
+    results = run_simulation(spec, sites_yml, tmp_path / "run", progress=False)
+    assert results["augmentation"] == {"choice": "none", "steps": []}
+    tests = {}
+    for site in results["sites"]:
+        with (tmp_path / "digits" / site / "manifest.csv").open() as fh:
+            tests[site] = sum(row["split"] == "test" for row in csv.DictReader(fh))
+    for r in results["rounds"]:
+        assert {s: m["n_test"] for s, m in r["metrics"].items()} == tests
+        correct = sum(m["test_acc"] * m["n_test"] for m in r["metrics"].values())
+        assert r["pooled_test_acc"] == pytest.approx(correct / sum(tests.values()))
+        assert r["mean_test_acc"] == pytest.approx(sum(m["test_acc"] for m in r["metrics"].values()) / 3)
+    assert results["final"]["mean_acc"] > 0.3  # ten classes: well above chance after two rounds
+    folders = check_exported_models(results, tmp_path / "run" / "models", sites_yml)
+    # every round's figures as TensorBoard scalars, step = round
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "run" / "tb"))
+    board.Reload()
+    pooled = [(e.step, e.value) for e in board.Scalars("pooled/test_acc")]
+    assert pooled == [(r["round"], pytest.approx(r["pooled_test_acc"])) for r in results["rounds"]]
+    assert {"site-1/val_acc", "round/bytes_up", "mean/val_acc"} <= set(board.Tags()["scalars"])
+
+    from monai.bundle import ConfigParser
+
+    bundle = ConfigParser()
+    bundle.read_meta(folders["site-1"] / "configs" / "metadata.json")
+    bundle.read_config(folders["site-1"] / "configs" / "inference.json")
+    assert bundle.get("_meta_#medsilo#round") == results["selected_round"]
+    assert bundle.get("_meta_#network_data_format#inputs#image#num_channels") == 1
+    assert bundle.get_parsed_content("preprocessing#transforms#2#b_max") == 2.0
+    # the TorchScript file needs torch only: a fresh interpreter that never imports medsilo runs it
+    probe = ("import sys, torch; m = torch.jit.load(sys.argv[1]); p = m(torch.zeros(2, 1, 16, 16)); "
+             "assert p.shape == (2, 10) and abs(float(p.sum()) - 2) < 1e-4; "
+             "assert not [k for k in sys.modules if k.startswith('medsilo')]")  # fmt: skip
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", probe, str(folders["site-1"] / "models" / "model.ts")], check=True,
+                   cwd=tmp_path)  # fmt: skip

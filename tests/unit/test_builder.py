@@ -34,7 +34,7 @@ def test_job_build_writes_a_standard_folder(tmp_path, capsys):
     assert server["server"]["task_request_interval"] == 0.2
     executor = client["executors"][0]
     assert executor["executor"]["path"] == "medsilo.components.executor.SiteExecutor"
-    assert sorted(executor["tasks"]) == ["evaluate", "join", "release", "train"]
+    assert sorted(executor["tasks"]) == ["evaluate", "export", "join", "release", "train"]
     assert not client.get("task_result_filters") and not client.get("task_data_filters")
     text = (job / "app/config/config_fed_client.json").read_text()
     assert "manifest" not in text and "/" not in json.dumps(executor["executor"]["args"])  # no data paths

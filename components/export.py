@@ -1,0 +1,429 @@
+"""What a hospital takes home: its model of the selected round, as a bundle with a model card.
+
+Personalized FL gives each site its own model; at the end of a job each site writes the model it would deploy
+— the one its evaluation scored at the round the server selected on validation — into its own workspace (it
+never leaves the site)::
+
+    <folder>/                       simulation: RUN_DIR/models/<site>/; deployed: <workspace>/models/<job id>/
+      configs/metadata.json         MONAI bundle metadata: classes, input (channels, size, value range),
+                                    modality, preprocessing, and under "medsilo": job id, spec digest,
+                                    algorithm, round, per-split metrics, privacy mode and ε, augmentation
+      configs/inference.json        the preprocessing as MONAI transforms and how to load the network
+      models/model.ts               TorchScript: a preprocessed batch (B, C, S, S) → class probabilities (B, K);
+                                    runs with torch alone
+      models/model.pt               the same module's state dict (torch.save; for fine-tuning)
+      docs/README.md                the model card: intended use (research only), data counts, metrics with
+                                    95 % bootstrap intervals, privacy, and the ledger entry of the export
+
+**One code path.** Every algorithm's ``Client.scores`` is what evaluation scores; :class:`Deployed` wraps a
+client half so that ``forward`` *is* ``scores`` (its modules and tensors registered as the module's own), and
+the TorchScript file is a trace of it, checked against ``scores`` on the site's own test images before it is
+written. So ``medsilo predict`` on the site's test split gives exactly the accuracy the job reported.
+
+**Which round.** After each round's evaluation the server tells the sites which round is best so far (its
+``best_round``, chosen on mean validation accuracy); a site keeps in memory only the deployable state of
+that round and of the round it just evaluated (:class:`Candidates`), and the final ``export`` task names the
+selected round. A resumed job keeps candidates from the rounds it ran itself; an earlier round cannot be
+exported (the site says so).
+
+**Why TorchScript.** A hospital's inference service needs only torch to run ``model.ts`` (MONAI bundles load
+their networks the same way). torch 2.13 marks ``torch.jit`` deprecated in favour of ``torch.export``; the
+trace is still what runs without the training code, and the state dict beside it lets a site re-export.
+
+**Record.** The export is written to a temporary sibling folder, its files hashed, a ``model_export`` entry
+appended to the site's privacy ledger (model digests, round, job) under the ledger's lock, the card written
+with that entry's hash, and the folder renamed into place: an auditor can link a deployed model to the
+releases that trained it, and a folder without a card is never left as if complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsilo.components import checkpoint
+from medsilo.errors import MedsiloError
+
+MODELS_DIR_ENV = "MEDSILO_MODELS_DIR"
+"""Simulation: the folder the sites write their models into, one sub-folder per site (``RUN_DIR/models``)."""
+
+BOOTSTRAP_RESAMPLES = 1000
+"""Resamples of a split's images behind each 95 % interval in the model card."""
+
+
+class ExportError(MedsiloError):
+    """A model that cannot be exported (no candidate of the round, a trace that does not reproduce scores)."""
+
+
+class Deployed(nn.Module):
+    """A client half's deployed model as one module: ``forward(x)`` is ``client.scores(x)``.
+
+    Args:
+        client: an algorithm's client half (``medsilo.components.algorithms.base.Client``).
+
+    The client's modules become sub-modules (``parts.<attribute>``), its tensors buffers
+    (``state.<attribute>``) and its parameters parameters, so a trace records them as the module's own
+    state and ``state_dict`` holds everything the prediction uses.
+    """
+
+    def __init__(self, client: Any):
+        super().__init__()
+        self._client = (client,)  # a tuple: not registered as a sub-module
+        self.parts = nn.ModuleDict()
+        self.state = nn.Module()
+        for name, value in vars(client).items():
+            if isinstance(value, nn.Module):
+                self.parts[name] = value
+            elif isinstance(value, nn.Parameter):
+                self.state.register_parameter(name, value)
+            elif isinstance(value, torch.Tensor):
+                self.state.register_buffer(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(B, K)`` for a preprocessed batch ``(B, C, S, S)``."""
+        return self._client[0].scores(x)
+
+
+def trace(client: Any, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """TorchScript of ``client``'s deployed model, traced on ``example`` and checked against ``scores``.
+
+    Raises:
+        ExportError: the trace does not give ``scores``' probabilities on ``example`` (to 1e-5).
+    """
+    module = Deployed(client).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # branches on the fixed state are resolved
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
+        traced = torch.jit.trace(module, example, check_trace=False)
+        want, got = client.scores(example), traced(example)
+    if want.shape != got.shape or not torch.allclose(want, got, atol=1e-5, rtol=1e-4):
+        raise ExportError(f"the traced model of {type(client).__module__} does not reproduce its scores "
+                          f"(max difference {float((want - got).abs().max()):.3g})")  # fmt: skip
+    return traced
+
+
+class Candidates:
+    """The deployable states a site keeps until the job's round is selected: at most the server's best round
+    so far and the round just evaluated.
+
+    Attributes:
+        states: round → :func:`~medsilo.components.checkpoint.snapshot` of the client half.
+        evals: round → the site's evaluation of that round (``{"val": …, "test": …}``).
+    """
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict] = {}
+        self.evals: dict[int, dict] = {}
+
+    def keep(self, rnd: int, client: Any, evaluation: Mapping[str, Any], best: Any) -> None:
+        """Keep round ``rnd``'s state (the model evaluated as round ``rnd``); drop every kept round but ``rnd``
+        and ``best`` (the server's best round so far, ``None`` before it knows one)."""
+        self.states[rnd] = checkpoint.snapshot(client)
+        self.evals[rnd] = dict(evaluation)
+        for old in [r for r in self.states if r not in (rnd, best)]:
+            del self.states[old], self.evals[old]
+
+    def restore(self, rnd: int, client: Any) -> dict:
+        """Put ``client`` into round ``rnd``'s state; returns that round's evaluation.
+
+        Raises:
+            ExportError: the round is not kept (it was never evaluated here, or before a resume).
+        """
+        if rnd not in self.states:
+            kept = ", ".join(map(str, sorted(self.states))) or "none"
+            raise ExportError(f"round {rnd} is not among the rounds this site kept ({kept}); a resumed job keeps "
+                              "only rounds it ran itself")  # fmt: skip
+        checkpoint.restore_snapshot(client, self.states[rnd])
+        return self.evals[rnd]
+
+
+@dataclass(frozen=True)
+class ExportFacts:
+    """What the bundle and its card say about the job (everything but the model and the data).
+
+    Attributes:
+        site, job_id, spec_digest, job_name, algorithm, modality, classes, image_size: the job.
+        round: the selected round exported.
+        privacy_mode: the job's privacy mode; ``epsilon``/``delta``: what this site spent on it (DP modes).
+        augmentation: the training augmentation that ran (resolved, JSON).
+        medsilo_version: the version that wrote the bundle.
+    """
+
+    site: str
+    job_id: str
+    spec_digest: str
+    job_name: str
+    algorithm: str
+    modality: str
+    classes: tuple[str, ...]
+    image_size: int
+    round: int
+    privacy_mode: str
+    epsilon: float | None
+    delta: float | None
+    augmentation: list
+    medsilo_version: str
+
+
+def auroc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """AUROC exactly as :func:`~medsilo.components.training.classification_metrics` defines it (binary for two
+    classes or two present; else the macro one-vs-rest mean over the present classes on probabilities
+    renormalised over them; NaN with fewer than two present), from ranks (Mann–Whitney, ties averaged) —
+    fast enough to run a thousand times for a bootstrap."""
+    from scipy.stats import rankdata
+
+    present = np.unique(labels)
+    if len(present) < 2:
+        return math.nan
+    if probs.shape[1] == 2:
+        columns, positives = probs[:, 1:2], [1]
+    else:
+        sub = probs[:, present] / probs[:, present].sum(1, keepdims=True)
+        columns, positives = (sub[:, 1:2], [present[1]]) if len(present) == 2 else (sub, list(present))
+    scores = []
+    for column, cls in zip(columns.T, positives, strict=True):
+        pos = labels == cls
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        ranks = rankdata(column)
+        scores.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(scores))
+
+
+def bootstrap(probs: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict[str, list[float] | None]:
+    """95 % percentile intervals of accuracy and AUROC over :data:`BOOTSTRAP_RESAMPLES` resamples of the
+    images (with replacement); an AUROC interval is ``None`` when too few resamples hold two classes."""
+    p, y = probs.double().numpy(), labels.numpy()
+    correct = p.argmax(1) == y
+    rng = np.random.default_rng(seed)
+    accs, aurocs = [], []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        idx = rng.integers(0, len(y), len(y))
+        accs.append(float(correct[idx].mean()))
+        value = auroc(p[idx], y[idx])
+        if not math.isnan(value):
+            aurocs.append(value)
+    interval = lambda xs: [float(np.percentile(xs, 2.5)), float(np.percentile(xs, 97.5))]  # noqa: E731
+    return {"acc": interval(accs), "auroc": interval(aurocs) if len(aurocs) >= BOOTSTRAP_RESAMPLES // 2 else None}
+
+
+def export_model(folder: Path, client: Any, data: Any, facts: ExportFacts, record) -> dict[str, Any]:
+    """Write the bundle of ``client`` (already in the selected round's state) into ``folder``, atomically.
+
+    Args:
+        folder: the bundle folder; it must not exist yet.
+        client: the client half in the state to deploy.
+        data: the site's :class:`~medsilo.medical.data.SiteData` (counts, test images for the trace check).
+        facts: what the bundle says about the job.
+        record: ``record(what) -> entry hash``: appends the ``model_export`` ledger entry (the site pipeline's
+            :meth:`~medsilo.secure.pipeline.base.SitePipeline.record_export`).
+
+    Returns:
+        ``{"round", "sha256", "state_sha256", "ledger_entry"}`` (digests of ``model.ts`` and ``model.pt``).
+
+    Raises:
+        ExportError: the folder exists, or the trace does not reproduce the scores. Nothing is left behind.
+    """
+    from medsilo.components.training import evaluate_split
+
+    folder = Path(folder)
+    if folder.exists():
+        raise ExportError(f"{folder}: exists already; a job exports its model once")
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for sub in ("configs", "models", "docs"):
+            (tmp / sub).mkdir(parents=True)
+        test_x = torch.stack([data.test[i][0] for i in range(min(len(data.test), 64))])
+        traced = trace(client, test_x)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
+            traced.save(str(tmp / "models" / "model.ts"))
+        torch.save(Deployed(client).state_dict(), tmp / "models" / "model.pt")
+        metrics = {}
+        for split in ("val", "test"):
+            ds = data.split(split)
+            probs, labels = _predict(client, ds)
+            point = evaluate_split(client.scores, ds)
+            metrics[split] = {"acc": point["acc"], "auroc": _plain(point["auroc"]), "n": point["n"],
+                              "ci95": bootstrap(probs, labels, seed=facts.round)}  # fmt: skip
+        counts = {split: dict(zip(facts.classes, data.split(split).class_counts(len(facts.classes)).tolist(),
+                                  strict=True)) for split in ("train", "val", "test")}  # fmt: skip
+        digest = _sha256(tmp / "models" / "model.ts")
+        state_digest = _sha256(tmp / "models" / "model.pt")
+        channels = int(data.channels)
+        metadata = _metadata(facts, metrics, counts, channels, digest, state_digest)
+        (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        (tmp / "configs" / "inference.json").write_text(json.dumps(_inference(facts, channels), indent=2) + "\n")
+        entry = record({"kind": "model", "round": facts.round, "model_sha256": digest, "state_sha256": state_digest,
+                        "metadata_sha256": _sha256(tmp / "configs" / "metadata.json"), "format": "monai-bundle"})
+        (tmp / "docs" / "README.md").write_text(_card(facts, metrics, counts, channels, digest, entry))
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"round": facts.round, "sha256": digest, "state_sha256": state_digest, "ledger_entry": entry}
+
+
+def _predict(client: Any, ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False)
+    probs, labels = [], []
+    with torch.no_grad():
+        for x, y in loader:
+            probs.append(client.scores(x))
+            labels.append(y)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _plain(x: float) -> float | None:
+    return None if x is None or np.isnan(x) else float(x)
+
+
+NORMALIZE = {"a_min": 0.0, "a_max": 1.0, "b_min": -2.0, "b_max": 2.0}
+"""medsilo's fixed intensity map ``(x − 0.5) / 0.25`` as MONAI ``ScaleIntensityRange`` arguments."""
+
+
+def _preprocessing(facts: ExportFacts, channels: int) -> dict[str, Any]:
+    reader = {"cxr": "DICOM CR/DX through medsilo.medical.data.readers.LoadCXR (modality LUT, VOI LUT or window, "
+                     "MONOCHROME1 inverted): one channel in [0, 1]",
+              "pathology": "PNG/JPEG/TIFF as RGB scaled to [0, 1] (medsilo.medical.data.readers.LoadPatch)",
+              "image": f"PNG/JPEG/TIFF scaled to [0, 1] (8-bit / 255, 16-bit / 65535), {channels} channel(s) "
+                       "(medsilo.medical.data.readers.LoadImageFile)"}[facts.modality]  # fmt: skip
+    return {"read": reader,
+            "resize": f"longest side to {facts.image_size} (area averaging), zero-padded to a square",
+            "normalize": "(x - 0.5) / 0.25, the same at every site"}  # fmt: skip
+
+
+def _metadata(facts: ExportFacts, metrics: dict, counts: dict, channels: int, digest: str, state_digest: str):
+    import monai
+
+    classes = {str(i): name for i, name in enumerate(facts.classes)}
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
+        "version": "1.0.0",
+        "changelog": {"1.0.0": f"exported by medsilo {facts.medsilo_version} from job {facts.job_id}"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {},
+        "task": f"{facts.modality} classification ({', '.join(facts.classes)})",
+        "description": f"{facts.algorithm} model of site {facts.site}, round {facts.round} of job {facts.job_name}",
+        "authors": f"site {facts.site} (medsilo federated job {facts.job_id})",
+        "copyright": f"the data holder of site {facts.site}",
+        "intended_use": "research only; not for clinical use",
+        "data_source": f"site {facts.site}'s own data (never left the site)",
+        "data_type": facts.modality,
+        "image_classes": f"{channels} channel(s), {facts.image_size}x{facts.image_size}, preprocessed",
+        "label_classes": classes,
+        "pred_classes": classes,
+        "eval_metrics": {f"{split}_{k}": v for split, m in metrics.items() for k, v in m.items() if k in ("acc", "auroc")},
+        "references": ["DESIGN.md §4 (evaluation), medsilo components/export.py"],
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": facts.modality,
+                                 "num_channels": channels, "spatial_shape": [facts.image_size, facts.image_size],
+                                 "dtype": "float32", "value_range": [-2, 2], "is_patch_data": False,
+                                 "channel_def": {str(c): "intensity" for c in range(channels)}}},
+            "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": len(facts.classes),
+                                 "spatial_shape": [1], "dtype": "float32", "value_range": [0, 1],
+                                 "is_patch_data": False, "channel_def": classes}},
+        },  # fmt: skip
+        "medsilo": {
+            "version": facts.medsilo_version, "site": facts.site, "job_id": facts.job_id, "job": facts.job_name,
+            "spec_sha256": facts.spec_digest, "algorithm": facts.algorithm, "round": facts.round,
+            "modality": facts.modality, "classes": list(facts.classes), "channels": channels,
+            "image_size": facts.image_size, "preprocessing": _preprocessing(facts, channels),
+            "metrics": metrics, "data_counts": counts,
+            "privacy": {"mode": facts.privacy_mode, "epsilon": facts.epsilon, "delta": facts.delta},
+            "augmentation": facts.augmentation, "model_sha256": digest, "state_sha256": state_digest,
+        },  # fmt: skip
+    }
+
+
+def _inference(facts: ExportFacts, channels: int) -> dict[str, Any]:
+    return {
+        "imports": ["$import torch"],
+        "bundle_root": ".",
+        "device": "$torch.device('cpu')",
+        "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
+        "_comment": "images as medsilo's reader returns them ((C, H, W) float32 in [0, 1]; see metadata.json "
+                    "medsilo.preprocessing), then these transforms, then the network: probabilities per class",
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "Resize", "spatial_size": facts.image_size, "size_mode": "longest", "mode": "area"},
+                {"_target_": "SpatialPad", "spatial_size": [facts.image_size, facts.image_size], "mode": "constant"},
+                {"_target_": "ScaleIntensityRange", **NORMALIZE},
+            ],
+        },
+    }  # fmt: skip
+
+
+def _card(facts: ExportFacts, metrics: dict, counts: dict, channels: int, digest: str, entry: str) -> str:
+    def cell(split: str, key: str) -> str:
+        m = metrics[split]
+        value, ci = m[key], m["ci95"][key]
+        if value is None:
+            return "—"
+        return f"{value:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+    eps = (f"ε = {facts.epsilon:.3g} at δ = {facts.delta:g} spent by this site on the job"
+           if facts.epsilon else "no differential privacy (ε not accounted)")  # fmt: skip
+    rows = "\n".join(f"| {split} | " + " | ".join(str(counts[split][c]) for c in facts.classes) + " |"
+                     for split in ("train", "val", "test"))  # fmt: skip
+    return f"""# Model card: {facts.algorithm} model of site {facts.site}
+
+**Intended use: research only. Not a medical device; not for clinical decisions.**
+
+| | |
+|---|---|
+| job | {facts.job_name} (id `{facts.job_id}`, spec SHA-256 `{facts.spec_digest[:16]}…`) |
+| algorithm | {facts.algorithm}; the model this site deploys at round {facts.round}, selected on validation |
+| task | {facts.modality}: {", ".join(facts.classes)} |
+| input | {channels} channel(s), {facts.image_size}×{facts.image_size}, preprocessed as in `configs/metadata.json` (`medsilo.preprocessing`) |
+| output | class probabilities, in the order above |
+| privacy | mode `{facts.privacy_mode}`; {eps} |
+| training augmentation | {json.dumps(facts.augmentation) if facts.augmentation else "none"} |
+| written by | medsilo {facts.medsilo_version} |
+
+## Data (this site's images; they never left the site)
+
+| split | {" | ".join(facts.classes)} |
+|---|{"---:|" * len(facts.classes)}
+{rows}
+
+## Metrics (95 % bootstrap intervals over images, {BOOTSTRAP_RESAMPLES} resamples)
+
+| split | accuracy | AUROC | images |
+|---|---:|---:|---:|
+| validation | {cell("val", "acc")} | {cell("val", "auroc")} | {metrics["val"]["n"]} |
+| test | {cell("test", "acc")} | {cell("test", "auroc")} | {metrics["test"]["n"]} |
+
+Small splits give wide intervals; the test split was never used to choose anything.
+
+## Use
+
+```bash
+medsilo predict --model <this folder> --manifest MANIFEST.csv --out predictions.csv
+python -c "import torch; m = torch.jit.load('models/model.ts'); print(m(torch.zeros(1, {channels}, {facts.image_size}, {facts.image_size})))"
+```
+
+## Provenance
+
+- `models/model.ts` SHA-256 `{digest}`
+- recorded in this site's privacy ledger, entry hash `{entry}` (event `model_export`); `medsilo audit verify`
+  checks the ledger, and the entry links this model to the job's releases before it.
+"""
