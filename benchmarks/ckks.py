@@ -41,8 +41,8 @@ ALGORITHMS = ("fedproto", "feddistill", "lgfedavg", "fedavg")
 def micro(algorithm: str, feature_dim: int, image_size: int, repeats: int = 5) -> dict:
     """Encrypt / add / decrypt cost of one real upload of ``algorithm`` (a cnn site, 2 classes)."""
     from medsilo.components.algorithms import algorithm_module
+    from medsilo.components.toy import tiny_setup
     from medsilo.secure.ckks import add, decrypt, encrypt, make_context, public_copy
-    from medsilo.tests.helpers import tiny_setup
 
     module = algorithm_module(algorithm)
     setup = tiny_setup(n=16, num_classes=2, feature_dim=feature_dim)

@@ -48,7 +48,7 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from medsilo.components.executor import (
+from medsilo.components.wire import (
     TASK_EVALUATE,
     TASK_EXPORT,
     TASK_JOIN,
@@ -59,6 +59,7 @@ from medsilo.components.executor import (
 )
 from medsilo.config.job import decode_job, spec_digest
 from medsilo.errors import MedsiloError
+from medsilo.fs import write_atomic
 
 RESULTS_FILE, PROGRESS_FILE, FAILURE_FILE = "results.json", "progress.jsonl", "failure.json"
 TENSORBOARD_DIR = "tb"
@@ -328,6 +329,4 @@ class RoundController(ModelController):
 
     @staticmethod
     def _write(path: Path, data: dict[str, Any]) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -62,6 +62,16 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from medsilo.components import checkpoint
 from medsilo.components.export import MODELS_DIR_ENV, Candidates, ExportError, ExportFacts, export_model
+from medsilo.components.wire import (  # noqa: F401 - RUN_ID_ENV is part of the site's documented environment
+    RUN_ID_ENV,
+    TASK_EVALUATE,
+    TASK_EXPORT,
+    TASK_JOIN,
+    TASK_RELEASE,
+    TASK_TRAIN,
+    job_identity,
+    payload_bytes,
+)
 from medsilo.config.job import decode_job, spec_digest
 from medsilo.errors import MedsiloError
 from medsilo.secure.dp import BudgetExceeded
@@ -72,32 +82,8 @@ SITES_FILE_ENV = "MEDSILO_SITES_FILE"
 """Simulator only: path of the ``sites.yml`` standing in for every site's own config."""
 THREADS_ENV = "MEDSILO_SITE_THREADS"
 """Simulator only: torch threads per site (several sites share one machine there)."""
-RUN_ID_ENV = "MEDSILO_RUN_ID"
-"""Simulator only: the run's id, which stands in for the job id (NVFlare's simulator names every job
-``simulate_job``, and ledgers and signatures must tell runs apart)."""
 SITE_CONFIG = Path("local") / "medsilo_site.yml"
 """A deployed site's config, relative to its workspace."""
-TASK_JOIN, TASK_TRAIN, TASK_EVALUATE, TASK_RELEASE, TASK_EXPORT = "join", "train", "evaluate", "release", "export"
-
-
-def job_identity(fl_ctx: FLContext) -> str:
-    """The id ledgers, signatures and checkpoints bind to: NVFlare's job id, or the simulator run's id.
-
-    Raises:
-        MedsiloError: an id that is not a plain name (it names folders and appears in signed statements).
-    """
-    value = os.environ.get(RUN_ID_ENV) or fl_ctx.get_job_id()
-    if not isinstance(value, str) or not JOB_ID.fullmatch(value):
-        raise MedsiloError("the job id is not a plain name (letters, digits, '.', '_', '-'); refusing it")
-    return value
-
-
-def payload_bytes(arrays: dict[str, Any] | None) -> int:
-    """Bytes of a payload's tensors as sent (array buffers; byte strings count their size)."""
-    total = 0
-    for v in (arrays or {}).values():
-        total += len(v) if isinstance(v, (bytes, bytearray)) else int(np.asarray(v).nbytes)
-    return total
 
 
 def site_seed(job_seed: int, site: str) -> int:

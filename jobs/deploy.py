@@ -8,7 +8,7 @@ and downloaded. Works with any admin ``Session``: the POC's or a production netw
 Run folder layout::
 
     RUN_DIR/results.json        # DESIGN §12, plus the NVFlare job_id (only when the job completed)
-    RUN_DIR/report.html
+    RUN_DIR/report.html         # written by the CLI (medsilo poc submit), which renders reports
     RUN_DIR/<job id>/workspace/  # the server's job workspace as NVFlare's download returns it (logs, audit.log)
     RUN_DIR/<job id>/job/        # the job as the server stored it
 """
@@ -61,7 +61,6 @@ def run_deployed(spec: JobSpec, session, *, job_root: str | Path, run_dir: str |
     """
     from tqdm import tqdm
 
-    from medsilo.report import write_report
 
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     job_dir = export_job(spec, Path(job_root) / f"{spec.name}-{stamp}", min_sites=min_sites, resume=resume)
@@ -100,7 +99,6 @@ def run_deployed(spec: JobSpec, session, *, job_root: str | Path, run_dir: str |
         raise DeployError(f"job {job_id} ('{spec.name}') ended {status}: {reason} (downloaded logs: {run_dir})")
     results = {**json.loads(found.read_text()), "job_id": job_id}  # the id the ledgers and audit logs name
     (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    write_report([results], run_dir / "report.html", title=f"{spec.name} (job {job_id})")
     return results
 
 

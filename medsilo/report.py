@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medsilo.errors import MedsiloError
+from medsilo.fs import write_atomic
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
@@ -209,7 +210,5 @@ def write_report(runs: list[dict[str, Any]], out: str | Path, title: str = "meds
         raise MedsiloError("runs in one report must share their sites; got " + "; ".join(", ".join(s) for s in set(sites)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(render_html(runs, title))
-    tmp.replace(out)
+    write_atomic(out, render_html(runs, title))
     return out

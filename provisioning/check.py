@@ -26,16 +26,15 @@ Nothing is written except a temporary file probing that the workspace is writabl
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from medsilo.errors import MedsiloError
 
 Status = Literal["ok", "warn", "fail"]
 STARTUP_FILES = ("fed_client.json", "client.crt", "client.key", "rootCA.pem")
-SHOWN = 3
-"""Files named per problem in a row's detail (the rest are counted)."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,19 @@ class Check:
     detail: str
 
 
-def check_kit(kit: str | Path, *, progress: bool = True) -> list[Check]:
+DatasetChecker = Callable[[str, Any, Any, bool], list[tuple[str, Status, str]]]
+"""``(name, dataset ref, site config, progress) -> [(row name, status, detail), …]``: reads a dataset the way a
+job does — :func:`medsilo.medical.data.check.check_dataset`, which the caller passes in (provisioning sits
+beside the data layer, not above it; the CLI composes the two)."""
+
+
+def check_kit(kit: str | Path, *, datasets: DatasetChecker, progress: bool = True) -> list[Check]:
     """Run every check on the site kit folder ``kit`` (module docstring); returns the rows in order.
+
+    Args:
+        kit: the site kit folder.
+        datasets: reads each dataset of the site config (:data:`DatasetChecker`).
+        progress: show a progress bar while reading images.
 
     Raises:
         MedsiloError: ``kit`` is not a folder.
@@ -61,7 +71,7 @@ def check_kit(kit: str | Path, *, progress: bool = True) -> list[Check]:
     config = _check_config(kit, site, rows)
     if config is not None:
         for name, ref in config.datasets.items():
-            _check_dataset(name, ref, config, rows, progress)
+            rows.extend(Check(*row) for row in datasets(name, ref, config, progress))
     _check_he(kit, site, config, rows)
     _check_ledger(kit, site, config, rows)
     _check_software(rows)
@@ -113,69 +123,6 @@ def _check_config(kit: Path, site: str | None, rows: list[Check]):
     rows.append(Check("site config", "ok", f"{path}: {len(config.datasets)} dataset(s), privacy mode ≥ "
                                            f"{config.privacy.required_mode}"))  # fmt: skip
     return config
-
-
-def _check_dataset(name: str, ref, config, rows: list[Check], progress: bool) -> None:
-    from collections import Counter
-
-    from tqdm import tqdm
-
-    from medsilo.config import read_manifest
-    from medsilo.medical.data.dataset import reader_for
-    from medsilo.medical.data.readers import IdentifyingImage, UnreadableImage
-
-    try:
-        manifest = read_manifest(ref.manifest, allow_outside=config.data.allow_paths_outside_manifest)
-    except MedsiloError as exc:
-        rows.append(Check(f"dataset {name}", "fail", str(exc)))
-        return
-    allow = config.data.allow_identifiable_dicom
-    reader = reader_for(ref.modality, allow_identifiable=allow)
-    counts: Counter = Counter()
-    unreadable: list[UnreadableImage] = []
-    identifying: list[IdentifyingImage] = []
-    for row in tqdm(manifest.rows, desc=f"check {name}", unit="img", disable=not progress, leave=False):
-        try:
-            reader(row.path)
-        except IdentifyingImage as exc:
-            identifying.append(exc)
-            continue
-        except UnreadableImage as exc:
-            unreadable.append(exc)
-            continue
-        counts[(row.split, manifest.classes[row.label])] += 1
-    total = len(manifest.rows)
-    table = "; ".join(
-        f"{split}: " + ", ".join(f"{c} {counts[(split, c)]}" for c in manifest.classes) for split in ("train", "val", "test")
-    )
-    limit = config.data.max_unreadable_fraction
-    if unreadable and len(unreadable) / total > limit:
-        rows.append(Check(f"dataset {name}", "fail", f"{ref.manifest}: {len(unreadable)} of {total} files unreadable "
-                                                     f"(limit {limit:.0%}): {_first(unreadable)}"))  # fmt: skip
-    elif empty := [sp for sp in ("train", "val", "test") if not any(counts[(sp, c)] for c in manifest.classes)]:
-        rows.append(Check(f"dataset {name}", "fail", f"{ref.manifest}: no readable image in split(s) "
-                                                     f"{', '.join(empty)}; every split needs images ({table})"))  # fmt: skip
-    else:
-        note = f", {len(unreadable)} unreadable skipped: {_first(unreadable)}" if unreadable else ""
-        rows.append(Check(f"dataset {name}", "warn" if unreadable else "ok",
-                          f"{ref.manifest}: {total - len(unreadable) - len(identifying)} images ({table}){note}"))  # fmt: skip
-    if ref.modality == "cxr":
-        if identifying:
-            keywords = sorted({k for exc in identifying for k in exc.keywords})
-            rows.append(Check(f"de-identification {name}", "fail",
-                              f"{len(identifying)} DICOM file(s) with identifying attributes filled in "
-                              f"({', '.join(keywords)}): {', '.join(e.path for e in identifying[:SHOWN])}"
-                              f"{' …' if len(identifying) > SHOWN else ''}; de-identify them (or set "
-                              "data.allow_identifiable_dicom: true if your governance allows)"))  # fmt: skip
-        else:
-            rows.append(Check(f"de-identification {name}", "ok" if not allow else "warn",
-                              "no identifying DICOM attributes found" if not allow
-                              else "not checked: data.allow_identifiable_dicom is true"))  # fmt: skip
-
-
-def _first(failures: list) -> str:
-    shown = "; ".join(f"{f.path}: {f.reason}" for f in failures[:SHOWN])
-    return shown + (f"; … {len(failures) - SHOWN} more" if len(failures) > SHOWN else "")
 
 
 def _check_he(kit: Path, site: str | None, config, rows: list[Check]) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from medsilo.errors import MedsiloError
+from medsilo.fs import write_atomic
 
 STATE_FILE = "poc.json"
 MARKER_ENV = "MEDSILO_POC_WORKSPACE"
@@ -208,9 +209,7 @@ def up(sites_file: str | Path, workspace: str | Path, n_sites: int | None = None
 
 
 def _write_state(workspace: Path, state: dict) -> None:
-    tmp = workspace / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(workspace / STATE_FILE)
+    write_atomic(workspace / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
 def _console_tail(workspace: Path, name: str, lines: int = 5) -> str:

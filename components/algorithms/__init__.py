@@ -1,14 +1,20 @@
 """Algorithm registry: job-spec name → module holding that algorithm's ``Config``, ``Client`` and ``Server``.
 
 Adding an algorithm = one module in this folder + one line here + its tests. Importing this package
-is cheap (module paths only); an algorithm's module, and torch, load when it is first used.
+is cheap (module paths only); an algorithm's module, and torch, load when it is first used. What an
+algorithm *is* — its family (``FAMILY``: ``local``, ``pfl`` or ``htfl``), whether sites may run different
+backbones (``MIXED_BACKBONES``), its DP form (``Client.dp_form``) and server forms (``Server.form_for``) —
+its module declares; the groups below and spec validation (through :mod:`medsilo.config.registry`, which
+this package fills on import) read those declarations, never a position in this list.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
+from medsilo.config import registry
 from medsilo.errors import MedsiloError, did_you_mean
 
 REGISTRY: dict[str, str] = {
@@ -34,11 +40,18 @@ REGISTRY: dict[str, str] = {
 
 ALGORITHMS: tuple[str, ...] = tuple(REGISTRY)
 
-PFL_ALGORITHMS: tuple[str, ...] = ALGORITHMS[: ALGORITHMS.index("fedcp") + 1]
-"""Local, FedAvg and the personalized methods: one backbone at every site (they share weights)."""
+FAMILIES = ("local", "pfl", "htfl")
+"""``local``: no federation; ``pfl``: personalized FL with one backbone everywhere (sites share weights);
+``htfl``: heterogeneous FL (sites share only d- or K-sized tensors, so backbones may differ)."""
 
-HTFL_ALGORITHMS: tuple[str, ...] = ("local", *ALGORITHMS[ALGORITHMS.index("fedproto") :])
-"""Local and the methods that work across different backbones: they share only d- or K-sized tensors."""
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    # the groups load every algorithm module to read its declaration, so they are computed on first use
+    if name == "PFL_ALGORITHMS":  # Local, FedAvg and the personalized methods: one backbone at every site
+        return tuple(a for a in ALGORITHMS if algorithm_module(a).FAMILY in ("local", "pfl"))
+    if name == "HTFL_ALGORITHMS":  # Local and the methods that work across different backbones
+        return tuple(a for a in ALGORITHMS if algorithm_module(a).MIXED_BACKBONES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def algorithm_module(name: str) -> ModuleType:
@@ -51,3 +64,6 @@ def algorithm_module(name: str) -> ModuleType:
     if key not in REGISTRY:
         raise MedsiloError(f"unknown algorithm '{name}'; {did_you_mean(key, ALGORITHMS)}choose from {', '.join(ALGORITHMS)}")
     return importlib.import_module(REGISTRY[key])
+
+
+registry.provide("algorithms", sys.modules[__name__])

@@ -270,6 +270,30 @@ class Server:
 # ---- pure helpers ---------------------------------------------------------------------------------
 
 
+PRESENT = 0.5
+"""A class is present when its (summed) count is at least this. Counts are whole numbers (images, or 0/1 site
+indicators), so the margin changes nothing in plaintext and absorbs CKKS approximation error around 0: a class
+no site has can decrypt to ±1e-8, which ``count > 0`` would take for a class (and divide noise by it)."""
+
+
+def class_means(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class means from per-class sums and counts — the one presence rule of every algorithm.
+
+    Args:
+        sums: ``(K, …)`` per-class sums (features, logits, prototypes).
+        counts: ``(K,)`` per-class counts.
+
+    Returns:
+        ``(means, present)``: ``sums[k] / counts[k]`` float32 where ``counts[k] ≥`` :data:`PRESENT`, zero rows
+        elsewhere (never NaN), and the ``(K,)`` bool mask.
+    """
+    sums, counts = sums.detach().float(), counts.detach().float()
+    present = counts >= PRESENT
+    shape = (-1,) + (1,) * (sums.dim() - 1)
+    safe = torch.where(present, counts, torch.ones_like(counts)).view(shape)
+    return torch.where(present.view(shape), sums / safe, torch.zeros_like(sums)), present
+
+
 def weighted_params(module: nn.Module, n: int, prefix: str) -> Tensors:
     """``{prefix + name: θ · n}`` for every parameter of ``module`` (BatchNorm statistics excluded)."""
     return {f"{prefix}{name}": p.detach().float() * float(n) for name, p in module.named_parameters()}

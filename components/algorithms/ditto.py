@@ -69,6 +69,11 @@ from medsilo.components.algorithms.base import (
     weighted_params,
 )
 
+FAMILY = "pfl"
+"""Personalized FL: every site runs the same backbone and shares (part of) its weights."""
+MIXED_BACKBONES = False
+"""Whether a job may give its sites different backbones."""
+
 
 class Config(AlgorithmConfig):
     """Ditto hyper-parameters.

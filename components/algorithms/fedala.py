@@ -91,6 +91,12 @@ _SLICE_STREAM = 50_000
 """Offset that keeps the ALA slice generator apart from the training loader's (same site seed, round)."""
 
 
+FAMILY = "pfl"
+"""Personalized FL: every site runs the same backbone and shares (part of) its weights."""
+MIXED_BACKBONES = False
+"""Whether a job may give its sites different backbones."""
+
+
 class Config(AlgorithmConfig):
     """FedALA hyper-parameters.
 

@@ -36,6 +36,11 @@ from medsilo.components.algorithms.base import (
 )
 from medsilo.secure.dp import DPRelease
 
+FAMILY = "pfl"
+"""Personalized FL: every site runs the same backbone and shares (part of) its weights."""
+MIXED_BACKBONES = False
+"""Whether a job may give its sites different backbones."""
+
 
 class Config(AlgorithmConfig):
     """FedAvg has no hyper-parameters."""

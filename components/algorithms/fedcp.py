@@ -81,6 +81,12 @@ BANDWIDTHS: tuple[float, ...] = (10.0, 15.0, 20.0, 50.0)
 """σ of the RBF kernel sum ``k(a, b) = Σ_σ exp(−‖a − b‖² / (2σ))`` in the MMD term (reference values)."""
 
 
+FAMILY = "pfl"
+"""Personalized FL: every site runs the same backbone and shares (part of) its weights."""
+MIXED_BACKBONES = False
+"""Whether a job may give its sites different backbones."""
+
+
 class Config(AlgorithmConfig):
     """FedCP hyper-parameters.
 

@@ -92,6 +92,12 @@ MEAN_SUM = "dbe.mean_sum"
 """Round-1 upload: Σ φ(x) over the site's training images, ``(d,)``."""
 
 
+FAMILY = "pfl"
+"""Personalized FL: every site runs the same backbone and shares (part of) its weights."""
+MIXED_BACKBONES = False
+"""Whether a job may give its sites different backbones."""
+
+
 class Config(AlgorithmConfig):
     """FedDBE's hyper-parameters.
 

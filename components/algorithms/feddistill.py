@@ -77,6 +77,7 @@ from medsilo.components.algorithms.base import (
     SiteSetup,
     Tensors,
     Upload,
+    class_means,
 )
 from medsilo.components.training import ExtraLoss
 
@@ -86,8 +87,10 @@ LOGIT_SUM = "logit_sum"
 LOGIT_COUNT = "logit_count"
 """Upload: per-class presence indicators or logit counts ``(K,)``."""
 
-MIN_COUNT = 0.5
-"""Aggregated count below which a class has no global logit (no site, or only noise)."""
+FAMILY = "htfl"
+"""Heterogeneous FL: sites share only d- or K-sized tensors, so each may run its own backbone."""
+MIXED_BACKBONES = True
+"""Whether a job may give its sites different backbones."""
 
 
 class Config(AlgorithmConfig):
@@ -205,9 +208,8 @@ def site_rows(sums: torch.Tensor, counts: torch.Tensor, weighting: str) -> tuple
         return sums.float().clone(), counts.float().clone()
     if weighting != "sites":
         raise ValueError(f"weighting: must be 'sites' or 'samples', got {weighting!r}")
-    present = counts > 0
-    means = torch.where(present[:, None], sums / counts.clamp_min(1.0)[:, None], torch.zeros_like(sums))
-    return means.float(), present.float()
+    means, present = class_means(sums, counts)
+    return means, present.float()
 
 
 def global_logits(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,14 +220,10 @@ def global_logits(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tenso
         counts: Σ_i count_i ``(K,)``.
 
     Returns:
-        ``(logits (K, K), present (K,) bool)``: row k = sums[k] / counts[k] where counts[k] ≥
-        :data:`MIN_COUNT`, a zero row otherwise (never NaN).
+        ``(logits (K, K), present (K,) bool)``: row k = sums[k] / counts[k] for present classes, a zero
+        row otherwise (:func:`~medsilo.components.algorithms.base.class_means`).
     """
-    sums, counts = sums.detach().float(), counts.detach().float()
-    present = counts >= MIN_COUNT
-    safe = torch.where(present, counts, torch.ones_like(counts))
-    rows = torch.where(present[:, None], sums / safe[:, None], torch.zeros_like(sums))
-    return rows, present
+    return class_means(sums, counts)
 
 
 def distillation(

@@ -123,6 +123,7 @@ from medsilo.components.algorithms.base import (
     SiteSetup,
     Tensors,
     Upload,
+    class_means,
 )
 from medsilo.medical.data.transforms import normalize
 from medsilo.medical.models.generators import check_spec, load_generator
@@ -144,6 +145,12 @@ ARCCOS_EPS = 1e-6
 
 MMD_BANDWIDTHS: tuple[float, ...] = (10.0, 15.0, 20.0, 50.0)
 """RBF bandwidths σ of the server's MMD, kernel ``exp(−‖u − v‖² / (2σ))`` (reference values)."""
+
+
+FAMILY = "htfl"
+"""Heterogeneous FL: sites share only d- or K-sized tensors, so each may run its own backbone."""
+MIXED_BACKBONES = True
+"""Whether a job may give its sites different backbones."""
 
 
 class Config(AlgorithmConfig):
@@ -341,7 +348,7 @@ class Client(BaseClient):
         for x, y in loader:
             sums.index_add_(0, y, F.normalize(self.model(x).float(), dim=1))
             counts += torch.bincount(y, minlength=k).float()
-        return class_prototypes(sums, counts), counts > 0
+        return class_prototypes(sums, counts), class_means(sums, counts)[1]
 
 
 class Server(BaseServer):
@@ -386,10 +393,9 @@ class Server(BaseServer):
         if not aggregate:
             return {}
         sums, counts = self._checked(aggregate, "aggregate")
-        present = counts > 0
+        means, present = class_means(sums, counts)  # under CKKS an absent class decrypts to a count of ±1e-8
         labels = torch.nonzero(present).flatten()
-        means = F.normalize(sums[present] / counts[present].unsqueeze(1), dim=1)
-        return self.generate(means, labels, rnd)
+        return self.generate(F.normalize(means[present], dim=1), labels, rnd)
 
     def update_from_sites(self, uploads: dict[str, Tensors], rnd: int) -> Tensors:
         """Published form: align on every (site, class) prototype. In the aggregate form, sums the
@@ -403,9 +409,8 @@ class Server(BaseServer):
             )
         protos, labels = [], []
         for site in sorted(uploads):
-            sums, counts = self._checked(uploads[site], f"site {site}")
-            present = counts > 0
-            protos.append(sums[present] / counts[present].unsqueeze(1))
+            means, present = class_means(*self._checked(uploads[site], f"site {site}"))
+            protos.append(means[present])
             labels.append(torch.nonzero(present).flatten())
         if not protos:
             return {}
@@ -563,10 +568,9 @@ def margin_logits(cosine: torch.Tensor, labels: torch.Tensor, margin: float, sca
 
 def class_prototypes(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``normalize(sums_k / counts_k)`` ``(K, K)`` from per-class sums ``(K, K)`` and counts ``(K,)``;
-    zero rows where ``counts_k = 0`` (no NaN)."""
-    present = (counts > 0).unsqueeze(1)
-    means = sums / counts.clamp_min(1.0).unsqueeze(1)
-    return torch.where(present, F.normalize(means, dim=1), torch.zeros_like(means))
+    zero rows for absent classes (no NaN; :func:`~medsilo.components.algorithms.base.class_means`)."""
+    means, present = class_means(sums, counts)
+    return torch.where(present.unsqueeze(1), F.normalize(means, dim=1), torch.zeros_like(means))
 
 
 def mmd2_rbf(

@@ -44,6 +44,12 @@ BASE = "base."
 """Upload prefix of the shared feature extractor φ."""
 
 
+FAMILY = "pfl"
+"""Personalized FL: every site runs the same backbone and shares (part of) its weights."""
+MIXED_BACKBONES = False
+"""Whether a job may give its sites different backbones."""
+
+
 class Config(AlgorithmConfig):
     """FedPer has no hyper-parameters."""
 

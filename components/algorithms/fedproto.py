@@ -105,6 +105,7 @@ from medsilo.components.algorithms.base import (
     SiteSetup,
     Tensors,
     Upload,
+    class_means,
 )
 from medsilo.components.training import ExtraLoss
 from medsilo.config.job import DPSpec
@@ -117,11 +118,14 @@ PROTO_SUM = "proto_sum"
 PROTO_COUNT = "proto_count"
 """Upload name of the per-class counts / presence indicators ``(K,)``."""
 
-PRESENT = 0.5
-"""A class has a prototype when its summed count is at least this (counts are integers; the margin
-absorbs CKKS approximation error around 0)."""
 
 Weighting = Literal["sites", "samples"]
+
+
+FAMILY = "htfl"
+"""Heterogeneous FL: sites share only d- or K-sized tensors, so each may run its own backbone."""
+MIXED_BACKBONES = True
+"""Whether a job may give its sites different backbones."""
 
 
 class Config(AlgorithmConfig):
@@ -329,8 +333,7 @@ def prototype_upload(sums: torch.Tensor, counts: torch.Tensor, weighting: Weight
     sums, counts = sums.float(), counts.float()
     if weighting == "samples":
         return {PROTO_SUM: sums.clone(), PROTO_COUNT: counts.clone()}
-    present = counts > 0
-    means = torch.where(present[:, None], sums / counts.clamp_min(1.0)[:, None], torch.zeros_like(sums))
+    means, present = class_means(sums, counts)
     return {PROTO_SUM: means, PROTO_COUNT: present.float()}
 
 
@@ -342,15 +345,10 @@ def mean_prototypes(proto_sum: torch.Tensor, proto_count: torch.Tensor) -> tuple
         proto_count: ``(K,)``.
 
     Returns:
-        prototypes ``(K, d)`` float32 (``proto_sum[k] / proto_count[k]``; zero rows for classes whose
-        count is below :data:`PRESENT`) and the presence mask ``(K,)`` bool.
+        prototypes ``(K, d)`` float32 (``proto_sum[k] / proto_count[k]``; zero rows for absent classes,
+        :func:`~medsilo.components.algorithms.base.class_means`) and the presence mask ``(K,)`` bool.
     """
-    proto_sum, proto_count = proto_sum.float(), proto_count.float()
-    present = proto_count >= PRESENT
-    protos = torch.where(
-        present[:, None], proto_sum / proto_count.clamp_min(PRESENT)[:, None], torch.zeros_like(proto_sum)
-    )
-    return protos, present
+    return class_means(proto_sum, proto_count)
 
 
 def prototype_mse(

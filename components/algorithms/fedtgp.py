@@ -104,6 +104,12 @@ EPS = 1e-8
 """Added to the clamped squared distance before the square root (finite gradients at distance 0)."""
 
 
+FAMILY = "htfl"
+"""Heterogeneous FL: sites share only d- or K-sized tensors, so each may run its own backbone."""
+MIXED_BACKBONES = True
+"""Whether a job may give its sites different backbones."""
+
+
 class Config(AlgorithmConfig):
     """FedTGP hyper-parameters.
 

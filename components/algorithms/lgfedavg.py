@@ -54,6 +54,12 @@ HEAD = "head."
 """Upload prefix of the shared head h."""
 
 
+FAMILY = "htfl"
+"""Heterogeneous FL: sites share only d- or K-sized tensors, so each may run its own backbone."""
+MIXED_BACKBONES = True
+"""Whether a job may give its sites different backbones."""
+
+
 class Config(AlgorithmConfig):
     """LG-FedAvg has no hyper-parameters."""
 

@@ -15,6 +15,11 @@ from medsilo.components.algorithms.base import (
     Upload,
 )
 
+FAMILY = "local"
+"""No federation: nothing is shared, so each site may run any backbone."""
+MIXED_BACKBONES = True
+"""Whether a job may give its sites different backbones."""
+
 
 class Config(AlgorithmConfig):
     """Local has no hyper-parameters."""

@@ -3,8 +3,11 @@
 Importing this package is cheap; torch loads only when :func:`build_model` is called.
 """
 
+from medsilo.config import registry
+
 BACKBONES: tuple[str, ...] = ("cnn", "resnet18", "densenet121", "efficientnet-b0", "resnet10-lite", "densenet-lite")
 """Backbone names a job spec may use (see :mod:`medsilo.medical.models.zoo`)."""
+registry.provide("backbones", BACKBONES)
 
 
 def build_model(

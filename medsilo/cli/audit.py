@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from medsilo.errors import MedsiloError
+from medsilo.fs import write_atomic
 
 LEDGER_GLOB = "*ledger*.jsonl"
 """File names searched for under folder arguments (recursively)."""
@@ -156,9 +157,7 @@ def run_report(args: argparse.Namespace) -> int:
     summary = summarize(checks, root_ca=str(args.root_ca) if args.root_ca else None)
     text = json.dumps(summary, indent=2) + "\n" if suffix == ".json" else render_html(summary, args.title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(args.out)
+    write_atomic(args.out, text)
     print(
         f"wrote {args.out}"
         + (f" (UNVERIFIED: {len(problems)} ledger(s) failed verification)" if problems else "")

@@ -64,6 +64,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from medsilo.jobs.deploy import run_deployed
     from medsilo.jobs.simulate import check_model_map
     from medsilo.provisioning.poc import admin_session, load_state
+    from medsilo.report import write_report
 
     spec = with_rounds(load_job_spec(args.spec), args.rounds)
     workspace = args.workspace.resolve()
@@ -78,6 +79,7 @@ def run_submit(args: argparse.Namespace) -> int:
         )  # fmt: skip
     print_summary([results])
     out = args.out or workspace / "runs" / spec.name
+    write_report([results], out / "report.html", title=f"{spec.name} (job {results['job_id']})")
     print(f"job {results['job_id']} completed; wrote {out / 'results.json'} and {out / 'report.html'}")
     return 0
 

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medsilo.components.training import classification_metrics
     from medsilo.errors import MedsiloError
+    from medsilo.fs import atomic_open
     from medsilo.medical.data import UnreadableImage, reader_for
     from medsilo.medical.data.transforms import normalize, preprocess
 
@@ -130,16 +131,14 @@ def run(args: argparse.Namespace) -> int:
     flush()
 
     labelled = all(label is not None for _, label, _ in scored)
-    tmp = args.out.with_name(f".{args.out.name}.partial")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_open(args.out, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["path", "pred", *[f"score_{c}" for c in classes], *(["label", "correct"] if labelled else [])])
         for shown, label, p in scored:
             pred = int(p.argmax())
             extra = [classes[label], int(pred == label)] if labelled else []
             writer.writerow([shown, classes[pred], *[f"{v:.6f}" for v in p], *extra])
-    tmp.replace(args.out)
 
     for exc in skipped[:5]:
         print(f"skipped {exc.path}: {exc.reason}")

@@ -27,9 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from medsilo.medical.data.check import check_dataset
     from medsilo.provisioning.check import check_kit, render
 
-    rows = check_kit(args.kit, progress=not args.quiet)
+    rows = check_kit(args.kit, datasets=check_dataset, progress=not args.quiet)
     print(render(rows))
     failed = [r.name for r in rows if r.status == "fail"]
     if failed:

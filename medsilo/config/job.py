@@ -29,8 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
-from medsilo.components.algorithms import ALGORITHMS, HTFL_ALGORITHMS
-from medsilo.config import augment
+from medsilo.config import augment, registry
 from medsilo.config.augment import AugmentationChoice
 from medsilo.config.common import (
     MODALITY_CHANNELS,
@@ -42,24 +41,25 @@ from medsilo.config.common import (
 )
 from medsilo.config.loading import load_yaml, validate
 from medsilo.errors import MedsiloError, did_you_mean
-from medsilo.medical.models import BACKBONES
 
 ClassName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_ .-]{0,62}$")]
 Scalar = bool | int | float | str
 
 
 def check_algorithm(name: str) -> str:
-    """Lower-case ``name`` and check it is a known algorithm (with a "did you mean" otherwise)."""
+    """Lower-case ``name`` and check it is a registered algorithm (with a "did you mean" otherwise)."""
+    known = registry.algorithms().ALGORITHMS
     key = str(name).lower()
-    if key not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm; {did_you_mean(key, ALGORITHMS)}choose from {', '.join(ALGORITHMS)}")
+    if key not in known:
+        raise ValueError(f"unknown algorithm; {did_you_mean(key, known)}choose from {', '.join(known)}")
     return key
 
 
 def check_backbone(name: str) -> str:
     """Check ``name`` is a model-zoo backbone (with a "did you mean" otherwise)."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone; {did_you_mean(name, BACKBONES)}choose from {', '.join(BACKBONES)}")
+    known = registry.backbones()
+    if name not in known:
+        raise ValueError(f"unknown backbone; {did_you_mean(name, known)}choose from {', '.join(known)}")
     return name
 
 
@@ -78,9 +78,8 @@ class AlgorithmSpec(Strict):
             ConfigError: a parameter the algorithm does not have, or a bad value, named as
                 ``algorithm.params.<name>``.
         """
-        from medsilo.components.algorithms import algorithm_module
-
-        return validate(dict(self.params), algorithm_module(self.name).Config, file, field_prefix="algorithm.params")
+        module = registry.algorithms().algorithm_module(self.name)
+        return validate(dict(self.params), module.Config, file, field_prefix="algorithm.params")
 
 
 MAX_ROUNDS = 10_000
@@ -334,16 +333,16 @@ class JobSpec(Strict):
     def _server_form_fits_privacy(self) -> JobSpec:
         if self.privacy.mode == "none":
             return self
-        from medsilo.components.algorithms import ALGORITHMS, algorithm_module
-
-        if "dp" in PRIVACY_STRENGTH[self.privacy.mode] and algorithm_module(self.algorithm.name).Client.dp_form is None:
-            with_dp = [a for a in ALGORITHMS if algorithm_module(a).Client.dp_form is not None]
+        algos = registry.algorithms()
+        module = algos.algorithm_module(self.algorithm.name)
+        if "dp" in PRIVACY_STRENGTH[self.privacy.mode] and module.Client.dp_form is None:
+            with_dp = [a for a in algos.ALGORITHMS if algos.algorithm_module(a).Client.dp_form is not None]
             raise ValueError(
                 f"algorithm '{self.algorithm.name}' has no differentially private form, so privacy mode "
                 f"'{self.privacy.mode}' cannot run it; algorithms with one: {', '.join(with_dp)}"
             )
 
-        form = algorithm_module(self.algorithm.name).Server.form_for(self.algorithm.config())
+        form = module.Server.form_for(self.algorithm.config())
         if form != "sums":
             raise ValueError(
                 f"algorithm '{self.algorithm.name}' in this configuration reads each site's upload on the server "
@@ -354,10 +353,12 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _backbones_fit_algorithm(self) -> JobSpec:
-        if self.heterogeneous and len(set(self.model.values())) > 1 and self.algorithm.name not in HTFL_ALGORITHMS:
+        algos = registry.algorithms()
+        if self.heterogeneous and len(set(self.model.values())) > 1 and \
+                not algos.algorithm_module(self.algorithm.name).MIXED_BACKBONES:  # fmt: skip
             raise ValueError(
                 f"model: sites run different backbones, but '{self.algorithm.name}' shares backbone weights; "
-                f"use one backbone for every site, or a heterogeneous-FL algorithm ({', '.join(HTFL_ALGORITHMS)})"
+                f"use one backbone for every site, or a heterogeneous-FL algorithm ({', '.join(algos.HTFL_ALGORITHMS)})"
             )
         return self
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsilo.errors import DataError, did_you_mean
+from medsilo.fs import atomic_open
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "split", "source")
@@ -253,10 +254,8 @@ def write_manifest(path: str | Path, rows: Sequence[dict[str, str]]) -> None:
     """
     path = Path(path)
     columns = [c for c in COLUMNS if c != "source" or any(r.get("source") for r in rows)]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="raise", lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({c: row.get(c, "") for c in columns})
-    tmp.replace(path)

@@ -18,6 +18,7 @@ import yaml
 
 from medsilo.cli import main
 from medsilo.config import ManifestError, SiteConfig, load_site_config, load_sites_file, read_manifest
+from medsilo.medical.data.check import check_dataset
 from medsilo.provisioning.check import check_kit
 from tests.helpers import write_dicom
 
@@ -123,7 +124,7 @@ def _rows(images: list[Path]) -> str:
 
 
 def _dataset_row(kit: Path) -> tuple[str, str]:
-    return next((r.status, r.detail) for r in check_kit(kit, progress=False) if r.name == "dataset cxr")
+    return next((r.status, r.detail) for r in check_kit(kit, datasets=check_dataset, progress=False) if r.name == "dataset cxr")
 
 
 def test_site_check_refuses_the_dataset_and_honours_the_setting(tmp_path):

@@ -217,6 +217,23 @@ def test_aggregate_form_trains_on_the_class_means_of_the_summed_upload():
     assert not torch.allclose(published["latents"][:2], payload["latents"][:2])
 
 
+def test_under_ckks_a_class_no_site_has_stays_absent_on_the_server():
+    """Class 2 is at no site: after encrypt → add → decrypt its count is ±1e-8, not 0. ``count > 0`` made it a
+    prototype of amplified noise; the one presence rule (count ≥ 0.5) keeps it absent, as in plaintext."""
+    from medsilo.secure.ckks import add, decrypt, encrypt, make_context
+
+    ctx = make_context(8192)
+    total = add(ctx, [encrypt(ctx, u) for u in UPLOADS.values()], labels=list(UPLOADS))
+    decrypted = decrypt(ctx, total)
+    error = float((decrypted["proto_sum"] - aggregate(list(UPLOADS.values()))["proto_sum"]).abs().max())
+    assert 0 < error < 1e-5  # CKKS is approximate: zeros come back as tiny non-zeros
+    decrypted["proto_count"][2] = 3 * error  # the sign of that error is chance; here it is positive
+    server = fedktl.Server(fedktl.Config(form="aggregate", **FAST), 3, list(UPLOADS))
+    payload = server.update(decrypted, 1)
+    assert not server.centroids[2].any() and server.centroids[:2].any()  # no centroid for the absent class
+    assert torch.isfinite(payload["latents"]).all()
+
+
 def test_a_single_prototype_does_not_crash_batchnorm():
     server = fedktl.Server(fedktl.Config(**FAST), 3, ["a"])
     payload = server.update_from_sites({"a": upload({1: [0.0, 1.0, 0.0]})}, 1)

@@ -15,6 +15,7 @@ from medsilo.cli import main
 from medsilo.config import ConfigError
 from medsilo.config.common import SERVER_COMPONENTS, SITE_COMPONENTS
 from medsilo.config.site import SiteConfig
+from medsilo.medical.data.check import check_dataset
 from medsilo.medical.synth import SynthRequest, synthesize
 from medsilo.provisioning.check import check_kit
 from medsilo.provisioning.network import load_network
@@ -138,7 +139,7 @@ def site_kit(kits, dataset, tmp_path):
 
 
 def _rows(kit: Path) -> dict[str, tuple[str, str]]:
-    return {r.name: (r.status, r.detail) for r in check_kit(kit, progress=False)}
+    return {r.name: (r.status, r.detail) for r in check_kit(kit, datasets=check_dataset, progress=False)}
 
 
 def test_check_passes_a_good_kit(site_kit, capsys):

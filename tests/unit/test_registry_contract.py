@@ -1,0 +1,62 @@
+"""The contract every registered algorithm keeps (``components/algorithms/base.py``), checked over the registry.
+
+For each algorithm: it declares its metadata (family, mixed backbones, DP form, server forms); two sites'
+uploads have the same names and fixed shapes and add; the server half turns their sum into a payload that the
+sites take; the upload survives a CKKS round trip; a job giving sites different backbones is refused exactly
+when the algorithm does not declare it can mix them. (Evaluation = export: ``test_export.py``.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsilo.components.algorithms import ALGORITHMS, FAMILIES, algorithm_module
+from medsilo.config import JobSpec
+from medsilo.config.loading import ConfigError
+from medsilo.tests.helpers import aggregate, tiny_setup
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_an_algorithm_declares_what_it_is(name):
+    module = algorithm_module(name)
+    assert module.FAMILY in FAMILIES and isinstance(module.MIXED_BACKBONES, bool)
+    assert module.MIXED_BACKBONES == (module.FAMILY != "pfl")  # sharing weights needs one backbone
+    assert module.Client.dp_form in (None, "update", "class_sums")
+    assert module.Server.form_for(module.Config()) in ("sums", "per-site")
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_uploads_are_fixed_named_sums_the_server_turns_into_a_payload(name):
+    from medsilo.secure.ckks import decrypt, encrypt, make_context
+
+    module = algorithm_module(name)
+    config = module.Config()
+    clients = [module.Client(tiny_setup(site, n=8, seed=i), config) for i, site in enumerate(("a", "b"))]
+    uploads = [c.train(1).sums for c in clients]
+    assert set(uploads[0]) == set(uploads[1])
+    assert all(uploads[0][k].shape == uploads[1][k].shape for k in uploads[0])
+    server = module.Server(config, 3, ["a", "b"])
+    total = aggregate(uploads)
+    payload = server.update_from_sites(dict(zip("ab", uploads, strict=True)), 1) if server.form == "per-site" \
+        else server.update(total, 1)  # fmt: skip
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in payload.values())
+    for client in clients:
+        client.receive(payload or None, 2)
+        client.train(2)
+    if uploads[0]:
+        ctx = make_context(8192)
+        back = decrypt(ctx, encrypt(ctx, uploads[0]))
+        for key, value in uploads[0].items():
+            torch.testing.assert_close(back[key], value.float(), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_mixed_backbones_are_refused_unless_declared(name):
+    spec = {"name": "j", "modality": "cxr", "classes": ["a", "b"], "dataset": "cxr", "algorithm": {"name": name},
+            "model": {"hospital-1": "cnn", "hospital-2": "resnet10-lite"}}  # fmt: skip
+    if algorithm_module(name).MIXED_BACKBONES:
+        assert JobSpec(**spec).heterogeneous
+    else:
+        with pytest.raises((ConfigError, ValueError), match="shares backbone weights"):
+            JobSpec(**spec)
