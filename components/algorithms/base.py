@@ -294,6 +294,35 @@ def class_means(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor,
     return torch.where(present.view(shape), sums / safe, torch.zeros_like(sums)), present
 
 
+MMD_BANDWIDTHS: tuple[float, ...] = (10.0, 15.0, 20.0, 50.0)
+"""σ of the RBF kernel sum ``k(a, b) = Σ_σ exp(−‖a − b‖² / (2σ))`` of the MMD terms (FedCP's and FedKTL's
+reference values)."""
+
+
+def rbf_kernel(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, ...] = MMD_BANDWIDTHS) -> torch.Tensor:
+    """Kernel matrix ``(M, N)``: ``k(a_i, b_j) = Σ_σ exp(−‖a_i − b_j‖² / (2σ))`` (σ scales the squared
+    distance, as the references do). Squared distances come from the expanded formula, clamped at 0: no square
+    root, so no NaN gradient for coincident points.
+
+    Args:
+        a: rows ``(M, d)``.
+        b: rows ``(N, d)``.
+        bandwidths: the σ values.
+    """
+    squared = (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.T).clamp_min(0)
+    return sum(torch.exp(-squared / (2 * sigma)) for sigma in bandwidths)
+
+
+def mmd2(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, ...] = MMD_BANDWIDTHS) -> torch.Tensor:
+    """Biased (V-statistic) squared MMD between the rows of ``a`` ``(M, d)`` and ``b`` ``(N, d)``.
+
+    ``mean k(a, a) + mean k(b, b) − 2 mean k(a, b)`` over all pairs, diagonals included: a scalar ≥ 0,
+    exactly 0 when ``a`` and ``b`` hold the same rows.
+    """
+    within_a, within_b = rbf_kernel(a, a, bandwidths).mean(), rbf_kernel(b, b, bandwidths).mean()
+    return within_a + within_b - 2 * rbf_kernel(a, b, bandwidths).mean()
+
+
 def weighted_params(module: nn.Module, n: int, prefix: str) -> Tensors:
     """``{prefix + name: θ · n}`` for every parameter of ``module`` (BatchNorm statistics excluded)."""
     return {f"{prefix}{name}": p.detach().float() * float(n) for name, p in module.named_parameters()}

@@ -73,13 +73,10 @@ from medsilo.components.algorithms.base import (
     Upload,
     count,
     load_mean,
+    mmd2,
     shared_init,
     weighted_params,
 )
-
-BANDWIDTHS: tuple[float, ...] = (10.0, 15.0, 20.0, 50.0)
-"""σ of the RBF kernel sum ``k(a, b) = Σ_σ exp(−‖a − b‖² / (2σ))`` in the MMD term (reference values)."""
-
 
 FAMILY = "pfl"
 """Personalized FL: every site runs the same backbone and shares (part of) its weights."""
@@ -246,28 +243,6 @@ def feature_gates(
         logits = logits + gumbel.to(device=logits.device, dtype=logits.dtype)
     gates = torch.softmax(logits / tau, dim=1)
     return gates[:, 0, :], gates[:, 1, :]
-
-
-def rbf_kernel(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, ...] = BANDWIDTHS) -> torch.Tensor:
-    """Kernel matrix ``(M, N)``: ``k(a_i, b_j) = Σ_σ exp(−‖a_i − b_j‖² / (2σ))``.
-
-    Args:
-        a: rows ``(M, d)``.
-        b: rows ``(N, d)``.
-        bandwidths: the σ values.
-    """
-    squared = (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.T).clamp_min(0)
-    return sum(torch.exp(-squared / (2 * sigma)) for sigma in bandwidths)
-
-
-def mmd2(a: torch.Tensor, b: torch.Tensor, bandwidths: tuple[float, ...] = BANDWIDTHS) -> torch.Tensor:
-    """Biased (V-statistic) squared MMD between the rows of ``a`` ``(M, d)`` and ``b`` ``(N, d)``.
-
-    ``mean k(a, a) + mean k(b, b) − 2 mean k(a, b)`` over all pairs, diagonals included: a scalar ≥ 0,
-    exactly 0 when ``a`` and ``b`` hold the same rows.
-    """
-    within_a, within_b = rbf_kernel(a, a, bandwidths).mean(), rbf_kernel(b, b, bandwidths).mean()
-    return within_a + within_b - 2 * rbf_kernel(a, b, bandwidths).mean()
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

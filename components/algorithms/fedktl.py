@@ -124,6 +124,7 @@ from medsilo.components.algorithms.base import (
     Tensors,
     Upload,
     class_means,
+    mmd2,
 )
 from medsilo.medical.data.transforms import normalize
 from medsilo.medical.models.generators import check_spec, load_generator
@@ -142,10 +143,6 @@ LATENTS = "latents"
 
 ARCCOS_EPS = 1e-6
 """Cosines are clamped to [−1 + ε, 1 − ε] before ``arccos`` (finite gradients)."""
-
-MMD_BANDWIDTHS: tuple[float, ...] = (10.0, 15.0, 20.0, 50.0)
-"""RBF bandwidths σ of the server's MMD, kernel ``exp(−‖u − v‖² / (2σ))`` (reference values)."""
-
 
 FAMILY = "htfl"
 """Heterogeneous FL: sites share only d- or K-sized tensors, so each may run its own backbone."""
@@ -452,7 +449,7 @@ class Server(BaseServer):
                     continue
                 q = self.transformer(protos[batch])
                 w_rand = self.generator.sample_latents(len(batch), g).float()
-                loss = mmd2_rbf(q, w_rand) + cfg.lam * F.mse_loss(q, self.centroids[labels[batch]])
+                loss = mmd2(q, w_rand) + cfg.lam * F.mse_loss(q, self.centroids[labels[batch]])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for group in params:
@@ -571,23 +568,6 @@ def class_prototypes(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     zero rows for absent classes (no NaN; :func:`~medsilo.components.algorithms.base.class_means`)."""
     means, present = class_means(sums, counts)
     return torch.where(present.unsqueeze(1), F.normalize(means, dim=1), torch.zeros_like(means))
-
-
-def mmd2_rbf(
-    x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] = MMD_BANDWIDTHS
-) -> torch.Tensor:
-    """Biased estimate of the squared MMD between samples ``x`` ``(n, L)`` and ``y`` ``(m, L)``.
-
-    ``mean k(x, x') + mean k(y, y') − 2 mean k(x, y)`` with ``k(u, v) = Σ_σ exp(−‖u − v‖² / (2σ))``
-    (the reference's form: σ scales the squared distance). Exactly 0 for identical samples. Squared
-    distances come from the expanded formula, clamped at 0 (no square root, so no NaN gradient).
-    """
-
-    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        d2 = (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.T).clamp_min(0)
-        return sum(torch.exp(-d2 / (2 * s)) for s in bandwidths)
-
-    return kernel(x, x).mean() + kernel(y, y).mean() - 2 * kernel(x, y).mean()
 
 
 def projection(feature_dim: int, latent_dim: int, seed: int) -> nn.Linear:
