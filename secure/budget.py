@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from medsilo.secure.dp import BudgetExceeded, Event, PrivacyAccountant, event_from_json
+from medsilo.secure.accounting import BudgetExceeded, Event, PrivacyAccountant, event_from_json
 from medsilo.secure.ledger import SPENDING_EVENTS, Ledger, costs
 
 MAX_REASON = 600

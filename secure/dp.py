@@ -1,5 +1,6 @@
 r"""Differential privacy at the site: the Gaussian and exponential mechanisms, and the accountant that
-keeps each site's (ε, δ) under its budget cap (DESIGN §5, §9).
+keeps each site's (ε, δ) under its budget cap (DESIGN §5, §9). The accounting half (events, ε, the
+accountant; no torch) lives in :mod:`medsilo.secure.accounting` and is re-exported here.
 
 Everything here runs *at the site*, before an upload leaves it. The mechanisms are pure functions of
 their inputs and of an explicit random generator (``torch.Generator`` or ``numpy.random.Generator``);
@@ -120,19 +121,40 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, NamedTuple
 
-import dp_accounting as dpa
 import numpy as np
 import torch
-from dp_accounting.pld import common as pld_common, privacy_loss_distribution as pld_lib
 
-from medsilo.errors import MedsiloError, did_you_mean
+from medsilo.secure.accounting import (  # the accounting half, re-exported: one import for mechanisms + costs
+    ACCOUNTANTS,
+    PLD_DISCRETIZATION,
+    BudgetExceeded,
+    DPError,
+    Event,
+    ExponentialEvent,
+    GaussianEvent,
+    PrivacyAccountant,
+    check_count,
+    check_positive,
+    check_rate,
+    dpsgd_noise_for_epsilon,
+    dpsgd_round_events,
+    event_from_json,
+    exponential_epsilon,
+    gaussian_epsilon,
+    gradient_sensitivity,
+    noise_for_epsilon,
+    poisson_schedule,
+    sum_sensitivity,
+    update_sensitivity,
+)
 
 __all__ = [
     "ACCOUNTANTS",
+    "PLD_DISCRETIZATION",
     "BudgetExceeded",
     "DPError",
     "DPRelease",
@@ -163,101 +185,9 @@ __all__ = [
     "update_sensitivity",
 ]
 
-AccountantKind = Literal["rdp", "pld"]
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
-"""Accountant kinds: ``rdp`` (default) and ``pld`` (module docstring)."""
-
-PLD_DISCRETIZATION = 1e-4
-"""Default PLD value-discretisation interval (``dp_accounting``'s own default)."""
-
 Generator = torch.Generator | np.random.Generator
 
 
-class DPError(MedsiloError, ValueError):
-    """A differential-privacy parameter or input that cannot be used; nothing was released."""
-
-
-class BudgetExceeded(MedsiloError):
-    """A release would take the site over its DP budget cap; it was refused before anything left.
-
-    Attributes:
-        site: the site's name.
-        scope: the budget scope.
-        cap_epsilon, cap_delta: the site's cap.
-        spent: ε already spent in the scope (at ``cap_delta``).
-        cost: what the refused release would add.
-        total: ε the scope would reach with it.
-        release: what was refused, e.g. ``gaussian σ=1.1 × 1 step``.
-    """
-
-    def __init__(
-        self,
-        *,
-        site: str,
-        scope: str,
-        cap_epsilon: float,
-        cap_delta: float,
-        spent: float,
-        cost: float,
-        total: float,
-        release: str = "",
-    ):
-        self.site, self.scope, self.release = site, scope, release
-        self.cap_epsilon, self.cap_delta = cap_epsilon, cap_delta
-        self.spent, self.cost, self.total = spent, cost, total
-        super().__init__(
-            f"site {site or '?'}: release{' (' + release + ')' if release else ''} refused, DP budget "
-            f"'{scope}' would be exceeded: it would cost "
-            f"ε={_fmt(cost)} on top of ε={_fmt(spent)} already spent, total ε={_fmt(total)} > cap "
-            f"ε={_fmt(cap_epsilon)} (δ={cap_delta:g}); nothing was sent. Lower the job's privacy cost (larger "
-            "noise_multiplier, fewer rounds, smaller PCEvolve epsilon) or, if the site's data governance "
-            "allows it, raise privacy.budget.epsilon in the site config"
-        )
-
-
-def _fmt(eps: float) -> str:
-    return "∞" if math.isinf(eps) else f"{eps:.4g}"
-
-
-# ---- validation at the boundary ---------------------------------------------------------------------
-
-
-def _positive(name: str, value: Any) -> float:
-    """``value`` as a finite float > 0, else :class:`DPError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
-        raise DPError(f"{name} must be a number > 0, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise DPError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _delta(name: str, value: Any) -> float:
-    value = _positive(name, value)
-    if value >= 1:
-        raise DPError(f"{name} must be in (0, 1), got {value!r}")
-    return value
-
-
-def _rate(name: str, value: Any) -> float:
-    value = _positive(name, value)
-    if value > 1:
-        raise DPError(f"{name} must be in (0, 1], got {value!r}")
-    return value
-
-
-def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise DPError(f"{name} must be an integer ≥ 1, got {value!r}")
-    return int(value)
-
-
-def _accountant(value: Any) -> AccountantKind:
-    if value not in ACCOUNTANTS:
-        raise DPError(
-            f"accountant {value!r} is unknown; {did_you_mean(value, ACCOUNTANTS)}valid: {', '.join(ACCOUNTANTS)}"
-        )
-    return value
 
 
 def _finite_float_tensor(name: str, x: Any, ndim: int | None = None) -> torch.Tensor:
@@ -311,24 +241,6 @@ def _standard_gumbel(n: int, generator: Generator) -> torch.Tensor:
 # ---- Poisson sampling (DP-SGD) ----------------------------------------------------------------------------
 
 
-def poisson_schedule(n: int, batch_size: int, epochs: int) -> tuple[int, float]:
-    """Steps and sampling rate of ``epochs`` DP-SGD epochs over ``n`` records at expected batch ``batch_size``.
-
-    The batch is capped at ``n`` (B = min(batch_size, n)); q = B/N, T = epochs · ⌈N/B⌉, so the expected
-    number of records seen per round is that of ``epochs`` ordinary epochs.
-
-    Args:
-        n: N ≥ 1, records at the site (treated as public, as in DP-SGD practice).
-        batch_size: expected batch size ≥ 1.
-        epochs: local epochs ≥ 1.
-
-    Returns:
-        ``(T, q)``: steps ≥ 1 and sampling rate 0 < q ≤ 1, the ``steps``/``sampling_rate`` of the round's
-        :class:`GaussianEvent`.
-    """
-    n, batch_size, epochs = _count("n", n), _count("batch_size", batch_size), _count("epochs", epochs)
-    batch = min(batch_size, n)
-    return epochs * math.ceil(n / batch), batch / n
 
 
 def poisson_sample(n: int, sampling_rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -347,7 +259,7 @@ def poisson_sample(n: int, sampling_rate: float, generator: torch.Generator) -> 
     Returns:
         the sampled record indices ``(M,)`` int64, increasing, 0 ≤ M ≤ N.
     """
-    n, rate = _count("n", n), _rate("sampling_rate", sampling_rate)
+    n, rate = check_count("n", n), check_rate("sampling_rate", sampling_rate)
     if not isinstance(generator, torch.Generator):
         raise DPError(
             f"generator must be a torch.Generator passed in explicitly, got {type(generator).__name__}"
@@ -370,7 +282,7 @@ def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
         ``(B, d)``, same dtype and device; every row norm ≤ C (rounding included), rows already within C
         are returned unchanged (bit for bit).
     """
-    clip = _positive("clip", clip)
+    clip = check_positive("clip", clip)
     x = _finite_float_tensor("x", x, ndim=2)
     x64 = x.double()
     norms = x64.norm(dim=1, keepdim=True)
@@ -401,7 +313,7 @@ def clip_update(delta: Mapping[str, torch.Tensor], clip: float) -> tuple[dict[st
         when already within C) and the global norm *before* clipping. That norm is data-dependent and not
         DP: keep it at the site (it may go to local logs, never into an upload or the ledger).
     """
-    clip = _positive("clip", clip)
+    clip = check_positive("clip", clip)
     if not isinstance(delta, Mapping) or not delta:
         raise DPError("delta must be a non-empty dict of name → tensor")
     delta = {name: _finite_float_tensor(f"delta[{name!r}]", t) for name, t in delta.items()}
@@ -439,7 +351,7 @@ def clipped_gradient_sum(per_sample: Mapping[str, torch.Tensor], clip: float) ->
     Returns:
         name → ``(*shape)`` float64 sums (zeros when B = 0), on the input's device.
     """
-    clip = _positive("clip", clip)
+    clip = check_positive("clip", clip)
     if not isinstance(per_sample, Mapping) or not per_sample:
         raise DPError("per_sample must be a non-empty dict of name → (B, ...) gradient tensor")
     grads = {name: _finite_float_tensor(f"per_sample[{name!r}]", t) for name, t in per_sample.items()}
@@ -461,14 +373,6 @@ def clipped_gradient_sum(per_sample: Mapping[str, torch.Tensor], clip: float) ->
 # ---- Gaussian mechanism ---------------------------------------------------------------------------------
 
 
-def sum_sensitivity(clip: float) -> float:
-    """L2 sensitivity √2·C of :func:`gaussian_sum`'s release ``[S, C·n]`` (add/remove one record)."""
-    return math.sqrt(2.0) * _positive("clip", clip)
-
-
-def update_sensitivity(clip: float) -> float:
-    """L2 sensitivity 2·C of :func:`gaussian_update` (any two datasets of the site)."""
-    return 2.0 * _positive("clip", clip)
 
 
 def gaussian_sum(
@@ -503,9 +407,9 @@ def gaussian_sum(
         ``sums`` ``(K, d)`` and ``counts`` ``(K,)``, in ``values``' dtype and device. Counts are real
         numbers and may be negative.
     """
-    num_classes = _count("num_classes", num_classes)
-    clip = _positive("clip", clip)
-    sigma = _positive("noise_multiplier", noise_multiplier)
+    num_classes = check_count("num_classes", num_classes)
+    clip = check_positive("clip", clip)
+    sigma = check_positive("noise_multiplier", noise_multiplier)
     generator = _check_generator(generator)
     values = _finite_float_tensor("values", values, ndim=2)
     if (
@@ -561,8 +465,8 @@ def gaussian_update(
     Returns:
         name → noisy update, each with its input's shape, dtype and device.
     """
-    sigma = _positive("noise_multiplier", noise_multiplier)
-    clip = _positive("clip", clip)
+    sigma = check_positive("noise_multiplier", noise_multiplier)
+    clip = check_positive("clip", clip)
     generator = _check_generator(generator)
     clipped, _ = clip_update(delta, clip)
     std = sigma * update_sensitivity(clip)
@@ -573,9 +477,6 @@ def gaussian_update(
     return out
 
 
-def gradient_sensitivity(grad_clip: float) -> float:
-    """L2 sensitivity G of :func:`gaussian_gradient`'s clipped gradient sum (add/remove one record)."""
-    return _positive("grad_clip", grad_clip)
 
 
 def gaussian_gradient(
@@ -600,7 +501,7 @@ def gaussian_gradient(
     Returns:
         name → noisy sum, float64, each with its input's shape and device.
     """
-    sigma = _positive("noise_multiplier", noise_multiplier)
+    sigma = check_positive("noise_multiplier", noise_multiplier)
     std = sigma * gradient_sensitivity(grad_clip)
     generator = _check_generator(generator)
     if not isinstance(grad_sum, Mapping) or not grad_sum:
@@ -628,8 +529,8 @@ def exponential_probabilities(scores: Any, epsilon: float, sensitivity: float) -
 
     Computed stably (max subtracted). For inspection and tests; releases nothing.
     """
-    epsilon = _positive("epsilon", epsilon)
-    sensitivity = _positive("sensitivity", sensitivity)
+    epsilon = check_positive("epsilon", epsilon)
+    sensitivity = check_positive("sensitivity", sensitivity)
     s = _scores(scores)
     if s.numel() == 0:
         raise DPError("scores is empty: there is nothing to select from")
@@ -680,9 +581,9 @@ def exponential_mechanism(
     Returns:
         :class:`Selection` ``(indices (k,) int64, epsilon, count=k)``.
     """
-    epsilon = _positive("epsilon", epsilon)
-    sensitivity = _positive("sensitivity", sensitivity)
-    k = _count("k", k)
+    epsilon = check_positive("epsilon", epsilon)
+    sensitivity = check_positive("sensitivity", sensitivity)
+    k = check_count("k", k)
     generator = _check_generator(generator)
     s = _scores(scores)
     if k > s.numel():
@@ -694,138 +595,6 @@ def exponential_mechanism(
 
 
 # ---- events -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GaussianEvent:
-    """``steps`` Gaussian mechanisms with noise multiplier σ, Poisson-subsampled at ``sampling_rate``.
-
-    One :func:`gaussian_sum` or :func:`gaussian_update` release is ``GaussianEvent(σ)`` (steps 1, rate 1).
-    ``sampling_rate < 1`` is only valid if each record was included independently with that probability.
-    """
-
-    noise_multiplier: float
-    steps: int = 1
-    sampling_rate: float = 1.0
-    mechanism: ClassVar[str] = "gaussian"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier))
-        object.__setattr__(self, "steps", _count("steps", self.steps))
-        object.__setattr__(self, "sampling_rate", _rate("sampling_rate", self.sampling_rate))
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-plain descriptor for the ledger, e.g. ``{"mechanism": "gaussian", "noise_multiplier": 1.1,
-        "steps": 1, "sampling_rate": 1.0}``."""
-        return {
-            "mechanism": self.mechanism,
-            "noise_multiplier": self.noise_multiplier,
-            "steps": self.steps,
-            "sampling_rate": self.sampling_rate,
-        }
-
-    def describe(self) -> str:
-        """One line for messages, e.g. ``gaussian σ=1.1 × 1 step``."""
-        rate = "" if self.sampling_rate == 1 else f", sampling rate {self.sampling_rate:g}"
-        return f"gaussian σ={self.noise_multiplier:g} × {self.steps} step{'s' * (self.steps != 1)}{rate}"
-
-    def _unit(self) -> tuple[tuple, dpa.DpEvent, int]:
-        """(grouping key, one ``dp_accounting`` event, how many times it composes)."""
-        unit: dpa.DpEvent = dpa.GaussianDpEvent(self.noise_multiplier)
-        if self.sampling_rate < 1:
-            unit = dpa.PoissonSampledDpEvent(self.sampling_rate, unit)
-        return ("gaussian", self.noise_multiplier, self.sampling_rate), unit, self.steps
-
-
-@dataclass(frozen=True)
-class ExponentialEvent:
-    """``count`` pure ε-DP selections (exponential mechanism draws) at ``epsilon`` each."""
-
-    epsilon: float
-    count: int = 1
-    mechanism: ClassVar[str] = "exponential"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "epsilon", _positive("epsilon", self.epsilon))
-        object.__setattr__(self, "count", _count("count", self.count))
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-plain descriptor for the ledger, e.g. ``{"mechanism": "exponential", "epsilon": 0.5,
-        "count": 1}``."""
-        return {"mechanism": self.mechanism, "epsilon": self.epsilon, "count": self.count}
-
-    def describe(self) -> str:
-        """One line for messages, e.g. ``exponential ε=0.5 × 2 draws``."""
-        return f"exponential ε={self.epsilon:g} × {self.count} draw{'s' * (self.count != 1)}"
-
-    def _unit(self) -> tuple[tuple, dpa.DpEvent, int]:
-        """(grouping key, one ``dp_accounting`` event, how many times it composes)."""
-        # Any ε-DP mechanism is (ε²/2)-zCDP (Bun & Steinke 2016, Prop. 3.3).
-        return ("exponential", self.epsilon, 0.0), dpa.ZCDpEvent(rho=self.epsilon**2 / 2), self.count
-
-
-Event = GaussianEvent | ExponentialEvent
-_EVENT_TYPES: dict[str, type] = {"gaussian": GaussianEvent, "exponential": ExponentialEvent}
-
-
-def event_from_json(descriptor: Mapping[str, Any]) -> Event:
-    """Parse a ledger descriptor (:meth:`GaussianEvent.to_json` / :meth:`ExponentialEvent.to_json`).
-
-    Strict, since a replayed budget must not be undercounted: unknown mechanisms or fields and bad
-    values raise :class:`DPError` naming them. Optional fields take their defaults.
-    """
-    if isinstance(descriptor, GaussianEvent | ExponentialEvent):
-        return descriptor
-    if not isinstance(descriptor, Mapping) or "mechanism" not in descriptor:
-        raise DPError(f"a DP event must be a dict with a 'mechanism' field, got {descriptor!r}")
-    kind = descriptor["mechanism"]
-    cls = _EVENT_TYPES.get(kind)
-    if cls is None:
-        raise DPError(
-            f"DP event mechanism {kind!r} is unknown; {did_you_mean(kind, _EVENT_TYPES)}valid: {', '.join(_EVENT_TYPES)}"
-        )
-    fields = {k: v for k, v in descriptor.items() if k != "mechanism"}
-    allowed = set(cls.__dataclass_fields__) - {"mechanism"}
-    unknown = sorted(set(fields) - allowed)
-    if unknown:
-        raise DPError(
-            f"DP event {kind!r} has unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}"
-        )
-    try:
-        return cls(**fields)
-    except TypeError as exc:
-        raise DPError(f"DP event {kind!r} is missing a field ({exc}); got {dict(descriptor)!r}") from None
-
-
-def _make_event(kind: str | Event | Mapping[str, Any], params: Mapping[str, Any]) -> Event:
-    if isinstance(kind, GaussianEvent | ExponentialEvent | Mapping):
-        if params:
-            raise DPError("pass either an event or a mechanism name with its parameters, not both")
-        return event_from_json(kind)
-    return event_from_json({"mechanism": kind, **params})
-
-
-def dpsgd_round_events(
-    noise_multiplier: float, sgd_noise_multiplier: float, *, n: int, batch_size: int, epochs: int
-) -> list[GaussianEvent]:
-    """What one round of "DP-SGD training, then one Gaussian release" costs (FedProto/FedTGP under ``dp``).
-
-    Args:
-        noise_multiplier: σ of the release.
-        sgd_noise_multiplier: σ_sgd of the DP-SGD steps.
-        n: N, the site's training records.
-        batch_size: expected DP-SGD batch size.
-        epochs: local epochs per round.
-
-    Returns:
-        ``[GaussianEvent(σ_sgd, steps=T, sampling_rate=q), GaussianEvent(σ)]`` with ``(T, q)`` from
-        :func:`poisson_schedule`.
-    """
-    steps, rate = poisson_schedule(n, batch_size, epochs)
-    return [
-        GaussianEvent(noise_multiplier=sgd_noise_multiplier, steps=steps, sampling_rate=rate),
-        GaussianEvent(noise_multiplier=noise_multiplier),
-    ]
 
 
 # ---- what a private round is given ------------------------------------------------------------------------
@@ -860,8 +629,8 @@ class DPRelease:
     sgd_noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "clip", _positive("clip", self.clip))
-        object.__setattr__(self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier))
+        object.__setattr__(self, "clip", check_positive("clip", self.clip))
+        object.__setattr__(self, "noise_multiplier", check_positive("noise_multiplier", self.noise_multiplier))
         if not isinstance(self.generator, torch.Generator):
             raise DPError(
                 f"generator must be a torch.Generator (e.g. medsilo.secure.dp.fresh_generator()), "
@@ -873,9 +642,9 @@ class DPRelease:
                 f"grad_clip={self.grad_clip!r}, sgd_noise_multiplier={self.sgd_noise_multiplier!r}"
             )
         if self.grad_clip is not None:
-            object.__setattr__(self, "grad_clip", _positive("grad_clip", self.grad_clip))
+            object.__setattr__(self, "grad_clip", check_positive("grad_clip", self.grad_clip))
             object.__setattr__(
-                self, "sgd_noise_multiplier", _positive("sgd_noise_multiplier", self.sgd_noise_multiplier)
+                self, "sgd_noise_multiplier", check_positive("sgd_noise_multiplier", self.sgd_noise_multiplier)
             )
 
     @classmethod
@@ -900,374 +669,3 @@ class DPRelease:
         return self.grad_clip, self.sgd_noise_multiplier
 
 
-# ---- composition (all ε from dp_accounting) --------------------------------------------------------------
-
-
-def _rdp_epsilon(events: list[Event], delta: float) -> float:
-    if not events:
-        return 0.0
-    # Equal events are grouped (RDP adds up, so k × one event is exact): cost stays flat over rounds, and
-    # a replay gives the same float as incremental spending whatever the order.
-    groups: dict[tuple, tuple[dpa.DpEvent, int]] = {}
-    for e in events:
-        key, unit, times = e._unit()
-        groups[key] = (unit, groups.get(key, (unit, 0))[1] + times)
-    acc = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    for _key, (unit, times) in sorted(groups.items(), key=lambda kv: kv[0]):
-        acc.compose(unit, times)
-    return float(acc.get_epsilon(delta))
-
-
-def _pld_epsilon(events: list[Event], delta: float, interval: float) -> float:
-    """PLD composition. Events are grouped first so the cost stays flat over many rounds: unsampled
-    Gaussians compose exactly into one Gaussian (Σ steps/σ² is additive, the same identity
-    ``PLDAccountant`` uses for a self-composed Gaussian); equal sampled Gaussians and equal pure draws
-    are self-composed once."""
-    if not events:
-        return 0.0
-    plain, sampled, pure = [], {}, {}
-    for e in events:
-        if isinstance(e, GaussianEvent) and e.sampling_rate == 1:
-            plain.append(e.steps / e.noise_multiplier**2)
-        elif isinstance(e, GaussianEvent):
-            key = (e.noise_multiplier, e.sampling_rate)
-            sampled[key] = sampled.get(key, 0) + e.steps
-        else:
-            pure[e.epsilon] = pure.get(e.epsilon, 0) + e.count
-    relation = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
-    total = pld_lib.identity(value_discretization_interval=interval)
-    if plain:
-        total = total.compose(
-            pld_lib.from_gaussian_mechanism(
-                standard_deviation=1 / math.sqrt(math.fsum(plain)),
-                value_discretization_interval=interval,
-                neighboring_relation=relation,
-            )
-        )
-    for (sigma, rate), steps in sorted(sampled.items()):
-        total = total.compose(
-            pld_lib.from_gaussian_mechanism(
-                standard_deviation=sigma,
-                value_discretization_interval=interval,
-                sampling_prob=rate,
-                neighboring_relation=relation,
-            ).self_compose(steps)
-        )
-    for eps, count in sorted(pure.items()):
-        params = pld_common.DifferentialPrivacyParameters(epsilon=eps, delta=0)
-        total = total.compose(
-            pld_lib.from_privacy_parameters(params, value_discretization_interval=interval).self_compose(
-                count
-            )
-        )
-    return float(total.get_epsilon_for_delta(delta))
-
-
-def _compose_epsilon(events: list[Event], delta: float, accountant: AccountantKind, interval: float) -> float:
-    """ε at ``delta`` of all ``events``: ``min(ε_all, ε_gauss + Σ ε_pure)`` (module docstring)."""
-
-    def library(evs: list[Event]) -> float:
-        return _rdp_epsilon(evs, delta) if accountant == "rdp" else _pld_epsilon(evs, delta, interval)
-
-    gauss = [e for e in events if isinstance(e, GaussianEvent)]
-    pure = math.fsum(e.epsilon * e.count for e in events if isinstance(e, ExponentialEvent))
-    eps_gauss = library(gauss)
-    if pure == 0:
-        eps = eps_gauss
-    else:
-        eps = min(library(events), eps_gauss + pure)
-    if math.isnan(eps) or eps < 0:
-        raise DPError(f"the accountant returned ε={eps!r}; refusing to release")
-    return eps
-
-
-def gaussian_epsilon(
-    noise_multiplier: float,
-    steps: int,
-    delta: float,
-    sampling_rate: float = 1.0,
-    accountant: AccountantKind = "rdp",
-    pld_discretization: float = PLD_DISCRETIZATION,
-) -> float:
-    """ε at ``delta`` of ``steps`` composed Gaussian mechanisms with multiplier σ (``dp_accounting``).
-
-    Args:
-        noise_multiplier: σ > 0, noise std / L2 sensitivity.
-        steps: number of releases ≥ 1 (e.g. rounds).
-        delta: 0 < δ < 1.
-        sampling_rate: Poisson sampling probability of each record per step, 0 < q ≤ 1 (1: every record
-            every step).
-        accountant: ``"rdp"`` (default) or ``"pld"``.
-        pld_discretization: PLD value-discretisation interval (smaller: tighter, slower).
-
-    Returns:
-        ε (record-level, add/remove one record).
-    """
-    event = GaussianEvent(noise_multiplier=noise_multiplier, steps=steps, sampling_rate=sampling_rate)
-    return _compose_epsilon(
-        [event],
-        _delta("delta", delta),
-        _accountant(accountant),
-        _positive("pld_discretization", pld_discretization),
-    )
-
-
-def noise_for_epsilon(epsilon: float, steps: int, delta: float, sampling_rate: float = 1.0) -> float:
-    """The smallest σ whose ``steps`` Gaussian releases cost at most ``epsilon`` at ``delta`` (RDP).
-
-    A planning aid for job authors ("what noise gives ε = 4 over 20 rounds?"): the search is
-    ``dp_accounting.calibrate_dp_mechanism`` over the same events :func:`gaussian_epsilon` composes, so
-    ``gaussian_epsilon(noise_for_epsilon(e, n, d), n, d) <= e`` (to the search tolerance, 1e-6 in σ).
-    """
-    target, steps = _positive("epsilon", epsilon), _count("steps", steps)
-    delta, rate = _delta("delta", delta), _rate("sampling_rate", sampling_rate)
-
-    def event(sigma: float) -> dpa.DpEvent:
-        return GaussianEvent(noise_multiplier=max(sigma, 1e-9), steps=steps, sampling_rate=rate)._unit()[1]
-
-    def make(sigma: float) -> dpa.DpEvent:
-        return dpa.SelfComposedDpEvent(event(sigma), steps)
-
-    def fresh() -> dpa.PrivacyAccountant:
-        return dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
-
-    bracket = dpa.LowerEndpointAndGuess(1e-3, 1.0)
-    sigma = dpa.calibrate_dp_mechanism(fresh, make, target, delta, bracket_interval=bracket, tol=1e-6)
-    return float(sigma)
-
-
-def dpsgd_noise_for_epsilon(
-    epsilon: float,
-    rounds: int,
-    delta: float,
-    *,
-    n: int,
-    batch_size: int,
-    epochs: int,
-    sgd_noise_multiplier: float | None = None,
-) -> float:
-    """The smallest release σ whose ``rounds`` rounds of :func:`dpsgd_round_events` cost at most ``epsilon`` (RDP).
-
-    The planning aid for the prototype methods under ``dp``, where each round costs DP-SGD training
-    (``GaussianEvent(σ_sgd, T, q)``) *and* the class-sum release (``GaussianEvent(σ)``). With
-    ``sgd_noise_multiplier=None`` one σ serves both (σ_sgd = σ, the default of a job's
-    ``privacy.dp.sgd_noise_multiplier``); with a given σ_sgd only the release's σ is searched. The search
-    is ``dp_accounting.calibrate_dp_mechanism`` over the events the site's accountant composes, so
-    ``PrivacyAccountant(delta=δ).cost(*events * rounds)`` at the returned σ is ≤ ``epsilon`` (to the search
-    tolerance, 1e-6 in σ).
-
-    T and q depend on the site's N, so sites of one job spend different ε at the same σ; at a fixed σ and
-    batch size a smaller N costs more (larger q), so calibrate with the smallest site's N.
-
-    Args:
-        epsilon: target ε > 0 for the whole job.
-        rounds: rounds ≥ 1.
-        delta: 0 < δ < 1.
-        n: N, the site's training records.
-        batch_size: expected DP-SGD batch size.
-        epochs: local epochs per round.
-        sgd_noise_multiplier: a fixed σ_sgd, or ``None`` for a common σ.
-
-    Returns:
-        σ > 0 (the release's; also σ_sgd when ``sgd_noise_multiplier`` is ``None``).
-
-    Raises:
-        DPError: bad parameters, or a fixed σ_sgd whose training alone already costs ≥ ``epsilon``.
-    """
-    target, rounds, delta = _positive("epsilon", epsilon), _count("rounds", rounds), _delta("delta", delta)
-    fixed = None if sgd_noise_multiplier is None else _positive("sgd_noise_multiplier", sgd_noise_multiplier)
-    poisson_schedule(n, batch_size, epochs)  # validates n, batch_size, epochs
-
-    def events(sigma: float) -> list[GaussianEvent]:
-        sigma = max(sigma, 1e-9)
-        return dpsgd_round_events(sigma, sigma if fixed is None else fixed, n=n, batch_size=batch_size,
-                                  epochs=epochs)  # fmt: skip
-
-    if fixed is not None:
-        training = _rdp_epsilon(events(1.0)[:1] * rounds, delta)
-        if training >= target:
-            raise DPError(
-                f"DP-SGD at sgd_noise_multiplier={fixed:g} alone costs ε={_fmt(training)} ≥ {target:g} over "
-                f"{rounds} rounds (δ={delta:g}); raise sgd_noise_multiplier or lower the rounds or epochs"
-            )
-
-    def make(sigma: float) -> dpa.DpEvent:
-        round_events = [
-            dpa.SelfComposedDpEvent(unit, times) for _key, unit, times in (e._unit() for e in events(sigma))
-        ]
-        return dpa.SelfComposedDpEvent(dpa.ComposedDpEvent(round_events), rounds)
-
-    def fresh() -> dpa.PrivacyAccountant:
-        return dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
-
-    bracket = dpa.LowerEndpointAndGuess(1e-3, 1.0)
-    sigma = dpa.calibrate_dp_mechanism(fresh, make, target, delta, bracket_interval=bracket, tol=1e-6)
-    return float(sigma)
-
-
-def exponential_epsilon(
-    epsilon: float,
-    count: int = 1,
-    delta: float | None = None,
-    accountant: AccountantKind = "rdp",
-    pld_discretization: float = PLD_DISCRETIZATION,
-) -> float:
-    """ε of ``count`` exponential-mechanism draws at ``epsilon`` each.
-
-    With ``delta=None`` the pure guarantee ``count·ε`` (δ = 0, basic composition). With ``delta`` the
-    (ε, δ) guarantee ``min(count·ε, ε_accountant)``, where the accountant composes the draws as generic
-    ε-DP mechanisms (RDP: (ε²/2)-zCDP; PLD: the ε-DP dominating pair); better than ``count·ε`` once the
-    draws are many and small.
-    """
-    event = ExponentialEvent(epsilon=epsilon, count=count)
-    if delta is None:
-        return event.epsilon * event.count
-    return _compose_epsilon(
-        [event],
-        _delta("delta", delta),
-        _accountant(accountant),
-        _positive("pld_discretization", pld_discretization),
-    )
-
-
-# ---- the site's accountant --------------------------------------------------------------------------------
-
-
-class PrivacyAccountant:
-    """The DP events of one site within one budget scope, and the ε they add up to.
-
-    The total is recomputed by ``dp_accounting`` from all events (module docstring), so a ledger replay
-    (:meth:`from_events`) gives exactly the total that incremental spending gave.
-
-    Args:
-        site: the site's name (for messages).
-        scope: the budget scope (``Budget.scope``; e.g. ``network``).
-        delta: δ at which ε is reported, fixed for the scope (the cap's δ), 0 < δ < 1.
-        cap_epsilon: the site's cap; when given, :meth:`spend` refuses a release that would exceed it.
-        accountant: ``"rdp"`` (default) or ``"pld"``; fixed for a scope.
-        events: past events (objects or JSON descriptors), e.g. from the ledger.
-        pld_discretization: PLD value-discretisation interval.
-    """
-
-    def __init__(
-        self,
-        *,
-        site: str = "",
-        scope: str = "network",
-        delta: float,
-        cap_epsilon: float | None = None,
-        accountant: AccountantKind = "rdp",
-        events: Iterable[Event | Mapping[str, Any]] = (),
-        pld_discretization: float = PLD_DISCRETIZATION,
-    ):
-        self.site = site
-        self.scope = scope
-        self.delta = _delta("delta", delta)
-        self.cap_epsilon = None if cap_epsilon is None else _positive("cap_epsilon", cap_epsilon)
-        self.accountant = _accountant(accountant)
-        self.pld_discretization = _positive("pld_discretization", pld_discretization)
-        self._events: list[Event] = [event_from_json(e) for e in events]
-        self._total = self._epsilon(self._events, self.delta)
-
-    @classmethod
-    def from_events(
-        cls, events: Iterable[Event | Mapping[str, Any]], delta: float, **kwargs: Any
-    ) -> PrivacyAccountant:
-        """Rebuild an accountant from past event descriptors (e.g. the ``privacy`` entries of a ledger).
-
-        ``events`` are JSON-plain dicts such as ``{"mechanism": "gaussian", "noise_multiplier": 1.1,
-        "steps": 1, "sampling_rate": 1.0}`` or ``{"mechanism": "exponential", "epsilon": 0.5}``; a malformed
-        one raises :class:`DPError` (fail closed). ``kwargs`` as in the constructor.
-        """
-        return cls(delta=delta, events=list(events), **kwargs)
-
-    @classmethod
-    def for_budget(cls, site: str, budget: Any, **kwargs: Any) -> PrivacyAccountant:
-        """An accountant enforcing a site's :class:`~medsilo.config.site.Budget` (ε cap, δ, scope)."""
-        return cls(site=site, scope=budget.scope, delta=budget.delta, cap_epsilon=budget.epsilon, **kwargs)
-
-    # -- reading
-
-    @property
-    def events(self) -> tuple[Event, ...]:
-        """The recorded events, oldest first."""
-        return tuple(self._events)
-
-    @property
-    def epsilon(self) -> float:
-        """ε spent so far in this scope, at :attr:`delta`."""
-        return self._total
-
-    def events_json(self) -> list[dict[str, Any]]:
-        """The recorded events as JSON-plain descriptors, oldest first."""
-        return [e.to_json() for e in self._events]
-
-    def _epsilon(self, events: list[Event], delta: float) -> float:
-        return _compose_epsilon(events, delta, self.accountant, self.pld_discretization)
-
-    # -- planning
-
-    def cost(self, *planned: Event | Mapping[str, Any]) -> tuple[float, float]:
-        """``(ε_this, ε_total)``: what ``planned`` would add and the total with it, at :attr:`delta`.
-
-        ``ε_this`` is the increase of the composed total (it can be less than the events' ε alone,
-        since composition is sub-additive). Records nothing.
-        """
-        planned_events = [event_from_json(e) for e in planned]
-        total = self._epsilon(self._events + planned_events, self.delta)
-        return max(total - self._total, 0.0), total
-
-    def would_exceed(
-        self, cap_epsilon: float, cap_delta: float, planned: Iterable[Event | Mapping[str, Any]]
-    ) -> bool:
-        """True when the recorded events plus ``planned`` exceed ε = ``cap_epsilon`` at δ = ``cap_delta``."""
-        cap_epsilon = _positive("cap_epsilon", cap_epsilon)
-        cap_delta = _delta("cap_delta", cap_delta)
-        planned_events = [event_from_json(e) for e in planned]
-        return self._epsilon(self._events + planned_events, cap_delta) > cap_epsilon
-
-    def check(self, *planned: Event | Mapping[str, Any]) -> tuple[float, float]:
-        """Raise :class:`BudgetExceeded` if ``planned`` would exceed the cap; else return :meth:`cost`.
-
-        Records nothing; without a cap it only returns the cost.
-        """
-        eps_this, total = self.cost(*planned)
-        if self.cap_epsilon is not None and total > self.cap_epsilon:
-            raise BudgetExceeded(
-                site=self.site,
-                scope=self.scope,
-                cap_epsilon=self.cap_epsilon,
-                cap_delta=self.delta,
-                spent=self._total,
-                cost=eps_this,
-                total=total,
-                release="; ".join(event_from_json(e).describe() for e in planned),
-            )
-        return eps_this, total
-
-    # -- spending
-
-    def spend(self, event_kind: str | Event | Mapping[str, Any], **params: Any) -> tuple[float, float]:
-        """Record one release and return ``(ε_this, ε_total)`` at :attr:`delta`.
-
-        Call it *before* the upload leaves the site: over the cap it raises :class:`BudgetExceeded` and
-        records nothing. Examples: ``spend("gaussian", noise_multiplier=1.1)``,
-        ``spend("exponential", epsilon=0.5)``, ``spend(selection.event)``.
-
-        Args:
-            event_kind: ``"gaussian"`` / ``"exponential"`` with the event's fields as ``params``, or an
-                event object or descriptor dict.
-            params: the event's fields (:class:`GaussianEvent`, :class:`ExponentialEvent`).
-        """
-        event = _make_event(event_kind, params)
-        eps_this, total = self.check(event)
-        self._events.append(event)
-        self._total = total
-        return eps_this, total
-
-    def __repr__(self) -> str:
-        cap = "none" if self.cap_epsilon is None else _fmt(self.cap_epsilon)
-        return (
-            f"PrivacyAccountant(site={self.site!r}, scope={self.scope!r}, accountant={self.accountant!r}, "
-            f"δ={self.delta:g}, ε={_fmt(self._total)}, cap={cap}, events={len(self._events)})"
-        )

@@ -208,7 +208,7 @@ def _budgets(items: list[dict], spending: tuple[str, ...]) -> dict[str, dict[str
     ``mismatch`` is true when the two disagree (a site that under-reports its spending). Entries without
     an event fall back to basic composition (Σ ε, Σ δ), a valid upper bound.
     """
-    from medsilo.secure.dp import PrivacyAccountant
+    from medsilo.secure.accounting import PrivacyAccountant
 
     budgets: dict[str, dict[str, Any]] = {}
     for e in items:

@@ -200,3 +200,17 @@ def test_report_recomposes_gaussian_events_and_flags_an_under_reported_total(tmp
     html_out = tmp_path / "audit.html"
     assert main(["audit", "report", str(tmp_path / "ws"), "--out", str(html_out)]) == 0
     assert "compose to ε = 3.189" in html_out.read_text()
+
+
+def test_an_auditor_needs_neither_torch_nor_tenseal(workspace, tmp_path):
+    """``medsilo audit verify`` and ``report`` (budgets replayed with the site's accountant) run in a fresh
+    interpreter that never imports torch, TenSEAL, MONAI or NVFlare: an auditor's machine needs none of them."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from medsilo.cli import main; "
+             f"assert main(['audit', 'verify', {str(workspace)!r}]) == 0; "
+             f"assert main(['audit', 'report', {str(workspace)!r}, '--out', {str(tmp_path / 'a.json')!r}]) == 0; "
+             "heavy = [m for m in ('torch', 'tenseal', 'monai', 'nvflare') if m in sys.modules]; "
+             "assert not heavy, heavy")  # fmt: skip
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=tmp_path, capture_output=True)
