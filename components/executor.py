@@ -124,7 +124,6 @@ class SiteExecutor(Executor):
         self._evaluated = False
         self._exported = False
         self._synthetic: dict | None = None
-        self._spent: dict | None = None
         self._candidates = Candidates()
 
     # ---- NVFlare entry point -------------------------------------------------------------------
@@ -161,6 +160,9 @@ class SiteExecutor(Executor):
                 self._evaluated = True
             else:  # refused before training when the upload could not leave: nothing is trained, nothing charged
                 pipeline.precheck(rnd, meta.get("participants"))
+            best = meta.get("best_round")  # which kept candidate may still be selected (checked before anything)
+            if best is not None and (isinstance(best, bool) or not isinstance(best, int) or not 1 <= best < rnd - 1):
+                raise MedsiloError(f"site {site}: the server's best round must be an earlier round; refused")
             t0 = time.perf_counter()
             payload = pipeline.open(rnd, incoming.params or {}, meta)
             state.client.receive(to_torch(payload) or None, rnd)
@@ -168,7 +170,7 @@ class SiteExecutor(Executor):
             if task_name == TASK_EVALUATE or rnd > 1:
                 out["eval"] = self._evaluate(state)
                 # the model just scored is the round's candidate for export (with the server's best so far)
-                self._candidates.keep(rnd - 1, state.client, out["eval"], meta.get("best_round"))
+                self._candidates.keep(rnd - 1, state.client, out["eval"], best)
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
             params: dict[str, Any] = {}
@@ -180,7 +182,7 @@ class SiteExecutor(Executor):
                 if not pipeline.noised:
                     figures["train"] = {"loss": loss}
                 if spent is not None:
-                    out["privacy_spent"] = self._spent = spent
+                    out["privacy_spent"] = spent
                 if self._synthetic:
                     out["synthetic"] = self._synthetic
             if figures:  # the figures leave with this reply: ledgered first
@@ -215,11 +217,11 @@ class SiteExecutor(Executor):
         except ExportError as exc:
             raise MedsiloError(f"site {site}: {exc}") from exc
         job = job_identity(fl_ctx)
-        spent = self._spent or {}
+        cost = state.pipeline.model_privacy()  # a resumed job's model was also trained by the interrupted job
         facts = ExportFacts(site=site, job_id=job, spec_digest=spec_digest(self._job), job_name=spec.name,
                             algorithm=spec.algorithm.name, modality=spec.modality, classes=tuple(spec.classes),
                             image_size=spec.image_size, round=selected, privacy_mode=spec.privacy.mode,
-                            epsilon=spent.get("epsilon"), delta=spent.get("delta"),
+                            epsilon=cost["epsilon"], delta=cost["delta"], trained_by=tuple(cost["jobs"]),
                             augmentation=augment.describe(state.data.augmentation), medsilo_version=medsilo.__version__)
         models = os.environ.get(MODELS_DIR_ENV)
         folder = Path(models) / site if models else \

@@ -41,8 +41,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -156,7 +156,10 @@ class ExportFacts:
     Attributes:
         site, job_id, spec_digest, job_name, algorithm, modality, classes, image_size: the job.
         round: the selected round exported.
-        privacy_mode: the job's privacy mode; ``epsilon``/``delta``: what this site spent on it (DP modes).
+        privacy_mode: the job's privacy mode; ``epsilon``/``delta``: what this site's releases of the jobs that
+            trained the model cost (DP modes), composed.
+        trained_by: the jobs whose rounds trained the model, oldest first (a resumed job and the interrupted
+            one it continues).
         augmentation: the training augmentation that ran (resolved, JSON).
         medsilo_version: the version that wrote the bundle.
     """
@@ -175,6 +178,7 @@ class ExportFacts:
     delta: float | None
     augmentation: list
     medsilo_version: str
+    trained_by: tuple[str, ...] = ()
 
 
 def auroc(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -238,10 +242,11 @@ def export_model(folder: Path, client: Any, data: Any, facts: ExportFacts, recor
     from medsilo.components.training import evaluate_split
 
     folder = Path(folder)
-    if folder.exists():
-        raise ExportError(f"{folder}: exists already; a job exports its model once")
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if folder.exists() or folder.is_symlink():
+        raise ExportError(f"the model folder of {folder.name} exists already; a job exports its model once")
+    if folder.parent.is_symlink():
+        raise ExportError(f"the models folder of {folder.name} is a symbolic link; refusing to write through it")
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))  # new, never a planted link
     try:
         for sub in ("configs", "models", "docs"):
             (tmp / sub).mkdir(parents=True)
@@ -267,8 +272,11 @@ def export_model(folder: Path, client: Any, data: Any, facts: ExportFacts, recor
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         (tmp / "configs" / "inference.json").write_text(json.dumps(_inference(facts, channels), indent=2) + "\n")
         entry = record({"kind": "model", "round": facts.round, "model_sha256": digest, "state_sha256": state_digest,
-                        "metadata_sha256": _sha256(tmp / "configs" / "metadata.json"), "format": "monai-bundle"})
+                        "metadata_sha256": _sha256(tmp / "configs" / "metadata.json"), "format": "monai-bundle",
+                        "trained_by": list(facts.trained_by or (facts.job_id,))})
         (tmp / "docs" / "README.md").write_text(_card(facts, metrics, counts, channels, digest, entry))
+        if folder.exists() or folder.is_symlink():
+            raise ExportError(f"the model folder of {folder.name} appeared while it was written; not replaced")
         tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -348,6 +356,7 @@ def _metadata(facts: ExportFacts, metrics: dict, counts: dict, channels: int, di
             "image_size": facts.image_size, "preprocessing": _preprocessing(facts, channels),
             "metrics": metrics, "data_counts": counts,
             "privacy": {"mode": facts.privacy_mode, "epsilon": facts.epsilon, "delta": facts.delta},
+            "trained_by": list(facts.trained_by or (facts.job_id,)),
             "augmentation": facts.augmentation, "model_sha256": digest, "state_sha256": state_digest,
         },  # fmt: skip
     }
@@ -380,8 +389,9 @@ def _card(facts: ExportFacts, metrics: dict, counts: dict, channels: int, digest
             return "—"
         return f"{value:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
 
-    eps = (f"ε = {facts.epsilon:.3g} at δ = {facts.delta:g} spent by this site on the job"
-           if facts.epsilon else "no differential privacy (ε not accounted)")  # fmt: skip
+    jobs = ", ".join(facts.trained_by or (facts.job_id,))
+    eps = (f"ε = {facts.epsilon:.3g} at δ = {facts.delta:g}: this site's DP releases of the job(s) that trained "
+           f"the model ({jobs}), composed" if facts.epsilon else "no differential privacy (ε not accounted)")  # fmt: skip
     rows = "\n".join(f"| {split} | " + " | ".join(str(counts[split][c]) for c in facts.classes) + " |"
                      for split in ("train", "val", "test"))  # fmt: skip
     return f"""# Model card: {facts.algorithm} model of site {facts.site}
@@ -390,7 +400,7 @@ def _card(facts: ExportFacts, metrics: dict, counts: dict, channels: int, digest
 
 | | |
 |---|---|
-| job | {facts.job_name} (id `{facts.job_id}`, spec SHA-256 `{facts.spec_digest[:16]}…`) |
+| job | {facts.job_name} (id `{facts.job_id}`, spec SHA-256 `{facts.spec_digest[:16]}…`); trained by {jobs} |
 | algorithm | {facts.algorithm}; the model this site deploys at round {facts.round}, selected on validation |
 | task | {facts.modality}: {", ".join(facts.classes)} |
 | input | {channels} channel(s), {facts.image_size}×{facts.image_size}, preprocessed as in `configs/metadata.json` (`medsilo.preprocessing`) |

@@ -118,9 +118,11 @@ class BudgetBook:
         return {"scope": self.scope, "events": [e.to_json() for e in events], "epsilon": eps_this,
                 "delta": self.delta, "cumulative_epsilon": eps_total, "epsilon_cap": self.cap}  # fmt: skip
 
-    def job_epsilon(self, entries: Iterable[dict], job: str, extra: Sequence[Event] = ()) -> float:
-        """ε of one job's own spending in this scope (its entries plus ``extra``), at the scope's δ."""
-        events = spent_events((e for e in entries if e.get("job") == job), self.scope) + list(extra)
+    def job_epsilon(self, entries: Iterable[dict], job: str | Sequence[str], extra: Sequence[Event] = ()) -> float:
+        """ε of one job's own spending in this scope (its entries plus ``extra``), at the scope's δ; a list of
+        jobs composes them (a resumed job and the interrupted one whose rounds it continues)."""
+        jobs = {job} if isinstance(job, str) else set(job)
+        events = spent_events((e for e in entries if e.get("job") in jobs), self.scope) + list(extra)
         return PrivacyAccountant.from_events(events, self.delta, site=self.site, scope=self.scope).epsilon
 
 

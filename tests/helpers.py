@@ -100,8 +100,10 @@ def check_exported_models(results: dict, models_dir: Path, sites_yml: Path) -> d
         assert [e["what"]["model_sha256"] for e in recorded] == [export["sha256"]]
         out = models_dir.parent / f"predictions-{site}.csv"
         manifest = sites_yml.parent / sites[site]["manifest"]
+        ledgers = sites_yml.parent / "ledgers"
         assert main(["predict", "--model", str(folder), "--manifest", str(manifest), "--split", "test",
-                     "--out", str(out), "--quiet"]) == 0  # fmt: skip
+                     "--out", str(out), "--ledger", str(ledgers / site / LEDGER_FILE),
+                     "--root-ca", str(ledgers / "pki" / "rootCA.pem"), "--quiet"]) == 0  # fmt: skip
         with out.open() as fh:
             rows = list(csv.DictReader(fh))
         accuracy = sum(int(r["correct"]) for r in rows) / len(rows)

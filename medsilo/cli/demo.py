@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         manifest = load_sites_file(sites_file).sites[first].manifest
         print(f"each hospital's {spec.algorithm.name} model (round {runs[0]['selected_round']}, with a model card) is in "
               f"{models}/<site>/; score {first}'s test images with:")  # fmt: skip
+        ledgers = sites_file.parent / "ledgers"
         print(f"  medsilo predict --model {models / first} --manifest {manifest} --split test "
-              f"--out {out / f'predictions-{first}.csv'}")  # fmt: skip
+              f"--out {out / f'predictions-{first}.csv'} --ledger {ledgers / first / 'privacy_ledger.jsonl'} "
+              f"--root-ca {ledgers / 'pki' / 'rootCA.pem'}")  # fmt: skip
     return 0

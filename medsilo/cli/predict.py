@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -36,31 +38,67 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--allow-identifiable", action="store_true",
                    help="score DICOMs whose identifying attributes are filled in (as data.allow_identifiable_dicom)")
+    p.add_argument("--ledger", type=Path, default=None, metavar="LEDGER",
+                   help="the exporting site's privacy_ledger.jsonl: the model must be the one its verified "
+                        "model_export entry records (a model file is code; check where it came from)")  # fmt: skip
+    p.add_argument("--root-ca", type=Path, default=None, metavar="PEM",
+                   help="the network's root CA (startup/rootCA.pem) the ledger's signatures are checked against")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def load_bundle(folder: Path) -> dict:
-    """The ``medsilo`` section of a bundle's ``configs/metadata.json``, after checking ``models/model.ts``
-    is the file the export recorded (its SHA-256).
+def load_bundle(folder: Path, ledger: Path | None = None, root_ca: Path | None = None) -> tuple[dict, bytes]:
+    """The ``medsilo`` section of a bundle's ``configs/metadata.json`` and the exact bytes of ``models/model.ts``,
+    after checking them.
+
+    A TorchScript file is code: loading and running it can do what any program of the user can. So the bytes
+    that will be loaded are the bytes that were hashed, and with ``ledger`` (and the network's ``root_ca``) the
+    model and metadata digests must be the ones a verified ``model_export`` entry of the exporting site
+    recorded — without it, the model is only checked against its own metadata (which whoever can change the
+    model can change too).
 
     Raises:
-        MedsiloError: not an exported model folder, or a model file that differs from the recorded one.
+        MedsiloError: not an exported model folder, metadata out of its allowed ranges, a model file that
+            differs from the recorded one, or (with ``ledger``) no verified export entry of these digests.
     """
+    from medsilo.config.common import MODALITY_CHANNELS, SITE_NAME_PATTERN
     from medsilo.errors import MedsiloError
 
     meta_file, model_file = folder / "configs" / "metadata.json", folder / "models" / "model.ts"
     if not meta_file.is_file() or not model_file.is_file():
         raise MedsiloError(f"{folder}: not an exported model (expected configs/metadata.json and models/model.ts)")
+    meta_bytes, model = meta_file.read_bytes(), model_file.read_bytes()
     try:
-        meta = json.loads(meta_file.read_text())["medsilo"]
-        fields = (meta["modality"], meta["classes"], meta["channels"], meta["image_size"], meta["model_sha256"])
+        meta = json.loads(meta_bytes)["medsilo"]
+        ok = (meta["modality"] in MODALITY_CHANNELS and meta["channels"] in (1, 3)
+              and isinstance(meta["image_size"], int) and 8 <= meta["image_size"] <= 512
+              and isinstance(meta["classes"], list) and len(meta["classes"]) >= 2
+              and all(isinstance(c, str) and re.fullmatch(CLASS_NAME, c) for c in meta["classes"])
+              and re.fullmatch(SITE_NAME_PATTERN, str(meta["site"])) is not None
+              and isinstance(meta["model_sha256"], str))  # fmt: skip
     except (ValueError, KeyError, TypeError) as exc:
         raise MedsiloError(f"{meta_file}: not medsilo model metadata ({type(exc).__name__}: {exc})") from None
-    if hashlib.sha256(model_file.read_bytes()).hexdigest() != fields[4]:
+    if not ok:
+        raise MedsiloError(f"{meta_file}: modality, channels, image_size, classes or site out of their allowed values")
+    digest = hashlib.sha256(model).hexdigest()
+    if digest != meta["model_sha256"]:
         raise MedsiloError(f"{model_file}: differs from the model the export recorded (SHA-256 in "
                            f"{meta_file}); re-export it or restore it from backup")  # fmt: skip
-    return meta
+    if ledger is not None:
+        from medsilo.secure.ledger import verified_entries
+
+        meta_digest = hashlib.sha256(meta_bytes).hexdigest()
+        entries = verified_entries(ledger, root_ca)
+        if not any(e["event"] == "model_export" and e.get("party") == meta["site"] and
+                   e["what"].get("model_sha256") == digest and e["what"].get("metadata_sha256") == meta_digest
+                   for e in entries):  # fmt: skip
+            raise MedsiloError(f"{folder}: no verified model_export entry of site {meta['site']} in {ledger} records "
+                               "this model and metadata; it is not the model that site exported")  # fmt: skip
+    return meta, model
+
+
+CLASS_NAME = r"[A-Za-z0-9][A-Za-z0-9_ .-]{0,62}"
+"""Class names as a job spec allows them (``medsilo.config.job.ClassName``)."""
 
 
 def _rows(manifest: Path, classes: list[str], split: str | None) -> list[tuple[Path, str, int | None]]:
@@ -96,14 +134,17 @@ def run(args: argparse.Namespace) -> int:
     from medsilo.medical.data import UnreadableImage, reader_for
     from medsilo.medical.data.transforms import normalize, preprocess
 
-    meta = load_bundle(args.model)
+    meta, model_bytes = load_bundle(args.model, args.ledger, args.root_ca)
+    if args.ledger is None:
+        print(f"note: {args.model} is checked against its own metadata only; a model file is code, so run "
+              "models your site exported, or pass --ledger (and --root-ca) to check the site's signed record")
     classes = list(meta["classes"])
     rows = _rows(args.manifest, classes, args.split)
     if not rows:
         raise MedsiloError(f"{args.manifest}: no rows{f' in split {args.split}' if args.split else ''} to score")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
-        model = torch.jit.load(str(args.model / "models" / "model.ts"), map_location=args.device).eval()
+        model = torch.jit.load(io.BytesIO(model_bytes), map_location=args.device).eval()  # the bytes hashed
     reader = reader_for(meta["modality"], allow_identifiable=args.allow_identifiable, channels=meta["channels"])
     resize = preprocess(int(meta["image_size"]))
 

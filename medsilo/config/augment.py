@@ -25,17 +25,24 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
+from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from medsilo.config.common import Strict
 from medsilo.errors import did_you_mean
 
 Prob = Annotated[float, Field(ge=0, le=1)]
-Positive = Annotated[float, Field(gt=0)]
+Gamma = Annotated[float, Field(gt=0, le=5)]
+Sigma = Annotated[float, Field(gt=0, le=8)]
+MAX_STEPS = 16
+"""Most transforms a recipe may list."""
 
 
 class _Step(Strict):
-    """One transform; ``prob`` is the chance it is applied to a given image."""
+    """One transform; ``prob`` is the chance it is applied to a given image. Every parameter is finite and
+    bounded: a job's recipe runs at every site, on every training image, so it must not be able to make one
+    image cost seconds or gigabytes (a Gaussian blur's kernel grows with σ, a shift with its range)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     prob: Prob = 0.5
 
@@ -60,7 +67,7 @@ class RandAffine(_Step):
     transform: Literal["RandAffine"] = "RandAffine"
     rotate_range: float = Field(default=0.0, ge=0, le=math.pi)
     scale_range: float = Field(default=0.0, ge=0, lt=1)
-    translate_range: float = Field(default=0.0, ge=0)
+    translate_range: float = Field(default=0.0, ge=0, le=512)
     shear_range: float = Field(default=0.0, ge=0, lt=1)
     padding_mode: Literal["zeros", "border", "reflection"] = "zeros"
 
@@ -91,7 +98,7 @@ class RandAdjustContrast(_Step):
     """Gamma: intensity ``x`` becomes ``x**γ`` (rescaled to its range), γ from ``gamma`` = [low, high]."""
 
     transform: Literal["RandAdjustContrast"] = "RandAdjustContrast"
-    gamma: tuple[Positive, Positive] = (0.8, 1.25)
+    gamma: tuple[Gamma, Gamma] = (0.8, 1.25)
 
     @model_validator(mode="after")
     def _low_high(self) -> RandAdjustContrast:
@@ -124,7 +131,7 @@ class RandGaussianSmooth(_Step):
     """Blur with a Gaussian whose σ (pixels) is drawn from ``sigma`` = [low, high]."""
 
     transform: Literal["RandGaussianSmooth"] = "RandGaussianSmooth"
-    sigma: tuple[Positive, Positive] = (0.25, 1.0)
+    sigma: tuple[Sigma, Sigma] = (0.25, 1.0)
 
     @model_validator(mode="after")
     def _low_high(self) -> RandGaussianSmooth:
@@ -159,6 +166,8 @@ def _known_transform(value: Any) -> Any:
     if not isinstance(value, dict):
         raise ValueError("must be a mapping such as {transform: RandFlip, prob: 0.5}")
     name = value.get("transform")
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"transform: must be a transform name, got {type(name).__name__}")
     if name is None:
         raise ValueError(f"needs 'transform:', one of {', '.join(STEPS)}")
     if name not in STEPS:
@@ -179,7 +188,8 @@ def _choice_tag(value: Any) -> str:
 
 
 AugmentationChoice = Annotated[
-    Union[Annotated[Literal["default", "none"], Tag("choice:name")], Annotated[list[Step], Tag("choice:steps")]],  # noqa: UP007
+    Union[Annotated[Literal["default", "none"], Tag("choice:name")],  # noqa: UP007
+          Annotated[list[Step], Field(max_length=MAX_STEPS), Tag("choice:steps")]],
     Discriminator(_choice_tag),
 ]
 """``default``, ``none`` or a list of :data:`STEPS` entries. Only the branch the value's type selects is

@@ -405,6 +405,25 @@ class SitePipeline:
                                      "sha256": hashlib.sha256(text.encode()).hexdigest(), "bytes": len(text),
                                      "encrypted": False})  # fmt: skip
 
+    def lineage(self, entries: Sequence[dict]) -> list[str]:
+        """This job and every job it resumes, oldest first: whose rounds trained the model it holds."""
+        chain, job = [self.terms.job], self.terms.job
+        joins = {e["job"]: (e["what"].get("resumed_from") or {}).get("job")
+                 for e in entries if e["event"] == "policy_loaded"}  # fmt: skip
+        while joins.get(job) and joins[job] not in chain:
+            job = joins[job]
+            chain.insert(0, job)
+        return chain
+
+    def model_privacy(self) -> dict[str, Any]:
+        """What the model this site holds has cost: ``{"jobs": lineage, "epsilon", "delta"}`` — the ε of every
+        DP release of this job and of the jobs it resumes, composed (``None`` outside the DP modes)."""
+        entries = self.ledger.read(self.party.root_ca)
+        jobs = self.lineage(entries)
+        if not self.noised:
+            return {"jobs": jobs, "epsilon": None, "delta": None}
+        return {"jobs": jobs, "epsilon": self.book.job_epsilon(entries, jobs), "delta": self.book.delta}
+
     def record_export(self, rnd: int, what: Mapping[str, Any]) -> str:
         """A ``model_export`` entry for the model this site keeps from the job (``what``: digests, round —
         nothing leaves the site); returns the entry's hash, which the model card cites.

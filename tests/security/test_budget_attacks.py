@@ -107,3 +107,28 @@ def test_a_ckks_dp_job_at_a_site_without_any_privacy_filter_is_charged_encrypted
         run_simulation(spec, data, tmp_path / "again", progress=False)
     for site in sites["sites"]:
         assert entries(ledgers / site / "privacy_ledger.jsonl")[-1]["event"] == "refusal"
+
+
+def test_a_resumed_jobs_model_costs_the_rounds_of_the_job_it_continues(federation):
+    """The model a resumed job exports was trained by the interrupted job's rounds too: its ε (model card,
+    ``model_export``) composes both jobs' releases, never the resumed job's alone."""
+    from dataclasses import replace
+
+    from medsilo.config.job import DPSpec
+
+    from .conftest import upload
+
+    a = replace(federation.terms("dp", job="job-A", rounds=3, min_contributors=1,
+                                 dp=DPSpec(noise_multiplier=2.0, clip=1.0)), spec_digest="e" * 64)  # fmt: skip
+    first = federation.site("hospital-1", a)
+    first.start(None)
+    for rnd in (1, 2):
+        first.protect(rnd, ["hospital-1"], upload(rnd), [GaussianEvent(noise_multiplier=2.0)])
+    second = federation.site("hospital-1", replace(a, job="job-B"))
+    second.start(None, {"job": "job-A", "round": 2})
+    second.protect(3, ["hospital-1"], upload(3), [GaussianEvent(noise_multiplier=2.0)])
+    cost = second.model_privacy()
+    three = PrivacyAccountant.from_events([GaussianEvent(noise_multiplier=2.0)] * 3, 1e-5).epsilon
+    assert cost["jobs"] == ["job-A", "job-B"]
+    assert cost["epsilon"] == pytest.approx(three) and cost["epsilon"] > second.book.job_epsilon(
+        entries(federation.ledger("hospital-1")), "job-B")  # fmt: skip

@@ -275,3 +275,12 @@ def test_a_private_round_keeps_its_training_loss(site):
     reply = private("train", 1, participants=SITES)
     assert math.isnan(reply.meta["train_loss"]) and "error" not in reply.meta
     assert not [e for e in entries(private.ledger) if e["what"].get("kind") == "metrics"]
+
+
+def test_the_servers_best_round_must_be_an_earlier_round(site):
+    task = site(_spec(rounds=3))
+    task("join", 0)
+    task("train", 1, participants=SITES)
+    for bad in ([1, 2], 2, 0, True, "1"):
+        reply = task("train", 2, participants=SITES, best_round=bad)
+        assert "the server's best round must be an earlier round" in reply.meta["error"], bad

@@ -106,7 +106,7 @@ def test_predict_refuses_a_model_file_that_is_not_the_exported_one(tmp_path):
     module = algorithm_module("fedavg")
     client = module.Client(tiny_setup(n=8), module.Config())
     export_model(tmp_path / "m", client, client.setup.data, _facts(), lambda what: "h" * 64)
-    assert load_bundle(tmp_path / "m")["classes"] == ["0", "1", "2"]
+    assert load_bundle(tmp_path / "m")[0]["classes"] == ["0", "1", "2"]
     model = tmp_path / "m" / "models" / "model.ts"
     model.write_bytes(model.read_bytes() + b"\0")
     with pytest.raises(MedsiloError, match="differs from the model the export recorded"):
@@ -135,3 +135,45 @@ def test_predict_scores_a_manifest_without_labels(tmp_path, capsys):
     assert lines[0] == "path,pred,score_0,score_1,score_2" and [r.split(",")[0] for r in lines[1:]] == ["0.png", "1.png", "2.png"]
     printed = capsys.readouterr().out
     assert "skipped" in printed and "broken.png" in printed and "scored 3 image(s), skipped 1" in printed
+
+
+def test_predict_with_the_sites_ledger_refuses_a_bundle_it_did_not_export(tmp_path):
+    """A model file is code. Whoever can replace ``model.ts`` can rewrite the digest in ``metadata.json`` beside
+    it; the site's signed ``model_export`` entry is what they cannot rewrite."""
+    from medsilo.cli.predict import load_bundle
+    from medsilo.secure import pki
+    from medsilo.secure.ledger import Ledger, entry_hash
+
+    ca = pki.make_local_ca(None)
+    ledger = Ledger(tmp_path / "ledger.jsonl", "a", *pki.issue_certificate(*ca, "a", None))
+    (tmp_path / "ca.pem").write_text(pki.certificate_pem(ca[1]))
+    module = algorithm_module("fedavg")
+    client = module.Client(tiny_setup(n=8), module.Config())
+    export_model(tmp_path / "m", client, client.setup.data, _facts(),
+                 lambda what: entry_hash(ledger.append("model_export", job="run-1", round=1, privacy=None, what=what)))
+    meta, model = load_bundle(tmp_path / "m", tmp_path / "ledger.jsonl", tmp_path / "ca.pem")
+    assert meta["site"] == "a" and model == (tmp_path / "m" / "models" / "model.ts").read_bytes()
+    # another model put in its place, its digest rewritten in the metadata: the metadata check alone passes …
+    other = module.Client(tiny_setup(n=8, model_seed=7), module.Config())
+    export_model(tmp_path / "x", other, other.setup.data, _facts(), lambda what: "h" * 64)
+    (tmp_path / "m" / "models" / "model.ts").write_bytes((tmp_path / "x" / "models" / "model.ts").read_bytes())
+    meta_file = tmp_path / "m" / "configs" / "metadata.json"
+    swapped = json.loads(meta_file.read_text())
+    swapped["medsilo"]["model_sha256"] = json.loads((tmp_path / "x" / "configs" / "metadata.json").read_text())["medsilo"]["model_sha256"]
+    meta_file.write_text(json.dumps(swapped))
+    assert load_bundle(tmp_path / "m")[0]["site"] == "a"
+    # … the site's ledger does not
+    with pytest.raises(MedsiloError, match="no verified model_export entry of site a .* records this model"):
+        load_bundle(tmp_path / "m", tmp_path / "ledger.jsonl", tmp_path / "ca.pem")
+
+
+def test_a_link_planted_where_the_bundle_goes_is_not_followed(tmp_path):
+    module = algorithm_module("fedavg")
+    client = module.Client(tiny_setup(n=8), module.Config())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "run-1").symlink_to(outside)
+    with pytest.raises(ExportError, match="the model folder of run-1 exists already"):
+        export_model(tmp_path / "models" / "run-1", client, client.setup.data, _facts(), lambda what: "h" * 64)
+    assert list(outside.iterdir()) == [] and [p.name for p in (tmp_path / "models").iterdir()] == ["run-1"]
