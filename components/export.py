@@ -239,7 +239,7 @@ def export_model(folder: Path, client: Any, data: Any, facts: ExportFacts, recor
     Raises:
         ExportError: the folder exists, or the trace does not reproduce the scores. Nothing is left behind.
     """
-    from medsilo.components.training import evaluate_split
+    from medsilo.components.training import classification_metrics
 
     folder = Path(folder)
     if folder.exists() or folder.is_symlink():
@@ -259,9 +259,9 @@ def export_model(folder: Path, client: Any, data: Any, facts: ExportFacts, recor
         metrics = {}
         for split in ("val", "test"):
             ds = data.split(split)
-            probs, labels = _predict(client, ds)
-            point = evaluate_split(client.scores, ds)
-            metrics[split] = {"acc": point["acc"], "auroc": _plain(point["auroc"]), "n": point["n"],
+            probs, labels = _predict(client, ds)  # scored once: the point figures and the bootstrap share them
+            point = classification_metrics(probs, labels)
+            metrics[split] = {"acc": point["acc"], "auroc": _plain(point["auroc"]), "n": len(labels),
                               "ci95": bootstrap(probs, labels, seed=facts.round)}  # fmt: skip
         counts = {split: dict(zip(facts.classes, data.split(split).class_counts(len(facts.classes)).tolist(),
                                   strict=True)) for split in ("train", "val", "test")}  # fmt: skip

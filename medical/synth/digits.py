@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 
 from medsilo.config.manifest import SPLITS, write_manifest
 from medsilo.errors import MedsiloError
+from medsilo.medical.synth.hospitals import publish
 
 CLASSES = tuple(str(d) for d in range(10))
 """Class names: the digits as text, in label order."""
@@ -170,11 +170,7 @@ def write_digit_sites(out: str | Path, req: DigitsRequest = DigitsRequest()) -> 
             sites_yml[name] = {"dataset": "digits", "manifest": f"{name}/manifest.csv", "modality": "image"}
             summary[name] = {s: {c: sum(1 for r in rows if r["split"] == s and r["label"] == c) for c in CLASSES}
                              for s in SPLITS}  # fmt: skip
-        (tmp / "digits.json").write_text(json.dumps({"request": _request_json(req), "sites": summary}, indent=2) + "\n")
-        (tmp / "sites.yml").write_text(yaml.safe_dump({"sites": sites_yml}, sort_keys=False))  # last: marks complete
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish(tmp, out, "digits.json", {"request": _request_json(req), "sites": summary}, sites_yml)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / "sites.yml"

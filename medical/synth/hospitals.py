@@ -332,17 +332,22 @@ def synthesize(
 
     try:
         _render_all(all_jobs, workers, progress, req.modality)
-        (tmp / "synth.json").write_text(
-            json.dumps({"generator": generator_fingerprint(), "request": req.to_json(), "sites": summary}, indent=2) + "\n"
-        )
-        # sites.yml last: its presence marks a complete dataset
-        (tmp / "sites.yml").write_text(yaml.safe_dump({"sites": sites_yml}, sort_keys=False))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish(tmp, out, "synth.json", {"generator": generator_fingerprint(), "request": req.to_json(),
+                                         "sites": summary}, sites_yml)  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / "sites.yml"
+
+
+def publish(tmp: Path, out: Path, marker: str, facts: dict[str, Any], sites: dict[str, dict[str, str]]) -> None:
+    """Finish a sites folder written in ``tmp`` and put it in place of ``out``: the ``marker`` JSON (what was
+    asked for, per-site counts), then ``sites.yml`` — last, its presence marks a complete dataset — then the
+    rename. A reader never sees half a folder."""
+    (tmp / marker).write_text(json.dumps(facts, indent=2) + "\n")
+    (tmp / "sites.yml").write_text(yaml.safe_dump({"sites": sites}, sort_keys=False))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def _render_all(jobs: list[_ImageJob], workers: int | None, progress: bool, modality: str) -> None:
