@@ -93,9 +93,14 @@ def test_a_straggling_site_times_out_and_the_round_goes_on(healthy_sites, tmp_pa
     done, frozen = threading.Event(), []
 
     def freeze_hospital_3():
+        # the worker is found first and the progress file then polled every 10 ms: round 3's task must reach a
+        # frozen process, and a tiny round can finish within a slower poll plus a /proc scan (a flake seen in CI)
+        pid = None
+        while pid is None and not done.is_set():
+            pid = _worker_of("hospital-3")
+            time.sleep(0.05)
         while _progress_lines(run_dir) < 1 and not done.is_set():
-            time.sleep(0.2)
-        pid = _worker_of("hospital-3")
+            time.sleep(0.01)
         if pid is None or done.is_set():
             return
         os.kill(pid, signal.SIGSTOP)
