@@ -16,8 +16,8 @@ Two parts:
 
 Run::
 
-    python -m medsilo.benchmarks.ckks                 # ~8 min on 2 cores
-    python -m medsilo.benchmarks.ckks --rounds 3 --images-per-site 120
+    python -m benchmarks.ckks                 # ~8 min on 2 cores
+    python -m benchmarks.ckks --rounds 3 --images-per-site 120
 
 It prints Markdown tables and writes ``benchmarks/results/ckks.json``.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from medsilo.benchmarks.runner import RESULTS, WORK, run_variants
+from benchmarks.runner import RESULTS, WORK, run_variants
 from medsilo.medical.synth import SynthRequest, synthesize
 
 ALGORITHMS = ("fedproto", "feddistill", "lgfedavg", "fedavg")

@@ -15,8 +15,8 @@ Each algorithm runs under three augmentation recipes (``training.augmentation``)
 
 Run::
 
-    python -m medsilo.benchmarks.digits                                   # ~35 min on 2 cores
-    python -m medsilo.benchmarks.digits --seeds 0 --augmentations none --algorithms fedavg local
+    python -m benchmarks.digits                                   # ~35 min on 2 cores
+    python -m benchmarks.digits --seeds 0 --augmentations none --algorithms fedavg local
 
 It prints Markdown tables (mean over seeds ± the 95 % t-interval half-width) and writes
 ``benchmarks/results/digits.json`` with every run's per-site numbers.
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medsilo.benchmarks.runner import RESULTS, WORK
+from benchmarks.runner import RESULTS, WORK
 from medsilo.config import JobSpec
 from medsilo.jobs.simulate import run_simulation
 from medsilo.medical.synth.digits import CLASSES, DigitsRequest, write_digit_sites

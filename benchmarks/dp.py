@@ -1,6 +1,6 @@
 """What differential privacy costs a prototype job: FedProto accuracy at ε ∈ {1, 4, 8, ∞}.
 
-The heterogeneous CXR hospitals of :mod:`medsilo.benchmarks.htfl` (three backbone families) run
+The heterogeneous CXR hospitals of :mod:`benchmarks.htfl` (three backbone families) run
 FedProto under privacy mode ``dp``. Each round a site trains its model with DP-SGD (Poisson sampling at
 q = B/N, per-image gradients clipped to ``grad_clip``, noise σ_sgd·``grad_clip``) and then releases
 record-level DP per-class sums of its clipped features (:func:`medsilo.secure.dp.gaussian_sum`); the
@@ -15,8 +15,8 @@ separates the cost of those changes from the cost of the noise.
 
 Run::
 
-    python -m medsilo.benchmarks.dp                     # ~6 min on 2 cores
-    python -m medsilo.benchmarks.dp --epsilons 4 --rounds 5
+    python -m benchmarks.dp                     # ~6 min on 2 cores
+    python -m benchmarks.dp --epsilons 4 --rounds 5
 
 It prints a Markdown table and writes ``benchmarks/results/dp_fedproto_seed<SEED>.json``.
 """
@@ -27,8 +27,8 @@ import argparse
 import json
 from pathlib import Path
 
-from medsilo.benchmarks.htfl import backbones
-from medsilo.benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run_variants, save
+from benchmarks.htfl import backbones
+from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run_variants, save
 from medsilo.config import read_manifest
 from medsilo.config.site import load_sites_file
 from medsilo.secure.dp import PrivacyAccountant, dpsgd_noise_for_epsilon, dpsgd_round_events

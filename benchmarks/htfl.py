@@ -10,8 +10,8 @@ a real job in the NVFlare simulator.
 
 Run::
 
-    python -m medsilo.benchmarks.htfl                   # all variants, ~20 min on 2 cores
-    python -m medsilo.benchmarks.htfl --variants local fedproto --rounds 5
+    python -m benchmarks.htfl                   # all variants, ~20 min on 2 cores
+    python -m benchmarks.htfl --variants local fedproto --rounds 5
 
 It prints a Markdown table (with upload and download KiB per site per round) and writes
 ``benchmarks/results/htfl_cxr_seed<SEED>.json``.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from medsilo.benchmarks.runner import (
+from benchmarks.runner import (
     WORK,
     add_hospital_args,
     base_spec,

@@ -19,8 +19,8 @@ NVFlare simulator: the scarce site's and the other sites' test accuracy.
 
 Run::
 
-    python -m medsilo.benchmarks.pcevolve            # ~7 min on 2 cores
-    python -m medsilo.benchmarks.pcevolve --epsilons 8 --train-seeds 2
+    python -m benchmarks.pcevolve            # ~7 min on 2 cores
+    python -m benchmarks.pcevolve --epsilons 8 --train-seeds 2
 
 It prints a Markdown table and writes ``benchmarks/results/pcevolve_cxr_seed<SEED>.json``.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsilo.benchmarks.runner import RESULTS, WORK
+from benchmarks.runner import RESULTS, WORK
 from medsilo.components.training import classification_metrics, local_epochs, predict
 from medsilo.config.manifest import read_manifest
 from medsilo.config.site import load_sites_file
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def federated(args, sites_yml: Path, classes: list[str]) -> list[dict]:
     """The same hospitals in a federated job, without and with PCEvolve at the scarce site."""
-    from medsilo.benchmarks.runner import run_variants
+    from benchmarks.runner import run_variants
     from medsilo.config.site import load_sites_file
 
     sites = list(load_sites_file(sites_yml).sites)

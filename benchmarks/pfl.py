@@ -8,8 +8,8 @@ time of the whole job and of its rounds, and the upload per site per round.
 
 Run::
 
-    python -m medsilo.benchmarks.pfl                       # all algorithms, ~25 min on 2 cores
-    python -m medsilo.benchmarks.pfl --algorithms local fedavg fedrep --rounds 10
+    python -m benchmarks.pfl                       # all algorithms, ~25 min on 2 cores
+    python -m benchmarks.pfl --algorithms local fedavg fedrep --rounds 10
 
 It prints a Markdown table and writes ``benchmarks/results/pfl_cxr_seed<SEED>.json``.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from medsilo.benchmarks.runner import (
+from benchmarks.runner import (
     WORK,
     add_hospital_args,
     base_spec,

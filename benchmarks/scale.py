@@ -1,7 +1,7 @@
 """Scale on one machine: many simulated sites, and real processes, against the sites' pure training time.
 
-    python -m medsilo.benchmarks.scale                      # 5/10/20 simulated sites, 3/6 real processes
-    python -m medsilo.benchmarks.scale --sim 5 --poc 3      # a quick subset
+    python -m benchmarks.scale                      # 5/10/20 simulated sites, 3/6 real processes
+    python -m benchmarks.scale --sim 5 --poc 3      # a quick subset
 
 Each configuration runs FedAvg on a small CNN (32×32 chest X-rays, ``--images-per-site`` per hospital) and
 reports, per configuration:
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medsilo.benchmarks.runner import RESULTS, WORK
+from benchmarks.runner import RESULTS, WORK
 from medsilo.config import JobSpec, load_sites_file, read_manifest
 from medsilo.medical.synth import SynthRequest, synthesize
 

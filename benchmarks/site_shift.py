@@ -11,8 +11,8 @@ task is learnable) and a clear drop off it (sites differ). Two more rows and col
 
 Run::
 
-    python -m medsilo.benchmarks.site_shift --modality cxr
-    python -m medsilo.benchmarks.site_shift --modality pathology
+    python -m benchmarks.site_shift --modality cxr
+    python -m benchmarks.site_shift --modality pathology
 
 It prints Markdown tables and writes ``benchmarks/results/site_shift_<modality>.json``.
 """
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "benchmark": "site_shift",
-        "command": "python -m medsilo.benchmarks.site_shift " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.site_shift " + " ".join(sys.argv[1:] if argv is None else argv),
         "modality": args.modality,
         "classes": classes,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -8,7 +8,7 @@ For every reference chest X-ray scanner and pathology stain profile, at its own 
 
 Run::
 
-    python -m medsilo.benchmarks.synth_speed [--images 40]
+    python -m benchmarks.synth_speed [--images 40]
 
 It prints a Markdown table and writes ``benchmarks/results/synth_speed.json``. One process, so the
 numbers are per core; ``medsilo synth`` uses up to two processes.

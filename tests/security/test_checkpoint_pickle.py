@@ -23,7 +23,7 @@ from medsilo.components import checkpoint
 from medsilo.components.algorithms import algorithm_module
 from medsilo.components.results import RunRecorder
 from medsilo.config.job import spec_digest
-from medsilo.tests.helpers import tiny_setup
+from tests.helpers import tiny_setup
 
 JOB_ID = "job-1"
 DIGEST = spec_digest({"name": "t"})

@@ -19,7 +19,7 @@ import torch
 from medsilo.components.algorithms import fedavg, fedproto
 from medsilo.components.training import per_record_gradients
 from medsilo.secure import dp
-from medsilo.tests.helpers import tiny_setup
+from tests.helpers import tiny_setup
 
 
 def _images(split) -> tuple[torch.Tensor, torch.Tensor]:

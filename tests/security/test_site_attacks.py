@@ -178,7 +178,7 @@ def test_fedavg_dp_update_is_taken_against_what_the_server_sent():
     received by at most the clipping bound (plus noise): the site's own earlier training is not in it."""
     from medsilo.components.algorithms import fedavg
     from medsilo.secure.dp import DPRelease
-    from medsilo.tests.helpers import tiny_setup
+    from tests.helpers import tiny_setup
 
     client = fedavg.Client(tiny_setup("a", n=12, lr=0.5, local_epochs=3), fedavg.Config())
     received = {k: v.clone() for k, v in client.reference.items()}

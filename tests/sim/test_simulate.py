@@ -16,7 +16,7 @@ from medsilo.errors import MedsiloError
 from medsilo.jobs.simulate import run_simulation
 from medsilo.medical.synth import SynthRequest, synthesize
 from medsilo.secure.ledger import LEDGER_FILE, entries
-from medsilo.tests.helpers import check_exported_models
+from tests.helpers import check_exported_models
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from medsilo.components.algorithms import ditto, fedavg
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def _params(module):

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from medsilo.components.algorithms import fedala
 from medsilo.components.algorithms.base import load_mean
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def _round_one(config: fedala.Config, *, batch_size: int = 4):

@@ -7,7 +7,7 @@ import torch
 
 from medsilo.components.algorithms import fedavg, local
 from medsilo.components.algorithms.base import load_mean, weighted_params
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def test_upload_is_parameters_times_n():

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from medsilo.components.algorithms import fedcp
 from medsilo.components.algorithms.base import mmd2
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def kernel(squared_distance: float) -> float:

@@ -10,7 +10,7 @@ import torch
 
 from medsilo.components.algorithms import feddbe
 from medsilo.errors import MedsiloError
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def _train_images(setup) -> torch.Tensor:

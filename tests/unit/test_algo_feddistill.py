@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from medsilo.components.algorithms import feddistill
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def _recorded_training_logits(client, rnd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from medsilo.components.algorithms import fedktl
 from medsilo.components.algorithms.base import mmd2
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 FAST = {"server_epochs": 5, "latent_dim": 8, "image_size": 8}
 """A small server (5 alignment epochs, L = 8, 8×8 images): same code paths, a fraction of the time."""

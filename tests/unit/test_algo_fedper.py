@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from medsilo.components.algorithms import fedper
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def _clone(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from medsilo.components.algorithms import fedproto
 from medsilo.config.job import DPSpec
 from medsilo.medical.data import ImageSet
 from medsilo.secure.dp import DPError, DPRelease, GaussianEvent, clip_rows
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def _inputs(split) -> torch.Tensor:

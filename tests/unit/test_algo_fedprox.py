@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from medsilo.components.algorithms import fedavg, fedprox
 from medsilo.components.algorithms.base import proximal_term
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def test_proximal_term_value_and_gradient_by_hand():

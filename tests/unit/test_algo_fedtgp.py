@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from medsilo.components.algorithms import fedproto, fedtgp
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def _inputs(split) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from medsilo.components.algorithms import gpfl
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 LN_SCALE = math.sqrt(1 + 1e-5)  # LayerNorm of a 2-vector [u, v], u < v, is [-1, 1] / sqrt(1 + eps)
 

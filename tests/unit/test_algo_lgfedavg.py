@@ -7,7 +7,7 @@ import math
 import torch
 
 from medsilo.components.algorithms import lgfedavg
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 def _clone(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from medsilo.components.algorithms import ALGORITHMS, algorithm_module
 from medsilo.components.results import RunRecorder
 from medsilo.config import JobSpec
 from medsilo.config.job import spec_digest
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 JOB = {"name": "t", "training": {"rounds": 3}}
 DIGEST = spec_digest(JOB)

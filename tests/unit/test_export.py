@@ -21,7 +21,7 @@ from medsilo.components.export import (
 )
 from medsilo.components.training import classification_metrics
 from medsilo.errors import MedsiloError
-from medsilo.tests.helpers import tiny_setup
+from tests.helpers import tiny_setup
 
 
 def _batch(client, n: int = 6) -> torch.Tensor:

@@ -16,6 +16,7 @@ NVFlare: algorithm modules and ``medical`` never import it; ``secure`` only its 
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,11 @@ def _layer(path: Path) -> str | None:
 
 
 def _target(module: str) -> str | None:
-    """The layer (or ``layer.module``) an absolute import of ``module`` reaches; ``None`` outside medsilo."""
+    """The layer (or ``layer.module``) an absolute import of ``module`` reaches; ``None`` outside medsilo and
+    the checkout's ``tests`` and ``benchmarks``."""
     parts = module.split(".")
+    if parts[0] in ("tests", "benchmarks"):  # top-level folders of a checkout, not in the wheel
+        return parts[0]
     if parts[0] != "medsilo":
         return None
     if len(parts) == 1:
@@ -110,11 +114,22 @@ def test_imports_point_down():
 
 @pytest.mark.parametrize(("source", "expected"), [
     ("from medsilo.components.algorithms import ALGORITHMS\n", "config may not import components"),
-    ("import medsilo.tests.helpers\n", "never import tests"),
+    ("import tests.helpers\n", "never import tests"),
+    ("from benchmarks.runner import WORK\n", "never import benchmarks"),
     ("def f():\n    from nvflare.app_common.workflows.model_controller import ModelController\n", "NVFlare in secure"),
 ])  # fmt: skip
 def test_the_check_sees_an_upward_import_even_inside_a_function(source, expected):
     folder = {"config": "medsilo/config", "never": "medsilo/config", "NVFlare": "secure"}[expected.split()[0]]
+    if expected == "never import benchmarks":
+        folder = "components"
     found = _violations({Path(folder) / "probe.py": source})
     assert len(found) == 1 and expected in found[0] and found[0].startswith(f"{folder}/probe.py:")
 
+
+
+def test_tests_and_benchmarks_stay_out_of_the_wheel():
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = set(setup["packages"]) | set(setup["package-dir"])
+    assert "medsilo.components" in shipped  # read the real table
+    assert not [p for p in shipped if p.split(".")[1:2] in (["tests"], ["benchmarks"])]
+    assert not [d for d in setup["package-dir"].values() if d.split("/")[0] in ("tests", "benchmarks")]

@@ -34,7 +34,7 @@ from medsilo.secure.pipeline import pipeline_module
 from medsilo.secure.pipeline.base import JobTerms, PipelineRefusal
 from medsilo.secure.pipeline.ckks import CONTRIBUTIONS
 from medsilo.secure.upload import WIRE_PARAM, Wire, pack_wires, seal, unpack_arrays, unpack_wires
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 SITES = ("hospital-1", "hospital-2")
 EVENT = GaussianEvent(noise_multiplier=2.0)

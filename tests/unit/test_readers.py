@@ -14,7 +14,7 @@ from medsilo.medical.data.readers import (
     UnreadableImage,
     apply_window,
 )
-from medsilo.tests.helpers import write_dicom
+from tests.helpers import write_dicom
 
 
 def _ramp(rows: int = 6, cols: int = 10, top: int = 4095) -> np.ndarray:

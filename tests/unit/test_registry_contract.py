@@ -14,7 +14,7 @@ import torch
 from medsilo.components.algorithms import ALGORITHMS, FAMILIES, algorithm_module
 from medsilo.config import JobSpec
 from medsilo.config.loading import ConfigError
-from medsilo.tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, tiny_setup
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
