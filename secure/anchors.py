@@ -1,7 +1,7 @@
 """Checks across ledgers: each ledger in its party's place, and no site ledger shorter than the server saw.
 
 A ledger file alone proves what its key holder wrote, in order; it cannot show that lines were cut off its end
-or that a whole file was copied into another site's folder (:mod:`medsilo.secure.ledger`, *Limits*). Two
+or that a whole file was copied into another site's folder (:mod:`medsilo.secure.ledger.verify`, *Limits*). Two
 cross-checks close those gaps for an auditor holding several parties' ledgers:
 
 * **Place** (:func:`expected_party`): a ledger at ``<party>/privacy_ledger.jsonl`` (a site's workspace, or a

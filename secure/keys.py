@@ -63,7 +63,10 @@ def ensure_simulation_pki(folder: str | Path, parties: Iterable[str]) -> Path:
     out = Path(folder) / "pki"
     out.mkdir(parents=True, exist_ok=True)
     if (out / pki.ROOT_CA_CERT).is_file():
-        ca_key, ca_cert = pki.load_private_key(out / pki.ROOT_CA_KEY), pki.load_certificate(out / pki.ROOT_CA_CERT)
+        ca_key, ca_cert = (
+            pki.load_private_key(out / pki.ROOT_CA_KEY),
+            pki.load_certificate(out / pki.ROOT_CA_CERT),
+        )
     else:
         ca_key, ca_cert = pki.make_local_ca(out)
     for party in [*parties, SERVER]:
@@ -72,8 +75,13 @@ def ensure_simulation_pki(folder: str | Path, parties: Iterable[str]) -> Path:
     return out
 
 
-def generate_simulation_contexts(out: str | Path, sites: Iterable[str], poly_modulus_degree: int = 8192) -> Path:
+def generate_simulation_contexts(
+    out: str | Path, sites: Iterable[str], poly_modulus_degree: int = 8192
+) -> Path:
     """Write a fresh CKKS key set under ``out``: the server's public context, each site's secret one."""
+    # Lazy on purpose: medsilo.secure.anchors imports this module (for SERVER) on an auditor's
+    # `medsilo audit verify` path, which must not load TenSEAL or torch; only a party that makes or loads a
+    # CKKS context pays for them.
     from medsilo.secure.ckks import make_context, save_context
 
     out = Path(out)
@@ -163,7 +171,9 @@ class Party:
                 cert = pki.load_certificate(path)
                 pki.verify_certificate(cert, ca)
                 if pki.common_name_of(cert) != path.stem:
-                    raise KeyMaterialError(f"{path}: certificate is for CN={pki.common_name_of(cert)!r}, not {path.stem!r}")
+                    raise KeyMaterialError(
+                        f"{path}: certificate is for CN={pki.common_name_of(cert)!r}, not {path.stem!r}"
+                    )
                 peers[path.stem] = pki.certificate_public_key(cert, str(path))
             if not peers:
                 raise KeyMaterialError(f"{folder}: holds no site certificates (*.crt)")
@@ -172,7 +182,7 @@ class Party:
 
     def he_context(self):
         """The site's secret CKKS context, or the server's public one (a secret one there is refused)."""
-        from medsilo.secure.ckks import load_context
+        from medsilo.secure.ckks import load_context  # lazy: TenSEAL and torch off the audit path (see above)
 
         he = os.environ.get(HE_DIR_ENV)
         name = SERVER_CONTEXT if self.is_server else CLIENT_CONTEXT

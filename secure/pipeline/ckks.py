@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from medsilo.secure.ckks import CKKSError, EncryptedUpload, add, decrypt, encrypt, parameters
 from medsilo.secure.pipeline.base import (
@@ -77,8 +78,6 @@ class Site(SitePipeline):
         return self._ctx
 
     def seal(self, arrays: Arrays) -> tuple[bytes, dict | None]:
-        import torch
-
         enc = encrypt(self.context(), {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
         return enc.to_bytes(), {**parameters(self.context()), "ciphertexts": len(enc.ciphertexts)}
 

@@ -6,6 +6,7 @@ the auditor's ``medsilo audit verify`` and the site itself, at its next job, mus
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -65,6 +66,14 @@ def test_cutting_the_tail_off_a_site_ledger_is_caught_by_the_audit_and_by_the_si
     assert code == 1
     assert f"{ledger}:4: ledger ends after 3 entries, but the server received this site's signed upload" in out
     assert "the ledger was cut short" in out and "1 with problems" in out
+    # the auditor's report runs the same checks: it refuses, and with --allow-unverified marks the cut ledger
+    report = federation.root / "report.json"
+    args = ["audit", "report", str(federation.root / "ledgers"), "--root-ca", str(federation.root_ca), "--out", str(report)]
+    assert main(args) == 1 and "the server received this site's signed upload" in capsys.readouterr().err
+    assert main([*args, "--allow-unverified"]) == 0
+    marked = {lg["party"]: lg for lg in json.loads(report.read_text())["ledgers"]}
+    assert marked["hospital-2"]["verified"] is False and "cut short" in marked["hospital-2"]["problem"]
+    assert marked["hospital-1"]["verified"] is True
     # the site, at its next job, is shown the server's record of it and refuses to run on the cut ledger
     terms = federation.terms("dp", job="job-3", releases=False)
     site = federation.site("hospital-2", terms, PrivacyPolicy(budget=Budget(epsilon=12.0, delta=1e-5)))

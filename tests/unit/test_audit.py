@@ -184,7 +184,9 @@ def test_report_recomposes_gaussian_events_and_flags_an_under_reported_total(tmp
 
     folder = tmp_path / "ws" / "hospital-1"
     folder.mkdir(parents=True)
-    ledger = Ledger(folder / "privacy_ledger.jsonl", "hospital-1", *pki.issue_certificate(*ca, "hospital-1", None))
+    ledger = Ledger(
+        folder / "privacy_ledger.jsonl", "hospital-1", *pki.issue_certificate(*ca, "hospital-1", None)
+    )
     event = {"mechanism": "gaussian", "noise_multiplier": 2.0, "steps": 1, "sampling_rate": 1.0}
     recorded = [gaussian_epsilon(2.0, 1, 1e-5), 1.0]  # the second entry under-reports the running total
     for rnd, cumulative in enumerate(recorded, 1):
@@ -204,13 +206,21 @@ def test_report_recomposes_gaussian_events_and_flags_an_under_reported_total(tmp
 
 def test_an_auditor_needs_neither_torch_nor_tenseal(workspace, tmp_path):
     """``medsilo audit verify`` and ``report`` (budgets replayed with the site's accountant) run in a fresh
-    interpreter that never imports torch, TenSEAL, MONAI or NVFlare: an auditor's machine needs none of them."""
+    interpreter that never imports torch, TenSEAL, MONAI or NVFlare: an auditor's machine needs none of them.
+    Neither verify nor a JSON report draws, so neither loads matplotlib; the summary module alone loads none
+    of them either."""
     import subprocess
     import sys
 
-    probe = ("import sys; from medsilo.cli import main; "
-             f"assert main(['audit', 'verify', {str(workspace)!r}]) == 0; "
-             f"assert main(['audit', 'report', {str(workspace)!r}, '--out', {str(tmp_path / 'a.json')!r}]) == 0; "
-             "heavy = [m for m in ('torch', 'tenseal', 'monai', 'nvflare') if m in sys.modules]; "
-             "assert not heavy, heavy")  # fmt: skip
-    subprocess.run([sys.executable, "-c", probe], check=True, cwd=tmp_path, capture_output=True)
+    heavy = "('torch', 'tenseal', 'monai', 'nvflare', 'matplotlib')"
+    probes = [
+        "import sys, medsilo.secure.audit",
+        f"import sys; from medsilo.cli import main; assert main(['audit', 'verify', {str(workspace)!r}]) == 0",
+        f"import sys; from medsilo.cli import main; "
+        f"assert main(['audit', 'report', {str(workspace)!r}, '--out', {str(tmp_path / 'a.json')!r}]) == 0",
+    ]
+    for probe in probes:
+        probe += f"; loaded = [m for m in {heavy} if m in sys.modules]; assert not loaded, loaded"
+        run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0, f"{probe}\n{run.stderr[-2000:]}"
+    assert json.loads((tmp_path / "a.json").read_text())["verified"] is True

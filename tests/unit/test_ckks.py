@@ -54,6 +54,13 @@ def test_mixed_upload_round_trips_with_shapes_dtypes_and_small_error(ctx):
     assert abs(out["n"].item() - 10.0) < 1e-6
 
 
+def test_a_zero_dimensional_integer_round_trips(ctx):
+    up = {"n": torch.tensor(7, dtype=torch.int64), "m": torch.tensor(-3, dtype=torch.int32)}
+    out = ckks.decrypt(ctx, ckks.encrypt(ctx, up))
+    assert {k: (tuple(v.shape), v.dtype, v.item()) for k, v in out.items()} == {
+        "n": ((), torch.int64, 7), "m": ((), torch.int32, -3)}  # fmt: skip
+
+
 def test_sum_of_three_sites_matches_plaintext_sum(ctx, server_ctx):
     uploads = [_upload(s) for s in range(3)]
     encrypted = [ckks.encrypt(ctx, u) for u in uploads]

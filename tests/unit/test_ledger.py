@@ -83,7 +83,7 @@ def test_round_trip_is_chained_signed_and_fsynced(tmp_path, monkeypatch, ca, sit
             synced.append((st.st_ino, st.st_size))
         real_fsync(fd)
 
-    monkeypatch.setattr(L.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     path = tmp_path / "privacy_ledger.jsonl"
     ledger = Ledger(path, "hospital-1", *site1)
     first = ledger.append("policy_loaded", job=None, round=None, what={"kind": "site_policy"}, privacy=None)
