@@ -5,8 +5,10 @@
 :class:`ImageSet` datasets that augment (train only) and normalise per sample. Images are small in
 federated jobs (64² by default), so a few thousand fit in a few tens of MB.
 
-A file that cannot be used (missing, corrupt, not DICOM, identifying tags, wrong photometric) is
-logged with its path and reason and skipped. When more than ``max_unreadable_fraction`` of the
+A file that cannot be used (missing, corrupt, not DICOM, no decoder for its transfer syntax, not a CR/DX
+chest X-ray, identifying tags, wrong photometric) is logged with its path and reason and skipped. A job that
+keeps only some chest X-ray views (``views``) drops the images of other views as they are read, and says how
+many of each in the site's log and :attr:`SiteData.dropped_views`. When more than ``max_unreadable_fraction`` of the
 manifest's files are unusable, or a split ends up empty, loading fails with a :class:`DataError`
 that summarises the reasons — the site never trains on a silently shrunken dataset.
 """
@@ -15,8 +17,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,8 +27,11 @@ import torch
 from medsilo.config import augment
 from medsilo.config.common import MODALITY_CHANNELS
 from medsilo.config.manifest import SPLITS, Manifest, ManifestRow
+from medsilo.config.site import DatasetRef
 from medsilo.errors import DataError
+from medsilo.medical.data.pacs import pull
 from medsilo.medical.data.readers import LoadCXR, LoadImageFile, LoadPatch, UnreadableImage
+from medsilo.medical.data.slides import is_slide_manifest, tile_slides
 from medsilo.medical.data.transforms import build_augmentation, normalize, preprocess
 
 log = logging.getLogger(__name__)
@@ -35,7 +41,8 @@ MODALITIES: tuple[str, ...] = tuple(MODALITY_CHANNELS)
 
 
 def reader_for(modality: str, *, allow_identifiable: bool = False, channels: int | None = None) -> Callable:
-    """The file reader of ``modality``: path → ``(C, H, W)`` float32 in [0, 1].
+    """The file reader of ``modality``: path → ``(C, H, W)`` float32 in [0, 1]; its ``read(path)`` returns the
+    pixels with what the header says (:class:`.readers.ImageRecord`: a chest X-ray's view and modality).
 
     Args:
         modality: ``cxr`` (DICOM, :class:`.readers.LoadCXR`), ``pathology`` (RGB patches) or ``image``.
@@ -65,7 +72,8 @@ class ImageSet(torch.utils.data.Dataset):
 
     Args:
         images: ``(N, C, S, S)`` float32 in [0, 1].
-        labels: ``(N,)`` int64 class indices.
+        labels: ``(N,)`` int64 class indices, or ``(N, K)`` float32 targets (1, 0, NaN = unknown) of a
+            multi-label job.
         augment: random transform applied per sample before normalisation (training only), or ``None``.
 
     Items are ``(x, y)`` with ``x`` ``(C, S, S)`` normalised (see :func:`.transforms.normalize`).
@@ -99,6 +107,7 @@ class LoadFailure:
     path: str
     line: int
     reason: str
+    kind: str = "not an image"
 
 
 @dataclass
@@ -111,6 +120,7 @@ class SiteData:
         modality: ``cxr``, ``pathology`` or ``image``.
         failures: files that were skipped, with reasons.
         augmentation: the training transforms in force, resolved (``()``: none).
+        dropped_views: chest X-ray images left out because the job keeps other views: view → count.
     """
 
     train: ImageSet
@@ -120,6 +130,7 @@ class SiteData:
     modality: str
     failures: list[LoadFailure] = field(default_factory=list)
     augmentation: tuple = ()
+    dropped_views: dict[str, int] = field(default_factory=dict)
 
     @property
     def channels(self) -> int:
@@ -135,6 +146,35 @@ def _category(reason: str) -> str:
     return reason.split(" (")[0].split(";")[0]
 
 
+def dataset_manifest(
+    ref: DatasetRef, classes: Sequence[str] | None, *, allow_outside: bool = False, progress: bool = False
+) -> Path:
+    """The manifest file a site's dataset trains on: ``ref.manifest`` itself, or — for a whole-slide manifest (a
+    ``slide`` column) — the patch manifest its slides tile into (:func:`.slides.tile_slides` with ``ref.slides``,
+    cached), or — for a PACS dataset (``ref.pacs``) — the manifest of the instances pulled into the site's cache
+    (:func:`.pacs.pull`). Read the result with :func:`medsilo.config.manifest.read_manifest`.
+
+    Args:
+        ref: the site config's dataset entry.
+        classes: the job's class names (``None``: any label).
+        allow_outside: the site config's ``data.allow_paths_outside_manifest``.
+        progress: show a progress bar while slides are tiled or instances pulled.
+
+    Raises:
+        DataError: a slide manifest for another modality than ``pathology``. SlideError: a bad slide manifest
+            or slide (see :mod:`.slides`). PacsError: a PACS dataset that cannot be pulled (see :mod:`.pacs`).
+    """
+    if ref.pacs is not None:
+        return pull(ref.pacs, progress=progress).manifest
+    if not is_slide_manifest(ref.manifest):
+        return ref.manifest
+    if ref.modality != "pathology":
+        raise DataError(f"{ref.manifest}: a whole-slide manifest (column 'slide') needs modality 'pathology', not "
+                        f"'{ref.modality}'")  # fmt: skip
+    tiled = tile_slides(ref.manifest, ref.slides, classes=classes, allow_outside=allow_outside, progress=progress)
+    return tiled.manifest
+
+
 def load_site_data(
     manifest: Manifest,
     *,
@@ -146,6 +186,7 @@ def load_site_data(
     progress: bool = False,
     augmentation: augment.AugmentationChoice | tuple = "default",
     channels: int | None = None,
+    views: Sequence[str] | None = None,
 ) -> SiteData:
     """Read, check and preprocess every image of ``manifest``.
 
@@ -161,14 +202,19 @@ def load_site_data(
             ``none``, or transform entries (:mod:`medsilo.config.augment`).
         channels: ``image`` only: 1 or 3 to convert every file; ``None``: 3 if any file is in colour (the
             grayscale ones are replicated), else 1.
+        views: chest X-ray only: the job's ``views`` (e.g. ``("PA", "AP")``); images whose view
+            (:func:`.readers.view_of`) is not listed are dropped and counted. ``None``: every view.
 
     Returns:
         The site's splits.
 
     Raises:
-        DataError: too many unusable files, or a split without a usable image; the message counts
-            the reasons and names the first few files.
+        DataError: too many unusable files, a split without a usable image, or ``views`` for a modality
+            that has none; the message counts the reasons and names the first few files.
     """
+    if views is not None and modality != "cxr":
+        raise DataError(f"{manifest.file}: the job keeps only views {', '.join(views)}, but {modality} images have "
+                        f"no view; only chest X-ray (cxr) jobs may set views")  # fmt: skip
     reader = reader_for(modality, allow_identifiable=allow_identifiable, channels=channels)
     resize = preprocess(image_size)
 
@@ -176,19 +222,28 @@ def load_site_data(
 
     loaded: dict[str, tuple[list[np.ndarray], list[int]]] = {s: ([], []) for s in SPLITS}
     failures: list[LoadFailure] = []
+    dropped: Counter = Counter()
     rows: list[ManifestRow] = list(manifest.rows)
     for row in tqdm(rows, desc=f"load {manifest.file.parent.name or modality}", unit="img",
                     disable=not progress, leave=False):  # fmt: skip
         try:
-            image = np.asarray(resize(reader(row.path)), dtype=np.float32)
+            record = reader.read(row.path)
         except UnreadableImage as exc:
-            failures.append(LoadFailure(str(row.path), row.line, exc.reason))
+            failures.append(LoadFailure(str(row.path), row.line, exc.reason, exc.kind))
             log.warning("skipping %s (manifest line %d): %s", row.path, row.line, exc.reason)
             continue
+        if views is not None and record.view not in views:
+            dropped[record.view] += 1
+            continue
+        image = np.asarray(resize(record.pixels), dtype=np.float32)
         loaded[row.split][0].append(image)
-        loaded[row.split][1].append(row.label)
+        loaded[row.split][1].append(row.targets if manifest.multilabel else row.label)
 
     total = len(rows)
+    kept = f" (the job keeps views {', '.join(views)}; dropped {_view_counts(dropped)})" if dropped else ""
+    if dropped:
+        log.warning("%s: dropped %d image(s) of views the job does not keep (%s): %s", manifest.file,
+                    sum(dropped.values()), ", ".join(views), _view_counts(dropped))  # fmt: skip
     if failures and len(failures) / total > max_unreadable_fraction:
         raise DataError(_failure_summary(manifest, failures, total, max_unreadable_fraction),
                         public=_failure_counts(failures, total, max_unreadable_fraction))  # fmt: skip
@@ -196,7 +251,7 @@ def load_site_data(
     if empty:
         detail = f"; {_failure_summary(manifest, failures, total, max_unreadable_fraction)}" if failures else ""
         raise DataError(
-            f"{manifest.file}: no usable image in split(s) {', '.join(empty)}; every split needs images{detail}"
+            f"{manifest.file}: no usable image in split(s) {', '.join(empty)}; every split needs images{kept}{detail}"
         )
 
     fixed = MODALITY_CHANNELS[modality] or channels
@@ -213,11 +268,17 @@ def load_site_data(
             torch.from_numpy(np.stack([np.broadcast_to(i, (want, *i.shape[1:])) for i in images]))  # fmt: skip
         train = split == "train"
         transform = build_augmentation(steps, channels=want, seed=seed, image_size=image_size) if train else None
-        sets[split] = ImageSet(x, torch.tensor(labels, dtype=torch.int64), transform)
+        dtype = torch.float32 if manifest.multilabel else torch.int64  # multi-label: (N, K) targets, NaN unknown
+        sets[split] = ImageSet(x, torch.tensor(labels, dtype=dtype), transform)
     return SiteData(
         train=sets["train"], val=sets["val"], test=sets["test"],
         classes=manifest.classes, modality=modality, failures=failures, augmentation=steps,
+        dropped_views=dict(dropped),
     )  # fmt: skip
+
+
+def _view_counts(dropped: Counter) -> str:
+    return ", ".join(f"{view} {n}" for view, n in sorted(dropped.items()))
 
 
 def _failure_summary(manifest: Manifest, failures: list[LoadFailure], total: int, limit: float) -> str:

@@ -19,6 +19,21 @@ Chest X-ray (:class:`LoadCXR`) follows the DICOM grayscale pipeline
 4. Before any of that is used, the de-identification check (:mod:`.deid`) refuses files with
    identifying attributes unless the site allows them.
 
+Before a pixel is decoded, :class:`LoadCXR` reads the header alone and refuses what a chest X-ray dataset must
+not take: a (0008,0060) *Modality* other than ``CR`` or ``DX`` (CT, MR, US … are named in the reason), and a
+(0008,0068) *Presentation Intent Type* of ``FOR PROCESSING`` (raw detector data; only ``FOR PRESENTATION``
+images are read). It records the view (:func:`view_of`): PA, AP, LATERAL or LL from (0018,5101) *View
+Position*, else from (0018,1030) *Protocol Name*, (0008,103E) *Series Description* and (0018,0015) *Body
+Part Examined* when they name exactly one view, else ``UNKNOWN``. :meth:`LoadCXR.read` returns it with the
+pixels (:class:`ImageRecord`), so a job can keep only some views.
+
+Every transfer syntax a PACS exports for CR/DX decodes through pydicom's pixel decoders: uncompressed (Implicit
+and Explicit VR Little Endian, Explicit VR Big Endian), Deflated, RLE Lossless (pydicom itself, or
+``pylibjpeg-rle``), JPEG Baseline and Extended, JPEG Lossless (Process 14 and its Selection Value 1),
+JPEG-LS lossless and near-lossless (``pylibjpeg-libjpeg``), JPEG 2000 reversible and irreversible and
+HTJ2K (``pylibjpeg-openjpeg``). When a file's transfer syntax has no installed decoder, the file is refused
+with one line naming the syntax and the packages to install (:func:`check_decoder`), before decoding.
+
 Generic images (:class:`LoadImageFile`, modality ``image``) and pathology patches (:class:`LoadPatch`, always
 RGB) read PNG/TIFF/JPEG with MONAI's ``PILReader`` (``reverse_indexing=False`` so rows stay rows) and scale
 8-bit files by 255, 16-bit grayscale by 65535.
@@ -32,22 +47,51 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom import uid as dicom_uid
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
 
+from medsilo.config.job import UNKNOWN_VIEW
 from medsilo.errors import DataError
 from medsilo.medical.data.deid import identifying_in_json_meta
 
+MISSING = "missing file"
+NOT_AN_IMAGE = "not an image"
+CODEC_MISSING = "codec missing"
+UNSUPPORTED = "unsupported image"
+WRONG_MODALITY = "wrong modality"
+IDENTIFYING = "identifying"
+TOO_LARGE = "too large"
+PROBLEM_KINDS: tuple[str, ...] = (MISSING, NOT_AN_IMAGE, CODEC_MISSING, UNSUPPORTED, WRONG_MODALITY, IDENTIFYING,
+                                  TOO_LARGE)  # fmt: skip
+"""Why a file cannot be used, by kind (:attr:`UnreadableImage.kind`), in the order ``medsilo data check`` lists
+them: the manifest names no file there; not DICOM / not an image / damaged; its transfer syntax has no installed
+decoder; an image the pipeline does not take (colour chest X-ray, several frames, float pixels, a malformed VOI
+LUT, an encoding with no decoder at all); not a chest X-ray (modality, *for processing*); identifying DICOM
+attributes filled in; more pixels than the modality's limit."""
+
 
 class UnreadableImage(DataError):
-    """One image that cannot be used; ``reason`` is short and never contains patient data."""
+    """One image that cannot be used; ``reason`` is short and never contains patient data.
 
-    def __init__(self, path: str | Path, reason: str):
+    Args:
+        path: the file.
+        reason: why, with what to do where the site can act.
+        kind: one of :data:`PROBLEM_KINDS`, what ``medsilo data check`` groups by.
+    """
+
+    def __init__(self, path: str | Path, reason: str, kind: str = NOT_AN_IMAGE):
         self.path = str(path)
         self.reason = reason
+        self.kind = kind
         super().__init__(f"{path}: {reason}")
 
 
@@ -60,7 +104,24 @@ class IdentifyingImage(UnreadableImage):
             path,
             f"identifying DICOM attributes are filled in ({', '.join(keywords)}); de-identify the file "
             "or set data.allow_identifiable_dicom: true in the site config",
+            IDENTIFYING,
         )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image as a reader returns it from ``read``.
+
+    Attributes:
+        pixels: ``(C, H, W)`` float32 in [0, 1].
+        view: chest X-ray only: ``PA``, ``AP``, ``LATERAL``, ``LL`` or ``UNKNOWN`` (:func:`view_of`); ``None`` for
+            other modalities.
+        modality: chest X-ray only: the file's (0008,0060) *Modality*, ``CR`` or ``DX``.
+    """
+
+    pixels: np.ndarray
+    view: str | None = None
+    modality: str | None = None
 
 
 @contextlib.contextmanager
@@ -149,18 +210,189 @@ def _check_declared_size(path: Path, rows: int, columns: int, limit: int, what: 
     if rows * columns * frames > limit:
         shape = f"{rows}×{columns} pixels" if frames == 1 else f"{frames} frames of {rows}×{columns} pixels"
         raise UnreadableImage(path, f"declares {shape}, more than the {limit // 2**20}-megapixel limit "
-                                    f"for {what}")  # fmt: skip
+                                    f"for {what}", TOO_LARGE)  # fmt: skip
+
+
+_CODEC_PACKAGES: dict[str, str] = {
+    **dict.fromkeys((dicom_uid.JPEGBaseline8Bit, dicom_uid.JPEGExtended12Bit, dicom_uid.JPEGLossless,
+                     dicom_uid.JPEGLosslessSV1, dicom_uid.JPEGLSLossless, dicom_uid.JPEGLSNearLossless),
+                    "pylibjpeg pylibjpeg-libjpeg"),
+    **dict.fromkeys((dicom_uid.JPEG2000Lossless, dicom_uid.JPEG2000, dicom_uid.HTJ2KLossless,
+                     dicom_uid.HTJ2KLosslessRPCL, dicom_uid.HTJ2K), "pylibjpeg pylibjpeg-openjpeg"),
+    dicom_uid.RLELossless: "pylibjpeg pylibjpeg-rle",
+}  # fmt: skip
+"""The registry packages whose pydicom plugin decodes each compressed transfer syntax (all medsilo dependencies)."""
+
+
+def check_decoder(path: str | Path, transfer_syntax: str) -> None:
+    """Refuse a file whose transfer syntax no installed pydicom pixel decoder handles, before decoding it.
+
+    Args:
+        path: the file, for the message.
+        transfer_syntax: its (0002,0010) *Transfer Syntax UID*.
+
+    Raises:
+        UnreadableImage: kind :data:`CODEC_MISSING` (the syntax by name and the packages to install) when the
+            decoder's plugins are missing; :data:`UNSUPPORTED` when pydicom has no decoder for it at all
+            (video, or an unknown UID).
+    """
+    ts = dicom_uid.UID(transfer_syntax)
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise UnreadableImage(path, f"transfer syntax '{ts.name}' has no image decoder (video or an unknown "
+                                    "encoding); export the image uncompressed or in a lossless image transfer "
+                                    "syntax", UNSUPPORTED) from None  # fmt: skip
+    if not decoder.is_available:
+        packages = _CODEC_PACKAGES.get(ts, "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle")
+        raise UnreadableImage(path, f"no decoder installed for transfer syntax '{ts.name}'; install it with "
+                                    f"'pip install {packages}' (medsilo's own install brings them)",
+                              CODEC_MISSING)  # fmt: skip
+
+
+CXR_MODALITIES: tuple[str, ...] = ("CR", "DX")
+"""(0008,0060) *Modality* values a chest X-ray dataset takes: computed and digital radiography."""
+
+_MODALITY_NAMES: dict[str, str] = {
+    "CT": "computed tomography", "MR": "magnetic resonance", "US": "ultrasound", "NM": "nuclear medicine",
+    "PT": "PET", "MG": "mammography", "XA": "X-ray angiography", "RF": "fluoroscopy", "IO": "intra-oral X-ray",
+    "PX": "panoramic X-ray", "OT": "other", "SC": "secondary capture", "SEG": "segmentation", "SM": "slide microscopy",
+    "XC": "photograph", "ES": "endoscopy", "OP": "ophthalmic photograph", "RTDOSE": "radiotherapy dose",
+}  # fmt: skip
+
+_FOR_PROCESSING_CLASSES: frozenset[str] = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image Storage - For Processing
+})  # fmt: skip
+
+_VIEW_POSITION_WORDS: dict[str, str] = {
+    "PA": "PA", "POSTEROANTERIOR": "PA", "AP": "AP", "ANTEROPOSTERIOR": "AP",
+    "LL": "LL", "RL": "LATERAL", "LATERAL": "LATERAL", "LAT": "LATERAL",
+}  # fmt: skip
+"""Words of (0018,5101) *View Position* (DICOM defined terms AP, PA, LL, RL; MIMIC-CXR also writes LATERAL)."""
+_TEXT_WORDS: dict[str, str] = {k: v for k, v in _VIEW_POSITION_WORDS.items() if k not in ("LL", "RL")}
+"""Words that name a view in free text; ``LL``/``RL`` are left out there (also "left/right lung", "lower lobe")."""
+
+
+def _views_in(text: str, words: dict[str, str]) -> set[str]:
+    return {words[w] for w in re.findall(r"[A-Z]+", text.upper()) if w in words}
+
+
+def view_of(view_position: str = "", *texts: str) -> str:
+    """The view of a chest X-ray from its header text.
+
+    (0018,5101) *View Position* decides when it names exactly one view (``PA``, ``AP``, ``LL``; ``RL``,
+    ``LATERAL`` and ``LAT`` give ``LATERAL``); otherwise the free ``texts`` — (0018,1030) *Protocol Name*,
+    (0008,103E) *Series Description*, (0018,0015) *Body Part Examined* — when together they name exactly one
+    (``CHEST PA`` → ``PA``; ``CHEST PA AND LAT`` names two → ``UNKNOWN``).
+
+    Returns:
+        One of :data:`medsilo.config.job.CXR_VIEWS`: ``PA``, ``AP``, ``LATERAL``, ``LL`` or ``UNKNOWN``.
+    """
+    by_position = _views_in(view_position, _VIEW_POSITION_WORDS)
+    by_text = set().union(*(_views_in(t, _TEXT_WORDS) for t in texts))
+    for found in (by_position, by_text):
+        if len(found) == 1:
+            return found.pop()
+    return UNKNOWN_VIEW
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """What a DICOM file's header (read without its pixels) tells the chest X-ray reader.
+
+    Attributes:
+        rows, columns, frames: the declared image size.
+        transfer_syntax: (0002,0010) UID, ``""`` when the file has no file meta.
+        modality: (0008,0060), upper case, ``""`` when empty.
+        presentation_intent: (0008,0068) *Presentation Intent Type*, upper case.
+        sop_class: (0008,0016) *SOP Class UID*.
+        view: :func:`view_of` the header's view text.
+    """
+
+    rows: int
+    columns: int
+    frames: int
+    transfer_syntax: str
+    modality: str
+    presentation_intent: str
+    sop_class: str
+    view: str
+
+
+_HEADER_TAGS = ["Rows", "Columns", "NumberOfFrames", "Modality", "PresentationIntentType", "SOPClassUID", "ViewPosition",
+                "ProtocolName", "SeriesDescription", "BodyPartExamined"]  # fmt: skip
+
+
+def _text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = " ".join(str(v) for v in value)
+    return str(value or "").strip().upper()
+
+
+def read_dicom_header(path: str | Path) -> DicomHeader:
+    """Read a DICOM file's header, not its pixels, and refuse a size over :data:`CXR_MAX_PIXELS`.
+
+    Raises:
+        UnreadableImage: not DICOM or damaged (:data:`NOT_AN_IMAGE`); too many pixels (:data:`TOO_LARGE`).
+    """
+    try:
+        head = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        rows, cols = int(head.get("Rows", 0) or 0), int(head.get("Columns", 0) or 0)
+        frames = int(head.get("NumberOfFrames", 1) or 1)
+        meta = getattr(head, "file_meta", None)
+        header = DicomHeader(
+            rows=rows, columns=cols, frames=frames,
+            transfer_syntax=str(meta.get("TransferSyntaxUID", "") if meta is not None else ""),
+            modality=_text(head, "Modality"), presentation_intent=_text(head, "PresentationIntentType"),
+            sop_class=str(head.get("SOPClassUID", "")),
+            view=view_of(_text(head, "ViewPosition"), _text(head, "ProtocolName"), _text(head, "SeriesDescription"),
+                         _text(head, "BodyPartExamined")),
+        )  # fmt: skip
+    except InvalidDicomError as exc:
+        raise UnreadableImage(path, f"not a readable DICOM image (not DICOM: {_short(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - an unparsable header makes this one file unreadable
+        raise UnreadableImage(path, f"not a readable DICOM image ({_short(exc)})") from None
+    _check_declared_size(Path(path), rows, cols, CXR_MAX_PIXELS, "chest X-rays", frames)
+    return header
+
+
+def check_chest_xray(path: str | Path, header: DicomHeader) -> None:
+    """Refuse a file that is not a chest X-ray image for presentation.
+
+    Raises:
+        UnreadableImage: kind :data:`WRONG_MODALITY`: *Modality* not CR or DX (named), or the image is *for
+            processing* ((0008,0068) *Presentation Intent Type*, or a *For Processing* SOP class).
+    """
+    if header.presentation_intent == "FOR PROCESSING" or header.sop_class in _FOR_PROCESSING_CLASSES:
+        raise UnreadableImage(path, "PresentationIntentType is 'FOR PROCESSING' (raw detector data, not meant for "
+                                    "viewing); export the FOR PRESENTATION image instead", WRONG_MODALITY)  # fmt: skip
+    if header.modality not in CXR_MODALITIES:
+        if not header.modality:
+            what = "Modality (0008,0060) is empty"
+        else:
+            name = _MODALITY_NAMES.get(header.modality)
+            what = f"Modality is '{header.modality}'" + (f" ({name})" if name else "")
+        raise UnreadableImage(path, f"{what}, not a chest X-ray; chest X-ray datasets take CR and DX images only",
+                              WRONG_MODALITY)  # fmt: skip
 
 
 class LoadCXR:
     """Load one chest X-ray DICOM as ``(1, H, W)`` float32 in [0, 1], MONOCHROME2.
 
+    :meth:`read` also returns the image's view and modality (:class:`ImageRecord`); calling the reader returns
+    the pixels alone.
+
     Args:
         allow_identifiable: accept files whose identifying attributes are filled in.
 
-    Raises (from ``__call__``):
+    Raises (from ``read`` and ``__call__``):
         IdentifyingImage: identifying attributes present and not allowed.
-        UnreadableImage: not DICOM, no pixel data, not a single-channel grayscale image, bad VOI.
+        UnreadableImage: missing, not DICOM, too large, not CR/DX or *for processing*, no decoder installed for
+            its transfer syntax, no pixel data, not a single-frame grayscale image, bad VOI; ``kind`` says which
+            (:data:`PROBLEM_KINDS`).
     """
 
     def __init__(self, allow_identifiable: bool = False):
@@ -172,23 +404,54 @@ class LoadCXR:
             self._load = LoadImage(image_only=False, dtype=np.float32)
         self._reader = PydicomReader(swap_ij=False, prune_metadata=False)
 
-    @staticmethod
-    def _check_size(path: Path) -> None:
-        import pydicom
-
-        try:
-            head = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"])
-            rows, cols = int(head.get("Rows", 0) or 0), int(head.get("Columns", 0) or 0)
-            frames = int(head.get("NumberOfFrames", 1) or 1)
-        except Exception as exc:  # noqa: BLE001 - an unparsable header makes this one file unreadable
-            raise UnreadableImage(path, f"not a readable DICOM image ({_short(exc)})") from None
-        _check_declared_size(path, rows, cols, CXR_MAX_PIXELS, "chest X-rays", frames)
-
     def __call__(self, path: str | Path) -> np.ndarray:
+        return self.read(path).pixels
+
+    def read(self, path: str | Path) -> ImageRecord:
+        """Check the header, decode, check de-identification, apply the VOI transform; see the class."""
         path = Path(path)
         if not path.is_file():
-            raise UnreadableImage(path, "file not found")
-        self._check_size(path)
+            raise UnreadableImage(path, "file not found", MISSING)
+        header = read_dicom_header(path)
+        check_chest_xray(path, header)
+        x, meta = self._decode(path, header)
+        if not self.allow_identifiable:
+            found = identifying_in_json_meta(meta)
+            if found:
+                raise IdentifyingImage(path, found)
+        photometric = _first_str(meta, "00280004")
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise UnreadableImage(path, f"PhotometricInterpretation is '{photometric}', expected MONOCHROME1/2",
+                                  UNSUPPORTED)  # fmt: skip
+        if x.ndim == 3 and x.shape[-1] == 1:
+            x = x[..., 0]
+        if x.ndim != 2:
+            raise UnreadableImage(path, f"expected one 2-D frame, got pixel array of shape {tuple(x.shape)}",
+                                  UNSUPPORTED)  # fmt: skip
+        y = self._voi(x, meta, path)
+        if photometric == "MONOCHROME1":
+            y = 1.0 - y
+        return ImageRecord(y[None], view=header.view, modality=header.modality)
+
+    def decode(self, path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+        """Decode a DICOM file's pixels exactly as :meth:`read` does, without the chest X-ray checks.
+
+        The size and decoder checks apply; modality, de-identification, photometric and VOI do not. Codec tests
+        use it on DICOM files of any modality.
+
+        Returns:
+            Modality values (the stored pixels after (0028,1053) *Rescale Slope* and (0028,1052) *Rescale
+            Intercept*) as float32 — ``(Rows, Columns)`` for one grayscale frame, MONAI's layout otherwise — and
+            the header as MONAI's JSON-style metadata.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise UnreadableImage(path, "file not found", MISSING)
+        return self._decode(path, read_dicom_header(path))
+
+    def _decode(self, path: Path, header: DicomHeader) -> tuple[np.ndarray, dict[str, Any]]:
+        if header.transfer_syntax:
+            check_decoder(path, header.transfer_syntax)
         try:
             with warnings.catch_warnings():
                 # CR has no ImageOrientation/Position, so MONAI warns about the affine on every file
@@ -196,23 +459,7 @@ class LoadCXR:
                 image, meta = self._load(path, reader=self._reader)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes this one file unreadable
             raise UnreadableImage(path, f"not a readable DICOM image ({_short(exc)})") from None
-
-        if not self.allow_identifiable:
-            found = identifying_in_json_meta(meta)
-            if found:
-                raise IdentifyingImage(path, found)
-        photometric = _first_str(meta, "00280004")
-        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-            raise UnreadableImage(path, f"PhotometricInterpretation is '{photometric}', expected MONOCHROME1/2")
-        x = np.asarray(image, dtype=np.float32)
-        if x.ndim == 3 and x.shape[-1] == 1:
-            x = x[..., 0]
-        if x.ndim != 2:
-            raise UnreadableImage(path, f"expected one 2-D frame, got pixel array of shape {tuple(x.shape)}")
-        y = self._voi(x, meta, path)
-        if photometric == "MONOCHROME1":
-            y = 1.0 - y
-        return y[None]
+        return np.asarray(image, dtype=np.float32), meta
 
     @staticmethod
     def _voi(x: np.ndarray, meta: dict[str, Any], path: Path) -> np.ndarray:
@@ -226,7 +473,7 @@ class LoadCXR:
                 lut = np.asarray(apply_voi(x, ds), dtype=np.float32)
                 bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
             except Exception as exc:  # noqa: BLE001 - a malformed LUT makes this file unusable
-                raise UnreadableImage(path, f"VOI LUT Sequence cannot be applied ({_short(exc)})") from None
+                raise UnreadableImage(path, f"VOI LUT Sequence cannot be applied ({_short(exc)})", UNSUPPORTED) from None
             return np.clip(lut / float(2**bits - 1), 0, 1).astype(np.float32)
 
         center, width = _first_float(meta, "00281050"), _first_float(meta, "00281051")
@@ -291,20 +538,24 @@ class LoadImageFile:
         except Image.DecompressionBombError as exc:  # over twice Pillow's limit: it refuses to open at all
             limit = self.max_pixels // 2**20
             raise UnreadableImage(path, f"declares more pixels than Pillow opens ({_short(exc)}); {self.what} "
-                                        f"may have {limit} megapixels at most") from None  # fmt: skip
+                                        f"may have {limit} megapixels at most", TOO_LARGE) from None  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - an unparsable header makes this one file unreadable
             raise UnreadableImage(path, f"not a readable image ({_short(exc)})") from None
         _check_declared_size(path, height, width, self.max_pixels, self.what)
         if mode == "F":
-            raise UnreadableImage(path, "floating-point pixels (Pillow mode F); export 8- or 16-bit images")
+            raise UnreadableImage(path, "floating-point pixels (Pillow mode F); export 8- or 16-bit images", UNSUPPORTED)
         return mode
+
+    def read(self, path: str | Path) -> ImageRecord:
+        """The pixels as an :class:`ImageRecord` (no view: only chest X-rays have one)."""
+        return ImageRecord(self(path))
 
     def __call__(self, path: str | Path) -> np.ndarray:
         from monai.data import PILReader
 
         path = Path(path)
         if not path.is_file():
-            raise UnreadableImage(path, "file not found")
+            raise UnreadableImage(path, "file not found", MISSING)
         mode = self._mode(path)
         gray = mode in _GRAY_16 or mode in _GRAY_8
         if gray and mode in _GRAY_16:
@@ -322,7 +573,8 @@ class LoadImageFile:
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[0] not in (1, 3):
-            raise UnreadableImage(path, f"expected a grayscale or RGB image, got array of shape {tuple(x.shape)}")
+            raise UnreadableImage(path, f"expected a grayscale or RGB image, got array of shape {tuple(x.shape)}",
+                                  UNSUPPORTED)  # fmt: skip
         x = np.clip(x / scale, 0.0, 1.0)
         if self.channels == 3 and x.shape[0] == 1:
             x = np.repeat(x, 3, axis=0)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from monai.transforms import RandomizableTransform
 
+from medsilo.config.augment import RGB_ONLY
 from medsilo.errors import DataError
 from medsilo.medical.synth.pathology import E_VECTOR, H_VECTOR
 
@@ -137,8 +138,6 @@ def build_augmentation(
         DataError: an RGB-only transform (H&E jitter) for images with one channel.
     """
     from monai.transforms import Compose
-
-    from medsilo.config.augment import RGB_ONLY
 
     if not steps:
         return None

@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
 def _site(args: argparse.Namespace):
     """(site name, dataset ref, privacy policy, data policy, workspace) from its config or ``sites.yml``."""
     from medsilo.config.site import load_site_config, load_sites_file
+    from medsilo.medical.data.pacs import local_dataset
     from medsilo.secure.keys import LEDGER_DIR_ENV, ensure_simulation_pki
 
     if args.sites:
@@ -100,7 +101,8 @@ def _site(args: argparse.Namespace):
     name = args.dataset or (names[0] if len(names) == 1 else None)
     if name is None or name not in config.datasets:
         raise MedsiloError(f"site {config.site}: choose --dataset from {', '.join(names)}")
-    return config.site, config.datasets[name], config.privacy, config.data, workspace
+    ref = local_dataset(config.datasets[name], progress=not args.no_progress)  # PACS: its cache's manifest
+    return config.site, ref, config.privacy, config.data, workspace
 
 
 def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspace: Path, config, out: Path, *,

@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="preflight: config, data, de-identification, HE context, ledger, budget, versions",
         description=(
             "Check one site's startup kit: NVFlare startup files and their signatures, local/medsilo_site.yml, every "
-            "dataset (counts per class and split, unreadable files), DICOM de-identification, the CKKS context, the "
+            "dataset (counts per class and split, unreadable files, read as 'medsilo data check' reads them; run that "
+            "on a manifest for every file's reason), DICOM de-identification, the CKKS context, the "
             "privacy ledger's chain and signatures, the DP budget left, package versions. Prints a table; exit 1 "
             "when any check fails."
         ),

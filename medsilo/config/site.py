@@ -9,6 +9,11 @@ Example ``local/medsilo_site.yml``::
     site: hospital-1
     datasets:
       cxr: {manifest: /data/cxr/manifest.csv, modality: cxr}
+      slides: {manifest: /data/wsi/slides.csv, modality: pathology, slides: {mpp: 0.5, patch_size: 224}}
+      pacs-cxr:                                # pulled from the research PACS (medsilo.medical.data.pacs)
+        modality: cxr
+        pacs: {url: https://pacs.example.org/dicom-web, labels: /data/cxr/pacs_labels.csv,
+               username: medsilo, password_env: MEDSILO_PACS_PASSWORD, max_cache_mb: 20000}
     privacy:
       allowed_algorithms: [fedavg, fedproto]   # omit to allow every algorithm
       required_mode: ckks                      # the least protection this site accepts
@@ -20,35 +25,164 @@ Example ``local/medsilo_site.yml``::
       allow_paths_outside_manifest: false
     compute: {threads: 2, device: cpu}
 
-Relative manifest paths resolve against the folder of the file that names them.
+Relative manifest paths resolve against the folder of the file that names them (so do a PACS dataset's
+``labels``, ``password_file`` and ``cache``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from medsilo.config.common import SITE_NAME_PATTERN, Modality, PrivacyMode, Strict, resolve_path
 from medsilo.config.loading import load_yaml
 
 SiteName = Annotated[str, StringConstraints(pattern=SITE_NAME_PATTERN)]
 DatasetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+def _resolve_optional(value: Path | None, info: ValidationInfo) -> Path | None:
+    return None if value is None else resolve_path(value, info)
+
+
+class PacsSource(Strict):
+    """A DICOMweb endpoint (the hospital's research PACS) and the label CSV that picks its instances
+    (:mod:`medsilo.medical.data.pacs` pulls them into the site's cache and reads them like files).
+
+    Credentials come from this site's own config or environment, never from a job: ``username`` plus the
+    *name* of an environment variable (``password_env``) or a file readable only by the site's user
+    (``password_file``, mode 0600) holding the password. The password itself is never written here.
+
+    Attributes:
+        url: the DICOMweb root, ``http(s)://host[:port]/path`` (QIDO-RS and WADO-RS below it); no user or
+            password inside the URL.
+        labels: label CSV ``study_uid[,series_uid][,sop_uid],label[,patient_id,split]``: one row per instance,
+            or per series / study when ``sop_uid`` (and ``series_uid``) are blank; every other column is a
+            manifest column, passed through (see :mod:`medsilo.medical.data.pacs`).
+        username: HTTP basic-auth user; omit it (and the password) for a PACS that asks for none.
+        password_env: name of the environment variable holding the password.
+        password_file: file holding the password (its first line), readable by its owner only.
+        cache: folder of the pulled instances, default ``data_cache`` beside this config file (a kit's
+            ``local/data_cache``); each dataset uses ``<cache>/<site>/<dataset>/``.
+        max_cache_mb: the most the dataset's cache may hold, in MB (10⁶ bytes); a pull past it stops with
+            an error (default 51200).
+        timeout_s: seconds to wait for the PACS to connect or answer (default 30).
+    """
+
+    url: str = Field(pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")  # http(s)://host[:port][/path]
+    labels: Path
+    username: str | None = Field(default=None, min_length=1)
+    password_env: EnvName | None = None
+    password_file: Path | None = None
+    cache: Path = Field(default=Path("data_cache"), validate_default=True)
+    max_cache_mb: float = Field(default=51200, gt=0)
+    timeout_s: float = Field(default=30, gt=0)
+
+    _resolve = field_validator("labels", "cache")(resolve_path)
+    _resolve_file = field_validator("password_file")(_resolve_optional)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_password(cls, data: object) -> object:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError("password: never write the password in the config; put it in an environment variable "
+                             "named by password_env, or in a file readable only by the site user named by password_file")  # fmt: skip
+        if isinstance(data, dict) and "@" in urlsplit(str(data.get("url", ""))).netloc:
+            # checked before the field, whose error would repeat the value (and the password in it)
+            raise ValueError("url: holds a user or password (user:password@host); write the URL without them and "
+                             "use username with password_env or password_file")  # fmt: skip
+        return data
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> PacsSource:
+        if self.password_env is not None and self.password_file is not None:
+            raise ValueError("give password_env or password_file, not both")
+        if self.username is not None and self.password_env is None and self.password_file is None:
+            raise ValueError("username is set but no password: name password_env or password_file")
+        if self.username is None and (self.password_env is not None or self.password_file is not None):
+            raise ValueError("a password needs a username: set username")
+        return self
+
+
+class SlideTiling(Strict):
+    """How this site cuts whole-slide images into patches (:mod:`medsilo.medical.data.slides`).
+
+    A site's settings, not a job's: the magnification, patch size, bound and seed fix which patches a slide
+    yields, and the tiles are cached under those settings.
+
+    Attributes:
+        patch_size: side of a patch in pixels, at the target magnification (8–4096, default 224).
+        mpp: target resolution in microns per pixel (default 0.5, about 20×). Give ``mpp`` or
+            ``magnification``, not both.
+        magnification: target objective power (e.g. 20 for 20×), instead of ``mpp``.
+        slide_mpp: level-0 microns per pixel of slides that lack the ``openslide.mpp-x`` property; slides
+            that have it keep their own.
+        slide_magnification: objective power of slides that lack ``openslide.objective-power``.
+        max_patches: the most patches one manifest row (a whole slide, or one listed region) yields (≥ 1).
+        min_tissue: share of a patch the tissue mask must cover for it to be kept (0 < f ≤ 1).
+        seed: seeds which patches are picked when a slide has more than ``max_patches``.
+        cache: folder of the tile cache; default ``.medsilo-tiles/`` beside the slide manifest.
+    """
+
+    patch_size: int = Field(default=224, ge=8, le=4096)
+    mpp: float | None = Field(default=None, gt=0)
+    magnification: float | None = Field(default=None, gt=0)
+    slide_mpp: float | None = Field(default=None, gt=0)
+    slide_magnification: float | None = Field(default=None, gt=0)
+    max_patches: int = Field(default=64, ge=1)
+    min_tissue: float = Field(default=0.5, gt=0, le=1)
+    seed: int = 0
+    cache: Path | None = None
+
+    _resolve = field_validator("cache")(_resolve_optional)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SlideTiling:
+        if self.mpp is not None and self.magnification is not None:
+            raise ValueError("give mpp or magnification, not both")
+        return self
+
+
+def _check_source(manifest: Path | None, pacs: PacsSource | None, modality: str) -> None:
+    """A dataset comes from a manifest or from a PACS, and a PACS holds DICOM (chest X-ray) only."""
+    if (manifest is None) == (pacs is None):
+        raise ValueError("give manifest (a CSV of files) or pacs (a DICOMweb endpoint), exactly one")
+    if pacs is not None and modality != "cxr":
+        raise ValueError(f"pacs: a PACS dataset holds DICOM chest X-rays (modality 'cxr'), not '{modality}'")
 
 
 class DatasetRef(Strict):
     """Where one named dataset lives at this site.
 
     Attributes:
-        manifest: CSV ``path,label[,patient_id,split]`` (see :mod:`medsilo.config.manifest`).
+        manifest: CSV ``path,label[,patient_id,split]`` (see :mod:`medsilo.config.manifest`), or a whole-slide
+            manifest ``slide,label[,patient_id,split,x,y,w,h]`` (see :mod:`medsilo.medical.data.slides`).
         modality: ``cxr`` or ``pathology``; a job for the other modality is refused.
+        slides: how whole slides are tiled (pathology only); defaults apply when a slide manifest has none.
+        pacs: instead of ``manifest``: a DICOMweb endpoint and a label CSV (chest X-ray only).
     """
 
-    manifest: Path
+    manifest: Path | None = None
     modality: Modality
+    slides: SlideTiling | None = None
+    pacs: PacsSource | None = None
 
-    _resolve = field_validator("manifest")(resolve_path)
+    _resolve = field_validator("manifest")(_resolve_optional)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetRef:
+        _check_source(self.manifest, self.pacs, self.modality)
+        return self
+
+    @model_validator(mode="after")
+    def _slides_are_pathology(self) -> DatasetRef:
+        if self.slides is not None and self.modality != "pathology":
+            raise ValueError(f"slides: whole-slide tiling is for modality 'pathology', not '{self.modality}'")
+        return self
 
 
 class Budget(Strict):
@@ -149,12 +283,19 @@ class SitesEntry(Strict):
     """
 
     dataset: DatasetName
-    manifest: Path
+    manifest: Path | None = None
     modality: Modality
+    slides: SlideTiling | None = None
+    pacs: PacsSource | None = None
     privacy: PrivacyPolicy | None = None
     data: DataPolicy | None = None
 
-    _resolve = field_validator("manifest")(resolve_path)
+    _resolve = field_validator("manifest")(_resolve_optional)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SitesEntry:
+        _check_source(self.manifest, self.pacs, self.modality)
+        return self
 
 
 class SitesFile(Strict):
@@ -174,7 +315,11 @@ class SitesFile(Strict):
         return {
             name: SiteConfig(
                 site=name,
-                datasets={e.dataset: DatasetRef(manifest=e.manifest, modality=e.modality)},
+                datasets={
+                    e.dataset: DatasetRef(
+                        manifest=e.manifest, modality=e.modality, slides=e.slides, pacs=e.pacs
+                    )
+                },
                 **({"privacy": e.privacy} if e.privacy is not None else {}),
                 **({"data": e.data} if e.data is not None else {}),
             )

@@ -133,7 +133,7 @@ def test_site_config_resolves_relative_manifest_and_defaults(tmp_path):
         ({"site": "hospital 1"}, r"site: string should match pattern"),
         ({"datasets": {}}, r"datasets: dictionary should have at least 1 item"),
         ({"datasets": {"cxr": {"manifst": "m.csv", "modality": "cxr"}}},
-         r"datasets\.cxr\.manifst: unknown field; did you mean 'manifest'\? \(allowed: manifest, modality\)"),
+         r"datasets\.cxr\.manifst: unknown field; did you mean 'manifest'\? \(allowed: manifest, modality, slides, pacs\)"),
         ({"privacy": {"budget": {"epsilon": 0, "delta": 1e-5}}}, r"privacy\.budget\.epsilon: must be greater than 0, got 0"),
         ({"privacy": {"budget": {"epsilon": 1, "delta": 1.5}}}, r"privacy\.budget\.delta: must be less than 1, got 1\.5"),
         ({"privacy": {"min_contributors": 0}}, r"privacy\.min_contributors: must be greater than or equal to 1, got 0"),

@@ -7,12 +7,16 @@ import pytest
 from PIL import Image
 
 from medsilo.medical.data.readers import (
+    MISSING,
+    NOT_AN_IMAGE,
+    WRONG_MODALITY,
     IdentifyingImage,
     LoadCXR,
     LoadImageFile,
     LoadPatch,
     UnreadableImage,
     apply_window,
+    view_of,
 )
 from tests.helpers import write_dicom
 
@@ -201,3 +205,98 @@ def test_generic_reader_refuses_float_pixels_and_missing_files(tmp_path):
         LoadImageFile()(path)
     with pytest.raises(UnreadableImage, match="file not found"):
         LoadImageFile()(tmp_path / "none.png")
+
+
+# ---- right images only: modality, presentation intent, view -----------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "modality"), [("CT_small.dcm", "CT"), ("MR_small.dcm", "MR"), ("US1_UNCR.dcm", "US")])
+def test_other_modalities_are_refused_naming_the_modality(name, modality):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)  # real CT, MR and ultrasound files
+    with pytest.raises(UnreadableImage, match=rf"Modality is '{modality}' \(.+\), not a chest X-ray; chest X-ray "
+                                              r"datasets take CR and DX images only") as info:  # fmt: skip
+        LoadCXR(allow_identifiable=True).read(path)
+    assert info.value.kind == WRONG_MODALITY and info.value.path == str(path)
+
+
+def test_a_file_without_modality_is_refused(tmp_path):
+    path = write_dicom(tmp_path / "x.dcm", _ramp(), Modality="")
+    with pytest.raises(UnreadableImage, match=r"Modality \(0008,0060\) is empty"):
+        LoadCXR()(path)
+
+
+def test_dx_for_presentation_is_read_and_for_processing_refused(tmp_path):
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing
+
+    shown = write_dicom(tmp_path / "p.dcm", _ramp(), Modality="DX", PresentationIntentType="FOR PRESENTATION",
+                        SOPClassUID=DigitalXRayImageStorageForPresentation, ViewPosition="LL")  # fmt: skip
+    record = LoadCXR().read(shown)
+    assert (record.modality, record.view, record.pixels.shape) == ("DX", "LL", (1, 6, 10))
+    raw = write_dicom(tmp_path / "raw.dcm", _ramp(), Modality="DX", PresentationIntentType="FOR PROCESSING",
+                      SOPClassUID=DigitalXRayImageStorageForProcessing)  # fmt: skip
+    untagged = write_dicom(tmp_path / "raw2.dcm", _ramp(), Modality="DX", SOPClassUID=DigitalXRayImageStorageForProcessing)
+    for path in (raw, untagged):  # the intent, or the For Processing SOP class alone
+        with pytest.raises(UnreadableImage, match=r"PresentationIntentType is 'FOR PROCESSING' \(raw detector data, "
+                                                  r"not meant for viewing\); export the FOR PRESENTATION") as info:  # fmt: skip
+            LoadCXR().read(path)
+        assert info.value.kind == WRONG_MODALITY
+
+
+@pytest.mark.parametrize(
+    ("view_position", "texts", "expected"),
+    [
+        ("PA", (), "PA"),
+        ("ap", (), "AP"),
+        ("LL", (), "LL"),
+        ("RL", (), "LATERAL"),
+        ("LATERAL", (), "LATERAL"),
+        ("AP AXIAL", (), "AP"),
+        ("", ("CHEST PA", "", "CHEST"), "PA"),
+        ("", ("", "Thorax lat.", ""), "LATERAL"),
+        ("", ("CHEST PORTABLE AP",), "AP"),
+        ("", ("CHEST PA AND LAT",), "UNKNOWN"),  # names two views
+        ("", ("CHEST LL",), "UNKNOWN"),  # LL in free text may be "left lung" or "lower lobe"
+        ("", ("CHEST", "PAEDIATRIC"), "UNKNOWN"),  # PA only as a whole word
+        ("LAO", ("CHEST PA",), "PA"),  # View Position names none of the views: the protocol decides
+        ("", (), "UNKNOWN"),
+    ],
+)
+def test_view_from_view_position_else_protocol_text(view_position, texts, expected):
+    assert view_of(view_position, *texts) == expected
+
+
+def test_view_is_read_from_the_header(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    assert LoadCXR(allow_identifiable=True).read(get_testdata_file("RG1_UNCR.dcm")).view == "PA"  # real CR, PA
+    by_protocol = write_dicom(tmp_path / "a.dcm", _ramp(), ProtocolName="Chest AP supine")
+    assert LoadCXR().read(by_protocol).view == "AP"
+    assert LoadCXR().read(write_dicom(tmp_path / "b.dcm", _ramp())).view == "UNKNOWN"
+
+
+def test_problem_kinds(tmp_path):
+    with pytest.raises(UnreadableImage) as info:
+        LoadCXR()(tmp_path / "nowhere.dcm")
+    assert info.value.kind == MISSING
+    (tmp_path / "notes.dcm").write_text("not an image")
+    with pytest.raises(UnreadableImage, match=r"not a readable DICOM image \(not DICOM: InvalidDicomError") as info:
+        LoadCXR()(tmp_path / "notes.dcm")
+    assert info.value.kind == NOT_AN_IMAGE
+
+
+def test_synthetic_hospitals_write_cr_and_dx_with_their_view(tmp_path):
+    from dataclasses import replace
+
+    from medsilo.medical.synth.cxr import CXR_SCANNERS, make_scanner, write_cxr_dicom
+
+    assert [s.view for s in CXR_SCANNERS] == ["PA", "PA", "PA", "AP"]  # hospital 4 is the bedside portable
+    assert make_scanner(4, np.random.default_rng(0)).modality == "DX"
+    assert make_scanner(5, np.random.default_rng(0)).modality == "CR"
+    dx = replace(CXR_SCANNERS[3], modality="DX")
+    path = tmp_path / "dx.dcm"
+    write_cxr_dicom(path, np.full((16, 16), 900, np.uint16), dx, patient_pseudonym="P-1", uid_seed="t/1",
+                    study_date="20240101", institution="Synthetic")  # fmt: skip
+    record = LoadCXR().read(path)
+    assert (record.modality, record.view, record.pixels.shape) == ("DX", "AP", (1, 16, 16))
