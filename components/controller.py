@@ -48,6 +48,9 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
+from medsilo.components import checkpoint
+from medsilo.components.algorithms import algorithm_module
+from medsilo.components.results import RunRecorder, TensorBoardLog
 from medsilo.components.wire import (
     TASK_EVALUATE,
     TASK_EXPORT,
@@ -57,9 +60,14 @@ from medsilo.components.wire import (
     job_identity,
     payload_bytes,
 )
+from medsilo.config import JobSpec, augment
 from medsilo.config.job import decode_job, spec_digest
+from medsilo.config.loading import validate
 from medsilo.errors import MedsiloError
 from medsilo.fs import write_atomic
+from medsilo.secure.keys import SERVER, Party
+from medsilo.secure.pipeline import pipeline_module
+from medsilo.secure.pipeline.base import JobTerms, RoundSkipped
 
 RESULTS_FILE, PROGRESS_FILE, FAILURE_FILE = "results.json", "progress.jsonl", "failure.json"
 TENSORBOARD_DIR = "tb"
@@ -101,15 +109,6 @@ class RoundController(ModelController):
         self._pipeline = None
 
     def run(self) -> None:
-        from medsilo.components import checkpoint
-        from medsilo.components.algorithms import algorithm_module
-        from medsilo.components.results import RunRecorder, TensorBoardLog
-        from medsilo.config import JobSpec, augment
-        from medsilo.config.loading import validate
-        from medsilo.secure.keys import SERVER, Party
-        from medsilo.secure.pipeline import pipeline_module
-        from medsilo.secure.pipeline.base import JobTerms
-
         run_dir = Path(os.path.dirname(self.fl_ctx.get_prop(FLContextKey.APP_ROOT)))
         try:
             if self._job_error:
@@ -150,7 +149,8 @@ class RoundController(ModelController):
                 recorder = RunRecorder(job=spec.name, algorithm=spec.algorithm.name,
                                        privacy={"mode": spec.privacy.mode}, sites=sites,
                                        models={s: spec.backbone_for(s) for s in sites}, algorithm_form=server.form,
-                                       refused=refused, job_id=job_id)  # fmt: skip
+                                       refused=refused, job_id=job_id,
+                                       select_on=spec.evaluation.select_on)  # fmt: skip
                 self.info(f"job {spec.name}: {spec.algorithm.name} on {len(sites)} sites for {rounds} rounds")
             board = TensorBoardLog(run_dir / TENSORBOARD_DIR)
             for rnd in range(first, rounds + 1):
@@ -203,8 +203,6 @@ class RoundController(ModelController):
         uploads from the ``announced`` participants (a plaintext update, an encrypted sum, or an update from a
         released aggregate). A round whose aggregate cannot be released (a participant did not answer or
         declined the job) keeps the current payload."""
-        from medsilo.secure.pipeline.base import RoundSkipped
-
         def ask_release(site: str, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             reply = self._ask(TASK_RELEASE, request, rnd, rounds, [site])[site]
             self.info(f"round {rnd}: {site} released the aggregate of {len(request)} signed contributions")
@@ -220,7 +218,8 @@ class RoundController(ModelController):
 
     @staticmethod
     def _best(recorder) -> int | None:
-        """The best round so far (the round :meth:`RunRecorder.selected_round` would report now), or ``None``."""
+        """The best round so far (the round :meth:`RunRecorder.selected_round` would report now: on validation
+        accuracy, or macro-AUROC for a multi-label job), or ``None``."""
         return recorder.selected_round() if recorder.complete_rounds() else None
 
     def _export(self, selected: int, rounds: int, sites: list[str]) -> dict[str, dict[str, Any]]:

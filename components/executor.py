@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -60,8 +61,12 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
+import medsilo
 from medsilo.components import checkpoint
+from medsilo.components.algorithms import algorithm_module
+from medsilo.components.algorithms.base import SiteSetup
 from medsilo.components.export import MODELS_DIR_ENV, Candidates, ExportError, ExportFacts, export_model
+from medsilo.components.training import evaluate_splits
 from medsilo.components.wire import (  # noqa: F401 - RUN_ID_ENV is part of the site's documented environment
     RUN_ID_ENV,
     TASK_EVALUATE,
@@ -72,10 +77,20 @@ from medsilo.components.wire import (  # noqa: F401 - RUN_ID_ENV is part of the 
     job_identity,
     payload_bytes,
 )
+from medsilo.config import JobSpec, augment, load_site_config, load_sites_file, read_manifest
 from medsilo.config.job import decode_job, spec_digest
-from medsilo.errors import MedsiloError
+from medsilo.config.loading import validate
+from medsilo.errors import DataError, MedsiloError
+from medsilo.medical.data import ImageSet, load_site_data
+from medsilo.medical.data.dataset import dataset_manifest
+from medsilo.medical.models import build_model
+from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig, charged_evolve
+from medsilo.medical.synth.pcevolve.store import write_synthetic
 from medsilo.secure.dp import BudgetExceeded
-from medsilo.secure.pipeline.base import to_numpy, to_torch
+from medsilo.secure.keys import Party
+from medsilo.secure.pipeline import pipeline_module
+from medsilo.secure.pipeline.base import JobTerms, to_numpy, to_torch
+from medsilo.secure.policy import check_job
 from medsilo.secure.upload import NAME as JOB_ID, WIRE_PARAM
 
 SITES_FILE_ENV = "MEDSILO_SITES_FILE"
@@ -202,9 +217,6 @@ class SiteExecutor(Executor):
     def _export(self, site: str, rnd: Any, selected: Any, state: _SiteState, fl_ctx: FLContext) -> Shareable:
         """The job's last task: write the model of the ``selected`` round into this site's workspace
         (:mod:`medsilo.components.export`); the reply holds the round and the model's digest, no path."""
-        import medsilo
-        from medsilo.config import augment
-
         spec = self._spec
         rounds = spec.training.rounds
         if self._exported or not self._evaluated or rnd != rounds + 1:
@@ -220,6 +232,7 @@ class SiteExecutor(Executor):
         cost = state.pipeline.model_privacy()  # a resumed job's model was also trained by the interrupted job
         facts = ExportFacts(site=site, job_id=job, spec_digest=spec_digest(self._job), job_name=spec.name,
                             algorithm=spec.algorithm.name, modality=spec.modality, classes=tuple(spec.classes),
+                            task=spec.task,
                             image_size=spec.image_size, round=selected, privacy_mode=spec.privacy.mode,
                             epsilon=cost["epsilon"], delta=cost["delta"], trained_by=tuple(cost["jobs"]),
                             augmentation=augment.describe(state.data.augmentation), medsilo_version=medsilo.__version__)
@@ -277,8 +290,6 @@ class SiteExecutor(Executor):
         """One round's local training, protected upload and checkpoint. If the upload is refused after training
         (a budget another job spent meanwhile), the client half goes back to its state before the round, so
         nothing it learnt then can reach a later release."""
-        import torch
-
         pipeline = state.pipeline
         torch.manual_seed(state.seed * 1_000_003 + rnd)  # anything drawing from torch's global RNG: per round
         dp = pipeline.noise(rnd, state.events)
@@ -307,8 +318,6 @@ class SiteExecutor(Executor):
         """What the server is told when this site fails a task. Reading the site's own data names its files
         (paths may carry patient or study names): the server gets counts and kinds of problems only; the full
         message stays in the site's log."""
-        from medsilo.errors import DataError
-
         if isinstance(exc, DataError):
             summary = exc.public or f"its dataset could not be used ({type(exc).__name__})"
             return f"site {site}: {summary}; the details (file names) are in the site's log"
@@ -322,19 +331,6 @@ class SiteExecutor(Executor):
     # ---- setup, once per job -------------------------------------------------------------------
 
     def _prepare(self, site: str, fl_ctx: FLContext, anchor: Any, resume: Any) -> _SiteState:
-        import torch
-
-        from medsilo.components.algorithms import algorithm_module
-        from medsilo.components.algorithms.base import SiteSetup
-        from medsilo.config import JobSpec, read_manifest
-        from medsilo.config.loading import validate
-        from medsilo.medical.data import load_site_data
-        from medsilo.medical.models import build_model
-        from medsilo.secure.keys import Party
-        from medsilo.secure.pipeline import pipeline_module
-        from medsilo.secure.pipeline.base import JobTerms
-        from medsilo.secure.policy import check_job
-
         spec = validate(self._job, JobSpec, f"job '{self._job.get('name', '?')}'")
         config = self._site_config(site, fl_ctx)
         check_job(config, spec)
@@ -350,7 +346,10 @@ class SiteExecutor(Executor):
         torch.set_num_threads(threads)
 
         ref = config.datasets[spec.dataset]
-        manifest = read_manifest(ref.manifest, spec.classes, allow_outside=config.data.allow_paths_outside_manifest)
+        outside = config.data.allow_paths_outside_manifest
+        file = dataset_manifest(ref, spec.classes, allow_outside=outside)  # whole slides: their patch manifest
+        manifest = read_manifest(file, spec.classes, allow_outside=outside,
+                                 labels=spec.labels, unknown=spec.unknown or "ignore")  # fmt: skip
         seed = site_seed(spec.seed, site)
         t0 = time.perf_counter()
         data = load_site_data(
@@ -362,6 +361,7 @@ class SiteExecutor(Executor):
             seed=seed,
             augmentation=spec.training.augmentation,
             channels=spec.channels,
+            views=spec.views,
         )
         self.log_info(fl_ctx, f"{site}: loaded {len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test "
                               f"images in {time.perf_counter() - t0:.1f} s, skipped {len(data.failures)}")  # fmt: skip
@@ -373,7 +373,7 @@ class SiteExecutor(Executor):
                             num_classes=len(spec.classes), feature_dim=spec.feature_dim, seed=spec.seed)  # fmt: skip
         batch = min(spec.training.batch_size, config.compute.max_batch_size)
         setup = SiteSetup(site=site, model=model, data=data, num_classes=len(spec.classes),
-                          training=spec.training, seed=seed, batch_size=batch)  # fmt: skip
+                          training=spec.training, seed=seed, batch_size=batch, task=spec.task)  # fmt: skip
         client = algo.Client(setup, spec.algorithm.config())
         events = client.dp_events(spec.privacy.dp) if pipeline.noised else []
         self._spec = spec
@@ -388,13 +388,6 @@ class SiteExecutor(Executor):
         them ``source = pcevolve`` under ``<workspace>/pcevolve/<job id>/`` for the record, and used in
         memory for training only (val and test stay real).
         """
-        import torch
-
-        from medsilo.medical.data import ImageSet
-        from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig, charged_evolve
-        from medsilo.medical.synth.pcevolve.store import write_synthetic
-        from medsilo.secure.keys import Party
-
         aug = spec.augmentation.pcevolve
         cfg = PCEvolveConfig(epsilon=aug.epsilon, iterations=aug.iterations, per_class=aug.images_per_class, seed=seed)
         t0 = time.perf_counter()
@@ -416,8 +409,6 @@ class SiteExecutor(Executor):
 
     @staticmethod
     def _site_config(site: str, fl_ctx: FLContext):
-        from medsilo.config import load_site_config, load_sites_file
-
         sites_file = os.environ.get(SITES_FILE_ENV)
         if sites_file:
             configs = load_sites_file(sites_file).site_configs()
@@ -431,6 +422,5 @@ class SiteExecutor(Executor):
         return load_site_config(path)
 
     def _evaluate(self, state: _SiteState) -> dict[str, dict[str, float]]:
-        from medsilo.components.training import evaluate_split
-
-        return {split: evaluate_split(state.client.scores, getattr(state.data, split)) for split in ("val", "test")}
+        labels = self._spec.labels if self._spec.multilabel else None  # multi-label: thresholds chosen on val
+        return evaluate_splits(state.client.scores, state.data, labels)

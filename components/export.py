@@ -30,6 +30,11 @@ exported (the site says so).
 their networks the same way). torch 2.13 marks ``torch.jit`` deprecated in favour of ``torch.export``; the
 trace is still what runs without the training code, and the state dict beside it lets a site re-export.
 
+**Multi-label models** (``task: multilabel``): ``model.ts`` gives one sigmoid probability per label; the
+card and ``metadata.json`` (``medsilo.task``, ``labels``, ``thresholds``) list the labels, each label's AUROC
+and F1 and the decision threshold chosen on this site's validation split (the one maximising that label's F1),
+which ``medsilo predict`` applies.
+
 **Record.** The export is written to a temporary sibling folder, its files hashed, a ``model_export`` entry
 appended to the site's privacy ledger (model digests, round, job) under the ledger's lock, the card written
 with that entry's hash, and the folder renamed into place: an auditor can link a deployed model to the
@@ -54,6 +59,7 @@ import torch
 from torch import nn
 
 from medsilo.components import checkpoint
+from medsilo.components.training import choose_thresholds, classification_metrics, multilabel_metrics
 from medsilo.errors import MedsiloError
 
 MODELS_DIR_ENV = "MEDSILO_MODELS_DIR"
@@ -162,6 +168,7 @@ class ExportFacts:
             one it continues).
         augmentation: the training augmentation that ran (resolved, JSON).
         medsilo_version: the version that wrote the bundle.
+        task: the job's ``task`` (``single`` or ``multilabel``; then ``classes`` are the labels).
     """
 
     site: str
@@ -179,6 +186,7 @@ class ExportFacts:
     augmentation: list
     medsilo_version: str
     trained_by: tuple[str, ...] = ()
+    task: str = "single"
 
 
 def auroc(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -239,8 +247,6 @@ def export_model(folder: Path, client: Any, data: Any, facts: ExportFacts, recor
     Raises:
         ExportError: the folder exists, or the trace does not reproduce the scores. Nothing is left behind.
     """
-    from medsilo.components.training import classification_metrics
-
     folder = Path(folder)
     if folder.exists() or folder.is_symlink():
         raise ExportError(f"the model folder of {folder.name} exists already; a job exports its model once")
@@ -257,14 +263,17 @@ def export_model(folder: Path, client: Any, data: Any, facts: ExportFacts, recor
             traced.save(str(tmp / "models" / "model.ts"))
         torch.save(Deployed(client).state_dict(), tmp / "models" / "model.pt")
         metrics = {}
-        for split in ("val", "test"):
-            ds = data.split(split)
-            probs, labels = _predict(client, ds)  # scored once: the point figures and the bootstrap share them
-            point = classification_metrics(probs, labels)
-            metrics[split] = {"acc": point["acc"], "auroc": _plain(point["auroc"]), "n": len(labels),
-                              "ci95": bootstrap(probs, labels, seed=facts.round)}  # fmt: skip
-        counts = {split: dict(zip(facts.classes, data.split(split).class_counts(len(facts.classes)).tolist(),
-                                  strict=True)) for split in ("train", "val", "test")}  # fmt: skip
+        if facts.task == "multilabel":
+            metrics, counts = _multilabel_metrics(client, data, facts)
+        else:
+            for split in ("val", "test"):
+                ds = data.split(split)
+                probs, labels = _predict(client, ds)  # scored once: the point figures and the bootstrap share them
+                point = classification_metrics(probs, labels)
+                metrics[split] = {"acc": point["acc"], "auroc": _plain(point["auroc"]), "n": len(labels),
+                                  "ci95": bootstrap(probs, labels, seed=facts.round)}  # fmt: skip
+            counts = {split: dict(zip(facts.classes, data.split(split).class_counts(len(facts.classes)).tolist(),
+                                      strict=True)) for split in ("train", "val", "test")}  # fmt: skip
         digest = _sha256(tmp / "models" / "model.ts")
         state_digest = _sha256(tmp / "models" / "model.pt")
         channels = int(data.channels)
@@ -281,6 +290,48 @@ def export_model(folder: Path, client: Any, data: Any, facts: ExportFacts, recor
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"round": facts.round, "sha256": digest, "state_sha256": state_digest, "ledger_entry": entry}
+
+
+def _multilabel_metrics(client: Any, data: Any, facts: ExportFacts) -> tuple[dict, dict]:
+    """A multi-label model's figures per split (thresholds chosen on validation, as the job's evaluation did) and
+    its data counts (positive, negative and unknown images per label and split)."""
+    scored = {split: _predict(client, data.split(split)) for split in ("val", "test")}
+    cut = choose_thresholds(*scored["val"])
+    metrics = {}
+    for split, (probs, targets) in scored.items():
+        m = multilabel_metrics(probs, targets, facts.classes, cut)
+        metrics[split] = {"acc": _plain(m["acc"]), "auroc": _plain(m["macro_auroc"]), "n": len(targets),
+                          "macro_f1": _plain(m["macro_f1"]),
+                          "per_label": {c: {"auroc": _plain(m[f"auroc/{c}"]), "f1": _plain(m[f"f1/{c}"]),
+                                            "threshold": float(m[f"threshold/{c}"])} for c in facts.classes},
+                          "ci95": {"acc": None, "auroc": macro_auroc_interval(probs, targets, seed=facts.round)}}
+    counts = {}
+    for split in ("train", "val", "test"):
+        y = data.split(split).labels
+        counts[split] = {c: {"positive": int((y[:, k] == 1).sum()), "negative": int((y[:, k] == 0).sum()),
+                             "unknown": int(torch.isnan(y[:, k]).sum())} for k, c in enumerate(facts.classes)}
+    return metrics, counts  # fmt: skip
+
+
+def macro_auroc_interval(probs: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> list[float] | None:
+    """95 % percentile interval of the macro-AUROC (mean over labels with both values known) over
+    :data:`BOOTSTRAP_RESAMPLES` resamples of the images; ``None`` when too few resamples define it."""
+    p, y = probs.double().numpy(), targets.double().numpy()
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        idx = rng.integers(0, len(y), len(y))
+        per_label = []
+        for k in range(p.shape[1]):
+            known = ~np.isnan(y[idx, k])
+            col, truth = p[idx, k][known], y[idx, k][known].astype(int)
+            if len(np.unique(truth)) == 2:
+                per_label.append(auroc(np.stack([1 - col, col], 1), truth))
+        if per_label:
+            values.append(float(np.mean(per_label)))
+    if len(values) < BOOTSTRAP_RESAMPLES // 2:
+        return None
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
 def _predict(client: Any, ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,6 +371,10 @@ def _metadata(facts: ExportFacts, metrics: dict, counts: dict, channels: int, di
     import monai
 
     classes = {str(i): name for i, name in enumerate(facts.classes)}
+    multilabel = facts.task == "multilabel"
+    task_fields = {"task": facts.task, "labels": list(facts.classes) if multilabel else [],
+                   "thresholds": {c: metrics["val"]["per_label"][c]["threshold"] for c in facts.classes}
+                   if multilabel else {}}  # fmt: skip
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
         "version": "1.0.0",
@@ -328,7 +383,7 @@ def _metadata(facts: ExportFacts, metrics: dict, counts: dict, channels: int, di
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {},
-        "task": f"{facts.modality} classification ({', '.join(facts.classes)})",
+        "task": f"{facts.modality} {'multi-label ' if multilabel else ''}classification ({', '.join(facts.classes)})",
         "description": f"{facts.algorithm} model of site {facts.site}, round {facts.round} of job {facts.job_name}",
         "authors": f"site {facts.site} (medsilo federated job {facts.job_id})",
         "copyright": f"the data holder of site {facts.site}",
@@ -345,14 +400,15 @@ def _metadata(facts: ExportFacts, metrics: dict, counts: dict, channels: int, di
                                  "num_channels": channels, "spatial_shape": [facts.image_size, facts.image_size],
                                  "dtype": "float32", "value_range": [-2, 2], "is_patch_data": False,
                                  "channel_def": {str(c): "intensity" for c in range(channels)}}},
-            "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": len(facts.classes),
+            "outputs": {"pred": {"type": "probabilities", "format": "labels" if multilabel else "classes",
+                                 "num_channels": len(facts.classes),
                                  "spatial_shape": [1], "dtype": "float32", "value_range": [0, 1],
                                  "is_patch_data": False, "channel_def": classes}},
         },  # fmt: skip
         "medsilo": {
             "version": facts.medsilo_version, "site": facts.site, "job_id": facts.job_id, "job": facts.job_name,
             "spec_sha256": facts.spec_digest, "algorithm": facts.algorithm, "round": facts.round,
-            "modality": facts.modality, "classes": list(facts.classes), "channels": channels,
+            "modality": facts.modality, "classes": list(facts.classes), "channels": channels, **task_fields,
             "image_size": facts.image_size, "preprocessing": _preprocessing(facts, channels),
             "metrics": metrics, "data_counts": counts,
             "privacy": {"mode": facts.privacy_mode, "epsilon": facts.epsilon, "delta": facts.delta},
@@ -389,11 +445,22 @@ def _card(facts: ExportFacts, metrics: dict, counts: dict, channels: int, digest
             return "—"
         return f"{value:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
 
+    multilabel = facts.task == "multilabel"
     jobs = ", ".join(facts.trained_by or (facts.job_id,))
     eps = (f"ε = {facts.epsilon:.3g} at δ = {facts.delta:g}: this site's DP releases of the job(s) that trained "
            f"the model ({jobs}), composed" if facts.epsilon else "no differential privacy (ε not accounted)")  # fmt: skip
-    rows = "\n".join(f"| {split} | " + " | ".join(str(counts[split][c]) for c in facts.classes) + " |"
+    show = (lambda n: f"{n['positive']}/{n['negative']}/{n['unknown']}") if multilabel else str  # noqa: E731
+    rows = "\n".join(f"| {split} | " + " | ".join(show(counts[split][c]) for c in facts.classes) + " |"
                      for split in ("train", "val", "test"))  # fmt: skip
+    output = ("one probability per label (sigmoid), in the order above; a label is present when its probability "
+              "is at least its threshold (below)") if multilabel else "class probabilities, in the order above"
+    data_note = ": positive/negative/unknown images per label" if multilabel else ""
+    label_table = "" if not multilabel else "\n## Per label (test split; thresholds chosen on validation)\n\n" \
+        "| label | AUROC | F1 | threshold | validation AUROC |\n|---|---:|---:|---:|---:|\n" + "\n".join(
+            f"| {c} | {_fmt(metrics['test']['per_label'][c]['auroc'])} | {_fmt(metrics['test']['per_label'][c]['f1'])} "
+            f"| {metrics['val']['per_label'][c]['threshold']:.3f} | {_fmt(metrics['val']['per_label'][c]['auroc'])} |"
+            for c in facts.classes) + "\n\nIn the metrics table above, AUROC is the macro mean over labels " \
+        "and accuracy is exact match (every known label of an image right).\n"  # fmt: skip
     return f"""# Model card: {facts.algorithm} model of site {facts.site}
 
 **Intended use: research only. Not a medical device; not for clinical decisions.**
@@ -402,14 +469,14 @@ def _card(facts: ExportFacts, metrics: dict, counts: dict, channels: int, digest
 |---|---|
 | job | {facts.job_name} (id `{facts.job_id}`, spec SHA-256 `{facts.spec_digest[:16]}…`); trained by {jobs} |
 | algorithm | {facts.algorithm}; the model this site deploys at round {facts.round}, selected on validation |
-| task | {facts.modality}: {", ".join(facts.classes)} |
+| task | {facts.modality}{" multi-label" if multilabel else ""}: {", ".join(facts.classes)} |
 | input | {channels} channel(s), {facts.image_size}×{facts.image_size}, preprocessed as in `configs/metadata.json` (`medsilo.preprocessing`) |
-| output | class probabilities, in the order above |
+| output | {output} |
 | privacy | mode `{facts.privacy_mode}`; {eps} |
 | training augmentation | {json.dumps(facts.augmentation) if facts.augmentation else "none"} |
 | written by | medsilo {facts.medsilo_version} |
 
-## Data (this site's images; they never left the site)
+## Data (this site's images; they never left the site){data_note}
 
 | split | {" | ".join(facts.classes)} |
 |---|{"---:|" * len(facts.classes)}
@@ -423,7 +490,7 @@ def _card(facts: ExportFacts, metrics: dict, counts: dict, channels: int, digest
 | test | {cell("test", "acc")} | {cell("test", "auroc")} | {metrics["test"]["n"]} |
 
 Small splits give wide intervals; the test split was never used to choose anything.
-
+{label_table}
 ## Use
 
 ```bash
@@ -437,3 +504,7 @@ python -c "import torch; m = torch.jit.load('models/model.ts'); print(m(torch.ze
 - recorded in this site's privacy ledger, entry hash `{entry}` (event `model_export`); `medsilo audit verify`
   checks the ledger, and the entry links this model to the job's releases before it.
 """
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"

@@ -12,6 +12,14 @@ round. ``pooled_acc`` is Σ correct / Σ images over the sites' test splits at t
 also carries each site's ``n_val``/``n_test`` and both means, unweighted (``mean_val_acc``,
 ``mean_test_acc``) and sample-weighted (``pooled_val_acc``, ``pooled_test_acc``).
 
+Multi-label jobs (``task: multilabel``, the recorder's ``select_on`` = ``val_macro_auroc``): the round is
+selected on the mean over sites of the *validation macro-AUROC* (sites whose macro-AUROC is undefined are left
+out of that mean). Each site's figures then also carry ``val_macro_auroc``, ``test_macro_auroc``,
+``test_auroc_per_label``, ``test_f1_per_label`` (at the thresholds the site chose on validation, ``thresholds``)
+and each round the means ``mean_val_macro_auroc`` / ``mean_test_macro_auroc``; ``final`` adds ``labels``,
+``mean_macro_auroc`` and ``worst_macro_auroc``. ``acc`` is exact-match accuracy there
+(:func:`~medsilo.components.training.multilabel_metrics`).
+
 Failed sites (job ``reliability.min_sites``): a site that failed the task carrying round ``r``'s
 evaluation has no metrics for round ``r`` — they are left out of that round (never filled in), its
 means are over the sites that did evaluate, and ``failures`` lists site, round, task and reason.
@@ -54,11 +62,15 @@ class RunRecorder:
         models: site → backbone.
         job_id: the id of the run that reports (NVFlare's job id; ``medsilo sim``: the run id), which the
             parties' ledgers name. Not kept in checkpoints: a resumed run reports its own.
+        select_on: the job's ``evaluation.select_on``: ``val_acc`` or ``val_macro_auroc`` (multi-label jobs).
     """
 
     def __init__(self, job: str, algorithm: str, privacy: dict[str, Any], sites: list[str], models: dict[str, str],
                  algorithm_form: str = "sums", refused: dict[str, str] | None = None,
-                 job_id: str | None = None):  # fmt: skip
+                 job_id: str | None = None, select_on: str = "val_acc"):  # fmt: skip
+        if select_on not in SELECTION_METRICS:
+            raise ValueError(f"select_on: must be one of {', '.join(SELECTION_METRICS)}, got {select_on!r}")
+        self.select_on = select_on
         self.job, self.algorithm, self.privacy = job, algorithm, privacy
         self.job_id = job_id
         self.algorithm_form = algorithm_form
@@ -92,6 +104,7 @@ class RunRecorder:
             "rounds": [asdict(r) for _, r in sorted(self._rounds.items())],
             "failures": self.failures,
             "unavailable": {str(rnd): sorted(sites) for rnd, sites in sorted(self._unavailable.items())},
+            "select_on": self.select_on,
         }
         return json.dumps(state)
 
@@ -107,10 +120,11 @@ class RunRecorder:
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"run recorder: not JSON ({exc})") from None
         _check(state, "top level", dict)
+        state.setdefault("select_on", "val_acc")  # checkpoints written before multi-label jobs existed
         missing, extra = _RECORDER_KEYS - set(state), set(state) - _RECORDER_KEYS
         if missing or extra:
             raise ValueError(f"run recorder: missing fields {sorted(missing)}, unknown {sorted(extra)}")
-        for key in ("job", "algorithm", "algorithm_form"):
+        for key in ("job", "algorithm", "algorithm_form", "select_on"):
             _check(state[key], key, str)
         _check(state["privacy"], "privacy", dict)
         _check_map(state["refused"], "refused", str)
@@ -127,7 +141,8 @@ class RunRecorder:
         _check(state["unavailable"], "unavailable", dict)
         _check_list(state["rounds"], "rounds", dict)
         rec = cls(state["job"], state["algorithm"], state["privacy"], state["sites"], state["models"],
-                  algorithm_form=state["algorithm_form"], refused=state["refused"])  # fmt: skip
+                  algorithm_form=state["algorithm_form"], refused=state["refused"],
+                  select_on=state["select_on"])  # fmt: skip
         rec.synthetic, rec.spent = state["synthetic"], state["spent"]
         rec.failures = state["failures"]
         for rnd, sites in state["unavailable"].items():
@@ -183,25 +198,48 @@ class RunRecorder:
         evals, sites = self._rounds[rnd].evals, self._evaluated(rnd)
         return sum(evals[s]["val"]["acc"] for s in sites) / len(sites)
 
+    @property
+    def multilabel(self) -> bool:
+        """True when the job is multi-label (rounds selected on validation macro-AUROC)."""
+        return self.select_on == "val_macro_auroc"
+
+    def mean_val_macro_auroc(self, rnd: int) -> float:
+        """Mean validation macro-AUROC after round ``rnd`` over the sites that evaluated it and have one
+        (NaN when none has)."""
+        evals = self._rounds[rnd].evals
+        values = [evals[s]["val"].get("macro_auroc", math.nan) for s in self._evaluated(rnd)]
+        return _nanmean(values)
+
+    def selection_score(self, rnd: int) -> float:
+        """What rounds are compared on (``select_on``): mean validation accuracy or macro-AUROC; an undefined
+        score ranks below every defined one."""
+        score = self.mean_val_macro_auroc(rnd) if self.multilabel else self.mean_val_acc(rnd)
+        return -math.inf if math.isnan(score) else score
+
     def selected_round(self) -> int:
-        """The complete round with the highest mean validation accuracy (earliest on ties)."""
+        """The complete round with the highest :meth:`selection_score` (earliest on ties)."""
         rounds = self.complete_rounds()
         if not rounds:
             raise ValueError("no round has an evaluation from every site")
-        return max(rounds, key=lambda r: (self.mean_val_acc(r), -r))
+        return max(rounds, key=lambda r: (self.selection_score(r), -r))
 
     def progress(self, rnd: int) -> dict[str, Any]:
         """A one-line summary of round ``rnd`` for progress displays (means over the sites that reported)."""
         r = self._rounds.get(rnd, _Round(rnd))
         evals = r.evals.values()
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-        return {
+        out = {
             "round": rnd,
             "seconds": round(r.seconds, 3),
             "mean_train_loss": mean(list(r.train_loss.values())),
             "mean_val_acc": mean([e["val"]["acc"] for e in evals]),
             "mean_test_acc": mean([e["test"]["acc"] for e in evals]),
         }
+        if self.multilabel:
+            for split in ("val", "test"):
+                out[f"mean_{split}_macro_auroc"] = _num(_nanmean([e[split].get("macro_auroc", math.nan)
+                                                                  for e in evals]))  # fmt: skip
+        return out
 
     def round_summary(self, rnd: int) -> dict[str, Any]:
         """Round ``rnd`` as ``results.json`` lists it: timing, bytes, each evaluating site's figures and counts,
@@ -221,10 +259,12 @@ class RunRecorder:
                     "train_loss": _num(r.train_loss.get(s)),
                     "n_val": int(r.evals[s]["val"]["n"]),
                     "n_test": int(r.evals[s]["test"]["n"]),
+                    **(_multilabel_figures(r.evals[s], with_val=True) if self.multilabel else {}),
                 }
                 for s in sites
             },
             **_round_means(r.evals, sites),
+            **(_macro_means(r.evals, sites) if self.multilabel else {}),
         }  # fmt: skip
 
     def results(self) -> dict[str, Any]:
@@ -240,6 +280,15 @@ class RunRecorder:
         accs = [chosen[s]["test"]["acc"] for s in evaluated]
         correct = sum(chosen[s]["test"]["correct"] for s in evaluated)
         total = sum(chosen[s]["test"]["n"] for s in evaluated)
+        multilabel: dict[str, Any] = {}
+        if self.multilabel:
+            for s in evaluated:
+                per_site[s].update(_multilabel_figures(chosen[s], with_val=False))
+            macros = [chosen[s]["test"].get("macro_auroc", math.nan) for s in evaluated]
+            defined = [m for m in macros if not math.isnan(m)]
+            multilabel = {"labels": _labels(chosen[evaluated[0]]["test"]) if evaluated else [],
+                          "mean_macro_auroc": _num(_nanmean(macros)),
+                          "worst_macro_auroc": _num(min(defined)) if defined else None}  # fmt: skip
         return {
             "job": self.job,
             "job_id": self.job_id,
@@ -249,12 +298,14 @@ class RunRecorder:
             "sites": self.sites,
             "models": self.models,
             "rounds": out_rounds,
+            **({"task": "multilabel", "selected_on": self.select_on} if self.multilabel else {}),
             "selected_round": best,
             "final": {
                 "per_site": per_site,
                 "pooled_acc": _num(correct / total if total else math.nan),
                 "mean_acc": _num(sum(accs) / len(accs)),
                 "worst_acc": _num(min(accs)),
+                **multilabel,
             },
             "privacy_spent": {s: dict(self.spent.get(s, {"epsilon": 0.0, "delta": 0.0})) for s in self.sites},
             "refused": self.refused,
@@ -273,6 +324,39 @@ def _round_means(evals: dict[str, dict[str, dict[str, float]]], sites: list[str]
         out[f"mean_{split}_acc"] = _num(sum(accs) / len(accs)) if accs else None
         out[f"pooled_{split}_acc"] = _num(sum(evals[s][split]["correct"] for s in sites) / n) if n else None
     return out
+
+
+SELECTION_METRICS: tuple[str, ...] = ("val_acc", "val_macro_auroc")
+"""What a recorder may select rounds on (the job's ``evaluation.select_on``)."""
+
+
+def _nanmean(values: list[float]) -> float:
+    defined = [v for v in values if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def _labels(figures: dict[str, float]) -> list[str]:
+    """The label names of a multi-label evaluation (its ``auroc/<label>`` keys, in order)."""
+    return [k.split("/", 1)[1] for k in figures if k.startswith("auroc/")]
+
+
+def _multilabel_figures(evals: dict[str, dict[str, float]], *, with_val: bool) -> dict[str, Any]:
+    """One site's multi-label figures as ``results.json`` shows them (per-label maps, thresholds from val)."""
+    test = evals["test"]
+    names = _labels(test)
+    out: dict[str, Any] = {"val_macro_auroc": _num(evals["val"].get("macro_auroc"))} if with_val else {}
+    return {**out,
+            "test_macro_auroc": _num(test.get("macro_auroc")),
+            "test_macro_f1": _num(test.get("macro_f1")),
+            "test_auroc_per_label": {n: _num(test[f"auroc/{n}"]) for n in names},
+            "test_f1_per_label": {n: _num(test[f"f1/{n}"]) for n in names},
+            "thresholds": {n: _num(test[f"threshold/{n}"]) for n in names}}  # fmt: skip
+
+
+def _macro_means(evals: dict[str, dict[str, dict[str, float]]], sites: list[str]) -> dict[str, float | None]:
+    """A multi-label round's mean macro-AUROC over ``sites`` (undefined ones left out)."""
+    return {f"mean_{split}_macro_auroc": _num(_nanmean([evals[s][split].get("macro_auroc", math.nan)
+                                                        for s in sites])) for split in ("val", "test")}  # fmt: skip
 
 
 class TensorBoardLog:
@@ -296,6 +380,8 @@ class TensorBoardLog:
         scalars = {f"round/{k}": summary[k] for k in ("seconds", "bytes_up", "bytes_down")}
         scalars |= {f"{kind}/{split}_acc": summary[f"{kind}_{split}_acc"] for kind in ("mean", "pooled")
                     for split in ("val", "test")}  # fmt: skip
+        scalars |= {f"mean/{split}_macro_auroc": summary[f"mean_{split}_macro_auroc"] for split in ("val", "test")
+                    if f"mean_{split}_macro_auroc" in summary}  # fmt: skip
         for site, figures in summary["metrics"].items():
             scalars |= {f"{site}/{k}": figures[k] for k in ("val_acc", "test_acc", "test_auroc", "train_loss")}
         for tag, value in scalars.items():
@@ -311,7 +397,7 @@ class TensorBoardLog:
 # ---- JSON form of a recorder (server checkpoints) ----------------------------------------------------
 
 _RECORDER_KEYS = frozenset({"job", "algorithm", "privacy", "algorithm_form", "refused", "synthetic",
-                            "spent", "sites", "models", "rounds", "failures", "unavailable"})  # fmt: skip
+                            "spent", "sites", "models", "rounds", "failures", "unavailable", "select_on"})  # fmt: skip
 _NUMBER = (int, float)
 
 

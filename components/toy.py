@@ -6,6 +6,13 @@ algorithm's real upload without a dataset.
 
 from __future__ import annotations
 
+import torch
+
+from medsilo.components.algorithms.base import SiteSetup
+from medsilo.config.job import Training
+from medsilo.medical.data import ImageSet, SiteData
+from medsilo.medical.models import build_model
+
 
 def tiny_setup(site: str = "a", *, n: int = 12, num_classes: int = 3, feature_dim: int = 4, seed: int = 0,
                model_seed: int = 0, batch_size: int = 4, local_epochs: int = 1, lr: float = 0.05,
@@ -17,13 +24,6 @@ def tiny_setup(site: str = "a", *, n: int = 12, num_classes: int = 3, feature_di
     ``backbone`` picks the zoo model (heterogeneous tests mix them); ``labels`` restricts the *training*
     split to those classes (a site that never saw the others), val/test still cycle over all K.
     """
-    import torch
-
-    from medsilo.components.algorithms.base import SiteSetup
-    from medsilo.config.job import Training
-    from medsilo.medical.data import ImageSet, SiteData
-    from medsilo.medical.models import build_model
-
     g = torch.Generator().manual_seed(seed)
 
     def split(count: int, present: list[int] | None = None) -> ImageSet:

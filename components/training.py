@@ -10,6 +10,12 @@ model, :mod:`medsilo.secure.dp`): Poisson-sampled batches, per-record gradients 
 clipped, summed and noised. It shares the prediction path and the extra-loss contract with
 :func:`local_epochs`; the extra loss is evaluated per record.
 
+**Two tasks, one loop.** The task loss is :func:`task_loss`, chosen by the labels themselves: int64 class
+indices ``(B,)`` (``task: single``) give softmax cross-entropy; float targets ``(B, L)`` with NaN for unknown
+(``task: multilabel``) give the sigmoid binary cross-entropy of the known entries only. Evaluation of a
+multi-label model (:func:`multilabel_metrics`, :func:`evaluate_splits`) reports per-label AUROC, their
+macro mean, and per-label F1 at a threshold chosen on validation (:func:`choose_thresholds`).
+
 Plain PyTorch: nothing here imports NVFlare.
 """
 
@@ -26,7 +32,8 @@ from torch.func import functional_call, grad, vmap
 from medsilo.secure.dp import clipped_gradient_sum, gaussian_gradient, poisson_sample, poisson_schedule
 
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``extra_loss(features (B, d), logits (B, K), labels (B,)) -> scalar`` added to the task loss."""
+"""``extra_loss(features (B, d), logits (B, K), labels (B,)) -> scalar`` added to the task loss (labels are
+``(B, L)`` float targets in a multi-label job)."""
 
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``forward(x (B, C, H, W), y (B,)) -> (logits (B, K), extra_loss scalar)`` for algorithms whose
@@ -35,6 +42,32 @@ prediction path is not ``head(features(x))`` (FedCP, GPFL, FedDBE …)."""
 PER_RECORD_FLOATS = 64 * 2**20
 """Default bound on the per-record gradient entries :func:`private_epochs` holds at once (256 MiB of
 float32; its float64 clipping works tensor by tensor on top)."""
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The task loss of a batch: mean cross-entropy for class indices, masked binary cross-entropy for targets.
+
+    Args:
+        logits: ``(B, K)``.
+        labels: int64 ``(B,)`` class indices (single-label), or float ``(B, K)`` targets in {0, 1} with NaN
+            for an unknown entry (multi-label: one sigmoid per output).
+
+    Returns:
+        0-d tensor. Multi-label: the mean of ``BCEWithLogits`` over the *known* entries only; unknown entries
+        contribute nothing, not even a gradient (a batch with none known gives 0).
+    """
+    if not labels.is_floating_point():
+        return nn.functional.cross_entropy(logits, labels)
+    known = ~torch.isnan(labels)
+    targets = torch.where(known, labels, torch.zeros_like(labels))
+    per_entry = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    per_entry = torch.where(known, per_entry, torch.zeros_like(per_entry))  # masked, so no gradient flows
+    return per_entry.sum() / known.sum().clamp_min(1)
+
+
+def probabilities(logits: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """``(B, K)`` probabilities of ``logits``: softmax over classes, or one sigmoid per label (multi-label)."""
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
 
 def make_optimizer(
@@ -65,7 +98,7 @@ def local_epochs(
     forward: Forward | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
-    """Train for ``epochs`` passes over ``loader``; returns the mean task (cross-entropy) loss.
+    """Train for ``epochs`` passes over ``loader``; returns the mean task loss (:func:`task_loss`).
 
     By default the logits are ``model.head(model.features(x))`` and ``extra_loss`` (if any) sees
     features, logits and labels. An algorithm with its own prediction path passes ``forward`` instead,
@@ -74,7 +107,7 @@ def local_epochs(
     Args:
         model: the module put in train mode: a :class:`~medsilo.medical.models.zoo.SplitModel`, or a
             container holding every module ``forward`` uses.
-        loader: yields ``(x (B, C, H, W), y (B,))``.
+        loader: yields ``(x (B, C, H, W), y (B,))``, or ``y (B, K)`` float targets (multi-label).
         optimizer: steps whatever parameters the algorithm chose.
         epochs: full passes (≥ 1).
         extra_loss: algorithm-specific term for the default path, or ``None``.
@@ -101,7 +134,7 @@ def local_epochs(
     for _ in range(epochs):
         for x, y in loader:
             logits, extra = forward(x, y)
-            loss = nn.functional.cross_entropy(logits, y)
+            loss = task_loss(logits, y)
             objective = loss + extra
             if not torch.isfinite(objective):
                 raise FloatingPointError("training loss is not finite; lower the learning rate")
@@ -267,7 +300,7 @@ def _per_record_gradients(
         state = {f"model.{name}": t for name, t in {**constants, **params}.items()}
         features, logits = functional_call(wrapper, state, (x.unsqueeze(0),))
         labels = y.unsqueeze(0)
-        task = nn.functional.cross_entropy(logits, labels)
+        task = task_loss(logits, labels)
         extra = (
             extra_loss(features, logits, labels)
             if extra_loss is not None
@@ -318,12 +351,15 @@ def _check_frozen_batchnorm(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities ``(N, K)`` and labels ``(N,)`` over ``loader``, in eval mode."""
+def predict(
+    model: nn.Module, loader: torch.utils.data.DataLoader, multilabel: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities ``(N, K)`` (:func:`probabilities`) and labels ``(N,)`` or targets ``(N, K)`` over
+    ``loader``, in eval mode."""
     model.eval()
     probs, labels = [], []
     for x, y in loader:
-        probs.append(torch.softmax(model(x), dim=1))
+        probs.append(probabilities(model(x), multilabel))
         labels.append(y)
     return torch.cat(probs), torch.cat(labels)
 
@@ -354,6 +390,89 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
         sub = p[:, present] / p[:, present].sum(1, keepdims=True)
         auroc = float(roc_auc_score(y, sub, multi_class="ovr", average="macro", labels=present))
     return {"acc": acc, "auroc": auroc}
+
+
+def label_auroc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Binary AUROC of one label over its known entries (NaN targets left out); NaN unless both 0 and 1 occur."""
+    from sklearn.metrics import roc_auc_score
+
+    known = ~np.isnan(targets)
+    y = targets[known]
+    if len(np.unique(y)) < 2:
+        return math.nan
+    return float(roc_auc_score(y, scores[known]))
+
+
+def choose_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Per label, the threshold ``t`` (predict present when ``p ≥ t``) that maximises F1 on these (validation)
+    probabilities ``(N, K)`` against targets ``(N, K)`` (NaN = unknown, left out).
+
+    Candidates are the label's own known probabilities; ties go to the highest threshold (the fewest false
+    positives). A label with no known positive has no F1 to maximise: its threshold is 0.5.
+    """
+    p, y = probs.double().numpy(), targets.double().numpy()
+    out = []
+    for k in range(p.shape[1]):
+        known = ~np.isnan(y[:, k])
+        scores, truth = p[known, k], y[known, k] == 1
+        if not truth.any():
+            out.append(0.5)
+            continue
+        order = np.argsort(-scores, kind="stable")
+        s, t = scores[order], truth[order]
+        tp = np.cumsum(t)
+        fp = np.cumsum(~t)
+        f1 = 2 * tp / (2 * tp + fp + (truth.sum() - tp))
+        last = np.r_[s[1:] != s[:-1], True]  # predict ≥ s[i] takes every tie of s[i]
+        best = int(np.flatnonzero(last)[np.argmax(f1[last])])
+        out.append(float(s[best]))
+    return out
+
+
+def multilabel_metrics(
+    probs: torch.Tensor, targets: torch.Tensor, labels: Iterable[str], thresholds: Iterable[float]
+) -> dict[str, float]:
+    """A multi-label evaluation as flat numbers (``results.json`` keeps one number per key).
+
+    Args:
+        probs: ``(N, K)`` sigmoid probabilities.
+        targets: ``(N, K)`` 1.0 / 0.0, NaN for unknown (left out of every figure).
+        labels: the K label names.
+        thresholds: the K decision thresholds (:func:`choose_thresholds` on validation).
+
+    Returns:
+        ``auroc/<label>`` (binary AUROC, NaN without both values known), ``macro_auroc`` (mean of the defined
+        ones; NaN if none) and ``auroc`` (the same, so single-label readers see a comparable figure),
+        ``f1/<label>`` at its threshold (NaN with no positive known or predicted), ``macro_f1``,
+        ``threshold/<label>``, ``acc`` = ``correct`` / ``n``: exact-match accuracy over the ``n`` images with at
+        least one known label (``correct``: every known label of the image predicted right).
+    """
+    labels, cut = list(labels), torch.tensor(list(thresholds), dtype=torch.float64)
+    p, y = probs.double(), targets.double()
+    known = ~torch.isnan(y)
+    predicted = p >= cut
+    truth = y == 1
+    out: dict[str, float] = {}
+    aurocs, f1s = [], []
+    for k, name in enumerate(labels):
+        a = label_auroc(p[:, k].numpy(), y[:, k].numpy())
+        kk = known[:, k]
+        tp = int((predicted[:, k] & truth[:, k] & kk).sum())
+        fp = int((predicted[:, k] & ~truth[:, k] & kk).sum())
+        fn = int((~predicted[:, k] & truth[:, k] & kk).sum())
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
+        out[f"auroc/{name}"], out[f"f1/{name}"], out[f"threshold/{name}"] = a, f1, float(cut[k])
+        aurocs.append(a)
+        f1s.append(f1)
+    defined = [a for a in aurocs if not math.isnan(a)]
+    out["macro_auroc"] = out["auroc"] = float(np.mean(defined)) if defined else math.nan
+    defined_f1 = [f for f in f1s if not math.isnan(f)]
+    out["macro_f1"] = float(np.mean(defined_f1)) if defined_f1 else math.nan
+    scored = known.any(1)
+    right = ((predicted == truth) | ~known).all(1) & scored
+    out["correct"], out["n"] = int(right.sum()), int(scored.sum())
+    out["acc"] = out["correct"] / out["n"] if out["n"] else math.nan
+    return out
 
 
 @torch.no_grad()
@@ -397,3 +516,38 @@ def evaluate_split(
     p, y = torch.cat(probs), torch.cat(labels)
     out = classification_metrics(p, y)
     return {**out, "correct": int((p.argmax(1) == y).sum()), "n": int(len(y))}
+
+
+@torch.no_grad()
+def score_split(
+    scores: Callable[[torch.Tensor], torch.Tensor], data: torch.utils.data.Dataset, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores`` of every image of ``data`` ``(N, K)`` and its labels or targets, in order."""
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    probs, labels = [], []
+    for x, y in loader:
+        probs.append(scores(x))
+        labels.append(y)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def evaluate_splits(scores: Callable[[torch.Tensor], torch.Tensor], data, labels: Iterable[str] | None = None,
+                    batch_size: int = 256) -> dict[str, dict[str, float]]:  # fmt: skip
+    """A site's evaluation of its deployed model: ``{"val": …, "test": …}``.
+
+    Single-label (``labels`` ``None``): :func:`evaluate_split` of each split. Multi-label (``labels`` the
+    job's labels): the thresholds are chosen on validation (:func:`choose_thresholds`), then both splits are
+    scored with them (:func:`multilabel_metrics`): test never chooses anything.
+
+    Args:
+        scores: the client half's ``scores`` (sigmoid probabilities for a multi-label job).
+        data: the site's :class:`~medsilo.medical.data.SiteData`.
+        labels: a multi-label job's label names, else ``None``.
+        batch_size: evaluation batch size.
+    """
+    if labels is None:
+        return {split: evaluate_split(scores, data.split(split), batch_size) for split in ("val", "test")}
+    val = score_split(scores, data.split("val"), batch_size)
+    test = score_split(scores, data.split("test"), batch_size)
+    cut = choose_thresholds(*val)
+    return {"val": multilabel_metrics(*val, labels, cut), "test": multilabel_metrics(*test, labels, cut)}

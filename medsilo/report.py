@@ -2,7 +2,8 @@
 
 The page is self-contained (plots embedded as PNG), so it can be mailed to a hospital's committee or
 attached to a ticket. Numbers are read at each run's ``selected_round`` — chosen on validation
-accuracy, never on test.
+accuracy (validation macro-AUROC for multi-label runs), never on test. A multi-label run also gets its
+macro-AUROC in the comparison and a per-label AUROC table (mean over sites, at the selected round).
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def summary_row(run: dict[str, Any]) -> dict[str, Any]:
         "worst_acc": final["worst_acc"],
         "pooled_acc": final["pooled_acc"],
         "mean_auroc": _mean([m.get("test_auroc") for m in final["per_site"].values()]),
+        "task": run.get("task", "single"),
+        "mean_macro_auroc": final.get("mean_macro_auroc"),
+        "worst_macro_auroc": final.get("worst_macro_auroc"),
         "selected_round": run["selected_round"],
         "rounds": len(rounds),
         "seconds": sum(r["seconds"] for r in rounds),
@@ -167,6 +171,7 @@ accuracy (never on test). Mean = average over sites; worst = lowest site; pooled
 Bytes are the task payloads as sent.</p>
 <h2>Per site</h2>
 <table>{site_head}{site_body}</table>
+{_labels_section(runs)}
 <h2>Accuracy per round</h2>
 <p class="note">Each site's test accuracy for the model it would deploy after that round; dashed: mean validation
 accuracy; dotted line: selected round.</p>
@@ -174,6 +179,33 @@ accuracy; dotted line: selected round.</p>
 {_models_section(runs)}
 </body></html>
 """
+
+
+def label_aurocs(run: dict[str, Any]) -> dict[str, float | None]:
+    """A multi-label run's test AUROC per label at its selected round, averaged over the sites that define it."""
+    per_site = [m.get("test_auroc_per_label") or {} for m in run["final"]["per_site"].values()]
+    return {label: _mean([p.get(label) for p in per_site]) for label in run["final"].get("labels", [])}
+
+
+def _labels_section(runs: list[dict[str, Any]]) -> str:
+    """Multi-label runs: macro-AUROC per run and AUROC per label (mean over sites); empty for single-label runs."""
+    esc = html.escape
+    multi = [r for r in runs if r.get("task") == "multilabel"]
+    if not multi:
+        return ""
+    labels = list(dict.fromkeys(label for r in multi for label in r["final"].get("labels", [])))
+    table = {id(r): label_aurocs(r) for r in multi}
+    head = "<tr><th>label</th>" + "".join(f"<th>{esc(r.get('label') or r['algorithm'])}</th>" for r in multi) + "</tr>"
+    body = "".join(f"<tr><td>{esc(label)}</td>" + "".join(f"<td>{_fmt(table[id(r)].get(label))}</td>" for r in multi)
+                   + "</tr>" for label in labels)  # fmt: skip
+    macro = "<tr><th>macro-AUROC (mean / worst site)</th>" + "".join(
+        f"<td>{_fmt(r['final'].get('mean_macro_auroc'))} / {_fmt(r['final'].get('worst_macro_auroc'))}</td>"
+        for r in multi) + "</tr>"  # fmt: skip
+    return f"""<h2>Multi-label: AUROC per label</h2>
+<table>{head}{body}{macro}</table>
+<p class="note">Test AUROC of each label (its known entries only), averaged over sites, at the round selected on
+the sites' mean validation macro-AUROC. Accuracy above is exact match (every known label right) at per-label
+thresholds each site chose on its validation split (maximising that label's F1).</p>"""
 
 
 def _models_section(runs: list[dict[str, Any]]) -> str:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medsilo.components.toy import tiny_setup  # noqa: F401 - algorithm tests build their sites with it
+from medsilo.medical.data import ImageSet
 
 
 def write_dicom(
@@ -110,3 +113,25 @@ def check_exported_models(results: dict, models_dir: Path, sites_yml: Path) -> d
         assert accuracy == results["final"]["per_site"][site]["test_acc"], (site, accuracy)
         folders[site] = folder
     return folders
+
+
+def multilabel_setup(site: str = "a", *, n: int = 12, labels: int = 3, seed: int = 0, **kwargs: Any):
+    """:func:`tiny_setup` as a multi-label site (``task: multilabel``): K = ``labels`` outputs, targets ``(N, K)``
+    where label k is present when the image's k-th quarter-row band is bright, and every 5th training entry is
+    unknown (NaN)."""
+    setup = tiny_setup(site, n=n, num_classes=labels, seed=seed, **kwargs)
+    g = torch.Generator().manual_seed(seed + 1000)
+
+    def relabel(split: ImageSet, unknown: bool) -> ImageSet:
+        count = len(split)
+        targets = (torch.rand(count, labels, generator=g) < 0.5).float()
+        images = split.images.clone()
+        for k in range(labels):
+            images[:, :, 4 * k : 4 * k + 4, :] += 0.4 * targets[:, k].view(-1, 1, 1, 1)
+        if unknown:
+            targets.view(-1)[::5] = float("nan")
+        return ImageSet(images.clamp(0, 1), targets, split.augment)
+
+    data = dataclasses.replace(setup.data, train=relabel(setup.data.train, True), val=relabel(setup.data.val, False),
+                               test=relabel(setup.data.test, False))  # fmt: skip
+    return dataclasses.replace(setup, data=data, task="multilabel")

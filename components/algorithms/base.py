@@ -39,7 +39,14 @@ import torch
 from pydantic import ConfigDict
 from torch import nn
 
-from medsilo.components.training import ExtraLoss, Forward, local_epochs, make_optimizer, private_epochs
+from medsilo.components.training import (
+    ExtraLoss,
+    Forward,
+    local_epochs,
+    make_optimizer,
+    private_epochs,
+    probabilities,
+)
 from medsilo.config.common import Strict
 from medsilo.config.job import DPSpec, Training
 from medsilo.medical.data import SiteData
@@ -68,6 +75,9 @@ class SiteSetup:
         training: the job's local-training settings (epochs, batch size, optimiser …).
         seed: this site's seed (data order); differs between sites.
         batch_size: the batch size after the site's cap.
+        task: the job's ``task``: ``single`` (labels are class indices, softmax outputs) or ``multilabel``
+            (targets ``(K,)`` with NaN for unknown, one sigmoid per output; only algorithms whose module
+            declares ``MULTILABEL = True`` are given such a site).
     """
 
     site: str
@@ -77,6 +87,12 @@ class SiteSetup:
     training: Training
     seed: int
     batch_size: int
+    task: str = "single"
+
+    @property
+    def multilabel(self) -> bool:
+        """True for a multi-label job (sigmoid outputs, masked binary cross-entropy)."""
+        return self.task == "multilabel"
 
     @property
     def n_train(self) -> int:
@@ -140,9 +156,10 @@ class Client:
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``(B, K)`` of the model this site deploys, for a batch ``(B, C, H, W)``."""
+        """Class probabilities ``(B, K)`` of the model this site deploys, for a batch ``(B, C, H, W)`` (one
+        sigmoid per label in a multi-label job: :func:`~medsilo.components.training.probabilities`)."""
         self.model.eval()
-        return torch.softmax(self.model(x), dim=1)
+        return probabilities(self.model(x), self.setup.multilabel)
 
     # ---- helpers shared by algorithms -------------------------------------------------------------
 

@@ -68,11 +68,14 @@ from medsilo.components.algorithms.base import (
     proximal_loss,
     weighted_params,
 )
+from medsilo.components.training import probabilities
 
 FAMILY = "pfl"
 """Personalized FL: every site runs the same backbone and shares (part of) its weights."""
 MIXED_BACKBONES = False
 """Whether a job may give its sites different backbones."""
+MULTILABEL = True
+"""Whether a job may be multi-label (``task: multilabel``): sigmoid outputs, masked BCE in the shared loop."""
 
 
 class Config(AlgorithmConfig):
@@ -130,7 +133,7 @@ class Client(BaseClient):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(B, K)`` of the personal model ``v_i`` for images ``(B, C, H, W)``."""
         self.personal.eval()
-        return torch.softmax(self.personal(x), dim=1)
+        return probabilities(self.personal(x), self.setup.multilabel)
 
 
 class Server(BaseServer):

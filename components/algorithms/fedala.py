@@ -86,6 +86,7 @@ from medsilo.components.algorithms.base import (
     load_mean,
     weighted_params,
 )
+from medsilo.components.training import task_loss
 
 _SLICE_STREAM = 50_000
 """Offset that keeps the ALA slice generator apart from the training loader's (same site seed, round)."""
@@ -95,6 +96,8 @@ FAMILY = "pfl"
 """Personalized FL: every site runs the same backbone and shares (part of) its weights."""
 MIXED_BACKBONES = False
 """Whether a job may give its sites different backbones."""
+MULTILABEL = True
+"""Whether a job may be multi-label (``task: multilabel``): sigmoid outputs, masked BCE in the shared loop."""
 
 
 class Config(AlgorithmConfig):
@@ -199,7 +202,7 @@ class Client(BaseClient):
         for _ in range(self.config.max_first_passes if first else 1):
             total, seen = 0.0, 0
             for x, y in loader:
-                loss = nn.functional.cross_entropy(global_model(x), y)
+                loss = task_loss(global_model(x), y)
                 grads = torch.autograd.grad(loss, higher)
                 eta = self.config.eta
                 self.weights = [ala_weight_step(w, g, d, eta) for w, g, d in zip(self.weights, grads, diffs)]

@@ -40,6 +40,8 @@ FAMILY = "pfl"
 """Personalized FL: every site runs the same backbone and shares (part of) its weights."""
 MIXED_BACKBONES = False
 """Whether a job may give its sites different backbones."""
+MULTILABEL = True
+"""Whether a job may be multi-label (``task: multilabel``): sigmoid outputs, masked BCE in the shared loop."""
 
 
 class Config(AlgorithmConfig):

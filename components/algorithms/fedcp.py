@@ -82,6 +82,8 @@ FAMILY = "pfl"
 """Personalized FL: every site runs the same backbone and shares (part of) its weights."""
 MIXED_BACKBONES = False
 """Whether a job may give its sites different backbones."""
+MULTILABEL = False
+"""Whether a job may be multi-label (``task: multilabel``): no, not validated for multi-label heads yet (its gate and head are trained with per-class softmax metrics)."""
 
 
 class Config(AlgorithmConfig):

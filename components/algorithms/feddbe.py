@@ -82,6 +82,7 @@ from medsilo.components.algorithms.base import (
     load_mean,
     weighted_params,
 )
+from medsilo.components.training import probabilities
 from medsilo.errors import MedsiloError
 from medsilo.medical.data import ImageSet
 
@@ -96,6 +97,8 @@ FAMILY = "pfl"
 """Personalized FL: every site runs the same backbone and shares (part of) its weights."""
 MIXED_BACKBONES = False
 """Whether a job may give its sites different backbones."""
+MULTILABEL = True
+"""Whether a job may be multi-label (``task: multilabel``): sigmoid outputs, masked BCE in the shared loop."""
 
 
 class Config(AlgorithmConfig):
@@ -206,7 +209,7 @@ class Client(BaseClient):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """``softmax(h(φ(x) + m̄_i))`` ``(B, K)`` for images ``(B, C, H, W)``, in eval mode."""
         self.model.eval()
-        return torch.softmax(self.model.head(self.model.features(x) + self.prbm), dim=1)
+        return probabilities(self.model.head(self.model.features(x) + self.prbm), self.setup.multilabel)
 
 
 class Server(BaseServer):

@@ -91,6 +91,8 @@ FAMILY = "htfl"
 """Heterogeneous FL: sites share only d- or K-sized tensors, so each may run its own backbone."""
 MIXED_BACKBONES = True
 """Whether a job may give its sites different backbones."""
+MULTILABEL = False
+"""Whether a job may be multi-label (``task: multilabel``): no, it distils per-class mean logits: an image has one class."""
 
 
 class Config(AlgorithmConfig):

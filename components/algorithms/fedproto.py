@@ -126,6 +126,8 @@ FAMILY = "htfl"
 """Heterogeneous FL: sites share only d- or K-sized tensors, so each may run its own backbone."""
 MIXED_BACKBONES = True
 """Whether a job may give its sites different backbones."""
+MULTILABEL = False
+"""Whether a job may be multi-label (``task: multilabel``): no, prototypes are per-class feature means: an image has one class."""
 
 
 class Config(AlgorithmConfig):

@@ -76,6 +76,8 @@ FAMILY = "pfl"
 """Personalized FL: every site runs the same backbone and shares (part of) its weights."""
 MIXED_BACKBONES = False
 """Whether a job may give its sites different backbones."""
+MULTILABEL = False
+"""Whether a job may be multi-label (``task: multilabel``): no, its conditional embeddings and GCE are per class (a class index per image)."""
 
 
 class Config(AlgorithmConfig):

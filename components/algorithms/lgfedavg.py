@@ -58,6 +58,8 @@ FAMILY = "htfl"
 """Heterogeneous FL: sites share only d- or K-sized tensors, so each may run its own backbone."""
 MIXED_BACKBONES = True
 """Whether a job may give its sites different backbones."""
+MULTILABEL = True
+"""Whether a job may be multi-label (``task: multilabel``): sigmoid outputs, masked BCE in the shared loop."""
 
 
 class Config(AlgorithmConfig):

@@ -19,6 +19,8 @@ FAMILY = "local"
 """No federation: nothing is shared, so each site may run any backbone."""
 MIXED_BACKBONES = True
 """Whether a job may give its sites different backbones."""
+MULTILABEL = True
+"""Whether a job may be multi-label (``task: multilabel``): sigmoid outputs, masked BCE in the shared loop."""
 
 
 class Config(AlgorithmConfig):

@@ -2,7 +2,8 @@
 
 The generator draws a schematic PA chest (body silhouette, lungs with diaphragm domes, heart,
 mediastinum, spine, ribs, clavicles, lung texture and hilar vessels) as a density map in [0, 1], adds
-findings, then passes it through a hospital's acquisition chain and writes a CR DICOM file.
+findings, then passes it through a hospital's acquisition chain and writes a CR DICOM file (a DX *for
+presentation* file for the DX hospitals that :func:`make_scanner` derives), with the view it was taken in.
 
 * Findings: ``normal`` (none), ``pneumonia`` (1–3 patchy consolidations, biased to the lower zones),
   ``effusion`` (basal fluid with a lateral meniscus), ``nodule`` (a small sharp disc). ``severity`` in
@@ -22,6 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 from scipy import ndimage
 
 CXR_FINDINGS: tuple[str, ...] = ("normal", "pneumonia", "effusion", "nodule")
@@ -47,6 +55,9 @@ class CXRScanner:
         collimation: fraction of each border hidden by the collimator.
         marker_corner: corner of the burned-in "L": ``tl``, ``tr``, ``bl``, ``br``.
         rescale_slope, rescale_intercept: (0028,1053)/(0028,1052) modality LUT.
+        modality: (0008,0060) ``CR`` (CR Image Storage) or ``DX`` (Digital X-Ray Image Storage - For
+            Presentation, (0008,0068) *Presentation Intent Type* ``FOR PRESENTATION``).
+        view: (0018,5101) *View Position*: ``PA`` for a department's chest stand, ``AP`` for a bedside portable.
     """
 
     manufacturer: str
@@ -67,6 +78,8 @@ class CXRScanner:
     marker_corner: str = "tl"
     rescale_slope: float = 1.0
     rescale_intercept: float = 0.0
+    modality: str = "CR"
+    view: str = "PA"
 
     def scaled(self, strength: float) -> CXRScanner:
         """This scanner with its intensity, blur and noise shift scaled from neutral (0) to full (1).
@@ -102,13 +115,14 @@ CXR_SCANNERS: tuple[CXRScanner, ...] = (
                collimation=0.06, marker_corner="bl"),
     CXRScanner("Synthetic Radiography D", "SR-D-portable", 192, 0.19, 12, "MONOCHROME2",
                gamma=0.85, contrast=0.7, brightness=0.10, blur=0.6, quantum_noise=0.05, heel=-0.12,
-               grid=0.03, marker_corner="br", rescale_slope=2.0, rescale_intercept=-1024.0),
+               grid=0.03, marker_corner="br", rescale_slope=2.0, rescale_intercept=-1024.0, view="AP"),
 )  # fmt: skip
 """The four reference hospitals; more are derived from these by :func:`make_scanner`."""
 
 
 def make_scanner(index: int, rng: np.random.Generator) -> CXRScanner:
-    """Scanner of hospital ``index``: a reference profile, or for index ≥ 4 a random blend of two."""
+    """Scanner of hospital ``index``: a reference profile, or for index ≥ 4 a random blend of two (the view of
+    the first; even indices are DX detectors, odd ones CR)."""
     if index < len(CXR_SCANNERS):
         return CXR_SCANNERS[index]
     a, b = (CXR_SCANNERS[i] for i in rng.choice(len(CXR_SCANNERS), size=2, replace=False))
@@ -126,6 +140,7 @@ def make_scanner(index: int, rng: np.random.Generator) -> CXRScanner:
         bits_stored=int(rng.choice([10, 12, 14])),
         photometric=str(rng.choice(["MONOCHROME1", "MONOCHROME2"])),
         marker_corner=str(rng.choice(["tl", "tr", "bl", "br"])),
+        modality="DX" if index % 2 == 0 else "CR",
         **mix,
     )
 
@@ -143,6 +158,8 @@ class Patient:
     severity: float
     finding_seed: int
     texture_seed: int = field(default=0)
+    co_findings: tuple[str, ...] = ()
+    """Further findings drawn on top of ``finding`` (multi-label hospitals, :mod:`.hospitals`)."""
 
 
 def sample_patient(rng: np.random.Generator, finding: str) -> Patient:
@@ -239,6 +256,8 @@ def render_density(patient: Patient, rng: np.random.Generator, n: int = RENDER_S
         density += 0.12 * np.exp(-(((y - line) / 0.028) ** 2)) * ((side * x) > 0.06) * ((side * x) < 0.7)
 
     density += _finding(patient, x, y, lungs, n)
+    for i, extra in enumerate(patient.co_findings, start=1):  # multi-label: each finding from its own seed
+        density += _finding(replace(patient, finding=extra, finding_seed=patient.finding_seed + i), x, y, lungs, n)
     return np.clip(density, 0, 1).astype(np.float32)
 
 
@@ -331,7 +350,8 @@ def write_cxr_dicom(
     institution: str,
     instance_number: int = 1,
 ) -> None:
-    """Write stored pixels as a CR Image Storage file (Explicit VR Little Endian).
+    """Write stored pixels as a CR Image Storage file, or for a DX scanner a Digital X-Ray Image Storage - For
+    Presentation file (Explicit VR Little Endian), with the scanner's view.
 
     The file is de-identified the way a site would de-identify real data: the patient is a pseudonym,
     (0012,0062) *Patient Identity Removed* is ``YES``, birth date and physician names are empty, and
@@ -348,13 +368,11 @@ def write_cxr_dicom(
         institution: InstitutionName.
         instance_number: InstanceNumber.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
-
     study_uid = generate_uid(entropy_srcs=["study", uid_seed])
     sop_uid = generate_uid(entropy_srcs=["sop", uid_seed])
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    sop_class = DigitalXRayImageStorageForPresentation if scanner.modality == "DX" else ComputedRadiographyImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
@@ -362,12 +380,12 @@ def write_cxr_dicom(
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
     ds.AccessionNumber = ""
-    ds.Modality = "CR"
+    ds.Modality = scanner.modality
     ds.Manufacturer = scanner.manufacturer
     ds.ManufacturerModelName = scanner.model
     ds.InstitutionName = institution
@@ -379,7 +397,9 @@ def write_cxr_dicom(
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = "medsilo synthetic image; no real patient"
     ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
+    ds.ViewPosition = scanner.view
+    if scanner.modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=["series", uid_seed])
     ds.StudyID = ""

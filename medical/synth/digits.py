@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
 
 from medsilo.config.manifest import SPLITS, write_manifest
 from medsilo.errors import MedsiloError
@@ -134,9 +136,6 @@ def write_digit_sites(out: str | Path, req: DigitsRequest = DigitsRequest()) -> 
     Raises:
         MedsiloError: a bad request, or ``out`` holds something other than digit sites.
     """
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
     req.check()
     out = Path(out)
     marker = out / "digits.json"

@@ -13,6 +13,10 @@ the result does not depend on the number of workers) and writes::
       hospital-1/manifest.csv       # path,label,patient_id,split
       hospital-1/images/000000.dcm  # CR DICOM (cxr) or .png (pathology)
 
+A *multi-label* request (``multilabel=True``, chest X-ray only) labels every image with several findings
+that co-occur (:mod:`.multilabel`: default labels pneumonia, effusion, nodule, cardiomegaly); its manifests
+have one column per label (``1``/``0``, some training cells blank = unknown) instead of ``label``.
+
 A *scarce* site (``scarce={"hospital-3": 12}``) has only that many training images; its validation and
 test splits keep the normal size so its accuracy can still be measured.
 
@@ -35,10 +39,11 @@ from typing import Any
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from medsilo.config.manifest import SPLITS, write_manifest
 from medsilo.errors import MedsiloError
-from medsilo.medical.synth import cxr, pathology
+from medsilo.medical.synth import cxr, multilabel, pathology
 
 DEFAULT_CLASSES = {"cxr": ("normal", "pneumonia"), "pathology": ("normal", "tumor")}
 ALLOWED_CLASSES = {"cxr": cxr.CXR_FINDINGS, "pathology": pathology.PATHOLOGY_CLASSES}
@@ -59,6 +64,8 @@ class SynthRequest:
         shift: site-shift strength, 0 (identical scanners) … 1 (reference profiles).
         split: train/val/test shares of each class's patients.
         patch_size: pathology patch side in pixels.
+        multilabel: chest X-ray only: label each image with co-occurring findings (``classes`` are then the
+            labels, from :data:`.multilabel.ML_FINDINGS`; ``dirichlet_alpha`` skews each site's prevalences).
     """
 
     modality: str
@@ -71,6 +78,7 @@ class SynthRequest:
     shift: float = 1.0
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     patch_size: int = 96
+    multilabel: bool = False
 
     def site_names(self) -> list[str]:
         """``hospital-1`` … ``hospital-N``."""
@@ -78,7 +86,9 @@ class SynthRequest:
 
     def class_names(self) -> tuple[str, ...]:
         """The classes, defaulting per modality."""
-        return tuple(self.classes) if self.classes else DEFAULT_CLASSES[self.modality]
+        if self.classes:
+            return tuple(self.classes)
+        return multilabel.ML_FINDINGS if self.multilabel else DEFAULT_CLASSES[self.modality]
 
     def check(self) -> None:
         """Raise :class:`MedsiloError` naming the first bad option."""
@@ -91,7 +101,9 @@ class SynthRequest:
         if self.seed < 0:
             raise MedsiloError(f"--seed: must be ≥ 0, got {self.seed}")
         classes = self.class_names()
-        allowed = ALLOWED_CLASSES[self.modality]
+        if self.multilabel and self.modality != "cxr":
+            raise MedsiloError("--multilabel: only chest X-ray hospitals have multi-label findings")
+        allowed = multilabel.ML_FINDINGS if self.multilabel else ALLOWED_CLASSES[self.modality]
         bad = [c for c in classes if c not in allowed]
         if bad or len(set(classes)) != len(classes) or len(classes) < 2:
             raise MedsiloError(
@@ -201,6 +213,8 @@ def _assign_splits(sizes: list[int], shares: dict[str, float], rng: np.random.Ge
 
 def _plan_site(req: SynthRequest, index: int, name: str, out: Path) -> tuple[list[_ImageJob], list[dict[str, str]], dict]:
     """Image jobs, manifest rows and the profile description of one site."""
+    if req.multilabel:
+        return _plan_multilabel_site(req, index, name, out)
     classes = req.class_names()
     site_rng = np.random.default_rng([req.seed, index, 0])
     if req.modality == "cxr":
@@ -262,10 +276,50 @@ def _plan_site(req: SynthRequest, index: int, name: str, out: Path) -> tuple[lis
     return jobs, rows, {"profile": asdict(profile), "class_counts": dict(zip(classes, map(int, counts)))}
 
 
+def _plan_multilabel_site(req: SynthRequest, index: int, name: str,
+                          out: Path) -> tuple[list[_ImageJob], list[dict[str, str]], dict]:  # fmt: skip
+    """:func:`_plan_site` for a multi-label request: patients with co-occurring findings (:mod:`.multilabel`)."""
+    labels = req.class_names()
+    site_rng = np.random.default_rng([req.seed, index, 0])
+    profile = cxr.make_scanner(index, site_rng).scaled(req.shift)
+    factors = multilabel.site_factors(site_rng, req.dirichlet_alpha)
+    sizes = _patients(req.images_per_site, 0.4, site_rng)
+    splits = _assign_splits(sizes, dict(zip(SPLITS, req.split)), site_rng)
+    if req.scarce.get(name) is not None:  # few training images, full-size val/test
+        budget, kept = req.scarce[name], []
+        for size, split in zip(sizes, splits):
+            if split != "train" or budget > 0:
+                kept.append((min(size, budget) if split == "train" else size, split))
+                budget -= kept[-1][0] if split == "train" else 0
+        sizes, splits = [k[0] for k in kept], [k[1] for k in kept]
+    code = f"H{index + 1}"
+    jobs: list[_ImageJob] = []
+    rows: list[dict[str, str]] = []
+    for patient_no, (size, split) in enumerate(zip(sizes, splits)):
+        patient_rng = np.random.default_rng([req.seed, index, 1, patient_no])
+        findings = multilabel.draw_findings(patient_rng, factors)
+        patient = multilabel.sample_patient(patient_rng, findings)
+        pseudonym = f"{code}-P{patient_no:05d}"
+        study = date(2020, 1, 1) + timedelta(days=int(patient_rng.integers(0, 1500)))
+        for j in range(size):
+            image_no = len(jobs)
+            rel = f"images/{image_no:06d}.dcm"
+            jobs.append(_ImageJob(out=str(out / name / rel), modality="cxr", seed=(req.seed, index, 2, image_no),
+                                  label="+".join(sorted(findings)) or "normal", profile=profile, patient=patient,
+                                  pseudonym=pseudonym, institution=f"Synthetic Hospital {index + 1}",
+                                  study_date=(study + timedelta(days=30 * j)).strftime("%Y%m%d"), instance=j + 1,
+                                  patch_size=req.patch_size))  # fmt: skip
+            cells = multilabel.label_cells(findings, labels, split, patient_rng)
+            rows.append({"path": rel, "patient_id": pseudonym, "split": split, **cells})
+    prevalence = {label: round(sum(r[label] == "1" for r in rows) / max(len(rows), 1), 3) for label in labels}
+    return jobs, rows, {"profile": asdict(profile), "prevalence": prevalence, "prevalence_factors": list(factors),
+                        "split_images": {s: sum(r["split"] == s for r in rows) for s in SPLITS}}  # fmt: skip
+
+
 def generator_fingerprint() -> str:
     """SHA-256 (first 16 hex digits) of the generator's source: a changed generator never reuses old images."""
     digest = hashlib.sha256()
-    for module in (cxr, pathology, sys.modules[__name__]):
+    for module in (cxr, multilabel, pathology, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -322,12 +376,13 @@ def synthesize(
     for index, name in enumerate(req.site_names()):
         (tmp / name / "images").mkdir(parents=True)
         jobs, rows, info = _plan_site(req, index, name, tmp)
-        write_manifest(tmp / name / "manifest.csv", rows)
+        write_manifest(tmp / name / "manifest.csv", rows, labels=req.class_names() if req.multilabel else ())
         all_jobs.extend(jobs)
         sites_yml[name] = {"dataset": req.modality, "manifest": f"{name}/manifest.csv", "modality": req.modality}
         split_counts = {s: {c: 0 for c in req.class_names()} for s in SPLITS}
-        for r in rows:
-            split_counts[r["split"]][r["label"]] += 1
+        for r in rows:  # multi-label: images with the finding present
+            for c in [c for c in req.class_names() if r.get(c) == "1"] if req.multilabel else [r["label"]]:
+                split_counts[r["split"]][c] += 1
         summary[name] = {**info, "images": len(rows), "split_counts": split_counts}
 
     try:
@@ -351,8 +406,6 @@ def publish(tmp: Path, out: Path, marker: str, facts: dict[str, Any], sites: dic
 
 
 def _render_all(jobs: list[_ImageJob], workers: int | None, progress: bool, modality: str) -> None:
-    from tqdm import tqdm
-
     workers = max(1, min(workers or 2, os.cpu_count() or 1))
     bar = tqdm(total=len(jobs), desc=f"synth {modality}", unit="img", disable=not progress, leave=False)
     try:

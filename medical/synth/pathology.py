@@ -15,10 +15,12 @@ nuclear size with its magnification, so stain shift genuinely moves the class bo
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 PATHOLOGY_CLASSES: tuple[str, ...] = ("normal", "tumor")
@@ -191,10 +193,6 @@ def stain_patch(atypia: float, site: StainSite, rng: np.random.Generator, size: 
 
 
 def _jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
     buf.seek(0)
@@ -210,6 +208,4 @@ def sample_atypia(rng: np.random.Generator, label: str) -> float:
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:
     """Write an RGB patch as PNG (deterministic bytes for the same array)."""
-    from PIL import Image
-
     Image.fromarray(rgb, mode="RGB").save(path, format="PNG")

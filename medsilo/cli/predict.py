@@ -5,6 +5,10 @@ DICOMs and unreadable files are reported and skipped), preprocessed as the bundl
 scored in batches by ``models/model.ts``. The output CSV has ``path,pred,score_<class>…`` and, when the
 manifest has labels, ``label,correct``; a one-line accuracy/AUROC summary follows. On the site's own test
 split it reproduces the test accuracy the job reported for that site.
+
+A multi-label model (``task: multilabel``) writes ``path,prob_<label>…,pred_<label>…`` — each label's sigmoid
+probability and 1/0 at the threshold the site chose on validation (the bundle's ``thresholds``) — and, when the
+manifest has the label columns, ``true_<label>…`` (blank = unknown) and a per-label AUROC / macro-AUROC summary.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -80,6 +85,13 @@ def load_bundle(folder: Path, ledger: Path | None = None, root_ca: Path | None =
         raise MedsiloError(f"{meta_file}: not medsilo model metadata ({type(exc).__name__}: {exc})") from None
     if not ok:
         raise MedsiloError(f"{meta_file}: modality, channels, image_size, classes or site out of their allowed values")
+    if meta.get("task", "single") not in ("single", "multilabel"):
+        raise MedsiloError(f"{meta_file}: task must be 'single' or 'multilabel', got {meta.get('task')!r}")
+    if meta.get("task") == "multilabel":
+        cut = meta.get("thresholds")
+        if not (isinstance(cut, dict) and list(cut) == meta["classes"]
+                and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in cut.values())):  # fmt: skip
+            raise MedsiloError(f"{meta_file}: a multi-label model needs thresholds: one number in [0, 1] per label")
     digest = hashlib.sha256(model).hexdigest()
     if digest != meta["model_sha256"]:
         raise MedsiloError(f"{model_file}: differs from the model the export recorded (SHA-256 in "
@@ -101,13 +113,19 @@ CLASS_NAME = r"[A-Za-z0-9][A-Za-z0-9_ .-]{0,62}"
 """Class names as a job spec allows them (``medsilo.config.job.ClassName``)."""
 
 
-def _rows(manifest: Path, classes: list[str], split: str | None) -> list[tuple[Path, str, int | None]]:
-    """(image path, path as written, label index or ``None``) of the manifest's rows in ``split``."""
+def _rows(manifest: Path, classes: list[str], split: str | None,
+          multilabel: bool = False) -> list[tuple[Path, str, Any]]:  # fmt: skip
+    """(image path, path as written, label index, targets tuple (multi-label) or ``None``) of the manifest's rows
+    in ``split``."""
     from medsilo.config.manifest import read_manifest
 
     with manifest.open(encoding="utf-8-sig", newline="") as fh:
         header = [h.strip().lower() for h in next(csv.reader(fh), [])]
-    if "label" in header:
+    if multilabel and all(c.lower() in header for c in classes):
+        rows = read_manifest(manifest, labels=classes).rows  # blanks stay unknown (NaN)
+        base = manifest.resolve().parent
+        return [(r.path, os.path.relpath(r.path, base), r.targets) for r in rows if split is None or r.split == split]
+    if "label" in header and not multilabel:
         rows = read_manifest(manifest, classes).rows
         base = manifest.resolve().parent
         return [(r.path, os.path.relpath(r.path, base), r.label) for r in rows if split is None or r.split == split]
@@ -115,7 +133,8 @@ def _rows(manifest: Path, classes: list[str], split: str | None) -> list[tuple[P
     from medsilo.errors import MedsiloError
 
     if split is not None:
-        raise MedsiloError(f"{manifest}: --split needs a manifest with split and label columns")
+        what = f"the label columns ({', '.join(classes)})" if multilabel else "split and label columns"
+        raise MedsiloError(f"{manifest}: --split needs a manifest with {what}")
     base = manifest.resolve().parent
     with manifest.open(encoding="utf-8-sig", newline="") as fh:
         records = list(csv.DictReader(fh))
@@ -139,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {args.model} is checked against its own metadata only; a model file is code, so run "
               "models your site exported, or pass --ledger (and --root-ca) to check the site's signed record")
     classes = list(meta["classes"])
-    rows = _rows(args.manifest, classes, args.split)
+    multilabel = meta.get("task") == "multilabel"
+    rows = _rows(args.manifest, classes, args.split, multilabel)
     if not rows:
         raise MedsiloError(f"{args.manifest}: no rows{f' in split {args.split}' if args.split else ''} to score")
     with warnings.catch_warnings():
@@ -173,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
 
     labelled = all(label is not None for _, label, _ in scored)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if multilabel:
+        return _write_multilabel(args, meta, scored, skipped, labelled and bool(scored))
     with atomic_open(args.out, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["path", "pred", *[f"score_{c}" for c in classes], *(["label", "correct"] if labelled else [])])
@@ -190,5 +212,37 @@ def run(args: argparse.Namespace) -> int:
         correct = sum(int(p.argmax() == label) for _, label, p in scored)
         auroc = "n/a" if np.isnan(m["auroc"]) else f"{m['auroc']:.4f}"
         summary += f"; accuracy {m['acc']:.4f} ({correct}/{len(scored)}), AUROC {auroc}"
+    print(f"{summary}; wrote {args.out}")
+    return 0
+
+
+def _write_multilabel(args: argparse.Namespace, meta: dict, scored: list, skipped: list, labelled: bool) -> int:
+    """Write a multi-label model's predictions (probabilities, thresholded labels, truth) and print its summary."""
+    import numpy as np
+    import torch
+
+    from medsilo.components.training import multilabel_metrics
+    from medsilo.fs import atomic_open
+
+    labels = list(meta["classes"])
+    cut = np.array([float(meta["thresholds"][c]) for c in labels])
+    truth = lambda v: "" if np.isnan(v) else str(int(v))  # noqa: E731
+    with atomic_open(args.out, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["path", *[f"prob_{c}" for c in labels], *[f"pred_{c}" for c in labels],
+                         *([f"true_{c}" for c in labels] if labelled else [])])  # fmt: skip
+        for shown, targets, p in scored:
+            writer.writerow([shown, *[f"{v:.6f}" for v in p], *[int(v) for v in p >= cut],
+                             *([truth(v) for v in targets] if labelled else [])])  # fmt: skip
+    for exc in skipped[:5]:
+        print(f"skipped {exc.path}: {exc.reason}")
+    summary = f"scored {len(scored)} image(s), skipped {len(skipped)}"
+    if labelled:
+        m = multilabel_metrics(torch.from_numpy(np.stack([p for _, _, p in scored])),
+                               torch.tensor([list(t) for _, t, _ in scored], dtype=torch.float64), labels,
+                               cut.tolist())  # fmt: skip
+        show = lambda x: "n/a" if np.isnan(x) else f"{x:.4f}"  # noqa: E731
+        per_label = ", ".join(f"{c} {show(m[f'auroc/{c}'])}" for c in labels)
+        summary += f"; macro-AUROC {show(m['macro_auroc'])} (AUROC {per_label}), exact match {show(m['acc'])}"
     print(f"{summary}; wrote {args.out}")
     return 0

@@ -44,7 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="give SITE only COUNT training images (val/test keep their size); repeatable",
     )  # fmt: skip
     p.add_argument("--classes", type=_classes, default=None, metavar="A,B[,...]",
-                   help="cxr: normal,pneumonia[,effusion,nodule]; pathology: normal,tumor")  # fmt: skip
+                   help="cxr: normal,pneumonia[,effusion,nodule]; pathology: normal,tumor; with --multilabel the "
+                        "labels, from pneumonia,effusion,nodule,cardiomegaly (default all four)")  # fmt: skip
+    p.add_argument("--multilabel", action="store_true",
+                   help="cxr: co-occurring findings per image, one manifest column per label (1/0, some training "
+                        "cells blank = unknown) for 'task: multilabel' jobs; --dirichlet-alpha skews prevalences")  # fmt: skip
     p.add_argument("--dirichlet-alpha", type=float, default=None, metavar="ALPHA",
                    help="label skew across sites (smaller = more skewed); default: balanced")  # fmt: skip
     p.add_argument("--shift", type=float, default=1.0, help="site-shift strength, 0 (none) to 1 (default) or more")
@@ -75,15 +79,18 @@ def run(args: argparse.Namespace) -> int:
         dirichlet_alpha=args.dirichlet_alpha,
         shift=args.shift,
         patch_size=args.patch_size,
+        multilabel=args.multilabel,
     )
     sites_yml = synthesize(args.out, req, workers=args.workers, progress=not args.quiet, force=args.force)
     summary = json.loads((args.out / "synth.json").read_text())["sites"]
     classes = req.class_names()
-    print(f"{'site':<12} {'images':>6}  {'train':>5} {'val':>4} {'test':>4}  class mix ({'/'.join(classes)})")
+    what = "prevalence" if req.multilabel else "class mix"
+    print(f"{'site':<12} {'images':>6}  {'train':>5} {'val':>4} {'test':>4}  {what} ({'/'.join(classes)})")
     for site, info in summary.items():
         splits = info["split_counts"]
-        n = {s: sum(splits[s].values()) for s in splits}
-        mix = "/".join(str(info["class_counts"][c]) for c in classes)
+        n = info.get("split_images") or {s: sum(splits[s].values()) for s in splits}
+        mix = "/".join(f"{info['prevalence'][c]:.2f}" if req.multilabel else str(info["class_counts"][c])
+                       for c in classes)  # fmt: skip
         print(f"{site:<12} {info['images']:>6}  {n['train']:>5} {n['val']:>4} {n['test']:>4}  {mix}")
     print(f"wrote {sites_yml}")
     return 0

@@ -4,7 +4,7 @@ A job names a dataset, never a path; each site resolves the name through its own
 
     name: cxr-fedavg
     modality: cxr
-    classes: [normal, pneumonia]
+    classes: [normal, pneumonia]   # or task: multilabel with labels: [...] (see JobSpec)
     dataset: cxr
     image_size: 64
     model: cnn                     # or a map site -> backbone for heterogeneous jobs
@@ -40,10 +40,24 @@ from medsilo.config.common import (
     Strict,
 )
 from medsilo.config.loading import load_yaml, validate
+from medsilo.config.manifest import COLUMNS as MANIFEST_COLUMNS
 from medsilo.errors import MedsiloError, did_you_mean
 
 ClassName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_ .-]{0,62}$")]
+ClassList = Annotated[list[ClassName], Field(min_length=2)]
+Task = Literal["single", "multilabel"]
+"""``single``: one class per image (softmax, cross-entropy); ``multilabel``: any subset of the labels per image
+(one sigmoid per label, binary cross-entropy)."""
+UnknownPolicy = Literal["ignore", "negative", "positive"]
+"""What a blank (unknown) label cell of a multi-label manifest means: left out of the loss (``ignore``), or read
+as 0 (``negative``) or 1 (``positive``) — CheXpert's U-Ignore, U-Zeros and U-Ones."""
 Scalar = bool | int | float | str
+
+UNKNOWN_VIEW = "UNKNOWN"
+CXR_VIEWS: tuple[str, ...] = ("PA", "AP", "LATERAL", "LL", UNKNOWN_VIEW)
+"""Chest X-ray views a job may keep (``views``): posteroanterior, anteroposterior, a lateral other than left
+(right lateral, or one only called lateral), left lateral, and ``UNKNOWN`` for images whose header names none
+(:func:`medsilo.medical.data.readers.view_of`)."""
 
 
 def check_algorithm(name: str) -> str:
@@ -220,9 +234,14 @@ class Augmentation(Strict):
 
 
 class Evaluation(Strict):
-    """How rounds are scored: the reported round is chosen on ``select_on``, never on test."""
+    """How rounds are scored: the reported round is chosen on ``select_on``, never on test.
 
-    select_on: Literal["val_acc"] = "val_acc"
+    Attributes:
+        select_on: ``val_acc`` (mean validation accuracy over sites; single-label jobs) or ``val_macro_auroc``
+            (mean over sites of the validation macro-AUROC; multi-label jobs). Left out: the task's own.
+    """
+
+    select_on: Literal["val_acc", "val_macro_auroc"] | None = None
 
 
 class JobSpec(Strict):
@@ -233,10 +252,23 @@ class JobSpec(Strict):
         modality: ``cxr`` (DICOM chest X-ray), ``pathology`` (RGB H&E patches) or ``image`` (PNG/JPEG/TIFF
             of any specialty, grayscale or RGB).
         classes: class names in label order (≥ 2, unique; numbers are read as names: ``[0, 1]`` is
-            ``["0", "1"]``).
+            ``["0", "1"]``). Required for ``task: single``. For ``task: multilabel`` it names the model's
+            outputs, which are the labels: leave it out (it is filled in as ``labels``) or repeat ``labels``.
+        task: ``single`` (default: one class per image, softmax) or ``multilabel`` (any subset of ``labels``
+            per image: one sigmoid output per label, masked binary cross-entropy, per-label AUROC, macro-AUROC
+            and per-label F1 at a threshold chosen on validation; rounds are selected on validation
+            macro-AUROC). Only algorithms that declare ``MULTILABEL`` can run a multi-label job.
+        labels: ``task: multilabel`` only: the findings, in output order (≥ 2, unique ignoring case; each is
+            a manifest column of that name holding 1, 0 or blank). A label may not be called like a manifest
+            column (``path``, ``label``, ``patient_id``, ``split``, ``source``).
+        unknown: ``task: multilabel`` only: what a blank label cell means (:data:`UnknownPolicy`; default
+            ``ignore``: masked out of the loss and of the metrics).
         channels: the model's input channels: ``1`` (grayscale images are used as they are, RGB converted
             to luminance) or ``3`` (grayscale replicated); ``null`` (default) for ``image`` reads it from each
             site's files (3 if any is in colour); chest X-ray is always 1, pathology 3.
+        views: chest X-ray only: the views each site keeps (:data:`CXR_VIEWS`, case ignored, e.g. ``[PA, AP]``);
+            images of other views are dropped when a site loads its data, and counted in its log. ``null``
+            (default): every view, ``UNKNOWN`` included.
         dataset: the dataset name each site resolves through its own config.
         image_size: square input side in pixels (8–512).
         model: one backbone for every site, or a map site → backbone (heterogeneous FL).
@@ -247,8 +279,12 @@ class JobSpec(Strict):
 
     name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
     modality: Modality
-    classes: list[ClassName] = Field(min_length=2)
+    classes: ClassList | None = None
+    task: Task = "single"
+    labels: ClassList | None = None
+    unknown: UnknownPolicy | None = None
     channels: Literal[1, 3] | None = None
+    views: list[str] | None = None
     dataset: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
     image_size: int = Field(default=64, ge=8, le=512)
     model: Any = "cnn"
@@ -261,7 +297,7 @@ class JobSpec(Strict):
     reliability: Reliability = Reliability()
     seed: int = Field(default=0, ge=0)
 
-    @field_validator("classes", mode="before")
+    @field_validator("classes", "labels", mode="before")
     @classmethod
     def _numbers_as_names(cls, value: Any) -> Any:
         if not isinstance(value, list):
@@ -279,11 +315,61 @@ class JobSpec(Strict):
 
     @field_validator("classes")
     @classmethod
-    def _unique_classes(cls, value: list[str]) -> list[str]:
-        dupes = sorted({c for c in value if value.count(c) > 1})
+    def _unique_classes(cls, value: list[str] | None) -> list[str] | None:
+        dupes = sorted({c for c in value or () if value.count(c) > 1})
         if dupes:
             raise ValueError(f"class names must be unique; repeated: {', '.join(dupes)}")
         return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_columns(cls, value: list[str] | None) -> list[str] | None:
+        folded = [v.lower() for v in value or ()]  # manifest headers are read ignoring case
+        dupes = sorted({v for v in value or () if folded.count(v.lower()) > 1})
+        if dupes:
+            raise ValueError(f"label names must be unique ignoring case (each is a manifest column); "
+                             f"repeated: {', '.join(dupes)}")  # fmt: skip
+        reserved = [v for v in value or () if v.lower() in MANIFEST_COLUMNS]
+        if reserved:
+            raise ValueError(f"label {reserved[0]!r} is a manifest column name ({', '.join(MANIFEST_COLUMNS)}); "
+                             f"rename the finding")  # fmt: skip
+        return value
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> JobSpec:
+        select_on = self.evaluation.select_on
+        if self.task == "single":
+            for name in ("labels", "unknown"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only a multi-label job has {name}; add 'task: multilabel' or "
+                                     f"list the classes under 'classes'")  # fmt: skip
+            if self.classes is None:
+                raise ValueError("classes: required: the class names in label order (at least 2)")
+            if select_on not in (None, "val_acc"):
+                raise ValueError(f"evaluation.select_on: '{select_on}' is for multi-label jobs; use val_acc")
+            object.__setattr__(self, "evaluation", Evaluation(select_on="val_acc"))  # frozen: set once, here
+            return self
+        if self.labels is None:
+            raise ValueError("labels: a multi-label job lists its findings (at least 2), one manifest column "
+                             "each")  # fmt: skip
+        if self.classes is not None and list(self.classes) != list(self.labels):
+            raise ValueError("classes: a multi-label model's outputs are its labels; leave classes out (or repeat "
+                             "labels exactly)")  # fmt: skip
+        if select_on not in (None, "val_macro_auroc"):
+            raise ValueError(f"evaluation.select_on: a multi-label job selects rounds on val_macro_auroc, not "
+                             f"'{select_on}'")  # fmt: skip
+        if self.augmentation.pcevolve is not None:
+            raise ValueError("augmentation.pcevolve: PCEvolve synthesizes images per class; a multi-label job "
+                             "cannot use it")  # fmt: skip
+        algos = registry.algorithms()
+        if not getattr(algos.algorithm_module(self.algorithm.name), "MULTILABEL", False):
+            capable = [a for a in algos.ALGORITHMS if algos.algorithm_module(a).MULTILABEL]
+            raise ValueError(f"algorithm '{self.algorithm.name}' cannot train a multi-label model (task: "
+                             f"multilabel); algorithms that can: {', '.join(capable)}")  # fmt: skip
+        object.__setattr__(self, "classes", list(self.labels))  # frozen: set once, here
+        object.__setattr__(self, "unknown", self.unknown or "ignore")
+        object.__setattr__(self, "evaluation", Evaluation(select_on="val_macro_auroc"))
+        return self
 
     @field_validator("model")
     @classmethod
@@ -314,6 +400,31 @@ class JobSpec(Strict):
         if rgb_only and channels == 1:
             raise ValueError(f"training.augmentation: {', '.join(rgb_only)} needs RGB images, but this job's "
                              f"images have 1 channel")  # fmt: skip
+        return self
+
+    @field_validator("views", mode="before")
+    @classmethod
+    def _known_views(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError(f"list at least one view ({', '.join(CXR_VIEWS)}), or leave views out to keep all")
+        out = []
+        for item in value:
+            view = str(item).strip().upper()
+            if view not in CXR_VIEWS:
+                raise ValueError(f"unknown view {item!r}; {did_you_mean(view, CXR_VIEWS)}choose from "
+                                 f"{', '.join(CXR_VIEWS)}")  # fmt: skip
+            if view in out:
+                raise ValueError(f"view {view} is listed twice")
+            out.append(view)
+        return out
+
+    @model_validator(mode="after")
+    def _views_are_for_chest_xrays(self) -> JobSpec:
+        if self.views is not None and self.modality != "cxr":
+            raise ValueError(f"views: only chest X-rays (modality cxr) have a view; a {self.modality} job cannot "
+                             f"restrict views, remove 'views'")  # fmt: skip
         return self
 
     @model_validator(mode="after")
@@ -361,6 +472,11 @@ class JobSpec(Strict):
                 f"use one backbone for every site, or a heterogeneous-FL algorithm ({', '.join(algos.HTFL_ALGORITHMS)})"
             )
         return self
+
+    @property
+    def multilabel(self) -> bool:
+        """True for ``task: multilabel``."""
+        return self.task == "multilabel"
 
     @property
     def input_channels(self) -> int | None:

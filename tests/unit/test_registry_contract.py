@@ -3,7 +3,9 @@
 For each algorithm: it declares its metadata (family, mixed backbones, DP form, server forms); two sites'
 uploads have the same names and fixed shapes and add; the server half turns their sum into a payload that the
 sites take; the upload survives a CKKS round trip; a job giving sites different backbones is refused exactly
-when the algorithm does not declare it can mix them. (Evaluation = export: ``test_export.py``.)
+when the algorithm does not declare it can mix them; it declares whether it can train a multi-label model
+(``MULTILABEL``), and those that say so train one with the same upload names and shapes (so DP and CKKS apply
+unchanged), while the others are refused at validation. (Evaluation = export: ``test_export.py``.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import torch
 from medsilo.components.algorithms import ALGORITHMS, FAMILIES, algorithm_module
 from medsilo.config import JobSpec
 from medsilo.config.loading import ConfigError
-from tests.helpers import aggregate, tiny_setup
+from tests.helpers import aggregate, multilabel_setup, tiny_setup
+
+MULTILABEL_CAPABLE = {"local", "fedavg", "fedprox", "ditto", "fedper", "fedrep", "fedala", "feddbe", "lgfedavg"}
+"""Issue 17: the weight-sharing methods and LG-FedAvg train multi-label heads; the prototype methods cannot."""
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
@@ -24,6 +29,40 @@ def test_an_algorithm_declares_what_it_is(name):
     assert module.MIXED_BACKBONES == (module.FAMILY != "pfl")  # sharing weights needs one backbone
     assert module.Client.dp_form in (None, "update", "class_sums")
     assert module.Server.form_for(module.Config()) in ("sums", "per-site")
+    assert isinstance(module.MULTILABEL, bool) and module.MULTILABEL == (name in MULTILABEL_CAPABLE)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_a_multilabel_job_runs_exactly_the_algorithms_that_declare_it(name):
+    spec = {"name": "j", "modality": "cxr", "task": "multilabel", "labels": ["a", "b", "c"], "dataset": "cxr",
+            "algorithm": {"name": name}}  # fmt: skip
+    if algorithm_module(name).MULTILABEL:
+        assert JobSpec(**spec).classes == ["a", "b", "c"]
+        return
+    capable = ", ".join(a for a in ALGORITHMS if a in MULTILABEL_CAPABLE)
+    refusal = rf"cannot train a multi-label model .*algorithms that can: {capable}(\s|$)"
+    with pytest.raises((ConfigError, ValueError), match=refusal):
+        JobSpec(**spec)
+
+
+@pytest.mark.parametrize("name", sorted(MULTILABEL_CAPABLE))
+def test_multilabel_sites_upload_what_single_label_sites_upload(name):
+    module = algorithm_module(name)
+    config = module.Config()
+    single = module.Client(tiny_setup("a", n=8), config).train(1).sums
+    clients = [module.Client(multilabel_setup(site, n=8, seed=i), config) for i, site in enumerate(("a", "b"))]
+    uploads = [c.train(1) for c in clients]
+    assert all(u.train_loss > 0 and torch.isfinite(torch.tensor(u.train_loss)) for u in uploads)
+    # the upload does not depend on the task: same names and shapes, so DP clipping and CKKS apply unchanged
+    assert {k: v.shape for k, v in uploads[0].sums.items()} == {k: v.shape for k, v in single.items()}
+    payload = module.Server(config, 3, ["a", "b"]).update(aggregate([u.sums for u in uploads]), 1)
+    for client in clients:
+        client.receive(payload or None, 2)
+        client.train(2)
+        x = torch.stack([client.setup.data.test[i][0] for i in range(6)])
+        probs = client.scores(x)  # one sigmoid per label: in [0, 1], not a distribution over labels
+        assert probs.shape == (6, 3) and bool(((probs >= 0) & (probs <= 1)).all())
+        assert not torch.allclose(probs.sum(1), torch.ones(6))
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)

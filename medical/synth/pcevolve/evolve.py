@@ -39,7 +39,9 @@ from pydantic import Field
 
 from medsilo.config.common import Strict
 from medsilo.errors import MedsiloError
-from medsilo.medical.synth.pcevolve.generators import Candidate, Generator
+from medsilo.medical.models import build_model
+from medsilo.medical.synth.pcevolve.generators import Candidate, Generator, make_generator
+from medsilo.secure.budget import BudgetBook, SelectionCharge
 from medsilo.secure.dp import ExponentialEvent, exponential_mechanism, fresh_generator
 
 SENSITIVITY = 1.0
@@ -135,7 +137,6 @@ def encoder(kind: str, channels: int, seed: int) -> Callable[[torch.Tensor], tor
             return torch.cat([thumb, hist], dim=1)
 
         return pixels
-    from medsilo.medical.models import build_model
 
     model = build_model("cnn", in_channels=channels, num_classes=2, feature_dim=64, seed=seed).eval()
 
@@ -244,9 +245,6 @@ def charged_evolve(party, run_id: str, policy, generator_name: str, modality: st
         config: the run's settings.
         progress: ``progress(iteration, iterations)`` after each iteration.
     """
-    from medsilo.medical.synth.pcevolve.generators import make_generator
-    from medsilo.secure.budget import BudgetBook, SelectionCharge
-
     generator = make_generator(generator_name, modality, classes, image_size)
     what = {"kind": "selection", "generator": generator_name, "encoder": config.encoder,
             "iterations": config.iterations, "per_class": config.per_class, "classes": len(classes)}  # fmt: skip

@@ -24,10 +24,19 @@ resolves the name; a site allows generators in its policy (``privacy.pcevolve_ge
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import json
+import urllib.error
+import urllib.request
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from medsilo.errors import MedsiloError
@@ -230,10 +239,6 @@ class HTTPGenerator:
                           parent=parent.id)  # fmt: skip
 
     def _call(self, verb: str, label: int, n: int, rng: np.random.Generator, extra: dict, parent: str | None = None):
-        import json
-        import urllib.error
-        import urllib.request
-
         body = {"prompt": prompt(self.modality, self.classes[label]), "label": self.classes[label], "n": n,
                 "size": self.size, "seed": int(rng.integers(2**31)), **extra}  # fmt: skip
         url = f"{self.endpoint}/{verb}"
@@ -258,11 +263,6 @@ class HTTPGenerator:
 
 
 def _png64(image: np.ndarray) -> str:
-    import base64
-    import io
-
-    from PIL import Image
-
     arr = np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
     pil = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
     buf = io.BytesIO()
@@ -271,13 +271,6 @@ def _png64(image: np.ndarray) -> str:
 
 
 def _unpng64(data: str, channels: int, url: str, index: int) -> np.ndarray:
-    import base64
-    import binascii
-    import io
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
@@ -309,8 +302,6 @@ class TorchScriptGenerator:
     name = "torchscript"
 
     def __init__(self, path: str, modality: str, classes: list[str] | tuple[str, ...], image_size: int):
-        import torch
-
         try:
             self.model = torch.jit.load(path, map_location="cpu").eval()
         except (RuntimeError, ValueError, OSError) as exc:
@@ -321,8 +312,6 @@ class TorchScriptGenerator:
         return self._wrap(self.model.random(label, n, int(rng.integers(2**31))), label, n, None)
 
     def variation(self, parent: Candidate, strength: float, n: int, rng: np.random.Generator) -> list[Candidate]:
-        import torch
-
         out = self.model.variation(torch.as_tensor(parent.image), float(strength), n, int(rng.integers(2**31)))
         return self._wrap(out, parent.label, n, parent.id)
 
