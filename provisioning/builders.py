@@ -21,6 +21,11 @@ They run inside NVFlare's own provisioner (``nvflare provision`` or ``medsilo pr
 * :class:`PeerCertsBuilder` — into every site kit and the server kit ``startup/peers/<site>.crt``: every site's
   certificate, with which a site checks who signed the contributions of an aggregate before releasing it and
   the server checks who signed each upload before recording it.
+
+Both provisioning modes use them: the central one inside one NVFlare run for every kit, the distributed one
+(:mod:`medsilo.provisioning.distributed`) when each party assembles its own kit — there, at the site, with
+NVFlare's ``PrebuiltCertBuilder`` in place of ``CertBuilder`` (the key was made at the site) and the CKKS key
+set made by one site and wrapped to its peers instead of :class:`MedsiloHEBuilder`.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ import json
 import os
 from pathlib import Path
 
-from nvflare.lighter.constants import ProvFileName
+from nvflare.lighter.constants import CtxKey, ProvFileName
 from nvflare.lighter.impl.he import HEBuilder
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
 from medsilo.config.common import SERVER_COMPONENTS, SITE_COMPONENTS
+from medsilo.secure.ckks import make_context, save_context
 
 PRIVACY_SCOPE = "medsilo"
 """Name of the privacy scope written into each site's ``privacy.json`` (its default scope)."""
@@ -76,13 +82,9 @@ class MedsiloHEBuilder(HEBuilder):
         super().__init__(poly_modulus_degree=poly_modulus_degree)
 
     def initialize(self, project: Project, ctx: ProvisionContext):
-        from medsilo.secure.ckks import make_context
-
         self._context = make_context(self.poly_modulus_degree)
 
     def build(self, project: Project, ctx: ProvisionContext):
-        from medsilo.secure.ckks import save_context
-
         server = project.get_server()
         if server:
             save_context(self._context, Path(ctx.get_kit_dir(server)) / ProvFileName.SERVER_CONTEXT_TENSEAL,
@@ -110,8 +112,6 @@ class SitePolicyBuilder(Builder):
         self.server_storage = server_storage
 
     def build(self, project: Project, ctx: ProvisionContext):
-        from nvflare.lighter.constants import CtxKey
-
         server = project.get_server()
         if server:
             # the kit's final place: WorkspaceBuilder moves the work folder to prod_<last + 1> at the end
@@ -179,20 +179,40 @@ compute: {{threads: 2, device: cpu}}
 
 
 class PeerCertsBuilder(Builder):
-    """Copy every site's certificate into each site kit's and the server kit's ``startup/peers/`` (after
-    ``CertBuilder``)."""
+    """Every site's certificate into each site kit's and the server kit's ``startup/peers/``.
+
+    Central provisioning (no arguments) takes the certificates ``CertBuilder`` just made, so it must come
+    after it. Distributed provisioning (:mod:`medsilo.provisioning.distributed`) assembles one kit at a time
+    and passes the coordinator's folder of approved certificates instead.
+
+    Args:
+        certs_dir: folder of ``<site>.crt`` files (distributed); ``None``: the kits of this run (central).
+        sites: the network's hospitals, whose certificates are taken from ``certs_dir``.
+    """
+
+    def __init__(self, certs_dir: str | None = None, sites: list[str] | None = None):
+        self.certs_dir = certs_dir
+        self.sites = list(sites or [])
 
     def build(self, project: Project, ctx: ProvisionContext):
         clients = project.get_clients()
-        certs = {}
-        for client in clients:
-            cert = Path(ctx.get_kit_dir(client)) / "client.crt"
-            if not cert.is_file():
-                raise RuntimeError(f"{cert}: missing; PeerCertsBuilder must come after CertBuilder")
-            certs[client.name] = cert.read_bytes()
+        if self.certs_dir is not None:
+            certs = {name: (Path(self.certs_dir) / f"{name}.crt").read_bytes() for name in self.sites
+                     if (Path(self.certs_dir) / f"{name}.crt").is_file()}  # fmt: skip
+        else:
+            certs = {}
+            for client in clients:
+                cert = Path(ctx.get_kit_dir(client)) / "client.crt"
+                if not cert.is_file():
+                    raise RuntimeError(f"{cert}: missing; PeerCertsBuilder must come after CertBuilder")
+                certs[client.name] = cert.read_bytes()
         server = project.get_server()
         for party in [*clients, *([server] if server else [])]:
-            peers = Path(ctx.get_kit_dir(party)) / "peers"
-            peers.mkdir(exist_ok=True)
-            for name, data in certs.items():
-                (peers / f"{name}.crt").write_bytes(data)
+            write_peers(Path(ctx.get_kit_dir(party)) / "peers", certs)
+
+
+def write_peers(folder: Path, certs: dict[str, bytes]) -> None:
+    """Write ``certs`` (site name → PEM certificate) as ``folder/<site>.crt`` (0644; certificates are public)."""
+    folder.mkdir(exist_ok=True)
+    for name, data in certs.items():
+        (folder / f"{name}.crt").write_bytes(data)

@@ -15,6 +15,7 @@ Example::
       - {name: auditor@coordinator.org, org: coordinator}
     he: {poly_modulus_degree: 8192}
     min_contributors: 2
+    ckks_key_holder: hospital-1   # the site that makes the CKKS secret (default: the first hospital)
 
 ``require`` is the least protection a hospital accepts (``none``, ``dp``, ``ckks``, ``ckks+dp``): it becomes
 ``privacy.required_mode`` in the site's ``local/medsilo_site.yml`` and, when it includes ``ckks``, a
@@ -23,6 +24,11 @@ Example::
 Roles are NVFlare's (``project_admin``, ``org_admin``, ``lead``, ``member``) plus ``auditor``; what each may do
 is written into every kit's ``local/authorization.json`` (:mod:`medsilo.provisioning.builders`). The server
 listens on one port for sites and admins (NVFlare's single-port mode).
+
+``ckks_key_holder`` matters for distributed provisioning (:mod:`medsilo.provisioning.distributed`): that
+hospital generates the network's CKKS secret context when it assembles its kit and wraps it for each peer
+site; nobody else ever makes or sees it. Default: the first hospital listed. Central provisioning
+(``medsilo provision --network``, the trusting mode) ignores it.
 """
 
 from __future__ import annotations
@@ -117,6 +123,7 @@ class NetworkSpec(Strict):
     auditors: list[AuditorSpec] = Field(default_factory=list)
     he: HESpec = HESpec()
     min_contributors: int = Field(default=2, ge=1)
+    ckks_key_holder: Name | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> NetworkSpec:
@@ -128,12 +135,35 @@ class NetworkSpec(Strict):
             raise ValueError(f"hospitals: '{SERVER_NAME}' is the server's name; rename the hospital")
         if not any(a.role in ("project_admin", "lead") for a in self.admins):
             raise ValueError("admins: at least one project_admin or lead is needed to submit jobs")
+        if self.ckks_key_holder is not None and self.ckks_key_holder not in self.hospitals:
+            raise ValueError(f"ckks_key_holder: '{self.ckks_key_holder}' is not one of the hospitals "
+                             f"({', '.join(self.hospitals)})")  # fmt: skip
         if self.min_contributors > len(self.hospitals):
             raise ValueError(
                 f"min_contributors: {self.min_contributors} is more than the {len(self.hospitals)} hospitals; "
                 "no aggregate could ever be released"
             )
         return self
+
+    @property
+    def key_holder(self) -> str:
+        """The hospital that makes the CKKS secret context (``ckks_key_holder``, default the first hospital)."""
+        return self.ckks_key_holder or next(iter(self.hospitals))
+
+    def role_of(self, name: str) -> tuple[str, str, str | None]:
+        """``(kind, org, role)`` of participant ``name``: kind ``server``, ``site`` or ``admin`` (role: the admin's
+        NVFlare role, or ``auditor``). Raises ``KeyError`` for a name the network does not list."""
+        if name == SERVER_NAME:
+            return "server", self.server.org, None
+        if name in self.hospitals:
+            return "site", self.hospitals[name].org, None
+        for a in self.admins:
+            if a.name == name:
+                return "admin", a.org, a.role
+        for a in self.auditors:
+            if a.name == name:
+                return "admin", a.org, "auditor"
+        raise KeyError(name)
 
     def submitter(self) -> AdminSpec:
         """The first identity that may submit jobs (``project_admin`` preferred)."""

@@ -1,7 +1,9 @@
 """``medsilo poc``: a real NVFlare deployment on one machine — provisioned kits, one process per party.
 
 ``up`` provisions a network for the sites of a ``sites.yml`` (a free port, a project admin, an auditor, the
-CKKS key set), writes each site's ``local/medsilo_site.yml`` from its ``sites.yml`` entry, starts the server
+CKKS key set) — by default the distributed way, every party's steps run here each in its own folder (each
+makes its own key; hospital-1 makes the CKKS secret and wraps it for the others), or with ``custody="central"``
+in one trusting run — writes each site's ``local/medsilo_site.yml`` from its ``sites.yml`` entry, starts the server
 and every site with their kit's ``startup/sub_start.sh --once`` (NVFlare's own launcher, without the
 restart watchdog), and waits until every site has connected. :func:`admin_session` opens NVFlare's admin
 API with one of the provisioned identities; ``medsilo poc submit`` uses it to submit a job
@@ -11,8 +13,11 @@ what is left, and checks that no process of the workspace survives.
 Workspace layout (``W`` is ``--workspace``)::
 
     W/poc.json                     # what is running: kits, port, process ids (written by up, removed by down)
-    W/kits/project.yml             # provisioning output (medsilo.provisioning.provision)
-    W/kits/<project>/prod_00/...   # the kits; each party runs inside its own kit folder
+    W/coordinator/                 # --custody sites (default): the coordinator's root CA, certificates, CKKS relay
+    W/parties/<party>/             #   each party's own private key and request (medsilo.provisioning.distributed)
+    W/kits/<party>/                #   each party's kit, assembled by the party; it runs inside it
+    W/kits/project.yml             # --custody central: provisioning output (medsilo.provisioning.provision)
+    W/kits/<project>/prod_00/...   #   the kits
     W/logs/<party>.console.log     # each process's console
     W/jobs/<job>-<time>/           # exported job folders as submitted (medsilo poc submit)
     W/runs/<job name>/             # results.json, report.html, the downloaded server job workspace
@@ -40,11 +45,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from nvflare.fuel.flare_api.flare_api import new_secure_session
+from tqdm import tqdm
 
+from medsilo.config import load_sites_file
 from medsilo.errors import MedsiloError
 from medsilo.fs import write_atomic
+from medsilo.provisioning.distributed import provision_here
+from medsilo.provisioning.network import NetworkSpec
+from medsilo.provisioning.provision import Kits, provision
 
 STATE_FILE = "poc.json"
+CUSTODY = ("sites", "central")
+"""``--custody``: ``sites`` (default) runs every party's distributed-provisioning steps here, each in its own
+folder; ``central`` provisions every kit in one run (the trusting mode)."""
 MARKER_ENV = "MEDSILO_POC_WORKSPACE"
 ADMIN, AUDITOR = "admin@medsilo.poc", "auditor@medsilo.poc"
 PROJECT = "medsilo-poc"
@@ -71,8 +85,6 @@ def free_port() -> int:
 
 
 def _network(sites: dict[str, Any], port: int):
-    from medsilo.provisioning.network import NetworkSpec
-
     return NetworkSpec.model_validate({
         "project": PROJECT,
         "server": {"host": "localhost", "port": port, "org": "coordinator"},
@@ -105,8 +117,6 @@ def _start(kit: Path, workspace: Path, name: str) -> subprocess.Popen:
 @contextlib.contextmanager
 def admin_session(workspace: Path, user: str | None = None, timeout: float = 30.0):
     """An NVFlare admin ``Session`` for ``user`` (default: the project admin), always closed on exit."""
-    from nvflare.fuel.flare_api.flare_api import new_secure_session
-
     state = load_state(workspace)
     user = user or state["admin"]
     kit = Path(state["kits"]) / user
@@ -141,7 +151,7 @@ def _alive(pid: int) -> bool:
 
 
 def up(sites_file: str | Path, workspace: str | Path, n_sites: int | None = None, *, progress: bool = True,
-       timeout: float = 120.0) -> dict[str, Any]:  # fmt: skip
+       timeout: float = 120.0, custody: str = "sites") -> dict[str, Any]:  # fmt: skip
     """Provision and start server and sites; returns the state written to ``W/poc.json``.
 
     Args:
@@ -150,17 +160,15 @@ def up(sites_file: str | Path, workspace: str | Path, n_sites: int | None = None
         n_sites: how many sites (default: all of ``sites_file``).
         progress: show a bar while sites connect.
         timeout: seconds to wait for the server and every site.
+        custody: ``sites`` (distributed provisioning, the default) or ``central`` (see :data:`CUSTODY`).
 
     Raises:
         PocError: a POC already runs here, the server or a site exited or did not connect in time
             (with the last lines of its console log). What was started is stopped again.
     """
-    from tqdm import tqdm
-
-    from medsilo.config import load_sites_file
-    from medsilo.provisioning.provision import provision
-
     workspace = Path(workspace).resolve()
+    if custody not in CUSTODY:
+        raise PocError(f"--custody: one of {', '.join(CUSTODY)}, got {custody!r}")
     if (workspace / STATE_FILE).is_file():
         state = json.loads((workspace / STATE_FILE).read_text())
         if any(_alive(p) for p in state.get("pids", {}).values()):
@@ -172,13 +180,17 @@ def up(sites_file: str | Path, workspace: str | Path, n_sites: int | None = None
             raise PocError(f"--sites: {sites_file} has {len(names)} sites, asked for {n_sites}")
         names = names[:n_sites]
     if workspace.exists():
-        for sub in ("kits", "logs", "tmp", "home"):
+        for sub in ("kits", "logs", "tmp", "home", "coordinator", "parties"):
             shutil.rmtree(workspace / sub, ignore_errors=True)
     for sub in ("logs", "tmp", "home"):
         (workspace / sub).mkdir(parents=True, exist_ok=True)
 
     port = free_port()
-    kits = provision(_network({n: configs[n] for n in names}, port), workspace / "kits")
+    network = _network({n: configs[n] for n in names}, port)
+    if custody == "sites":
+        kits = Kits(network, provision_here(network, workspace))
+    else:
+        kits = provision(network, workspace / "kits")
     threads = max(1, (os.cpu_count() or 1) // len(names))
     for name in names:
         cfg = configs[name].model_copy(update={"compute": configs[name].compute.model_copy(update={"threads": threads})})
@@ -188,7 +200,7 @@ def up(sites_file: str | Path, workspace: str | Path, n_sites: int | None = None
         )
     state: dict[str, Any] = {
         "workspace": str(workspace), "kits": str(kits.prod_dir), "port": port, "sites": names,
-        "admin": ADMIN, "auditor": AUDITOR, "root_ca": str(kits.root_ca), "pids": {},
+        "admin": ADMIN, "auditor": AUDITOR, "root_ca": str(kits.root_ca), "pids": {}, "custody": custody,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip
     procs = {"server": _start(kits.server, workspace, "server")}

@@ -1,4 +1,8 @@
-"""``medsilo provision``: NETWORK.yml → NVFlare ``project.yml`` → startup kits, with NVFlare's own provisioner.
+"""``medsilo provision --network``: NETWORK.yml → NVFlare ``project.yml`` → startup kits, with NVFlare's own provisioner.
+
+This is the **trusting mode** (demos, POC): this machine makes every party's private key and the CKKS secret,
+so whoever runs it could sign as any site and, with the server, decrypt uploads. Each kit records that in
+``local/custody.json``. A real network uses :mod:`medsilo.provisioning.distributed` instead.
 
 Output layout (``OUT`` is ``--out``)::
 
@@ -27,9 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from nvflare.lighter.constants import CtxKey, WorkDir
+from nvflare.lighter.prov_utils import prepare_builders, prepare_packager
+from nvflare.lighter.provision import prepare_project
+from nvflare.lighter.provisioner import Provisioner
 
 from medsilo.errors import MedsiloError
 from medsilo.provisioning.network import SERVER_NAME, NetworkSpec, load_network, project_dict
+from medsilo.secure.custody import Custody, write_custody
 
 SECRET_FILES = ("*.key", "client_context.tenseal")
 """File patterns, anywhere in a kit, that only the kit's owner may read."""
@@ -71,11 +80,6 @@ def provision(network: NetworkSpec | str | Path, out: str | Path, *, quiet: bool
     Raises:
         MedsiloError: the network file is invalid, or NVFlare's provisioning failed (with its messages).
     """
-    from nvflare.lighter.constants import CtxKey, WorkDir
-    from nvflare.lighter.prov_utils import prepare_builders, prepare_packager
-    from nvflare.lighter.provision import prepare_project
-    from nvflare.lighter.provisioner import Provisioner
-
     if not isinstance(network, NetworkSpec):
         network = load_network(network)
     out = Path(out).resolve()
@@ -98,7 +102,12 @@ def provision(network: NetworkSpec | str | Path, out: str | Path, *, quiet: bool
     if ctx.get(CtxKey.BUILD_ERROR) or not ctx.get(WorkDir.CURRENT_PROD_DIR):
         errors = "; ".join(ctx.get(CtxKey.ERRORS, [])) or chatter.getvalue().strip()[-500:]
         raise MedsiloError(f"{out / 'project.yml'}: NVFlare provisioning failed: {errors}")
-    return Kits(network, Path(ctx[WorkDir.CURRENT_PROD_DIR]))
+    kits = Kits(network, Path(ctx[WorkDir.CURRENT_PROD_DIR]))
+    for party in [SERVER_NAME, *(a.name for a in network.admins), *(a.name for a in network.auditors)]:
+        write_custody(kits.admin(party), Custody("central", "central"))
+    for site in network.hospitals:
+        write_custody(kits.site(site), Custody("central", "central", "central", None, 1))
+    return kits
 
 
 def _restrict_secrets(workspace: Path) -> None:

@@ -20,6 +20,8 @@ only for the common name they are filed under; ``server`` is never a peer.
     startup/peers/<site>.crt                 every site's certificate (site and server kits)
     startup/client_context.tenseal           a site's secret CKKS context (0600)
     startup/server_context.tenseal           the server's public CKKS context
+    local/ckks_keys.json                     a site's CKKS key versions (distributed provisioning; no secret):
+                                             {"current": n, "fingerprints": {"1": sha256, ...}}
 
 **Simulation** (``medsilo sim`` sets :data:`LEDGER_DIR_ENV` to ``ledgers/`` beside ``sites.yml``, so ledgers and
 budgets persist across runs as a site's workspace would, and :data:`HE_DIR_ENV` to the run's key folder)::
@@ -30,18 +32,25 @@ budgets persist across runs as a site's workspace would, and :data:`HE_DIR_ENV` 
     HE_DIR/server/server_context.tenseal     public context (0644)
     HE_DIR/<site>/client_context.tenseal     secret context (0600)
 
+**Key versions.** A site provisioned the distributed way records every CKKS key set it held
+(:func:`record_key_version`; ``medsilo keys rotate`` adds version n+1). Its secret context must be the current
+version (:meth:`Party.he_context`), and ciphertexts made under a retired version are refused
+(:meth:`Party.check_key_version`). Simulations and centrally provisioned kits have no record and skip both.
+
 In the simulator every party runs as the same OS user on one machine, so these files model the layout, not a
 security boundary.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsilo.secure import pki
+from medsilo.secure.files import write_atomic
 from medsilo.secure.ledger import LEDGER_FILE, Ledger
 
 HE_DIR_ENV = "MEDSILO_HE_DIR"
@@ -51,10 +60,57 @@ LEDGER_DIR_ENV = "MEDSILO_LEDGER_DIR"
 SERVER = "server"
 """The server's party name in ledgers and certificates."""
 SERVER_CONTEXT, CLIENT_CONTEXT = "server_context.tenseal", "client_context.tenseal"
+KEY_VERSIONS = Path("local") / "ckks_keys.json"
+"""A site's record of its CKKS key versions, relative to its kit (module docstring)."""
 
 
 class KeyMaterialError(pki.PKIError):
     """A key, certificate or context a party needs is missing or not trusted; the message names the file."""
+
+
+class RetiredKeyError(KeyMaterialError):
+    """Ciphertexts or a context under a CKKS key version the site no longer uses."""
+
+
+def read_key_versions(kit: str | Path) -> dict | None:
+    """``{"current": n, "fingerprints": {version: sha256}}`` from ``<kit>/local/ckks_keys.json`` (versions as
+    ints), or ``None`` when the kit has no record (simulation, central provisioning).
+
+    Raises:
+        KeyMaterialError: the file exists but is not a valid record (named).
+    """
+    path = Path(kit) / KEY_VERSIONS
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        record = {"current": int(data["current"]), "fingerprints": {int(v): str(f) for v, f in data["fingerprints"].items()}}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise KeyMaterialError(f"{path}: not a CKKS key-version record ({type(exc).__name__}); re-import the "
+                               "current key ('medsilo provision import-key')") from None  # fmt: skip
+    if record["current"] not in record["fingerprints"]:
+        raise KeyMaterialError(f"{path}: current key version {record['current']} has no fingerprint")
+    return record
+
+
+def record_key_version(kit: str | Path, version: int, fingerprint: str) -> dict:
+    """Make ``version`` (CKKS key set ``fingerprint``) the kit's current key version; older ones stay listed as
+    retired. Refuses to go back to an older version or to change a version's fingerprint."""
+    record = read_key_versions(kit) or {"current": 0, "fingerprints": {}}
+    known = record["fingerprints"].get(version)
+    if known is not None and known != fingerprint:
+        raise KeyMaterialError(f"{Path(kit) / KEY_VERSIONS}: key version {version} is already another key set "
+                               f"({known[:12]}…); a version is never reused")  # fmt: skip
+    if version < record["current"]:
+        raise RetiredKeyError(f"{Path(kit) / KEY_VERSIONS}: key version {version} is retired (current: "
+                              f"{record['current']}); a site never goes back to a retired key")  # fmt: skip
+    record["fingerprints"][version] = fingerprint
+    record["current"] = version
+    path = Path(kit) / KEY_VERSIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"current": version, "fingerprints": {str(v): f for v, f in sorted(record["fingerprints"].items())}}
+    write_atomic(path, json.dumps(data, indent=2) + "\n", 0o644, "CKKS key-version record", error=KeyMaterialError)
+    return record
 
 
 def ensure_simulation_pki(folder: str | Path, parties: Iterable[str]) -> Path:
@@ -187,4 +243,38 @@ class Party:
         he = os.environ.get(HE_DIR_ENV)
         name = SERVER_CONTEXT if self.is_server else CLIENT_CONTEXT
         path = Path(he) / self.name / name if he else self._startup / name
-        return load_context(path, secret=not self.is_server)
+        ctx = load_context(path, secret=not self.is_server)
+        record = self.key_versions()
+        if record is not None:
+            from medsilo.secure.ckks import fingerprint  # lazy, as above
+
+            fp, current = fingerprint(ctx), record["current"]
+            if fp != record["fingerprints"][current]:
+                retired = [v for v, f in record["fingerprints"].items() if f == fp]
+                what = f"retired key version {retired[0]}" if retired else "a key set this site never recorded"
+                raise (RetiredKeyError if retired else KeyMaterialError)(
+                    f"{path}: holds {what}, but {self.workspace / KEY_VERSIONS} says the current CKKS key version "
+                    f"is {current}; import the current key ('medsilo provision import-key') before running a job")
+        return ctx
+
+    def key_versions(self) -> dict | None:
+        """The site's CKKS key-version record (:func:`read_key_versions`); ``None`` in simulation or a kit
+        without one."""
+        return None if self._sim or os.environ.get(HE_DIR_ENV) else read_key_versions(self.workspace)
+
+    def check_key_version(self, fingerprints: Iterable[str]) -> None:
+        """Refuse ciphertexts made under a retired CKKS key version of this site (no record: no check).
+
+        Raises:
+            RetiredKeyError: naming the retired version and the current one.
+        """
+        record = self.key_versions()
+        if record is None:
+            return
+        by_fp = {f: v for v, f in record["fingerprints"].items()}
+        for fp in fingerprints:
+            version = by_fp.get(fp)
+            if version is not None and version != record["current"]:
+                raise RetiredKeyError(f"{self.name}: ciphertexts under retired CKKS key version {version} (this site's "
+                                      f"current key version is {record['current']}, {self.workspace / KEY_VERSIONS}); "
+                                      "a job under a retired key is refused — re-run it under the current key")  # fmt: skip

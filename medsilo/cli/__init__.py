@@ -2,6 +2,13 @@
 
 Every command has ``--help``. Anything the user can fix (a bad option, file or field) ends the command
 with a one-line ``medsilo: error: ...`` on stderr and exit status 2, never a traceback.
+
+The CLI is the one layer whose modules import the layers below inside their ``run`` functions: every
+sub-command module is imported to build the parser, so ``medsilo --help`` and a light command (``audit
+verify``, ``synth``) would otherwise load torch, MONAI, TenSEAL and NVFlare for all of them. Everywhere else
+imports sit at the top of the module; the few exceptions say why in a comment (MONAI, explained in
+:mod:`medsilo.medical`; TenSEAL in :mod:`medsilo.secure.keys`, dp_accounting in :mod:`medsilo.secure.audit` and
+matplotlib in the HTML renderers, each kept off ``medsilo audit verify``'s path).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from medsilo import __version__
 from medsilo.errors import MedsiloError
 
 COMMANDS: tuple[str, ...] = ("demo", "synth", "job", "sim", "predict", "report", "audit", "pcevolve", "provision", "site",
-                             "poc")
+                             "data", "poc", "keys")
 """Sub-command modules under ``medsilo.cli``, in ``--help`` order."""
 
 

@@ -15,13 +15,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
     up = verbs.add_parser("up", help="provision and start server and sites; wait until all are connected",
-                          description="Provision kits for the sites of SITES.yml (free port, admin, auditor, CKKS keys), "
+                          description="Provision kits for the sites of SITES.yml (free port, admin, auditor, CKKS keys; by "
+                                      "default every party's distributed-provisioning steps, each in its own folder), "
                                       "write each site's config from its entry, start every party as its own process "
                                       "and wait until all sites are connected.")  # fmt: skip
     up.add_argument("--data", type=Path, required=True, metavar="SITES.yml", help="sites.yml (as from 'medsilo synth')")
     up.add_argument("--workspace", type=Path, required=True, metavar="W", help="POC workspace folder")
     up.add_argument("--sites", type=int, default=None, metavar="N", help="use the first N sites (default: all)")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for server and sites")
+    up.add_argument("--custody", choices=("sites", "central"), default="sites",
+                    help="sites (default): every party makes its own keys (distributed provisioning, run here); "
+                         "central: one trusting provisioning run makes every key")  # fmt: skip
     up.add_argument("--quiet", action="store_true", help="no progress bar")
     up.set_defaults(func=run_up)
 
@@ -49,8 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_up(args: argparse.Namespace) -> int:
     from medsilo.provisioning.poc import up
 
-    state = up(args.data, args.workspace, args.sites, progress=not args.quiet, timeout=args.timeout)
-    print(f"POC up: server on localhost:{state['port']}, sites {', '.join(state['sites'])}")
+    state = up(args.data, args.workspace, args.sites, progress=not args.quiet, timeout=args.timeout,
+               custody=args.custody)  # fmt: skip
+    print(f"POC up ({state['custody']} custody): server on localhost:{state['port']}, sites {', '.join(state['sites'])}")
     print(f"  admin kit   {state['kits']}/{state['admin']}")
     print(f"  auditor kit {state['kits']}/{state['auditor']}")
     print(f"submit with: medsilo poc submit SPEC.yml --workspace {args.workspace}")

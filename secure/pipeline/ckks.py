@@ -16,6 +16,10 @@ contributors, and — if it contributed — its own upload as its ledger records
 (its ledger's ``decrypt`` entries) and writes the ``decrypt`` entry before using the sum. The price is
 bandwidth: each site downloads every contributor's ciphertexts (N × an upload) instead of one sum.
 
+**Key versions** (distributed provisioning): a site encrypts under its current CKKS key version (recorded in
+the ledger entry's scheme as ``key_version``) and refuses contributions made under a retired one
+(:meth:`medsilo.secure.keys.Party.check_key_version`), naming both versions.
+
 **Server, server-side learning** (FedTGP/FedKTL aggregate form): an aggregate release (:mod:`medsilo.secure.release`)
 by one participant, rotating round by round, of exactly the announced participant set — so a round where not
 every participant answered is not released and the server keeps its payload. The releasing site checks,
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 
 from medsilo.secure.ckks import CKKSError, EncryptedUpload, add, decrypt, encrypt, parameters
+from medsilo.secure.keys import RetiredKeyError
 from medsilo.secure.pipeline.base import (
     Arrays,
     AskRelease,
@@ -79,7 +84,9 @@ class Site(SitePipeline):
 
     def seal(self, arrays: Arrays) -> tuple[bytes, dict | None]:
         enc = encrypt(self.context(), {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
-        return enc.to_bytes(), {**parameters(self.context()), "ciphertexts": len(enc.ciphertexts)}
+        record = self.party.key_versions()
+        version = {"key_version": record["current"]} if record else {}
+        return enc.to_bytes(), {**parameters(self.context()), **version, "ciphertexts": len(enc.ciphertexts)}
 
     def open(self, rnd: int, payload: Arrays, meta: Mapping[str, Any]) -> Arrays:
         """Sum and decrypt the previous round's encrypted uploads itself (linear algorithms), once per round;
@@ -112,8 +119,12 @@ class Site(SitePipeline):
             raise PipelineRefusal(f"site {self.site}: the round's contributions are refused: {e}") from e
         found = self._contributors(wires, of_job, of_round)
         sites = sorted(found)
-        total = add(self.context(), [EncryptedUpload.from_bytes(found[s].body) for s in sites],
-                    labels=[f"site {s}" for s in sites])  # fmt: skip
+        uploads = [EncryptedUpload.from_bytes(found[s].body) for s in sites]
+        try:  # a job whose ciphertexts are under a retired key version is refused by name, before any add
+            self.party.check_key_version(u.fingerprint for u in uploads)
+        except RetiredKeyError as e:
+            raise PipelineRefusal(f"site {self.site}: {e}") from e
+        total = add(self.context(), uploads, labels=[f"site {s}" for s in sites])
         with self.ledger.locked():
             entries = self.ledger.read(self.party.root_ca)
             superseded = self.superseded(entries)
