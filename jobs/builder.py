@@ -25,7 +25,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.fed_job_config import FedJobConfig
+
+from medsilo.components.controller import RoundController
+from medsilo.components.executor import (
+    TASK_EVALUATE,
+    TASK_EXPORT,
+    TASK_JOIN,
+    TASK_RELEASE,
+    TASK_TRAIN,
+    SiteExecutor,
+)
 from medsilo.config import JobSpec
+from medsilo.config.job import encode_job
 
 TASK_REQUEST_INTERVAL = 0.2
 """Seconds a site waits before asking the server again for a task (NVFlare's default, 2 s, would add
@@ -40,8 +53,6 @@ def _preinstalled_config_class():
     package-dir mapping, as medsilo's editable install is (``components/x.py`` serves
     ``medsilo.components.x``). medsilo classes are never copied into a job, so the check comes first.
     """
-    from nvflare.job_config.fed_job_config import FedJobConfig
-
     class PreinstalledJobConfig(FedJobConfig):
         def _get_custom_file(self, custom_dir, module, source_file, source_root=None, flat_import_roots=None):
             if self._module_parts(module)[0] in self.app_packages:
@@ -59,19 +70,6 @@ def build_job(spec: JobSpec, *, min_sites: int = 1, resume: bool = False):
         min_sites: sites that must be connected before NVFlare deploys the job.
         resume: the server continues from the last round checkpointed by an interrupted run of this job.
     """
-    from nvflare.job_config.api import FedJob
-
-    from medsilo.components.controller import RoundController
-    from medsilo.components.executor import (
-        TASK_EVALUATE,
-        TASK_EXPORT,
-        TASK_JOIN,
-        TASK_RELEASE,
-        TASK_TRAIN,
-        SiteExecutor,
-    )
-    from medsilo.config.job import encode_job
-
     plain = encode_job(spec.model_dump(mode="json"))
     job = FedJob(name=spec.name, min_clients=min_sites)
     job.job.__class__ = _preinstalled_config_class()  # same state, one method changed (see its docstring)

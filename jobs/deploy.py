@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from medsilo.components.controller import FAILURE_FILE, PROGRESS_FILE, RESULTS_FILE
 from medsilo.config import JobSpec
 from medsilo.errors import MedsiloError
@@ -59,8 +61,6 @@ def run_deployed(spec: JobSpec, session, *, job_root: str | Path, run_dir: str |
         DeployError: the submission was refused (e.g. the identity may not submit), the job did not end
             ``FINISHED:COMPLETED`` (with the controller's reason when it wrote one), or timed out.
     """
-    from tqdm import tqdm
-
 
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     job_dir = export_job(spec, Path(job_root) / f"{spec.name}-{stamp}", min_sites=min_sites, resume=resume)

@@ -10,4 +10,10 @@ Shape conventions, stated once (MONAI's channel-first layout):
 
 Nothing in this package imports NVFlare, and nothing downloads: every network is built with random
 initialisation (``pretrained=False``).
+
+Imports sit at the top of each module, with one deliberate exception: MONAI (about 2 s to import on top of
+torch) is imported inside the functions that build transforms, readers and networks, and
+:func:`medsilo.medical.models.build_model` loads the zoo when called. The config layer (which learns the
+backbone names from :mod:`medsilo.medical.models`), ``medsilo synth``, the server and ``medsilo audit`` never
+pay for it.
 """
