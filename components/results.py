@@ -62,7 +62,8 @@ class RunRecorder:
         models: site → backbone.
         job_id: the id of the run that reports (NVFlare's job id; ``medsilo sim``: the run id), which the
             parties' ledgers name. Not kept in checkpoints: a resumed run reports its own.
-        select_on: the job's ``evaluation.select_on``: ``val_acc`` or ``val_macro_auroc`` (multi-label jobs).
+        select_on: the job's ``evaluation.select_on``: ``val_balanced_acc``, ``val_acc`` or ``val_macro_auroc``
+            (multi-label jobs).
     """
 
     def __init__(self, job: str, algorithm: str, privacy: dict[str, Any], sites: list[str], models: dict[str, str],
@@ -210,10 +211,17 @@ class RunRecorder:
         values = [evals[s]["val"].get("macro_auroc", math.nan) for s in self._evaluated(rnd)]
         return _nanmean(values)
 
+    def mean_val_balanced_acc(self, rnd: int) -> float:
+        """Mean validation balanced accuracy after round ``rnd`` over the sites that evaluated it and have one
+        (NaN when none has: evaluations checkpointed before balanced accuracy was measured)."""
+        evals = self._rounds[rnd].evals
+        return _nanmean([evals[s]["val"].get("balanced_acc", math.nan) for s in self._evaluated(rnd)])
+
     def selection_score(self, rnd: int) -> float:
-        """What rounds are compared on (``select_on``): mean validation accuracy or macro-AUROC; an undefined
-        score ranks below every defined one."""
-        score = self.mean_val_macro_auroc(rnd) if self.multilabel else self.mean_val_acc(rnd)
+        """What rounds are compared on (``select_on``): mean validation balanced accuracy, accuracy or
+        macro-AUROC; an undefined score ranks below every defined one."""
+        score = {"val_acc": self.mean_val_acc, "val_balanced_acc": self.mean_val_balanced_acc,
+                 "val_macro_auroc": self.mean_val_macro_auroc}[self.select_on](rnd)  # fmt: skip
         return -math.inf if math.isnan(score) else score
 
     def selected_round(self) -> int:
@@ -256,6 +264,7 @@ class RunRecorder:
                     "val_acc": _num(r.evals[s]["val"]["acc"]),
                     "test_acc": _num(r.evals[s]["test"]["acc"]),
                     "test_auroc": _num(r.evals[s]["test"]["auroc"]),
+                    **({} if self.multilabel else _balanced_figures(r.evals[s])),
                     "train_loss": _num(r.train_loss.get(s)),
                     "n_val": int(r.evals[s]["val"]["n"]),
                     "n_test": int(r.evals[s]["test"]["n"]),
@@ -275,12 +284,19 @@ class RunRecorder:
         for rnd in rounds:
             out_rounds.append(self.round_summary(rnd))
         chosen, evaluated = self._rounds[best].evals, self._evaluated(best)
-        per_site = {s: {"test_acc": _num(chosen[s]["test"]["acc"]), "test_auroc": _num(chosen[s]["test"]["auroc"])}
+        per_site = {s: {"test_acc": _num(chosen[s]["test"]["acc"]), "test_auroc": _num(chosen[s]["test"]["auroc"]),
+                        **({} if self.multilabel else _balanced_figures(chosen[s], with_val=False))}
                     if s in chosen else {"test_acc": None, "test_auroc": None} for s in self.sites}  # fmt: skip
         accs = [chosen[s]["test"]["acc"] for s in evaluated]
         correct = sum(chosen[s]["test"]["correct"] for s in evaluated)
         total = sum(chosen[s]["test"]["n"] for s in evaluated)
         multilabel: dict[str, Any] = {}
+        if not self.multilabel:
+            balanced = [chosen[s]["test"].get("balanced_acc", math.nan) for s in evaluated]
+            defined = [b for b in balanced if not math.isnan(b)]
+            multilabel = {"mean_balanced_acc": _num(_nanmean(balanced)),
+                          "worst_balanced_acc": _num(min(defined)) if defined else None,
+                          "constant_predictors": [s for s in evaluated if per_site[s].get("constant_predictor")]}  # fmt: skip
         if self.multilabel:
             for s in evaluated:
                 per_site[s].update(_multilabel_figures(chosen[s], with_val=False))
@@ -298,7 +314,8 @@ class RunRecorder:
             "sites": self.sites,
             "models": self.models,
             "rounds": out_rounds,
-            **({"task": "multilabel", "selected_on": self.select_on} if self.multilabel else {}),
+            **({"task": "multilabel"} if self.multilabel else {}),
+            "selected_on": self.select_on,
             "selected_round": best,
             "final": {
                 "per_site": per_site,
@@ -314,6 +331,16 @@ class RunRecorder:
         }
 
 
+def _balanced_figures(evals: dict[str, dict[str, float]], with_val: bool = True) -> dict[str, Any]:
+    """A single-label site's balanced accuracies and whether its model predicted one class for every test
+    image (``constant_predictor``: accuracy then only measures the class mix)."""
+    out = {"test_balanced_acc": _num(evals["test"].get("balanced_acc")),
+           "constant_predictor": evals["test"].get("predicted_classes") == 1}  # fmt: skip
+    if with_val:
+        out = {"val_balanced_acc": _num(evals["val"].get("balanced_acc")), **out}
+    return out
+
+
 def _round_means(evals: dict[str, dict[str, dict[str, float]]], sites: list[str]) -> dict[str, float | None]:
     """A round's means over ``sites``: unweighted (every hospital counts the same: ``mean_*``) and
     sample-weighted (every image counts the same: ``pooled_*`` = Σ correct / Σ images)."""
@@ -326,7 +353,7 @@ def _round_means(evals: dict[str, dict[str, dict[str, float]]], sites: list[str]
     return out
 
 
-SELECTION_METRICS: tuple[str, ...] = ("val_acc", "val_macro_auroc")
+SELECTION_METRICS: tuple[str, ...] = ("val_acc", "val_balanced_acc", "val_macro_auroc")
 """What a recorder may select rounds on (the job's ``evaluation.select_on``)."""
 
 

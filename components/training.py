@@ -44,20 +44,22 @@ PER_RECORD_FLOATS = 64 * 2**20
 float32; its float64 clipping works tensor by tensor on top)."""
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, class_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The task loss of a batch: mean cross-entropy for class indices, masked binary cross-entropy for targets.
 
     Args:
         logits: ``(B, K)``.
         labels: int64 ``(B,)`` class indices (single-label), or float ``(B, K)`` targets in {0, 1} with NaN
             for an unknown entry (multi-label: one sigmoid per output).
+        class_weight: ``(K,)`` per-class loss weights (single-label only; :func:`balanced_class_weights`), the
+            weighted mean as :func:`torch.nn.functional.cross_entropy` defines it.
 
     Returns:
         0-d tensor. Multi-label: the mean of ``BCEWithLogits`` over the *known* entries only; unknown entries
         contribute nothing, not even a gradient (a batch with none known gives 0).
     """
     if not labels.is_floating_point():
-        return nn.functional.cross_entropy(logits, labels)
+        return nn.functional.cross_entropy(logits, labels, weight=class_weight)
     known = ~torch.isnan(labels)
     targets = torch.where(known, labels, torch.zeros_like(labels))
     per_entry = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -68,6 +70,37 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def probabilities(logits: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
     """``(B, K)`` probabilities of ``logits``: softmax over classes, or one sigmoid per label (multi-label)."""
     return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+
+
+def lr_factor(schedule: str, rnd: int, rounds: int, *, warmup: int = 0, step_rounds: int = 10,
+              step_gamma: float = 0.5) -> float:  # fmt: skip
+    """The multiple of the job's learning rate that round ``rnd`` (1-based, of ``rounds``) trains with.
+
+    Warm-up: round r ≤ W uses r/W. After it, over the remaining R − W rounds (j = r − W − 1 = 0, 1, …):
+    ``constant`` 1; ``cosine`` ½(1 + cos(π·j/(R − W))), from 1 down to just above 0 at the last round;
+    ``step`` γ^⌊j/S⌋. A round past ``rounds`` (the final evaluation) uses the last round's factor.
+    """
+    rnd = min(max(rnd, 1), rounds)
+    if rnd <= warmup:
+        return rnd / warmup
+    j, span = rnd - warmup - 1, rounds - warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * j / span))
+    if schedule == "step":
+        return step_gamma ** (j // step_rounds)
+    raise ValueError(f"lr_schedule: must be constant, cosine or step, got {schedule!r}")
+
+
+def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Per-class loss weights N / (K·n_c) from a site's class counts ``(K,)``: every class present weighs as
+    much in the loss as any other; a class with no image gets 1 (it never occurs in a batch)."""
+    counts = counts.double()
+    present = counts > 0
+    weights = torch.ones_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.float()
 
 
 def make_optimizer(
@@ -97,8 +130,10 @@ def local_epochs(
     extra_loss: ExtraLoss | None = None,
     forward: Forward | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    class_weight: torch.Tensor | None = None,
 ) -> float:
-    """Train for ``epochs`` passes over ``loader``; returns the mean task loss (:func:`task_loss`).
+    """Train for ``epochs`` passes over ``loader``; returns the mean task loss (:func:`task_loss`, with
+    ``class_weight`` when given).
 
     By default the logits are ``model.head(model.features(x))`` and ``extra_loss`` (if any) sees
     features, logits and labels. An algorithm with its own prediction path passes ``forward`` instead,
@@ -113,6 +148,7 @@ def local_epochs(
         extra_loss: algorithm-specific term for the default path, or ``None``.
         forward: replaces the default path (then ``extra_loss`` must be ``None``).
         scheduler: stepped after every batch when given.
+        class_weight: ``(K,)`` per-class loss weights (single-label; the job's ``class_weights: balanced``).
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (diverged training is never uploaded).
@@ -134,7 +170,7 @@ def local_epochs(
     for _ in range(epochs):
         for x, y in loader:
             logits, extra = forward(x, y)
-            loss = task_loss(logits, y)
+            loss = task_loss(logits, y, class_weight)
             objective = loss + extra
             if not torch.isfinite(objective):
                 raise FloatingPointError("training loss is not finite; lower the learning rate")
@@ -365,7 +401,10 @@ def predict(
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy and AUROC of probabilities ``(N, K)`` against labels ``(N,)``.
+    """Accuracy, balanced accuracy and AUROC of probabilities ``(N, K)`` against labels ``(N,)``.
+
+    Balanced accuracy is the mean recall over the classes present in the labels (a site that predicts its
+    majority class for everything scores 1/K-present, however skewed its data); NaN without labels.
 
     AUROC is binary (positive class 1) for K = 2 and macro one-vs-rest for K > 2 (sklearn) over the
     classes present in the labels; with exactly two present (a label-skewed site of a K-class job) it is
@@ -376,8 +415,10 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
 
     y = labels.numpy()
     p = probs.double().numpy()
-    acc = float((p.argmax(1) == y).mean()) if len(y) else math.nan
+    predicted = p.argmax(1)
+    acc = float((predicted == y).mean()) if len(y) else math.nan
     present = np.unique(y)
+    balanced = float(np.mean([(predicted[y == c] == c).mean() for c in present])) if len(y) else math.nan
     if len(present) < 2:
         auroc = math.nan
     elif p.shape[1] == 2:
@@ -389,7 +430,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
         # restrict to classes present in y; renormalise so rows sum to 1 as sklearn requires
         sub = p[:, present] / p[:, present].sum(1, keepdims=True)
         auroc = float(roc_auc_score(y, sub, multi_class="ovr", average="macro", labels=present))
-    return {"acc": acc, "auroc": auroc}
+    return {"acc": acc, "balanced_acc": balanced, "auroc": auroc}
 
 
 def label_auroc(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -506,7 +547,8 @@ def evaluate_split(
         batch_size: evaluation batch size.
 
     Returns:
-        ``{"acc", "auroc", "correct", "n"}`` (``correct`` and ``n`` are counts).
+        ``{"acc", "balanced_acc", "auroc", "correct", "n", "predicted_classes"}`` (counts: ``correct``, ``n``,
+        and how many distinct classes the model predicted on the split — 1 flags a constant predictor).
     """
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     probs, labels = [], []
@@ -515,7 +557,9 @@ def evaluate_split(
         labels.append(y)
     p, y = torch.cat(probs), torch.cat(labels)
     out = classification_metrics(p, y)
-    return {**out, "correct": int((p.argmax(1) == y).sum()), "n": int(len(y))}
+    predicted = p.argmax(1)
+    return {**out, "correct": int((predicted == y).sum()), "n": int(len(y)),
+            "predicted_classes": int(len(torch.unique(predicted)))}  # fmt: skip
 
 
 @torch.no_grad()

@@ -72,6 +72,9 @@ def _kib(x: float) -> str:
     return f"{x / 1024:,.1f}"
 
 
+_SELECTED_ON = {"val_acc": "accuracy", "val_balanced_acc": "balanced accuracy", "val_macro_auroc": "macro-AUROC"}
+
+
 def summary_row(run: dict[str, Any]) -> dict[str, Any]:
     """One run's headline numbers (at its selected round)."""
     final = run["final"]
@@ -83,6 +86,7 @@ def summary_row(run: dict[str, Any]) -> dict[str, Any]:
         "mean_acc": final["mean_acc"],
         "worst_acc": final["worst_acc"],
         "pooled_acc": final["pooled_acc"],
+        "mean_balanced_acc": final.get("mean_balanced_acc"),
         "mean_auroc": _mean([m.get("test_auroc") for m in final["per_site"].values()]),
         "task": run.get("task", "single"),
         "mean_macro_auroc": final.get("mean_macro_auroc"),
@@ -134,11 +138,12 @@ def render_html(runs: list[dict[str, Any]], title: str = "medsilo report") -> st
     esc = html.escape
     rows = [summary_row(r) for r in runs]
     sites = runs[0]["sites"]
-    head = ("<tr><th>run</th><th>mean acc</th><th>worst site</th><th>pooled acc</th><th>mean AUROC</th>"
+    head = ("<tr><th>run</th><th>mean acc</th><th>worst site</th><th>pooled acc</th><th>mean balanced acc</th>"
+            "<th>mean AUROC</th>"
             "<th>round (of)</th><th>seconds</th><th>KiB up / site / round</th><th>KiB down / site / round</th></tr>")  # fmt: skip
     body = "".join(
         f"<tr><td>{esc(r['label'])}</td><td>{_fmt(r['mean_acc'])}</td><td>{_fmt(r['worst_acc'])}</td>"
-        f"<td>{_fmt(r['pooled_acc'])}</td><td>{_fmt(r['mean_auroc'])}</td>"
+        f"<td>{_fmt(r['pooled_acc'])}</td><td>{_fmt(r['mean_balanced_acc'])}</td><td>{_fmt(r['mean_auroc'])}</td>"
         f"<td>{r['selected_round']} ({r['rounds']})</td><td>{r['seconds']:.0f}</td>"
         f"<td>{_kib(r['up_per_site_round'])}</td><td>{_kib(r['down_per_site_round'])}</td></tr>"
         for r in rows
@@ -160,14 +165,18 @@ def render_html(runs: list[dict[str, Any]], title: str = "medsilo report") -> st
     refused = [f"{esc(r.get('label', r['job']))}: {esc(reason)}" for r in runs for reason in (r.get("refused") or {}).values()]
     failed = [f"{esc(r.get('label', r['job']))}: round {f['round']} ({esc(f['task'])}) continued without "
               f"{esc(f['site'])}: {esc(f['reason'])}" for r in runs for f in (r.get("failures") or [])]  # fmt: skip
-    notes = "".join(f'<p class="note">{line}</p>' for line in synthetic + refused + failed)
+    constant = [f"{esc(r.get('label', r['job']))} · {esc(s)}: predicts one class for every test image at the "
+                f"selected round; its accuracy only measures its class mix (see balanced accuracy)"
+                for r in runs for s in (r["final"].get("constant_predictors") or [])]  # fmt: skip
+    notes = "".join(f'<p class="note">{line}</p>' for line in synthetic + refused + failed + constant)
     return f"""{page_head(title)}
 <p class="note">Job {esc(runs[0]['job'])} · sites: {len(sites)} · models: {models} · privacy: {privacy} · generated {stamp}</p>
 {notes}
 <h2>Comparison</h2>
 <table>{head}{body}</table>
 <p class="note">Test metrics at each run's selected round, which is chosen on the sites' mean <em>validation</em>
-accuracy (never on test). Mean = average over sites; worst = lowest site; pooled = all sites' test images together.
+{esc(", ".join(sorted({_SELECTED_ON.get(r.get("selected_on", "val_acc"), "accuracy") for r in runs})))} (never on test).
+Balanced accuracy is the mean recall over a site's classes (a majority-class predictor scores 1/K). Mean = average over sites; worst = lowest site; pooled = all sites' test images together.
 Bytes are the task payloads as sent.</p>
 <h2>Per site</h2>
 <table>{site_head}{site_body}</table>

@@ -42,7 +42,9 @@ from torch import nn
 from medsilo.components.training import (
     ExtraLoss,
     Forward,
+    balanced_class_weights,
     local_epochs,
+    lr_factor,
     make_optimizer,
     private_epochs,
     probabilities,
@@ -191,10 +193,29 @@ class Client:
         (:func:`~medsilo.secure.dp.poisson_schedule` of N training images, the batch size, local epochs)."""
         return poisson_schedule(self.setup.n_train, self.setup.batch_size, self.setup.training.local_epochs)
 
-    def optimizer(self, params) -> torch.optim.Optimizer:
-        """A fresh local optimiser over ``params`` with the job's settings."""
+    def optimizer(self, params, rnd: int | None = None) -> torch.optim.Optimizer:
+        """A fresh local optimiser over ``params`` with the job's settings: its learning rate at round ``rnd``
+        (the job's ``lr_schedule`` and ``warmup_rounds``, :func:`~medsilo.components.training.lr_factor`;
+        ``None``: the job's ``lr``), and every step's gradient norm clipped to ``grad_clip_norm`` when set."""
         t = self.setup.training
-        return make_optimizer(params, name=t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        lr = t.lr if rnd is None else t.lr * lr_factor(t.lr_schedule, rnd, t.rounds, warmup=t.warmup_rounds,
+                                                       step_rounds=t.lr_step_rounds, step_gamma=t.lr_step_gamma)  # fmt: skip
+        opt = make_optimizer(params, name=t.optimizer, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        if t.grad_clip_norm is not None:
+            limit = t.grad_clip_norm
+
+            def clip(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], limit)
+
+            opt.register_step_pre_hook(clip)
+        return opt
+
+    def class_weight(self) -> torch.Tensor | None:
+        """The loss's per-class weights: ``None``, or with ``class_weights: balanced`` N / (K·n_c) from this
+        site's training split (:func:`~medsilo.components.training.balanced_class_weights`)."""
+        if self.setup.training.class_weights != "balanced":
+            return None
+        return balanced_class_weights(self.setup.data.train.class_counts(self.setup.num_classes))
 
     def fit(
         self,
@@ -219,11 +240,10 @@ class Client:
             forward: the algorithm's own prediction path ``(x, y) -> (logits, extra)``.
         """
         model = self.model if model is None else model
-        opt = self.optimizer(model.parameters() if params is None else params)
+        opt = self.optimizer(model.parameters() if params is None else params, rnd)
         epochs = self.setup.training.local_epochs if epochs is None else epochs
-        return local_epochs(
-            model, self.train_loader(rnd), opt, epochs=epochs, extra_loss=extra_loss, forward=forward
-        )
+        return local_epochs(model, self.train_loader(rnd), opt, epochs=epochs, extra_loss=extra_loss, forward=forward,
+                            class_weight=self.class_weight())  # fmt: skip
 
     def fit_private(self, rnd: int, dp: DPRelease, *, extra_loss: ExtraLoss | None = None) -> float:
         """Train all of ``self.model`` with DP-SGD (:func:`~medsilo.components.training.private_epochs`):
@@ -239,7 +259,7 @@ class Client:
         """
         grad_clip, sigma = dp.sgd()
         self.seed_augmentation(rnd)
-        return private_epochs(self.model, self.setup.data.train, self.optimizer(self.model.parameters()),
+        return private_epochs(self.model, self.setup.data.train, self.optimizer(self.model.parameters(), rnd),
                               epochs=self.setup.training.local_epochs, batch_size=self.setup.batch_size,
                               grad_clip=grad_clip, noise_multiplier=sigma, generator=dp.generator,
                               extra_loss=extra_loss)  # fmt: skip

@@ -287,10 +287,10 @@ class Client(BaseClient):
         self.model.eval()
         return torch.softmax(etf_cosine(self.model(x), self.anchors), dim=1)
 
-    def optimizer(self, params) -> torch.optim.Optimizer:
+    def optimizer(self, params, rnd: int | None = None) -> torch.optim.Optimizer:
         """The job's optimiser, clipping each parameter group's gradient norm to ``max_grad_norm``
         before every step (groups: the model, then ``proj_i``)."""
-        opt = super().optimizer(params)
+        opt = super().optimizer(params, rnd)
         limit = self.config.max_grad_norm
 
         def clip(optimizer: torch.optim.Optimizer, args, kwargs) -> None:

@@ -111,6 +111,17 @@ class Training(Strict):
         optimizer: ``sgd`` (momentum below) or ``adam``.
         momentum: SGD momentum in [0, 1).
         weight_decay: L2 penalty (≥ 0).
+        lr_schedule: how the learning rate moves over rounds (:func:`lr_factor`): ``constant`` (default),
+            ``cosine`` (from ``lr`` down a half cosine over the rounds after warm-up, never to 0) or ``step``
+            (× ``lr_step_gamma`` every ``lr_step_rounds`` rounds after warm-up).
+        warmup_rounds: rounds at the start whose learning rate rises linearly to ``lr`` (round r of W uses
+            r/W·lr; 0 = none).
+        lr_step_rounds, lr_step_gamma: the ``step`` schedule's period (≥ 1) and factor (0 < γ ≤ 1).
+        grad_clip_norm: the largest gradient norm a local step takes (the whole update of a step, after any DP
+            noise); ``None`` (default) leaves gradients as they are. Not DP's per-image clip (``privacy.dp``).
+        class_weights: ``none`` (default) or ``balanced``: each class's loss weighted by N / (K·n_c) from the
+            site's own training split, so a skewed site is not trained into its majority class. Single-label
+            jobs without DP only (the weights depend on every record, which DP-SGD's analysis does not allow).
         augmentation: what random transforms each training image goes through: ``default`` (the
             modality's recipe), ``none`` (the exact preprocessed pixels) or a list of allow-listed MONAI
             transforms with their parameters (:mod:`medsilo.config.augment`).
@@ -123,7 +134,20 @@ class Training(Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_rounds: int = Field(default=0, ge=0)
+    lr_step_rounds: int = Field(default=10, ge=1)
+    lr_step_gamma: float = Field(default=0.5, gt=0, le=1)
+    grad_clip_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    class_weights: Literal["none", "balanced"] = "none"
     augmentation: AugmentationChoice = "default"
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> Training:
+        if self.warmup_rounds >= self.rounds and self.warmup_rounds > 0:
+            raise ValueError(f"warmup_rounds: {self.warmup_rounds} leaves no round after warm-up (rounds: "
+                             f"{self.rounds}); use fewer")  # fmt: skip
+        return self
 
 
 class Reliability(Strict):
@@ -237,11 +261,13 @@ class Evaluation(Strict):
     """How rounds are scored: the reported round is chosen on ``select_on``, never on test.
 
     Attributes:
-        select_on: ``val_acc`` (mean validation accuracy over sites; single-label jobs) or ``val_macro_auroc``
-            (mean over sites of the validation macro-AUROC; multi-label jobs). Left out: the task's own.
+        select_on: single-label jobs: ``val_balanced_acc`` (default: the mean over sites of the validation
+            balanced accuracy, so a site's majority-class predictor does not look good) or ``val_acc`` (mean
+            validation accuracy); multi-label jobs: ``val_macro_auroc`` (mean over sites of the validation
+            macro-AUROC). Left out: the task's default.
     """
 
-    select_on: Literal["val_acc", "val_macro_auroc"] | None = None
+    select_on: Literal["val_balanced_acc", "val_acc", "val_macro_auroc"] | None = None
 
 
 class JobSpec(Strict):
@@ -345,10 +371,18 @@ class JobSpec(Strict):
                                      f"list the classes under 'classes'")  # fmt: skip
             if self.classes is None:
                 raise ValueError("classes: required: the class names in label order (at least 2)")
-            if select_on not in (None, "val_acc"):
-                raise ValueError(f"evaluation.select_on: '{select_on}' is for multi-label jobs; use val_acc")
-            object.__setattr__(self, "evaluation", Evaluation(select_on="val_acc"))  # frozen: set once, here
+            if select_on == "val_macro_auroc":
+                raise ValueError("evaluation.select_on: 'val_macro_auroc' is for multi-label jobs; use "
+                                 "val_balanced_acc or val_acc")  # fmt: skip
+            if self.training.class_weights == "balanced" and self.privacy.mode in ("dp", "ckks+dp"):
+                raise ValueError(f"training.class_weights: 'balanced' weights depend on every training record, "
+                                 f"which DP-SGD's accounting does not allow; use 'none' with privacy mode "
+                                 f"{self.privacy.mode}")  # fmt: skip
+            object.__setattr__(self, "evaluation", Evaluation(select_on=select_on or "val_balanced_acc"))
             return self
+        if self.training.class_weights != "none":
+            raise ValueError("training.class_weights: for single-label jobs (a multi-label job's labels are not "
+                             "exclusive classes)")  # fmt: skip
         if self.labels is None:
             raise ValueError("labels: a multi-label job lists its findings (at least 2), one manifest column "
                              "each")  # fmt: skip

@@ -284,8 +284,8 @@ def test_dp_events_describe_what_train_private_does_steps_and_sampling_rate():
     batches: list[list[int]] = []
     make_optimizer = client.optimizer
 
-    def recording_optimizer(params):
-        opt = make_optimizer(params)
+    def recording_optimizer(params, rnd=None):
+        opt = make_optimizer(params, rnd)
         step = opt.step
 
         def counted_step(*args, **kwargs):

@@ -66,3 +66,16 @@ def test_report_shows_a_failed_site_and_leaves_its_numbers_empty(tmp_path):
     page = write_report([rec.results()], tmp_path / "r.html").read_text()
     assert "round 2 (evaluate) continued without b: site b: no dataset" in page
     assert "<td>b</td><td>n/a / n/a</td>" in page  # no number made up for the failed site
+
+
+def test_report_flags_a_site_that_predicts_one_class(tmp_path):
+    rec = RunRecorder("j", "fedavg", {"mode": "none"}, ["a", "b"], {"a": "cnn", "b": "cnn"}, select_on="val_balanced_acc")
+    rec.add_training(1, seconds=1.0, bytes_up=0, bytes_down=0, train_loss={"a": 0.5, "b": 0.5})
+    for site, (acc, balanced, k) in {"a": (0.9, 0.5, 1), "b": (0.8, 0.75, 2)}.items():
+        ev = {"acc": acc, "balanced_acc": balanced, "auroc": 0.6, "correct": 9, "n": 10, "predicted_classes": k}
+        rec.add_evaluation(1, site, ev, ev)
+    out = write_report([rec.results()], tmp_path / "r.html")
+    page = out.read_text()
+    assert "j · a: predicts one class for every test image" in page and "j · b: predicts" not in page
+    assert "<td>0.625</td>" in page  # mean balanced accuracy (0.5 + 0.75) / 2
+    assert "chosen on the sites' mean <em>validation</em>\nbalanced accuracy" in page

@@ -31,7 +31,8 @@ def test_selected_round_uses_validation_and_final_numbers_follow_it():
     assert res["final"]["mean_acc"] == pytest.approx(0.65)
     assert res["final"]["worst_acc"] == pytest.approx(0.60)
     assert res["final"]["pooled_acc"] == pytest.approx((7 + 12) / 30)
-    assert res["final"]["per_site"]["a"] == {"test_acc": 0.70, "test_auroc": None}  # NaN -> null
+    assert res["final"]["per_site"]["a"] == {"test_acc": 0.70, "test_auroc": None,  # NaN -> null
+                                             "test_balanced_acc": None, "constant_predictor": False}  # fmt: skip
 
 
 def test_schema_is_the_design_contract():
@@ -41,14 +42,41 @@ def test_schema_is_the_design_contract():
     # a site added to its training split), failures (tasks sites failed under reliability.min_sites) and
     # job_id (the run's id, which the parties' ledgers name)
     assert set(res) == {"job", "job_id", "algorithm", "algorithm_form", "privacy", "sites", "models", "rounds",
-                        "selected_round", "final", "privacy_spent", "refused", "synthetic", "failures"}  # fmt: skip
+                        "selected_round", "selected_on", "final", "privacy_spent", "refused", "synthetic",
+                        "failures"}  # fmt: skip
     assert res["algorithm_form"] == "sums"
     r = res["rounds"][1]
     assert set(r) == {"round", "seconds", "bytes_up", "bytes_down", "metrics", "mean_val_acc", "mean_test_acc",
                       "pooled_val_acc", "pooled_test_acc"}  # fmt: skip
-    assert set(r["metrics"]["a"]) == {"val_acc", "test_acc", "test_auroc", "train_loss", "n_val", "n_test"}
-    assert set(res["final"]) == {"per_site", "pooled_acc", "mean_acc", "worst_acc"}
+    assert set(r["metrics"]["a"]) == {"val_acc", "test_acc", "test_auroc", "train_loss", "n_val", "n_test",
+                                      "val_balanced_acc", "test_balanced_acc", "constant_predictor"}  # fmt: skip
+    assert set(res["final"]) == {"per_site", "pooled_acc", "mean_acc", "worst_acc", "mean_balanced_acc",
+                                 "worst_balanced_acc", "constant_predictors"}  # fmt: skip
     assert (r["round"], r["bytes_down"], r["metrics"]["b"]["train_loss"]) == (2, 800, 0.4)
+
+
+def _bal(acc: float, balanced: float, predicted_classes: int = 2) -> dict:
+    return {"acc": acc, "balanced_acc": balanced, "auroc": 0.5, "correct": round(acc * 10), "n": 10,
+            "predicted_classes": predicted_classes}  # fmt: skip
+
+
+def test_rounds_are_selected_on_balanced_accuracy_and_a_constant_predictor_is_flagged():
+    # site a holds 90 % of one class: in round 1 it predicts that class for everything (acc 0.9, balanced 0.5);
+    # in round 2 it learnt both (acc 0.8, balanced 0.8). Accuracy prefers round 1; balanced accuracy round 2.
+    runs = {}
+    for select_on in ("val_acc", "val_balanced_acc"):
+        rec = RunRecorder("j", "fedavg", {"mode": "none"}, ["a"], {"a": "cnn"}, select_on=select_on)
+        for rnd, (acc, bal, k) in {1: (0.9, 0.5, 1), 2: (0.8, 0.8, 2)}.items():
+            rec.add_training(rnd, seconds=1, bytes_up=0, bytes_down=0, train_loss={"a": 1.0})
+            rec.add_evaluation(rnd, "a", _bal(acc, bal, k), _bal(acc, bal, k))
+        runs[select_on] = rec.results()
+    assert (runs["val_acc"]["selected_round"], runs["val_balanced_acc"]["selected_round"]) == (1, 2)
+    assert runs["val_acc"]["final"]["constant_predictors"] == ["a"]  # the report can say so
+    assert runs["val_acc"]["final"]["per_site"]["a"]["test_balanced_acc"] == 0.5
+    assert runs["val_balanced_acc"]["final"]["constant_predictors"] == []
+    assert runs["val_balanced_acc"]["selected_on"] == "val_balanced_acc"
+    with pytest.raises(ValueError, match="select_on"):
+        RunRecorder("j", "fedavg", {"mode": "none"}, ["a"], {"a": "cnn"}, select_on="test_acc")
 
 
 def test_each_round_carries_site_counts_and_both_means():

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from medsilo.components.algorithms import fedavg
+from medsilo.components.toy import tiny_setup
 from medsilo.components.training import (
+    balanced_class_weights,
     classification_metrics,
     local_epochs,
+    lr_factor,
     make_optimizer,
     per_record_gradients,
     predict,
     private_epochs,
     recalibrate_batchnorm,
 )
+from medsilo.config import JobSpec
 from medsilo.medical.models import build_model
 
 
@@ -243,3 +249,62 @@ def test_private_epochs_takes_every_step_even_on_an_empty_poisson_batch():
     # Assert: T steps, some of them on noise alone; only the head (the optimizer's parameters) moved
     assert len(reads_per_step) == 64 and reads_per_step.count(0) >= 10
     assert not torch.equal(model.head.weight.detach(), start)
+
+
+# ---- the training recipe a job chooses (schedules, clipping, class weights) and balanced accuracy --------
+
+
+def test_balanced_accuracy_is_not_fooled_by_a_majority_class_predictor():
+    labels = torch.tensor([0] * 9 + [1])
+    constant = torch.tensor([[0.9, 0.1]] * 10)  # always class 0
+    m = classification_metrics(constant, labels)
+    assert m["acc"] == 0.9 and m["balanced_acc"] == 0.5
+    right = torch.tensor([[0.9, 0.1]] * 8 + [[0.1, 0.9]] * 2)  # one 0 wrong, the 1 right
+    assert classification_metrics(right, labels)["balanced_acc"] == pytest.approx((8 / 9 + 1) / 2)
+
+
+@pytest.mark.parametrize(("schedule", "kwargs", "expected"), [
+    ("constant", {}, [1, 1, 1, 1, 1]),
+    ("cosine", {}, [1, 0.5 * (1 + math.cos(math.pi / 5)), 0.5 * (1 + math.cos(2 * math.pi / 5)),
+                    0.5 * (1 + math.cos(3 * math.pi / 5)), 0.5 * (1 + math.cos(4 * math.pi / 5))]),
+    ("cosine", {"warmup": 2}, [0.5, 1, 1, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]),
+    ("step", {"step_rounds": 2, "step_gamma": 0.1}, [1, 1, 0.1, 0.1, 0.01]),
+])  # fmt: skip
+def test_learning_rate_schedules_over_rounds(schedule, kwargs, expected):
+    got = [lr_factor(schedule, r, 5, **kwargs) for r in range(1, 6)]
+    assert got == pytest.approx(expected)
+    assert lr_factor(schedule, 6, 5, **kwargs) == got[-1]  # the final evaluation: the last round's
+    assert all(g > 0 for g in got)  # never zero: the last round still trains
+
+
+def test_a_client_trains_with_the_scheduled_rate_clips_and_weights_classes():
+    setup = tiny_setup(n=12, num_classes=3, labels=[0, 0, 0, 0, 0, 1])  # 10 of class 0, 2 of class 1, none of 2
+    t = setup.training.model_copy(update={"rounds": 4, "lr_schedule": "step", "lr_step_rounds": 1,
+                                          "lr_step_gamma": 0.5, "grad_clip_norm": 1e-3, "class_weights": "balanced"})  # fmt: skip
+    setup = dataclasses.replace(setup, training=t)
+    client = fedavg.Client(setup, fedavg.Config())
+    assert [client.optimizer(setup.model.parameters(), r).param_groups[0]["lr"] for r in (1, 2, 3)] == \
+        pytest.approx([t.lr, t.lr / 2, t.lr / 4])  # fmt: skip
+    weights = client.class_weight()
+    assert weights.tolist() == pytest.approx([12 / (2 * 10), 12 / (2 * 2), 1.0])
+    before = torch.nn.utils.parameters_to_vector(setup.model.parameters()).detach().clone()
+    client.fit(1)
+    moved = torch.nn.utils.parameters_to_vector(setup.model.parameters()).detach() - before
+    steps = math.ceil(12 / setup.batch_size)  # every step's gradient clipped to 1e-3, SGD without momentum
+    assert 0 < moved.norm() <= steps * t.lr * 1e-3 * (1 + 1e-4)
+    assert balanced_class_weights(torch.tensor([0, 0, 4])).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_recipe_fields_are_validated_against_the_job():
+    base = {"name": "r", "modality": "cxr", "classes": ["a", "b"], "dataset": "d", "algorithm": {"name": "fedavg"}}
+    spec = JobSpec(**base, training={"rounds": 5, "lr_schedule": "cosine", "warmup_rounds": 1})
+    assert spec.evaluation.select_on == "val_balanced_acc"  # the single-label default
+    with pytest.raises(ValueError, match="warmup_rounds: 5 leaves no round after warm-up"):
+        JobSpec(**base, training={"rounds": 5, "warmup_rounds": 5})
+    with pytest.raises(ValueError, match="class_weights: 'balanced' weights depend on every training record"):
+        JobSpec(**base, training={"class_weights": "balanced"},
+                privacy={"mode": "dp", "dp": {"noise_multiplier": 1.0, "clip": 1.0}})  # fmt: skip
+    with pytest.raises(ValueError, match="lr_schedule"):
+        JobSpec(**base, training={"lr_schedule": "linear"})
+    with pytest.raises(ValueError, match="val_macro_auroc' is for multi-label jobs"):
+        JobSpec(**base, evaluation={"select_on": "val_macro_auroc"})
