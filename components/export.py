@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import nn
 
 from medsilo.components import checkpoint
@@ -194,8 +195,6 @@ def auroc(probs: np.ndarray, labels: np.ndarray) -> float:
     classes or two present; else the macro one-vs-rest mean over the present classes on probabilities
     renormalised over them; NaN with fewer than two present), from ranks (Mann–Whitney, ties averaged) —
     fast enough to run a thousand times for a bootstrap."""
-    from scipy.stats import rankdata
-
     present = np.unique(labels)
     if len(present) < 2:
         return math.nan

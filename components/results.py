@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
+
 
 def _num(x: float | None) -> float | None:
     """JSON-safe float: NaN (e.g. AUROC of a one-class split) becomes ``None``."""
@@ -397,8 +399,6 @@ class TensorBoardLog:
     """
 
     def __init__(self, folder: str | Path):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.writer = SummaryWriter(log_dir=str(folder))
 
     def add_round(self, summary: dict[str, Any]) -> None:

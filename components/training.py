@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -411,8 +412,6 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
     the binary AUROC of the two, on probabilities renormalised over them. It is NaN when the labels hold
     fewer than two classes, since it is undefined there.
     """
-    from sklearn.metrics import roc_auc_score
-
     y = labels.numpy()
     p = probs.double().numpy()
     predicted = p.argmax(1)
@@ -435,8 +434,6 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
 
 def label_auroc(scores: np.ndarray, targets: np.ndarray) -> float:
     """Binary AUROC of one label over its known entries (NaN targets left out); NaN unless both 0 and 1 occur."""
-    from sklearn.metrics import roc_auc_score
-
     known = ~np.isnan(targets)
     y = targets[known]
     if len(np.unique(y)) < 2:
