@@ -16,7 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from medsilo.config import read_manifest
-from medsilo.config.manifest import SPLITS, Manifest
+from medsilo.config.manifest import SPLITS, Manifest, multilabel_columns
 from medsilo.config.site import DataPolicy
 from medsilo.errors import MedsiloError
 from medsilo.medical.data.dataset import dataset_manifest, reader_for
@@ -55,6 +55,7 @@ class DataReport:
         policy: the data policy it was judged by (``max_unreadable_fraction``, identifiable DICOM).
         counts: readable images per ``(split, class)``; a multi-label image counts once per positive label.
         views: chest X-ray only: readable images per ``(split, view)``.
+        readable: readable images per split (a multi-label image with no positive label counts here only).
         problems: the unusable rows, in manifest order.
     """
 
@@ -63,6 +64,7 @@ class DataReport:
     policy: DataPolicy
     counts: Counter = field(default_factory=Counter)
     views: Counter = field(default_factory=Counter)
+    readable: Counter = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -122,6 +124,7 @@ def scan_dataset(manifest: Manifest, modality: str, policy: DataPolicy, progress
             names = [manifest.classes[row.label]]
         for c in names:
             report.counts[(row.split, c)] += 1
+        report.readable[row.split] += 1
         if record.view is not None:
             report.views[(row.split, record.view)] += 1
     return report
@@ -143,7 +146,7 @@ def verdicts(report: DataReport, name: str = "", *, examples: bool = True) -> li
     if unreadable and len(unreadable) / total > limit:
         rows.append((f"dataset{suffix}", "fail", f"{file}: {len(unreadable)} of {total} files unreadable "
                                                  f"(limit {limit:.0%}){_examples(unreadable, examples)}"))  # fmt: skip
-    elif empty := [sp for sp in SPLITS if not any(report.counts[(sp, c)] for c in report.manifest.classes)]:
+    elif empty := [sp for sp in SPLITS if not report.readable[sp]]:
         rows.append((f"dataset{suffix}", "fail", f"{file}: no readable image in split(s) "
                                                  f"{', '.join(empty)}; every split needs images ({table})"))  # fmt: skip
     else:
@@ -183,7 +186,7 @@ def check_dataset(name: str, ref: Any, config: Any, progress: bool = True) -> li
         # either), and checked as the manifest a job would read
         outside = config.data.allow_paths_outside_manifest
         file = dataset_manifest(ref, None, allow_outside=outside, progress=progress)
-        manifest = read_manifest(file, allow_outside=outside)
+        manifest = read_manifest(file, allow_outside=outside, labels=multilabel_columns(file))
     except MedsiloError as exc:
         return [(f"dataset {name}", "fail", str(exc))]
     return verdicts(scan_dataset(manifest, ref.modality, config.data, progress), name)

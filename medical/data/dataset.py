@@ -30,7 +30,15 @@ from medsilo.config.manifest import SPLITS, Manifest, ManifestRow
 from medsilo.config.site import DatasetRef
 from medsilo.errors import DataError
 from medsilo.medical.data.pacs import pull
-from medsilo.medical.data.readers import LoadCXR, LoadImageFile, LoadPatch, UnreadableImage
+from medsilo.medical.data.readers import (
+    CODEC_MISSING,
+    UNSUPPORTED,
+    WRONG_MODALITY,
+    LoadCXR,
+    LoadImageFile,
+    LoadPatch,
+    UnreadableImage,
+)
 from medsilo.medical.data.slides import is_slide_manifest, tile_slides
 from medsilo.medical.data.transforms import build_augmentation, normalize, preprocess
 
@@ -142,8 +150,13 @@ class SiteData:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
-def _category(reason: str) -> str:
-    return reason.split(" (")[0].split(";")[0]
+def _category(failure: LoadFailure) -> str:
+    """What the server may be told about one failure: the reason's first words, or only its kind where the reason
+    quotes a header value (``Modality is 'X'``, a photometric or transfer syntax name), which a file can fill with
+    any text."""
+    if failure.kind in (WRONG_MODALITY, UNSUPPORTED, CODEC_MISSING):
+        return failure.kind
+    return failure.reason.split(" (")[0].split(";")[0]
 
 
 def dataset_manifest(
@@ -288,7 +301,7 @@ def _failure_summary(manifest: Manifest, failures: list[LoadFailure], total: int
 
 def _failure_counts(failures: list[LoadFailure], total: int, limit: float) -> str:
     """How many images could not be used and why, by kind — no file names (what a site may tell the server)."""
-    counts = Counter(_category(f.reason) for f in failures)
+    counts = Counter(_category(f) for f in failures)
     kinds = ", ".join(f"{n}× {kind}" for kind, n in counts.most_common())
     return (f"{len(failures)} of {total} images ({len(failures) / total:.0%}) could not be used, more than the "
             f"allowed {limit:.0%} (data.max_unreadable_fraction): {kinds}")  # fmt: skip

@@ -40,7 +40,12 @@ RGB) read PNG/TIFF/JPEG with MONAI's ``PILReader`` (``reverse_indexing=False`` s
 
 Every reader first reads the file's header alone and refuses an image that declares more pixels than its
 modality's limit (:data:`CXR_MAX_PIXELS`, :data:`PATCH_MAX_PIXELS`, :data:`IMAGE_MAX_PIXELS`), so a small hostile or damaged file
-(a 15 KB PNG can declare 11000×11000 pixels) never makes a site allocate gigabytes.
+(a 15 KB PNG can declare 11000×11000 pixels) never makes a site allocate gigabytes. For DICOM, before pydicom
+parses the file: a file (or deflated data set, inflated in a stream) over :data:`CXR_MAX_FILE_BYTES` is refused;
+then, from the header read, more than :data:`CXR_MAX_TRAILING_BYTES` after the *Pixel Data* element (pydicom would
+parse them as elements for minutes) and a compressed frame whose JPEG/JPEG-LS/JPEG 2000 codestream declares more rows or
+columns than the header (decoders size their output by the codestream). A *SOP Class UID* outside
+:data:`CXR_SOP_CLASSES` and any *Presentation Intent Type* but empty or ``FOR PRESENTATION`` are refused too.
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +64,7 @@ import numpy as np
 import pydicom
 from pydicom import uid as dicom_uid
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import get_decoder
 
 from medsilo.config.job import UNKNOWN_VIEW
@@ -194,6 +202,121 @@ typically 224–2048 pixels a side, whole-slide images must be tiled first). Dec
 (12 bytes a pixel), that is at most 192 MiB."""
 
 
+CXR_MAX_FILE_BYTES = CXR_MAX_PIXELS * 2 + 16 * 2**20
+"""Largest chest X-ray DICOM file, or deflated data set once inflated: a 16-bit image of
+:data:`CXR_MAX_PIXELS` plus 16 MiB of header (144 MiB). Checked before pydicom parses anything."""
+
+CXR_MAX_TRAILING_BYTES = 64 * 2**10
+"""Most bytes a chest X-ray file may hold after its (7FE0,0010) *Pixel Data* (trailing padding, a signature).
+pydicom parses whatever follows as data elements, about 4 s a MiB of zeros: a few MB of junk is a hang."""
+
+
+def _check_file_bytes(path: Path) -> None:
+    """Refuse a DICOM file, or a deflated data set once inflated, over :data:`CXR_MAX_FILE_BYTES`, before pydicom
+    reads it: pydicom inflates a deflated data set whole in memory (a 1 MB file of zeros is 1 GB)."""
+    size = path.stat().st_size
+    limit = f"the {CXR_MAX_FILE_BYTES // 2**20} MiB limit for chest X-ray files"
+    if size > CXR_MAX_FILE_BYTES:
+        raise UnreadableImage(path, f"file is {size // 2**20} MiB, more than {limit}", TOO_LARGE)
+    try:
+        with path.open("rb") as fp:
+            read_preamble(fp, False)
+            ts = _read_file_meta_info(fp).get("TransferSyntaxUID", "")
+            if ts != dicom_uid.DeflatedExplicitVRLittleEndian:
+                return
+            inflate, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+            while chunk := fp.read(2**20):
+                while chunk:  # inflated 1 MiB at a time and dropped: never held whole
+                    total += len(inflate.decompress(chunk, 2**20))
+                    chunk = inflate.unconsumed_tail
+                    if total > CXR_MAX_FILE_BYTES:
+                        raise UnreadableImage(path, f"deflated data set inflates to more than {limit}",
+                                              TOO_LARGE)  # fmt: skip
+    except UnreadableImage:
+        raise
+    except Exception:  # noqa: BLE001 - not DICOM or damaged: the header read below says why
+        return
+
+
+def _check_trailing_bytes(path: Path, fp: Any, transfer_syntax: str) -> list[bytes]:
+    """Refuse a file with more than :data:`CXR_MAX_TRAILING_BYTES` after its *Pixel Data* element.
+
+    ``fp`` stands where a header read (``stop_before_pixels``) left it: at the *Pixel Data* tag, or at the end of
+    the file. The element's extent is walked (a native value's length; an encapsulated value's items up to its
+    sequence delimiter) without reading the pixels. Deflated files are bounded by :func:`_check_file_bytes`.
+
+    Returns:
+        The first 64 KiB of each fragment of an encapsulated *Pixel Data* (where its codestream header is), for
+        :func:`_check_frame_sizes`; ``[]`` for native pixels.
+    """
+    heads: list[bytes] = []
+    if transfer_syntax == dicom_uid.DeflatedExplicitVRLittleEndian:
+        return heads
+    size = path.stat().st_size
+    start = fp.tell()
+    big = transfer_syntax == dicom_uid.ExplicitVRBigEndian
+    order = ">" if big else "<"
+    head = fp.read(12)
+    if len(head) < 8:
+        return heads
+    group, elem = struct.unpack(order + "HH", head[:4])
+    if (group, elem) != (0x7FE0, 0x0010):
+        return heads
+    explicit = transfer_syntax != dicom_uid.ImplicitVRLittleEndian and head[4:6].isalpha()
+    if explicit:
+        length, end = struct.unpack(order + "L", head[8:12])[0], start + 12
+    else:
+        length, end = struct.unpack(order + "L", head[4:8])[0], start + 8
+    if length != 0xFFFFFFFF:
+        end += length
+    else:  # encapsulated: items (FFFE,E000) up to the sequence delimiter (FFFE,E0DD)
+        fp.seek(end)
+        while True:
+            item = fp.read(8)
+            if len(item) < 8:
+                break
+            tag_group, tag_elem, item_length = struct.unpack("<HHL", item)
+            end = fp.tell() + (item_length if (tag_group, tag_elem) == (0xFFFE, 0xE000) else 0)
+            if (tag_group, tag_elem) != (0xFFFE, 0xE000) or end > size:
+                break
+            heads.append(fp.read(min(item_length, 2**16)))
+            fp.seek(end)
+    if size - end > CXR_MAX_TRAILING_BYTES:
+        raise UnreadableImage(path, f"{(size - end) // 2**10} KiB follow the Pixel Data element (at most "
+                                    f"{CXR_MAX_TRAILING_BYTES // 2**10} KiB expected); export the image again",
+                              TOO_LARGE)  # fmt: skip
+    return heads[1:]  # the first item is the Basic Offset Table
+
+
+def _frame_size(head: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` a JPEG, JPEG-LS or JPEG 2000 codestream's header declares; ``None`` for anything else."""
+    if head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 24:  # J2K SOC + SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz
+        xsiz, ysiz, xo, yo = struct.unpack(">LLLL", head[8:24])
+        return ysiz - yo, xsiz - xo
+    if head[:2] == b"\xff\xd8":
+        offset = 2
+        while offset + 4 <= len(head) and head[offset] == 0xFF:
+            marker = head[offset + 1]
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
+                if offset + 9 > len(head):
+                    return None
+                rows, cols = struct.unpack(">HH", head[offset + 5 : offset + 9])  # SOFn: Lf P Y X
+                return rows, cols
+            offset += 2 + struct.unpack(">H", head[offset + 2 : offset + 4])[0]
+    return None
+
+
+def _check_frame_sizes(path: Path, heads: list[bytes], rows: int, columns: int) -> None:
+    """Refuse an encapsulated frame whose codestream declares more rows or columns than the header: decoders size
+    their output by the codestream, so a 64×64 header over a 65000×65000 JPEG of zeros (~50 MB) would allocate 4 GB
+    before pydicom compares shapes."""
+    for head in heads:
+        size = _frame_size(head)
+        if size is not None and (size[0] > rows or size[1] > columns):
+            raise UnreadableImage(path, f"a compressed frame declares {size[0]}×{size[1]} pixels but Rows×Columns "
+                                        f"say {rows}×{columns}; export the image again", TOO_LARGE)  # fmt: skip
+
+
 def _check_declared_size(path: Path, rows: int, columns: int, limit: int, what: str, frames: int = 1) -> None:
     """Refuse an image whose header declares more than ``limit`` pixels, before any pixel is decoded.
 
@@ -265,6 +388,15 @@ _FOR_PROCESSING_CLASSES: frozenset[str] = frozenset({
     "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
     "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image Storage - For Processing
 })  # fmt: skip
+
+CXR_SOP_CLASSES: frozenset[str] = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage (public CXR sets, e.g. RSNA, use it with CR)
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture Image Storage
+})  # fmt: skip
+"""(0008,0016) *SOP Class UID* values a chest X-ray may have; any other class (a CT slice relabelled CR) is refused."""
 
 _VIEW_POSITION_WORDS: dict[str, str] = {
     "PA": "PA", "POSTEROANTERIOR": "PA", "AP": "AP", "ANTEROPOSTERIOR": "AP",
@@ -338,11 +470,16 @@ def read_dicom_header(path: str | Path) -> DicomHeader:
     Raises:
         UnreadableImage: not DICOM or damaged (:data:`NOT_AN_IMAGE`); too many pixels (:data:`TOO_LARGE`).
     """
+    path = Path(path)
+    _check_file_bytes(path)
     try:
-        head = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        with path.open("rb") as fp:
+            head = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            meta = getattr(head, "file_meta", None)
+            syntax = str(meta.get("TransferSyntaxUID", "") if meta is not None else "")
+            heads = _check_trailing_bytes(path, fp, syntax)
         rows, cols = int(head.get("Rows", 0) or 0), int(head.get("Columns", 0) or 0)
         frames = int(head.get("NumberOfFrames", 1) or 1)
-        meta = getattr(head, "file_meta", None)
         header = DicomHeader(
             rows=rows, columns=cols, frames=frames,
             transfer_syntax=str(meta.get("TransferSyntaxUID", "") if meta is not None else ""),
@@ -351,11 +488,14 @@ def read_dicom_header(path: str | Path) -> DicomHeader:
             view=view_of(_text(head, "ViewPosition"), _text(head, "ProtocolName"), _text(head, "SeriesDescription"),
                          _text(head, "BodyPartExamined")),
         )  # fmt: skip
+    except UnreadableImage:
+        raise
     except InvalidDicomError as exc:
         raise UnreadableImage(path, f"not a readable DICOM image (not DICOM: {_short(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - an unparsable header makes this one file unreadable
         raise UnreadableImage(path, f"not a readable DICOM image ({_short(exc)})") from None
-    _check_declared_size(Path(path), rows, cols, CXR_MAX_PIXELS, "chest X-rays", frames)
+    _check_declared_size(path, rows, cols, CXR_MAX_PIXELS, "chest X-rays", frames)
+    _check_frame_sizes(path, heads, rows, cols)
     return header
 
 
@@ -364,9 +504,11 @@ def check_chest_xray(path: str | Path, header: DicomHeader) -> None:
 
     Raises:
         UnreadableImage: kind :data:`WRONG_MODALITY`: *Modality* not CR or DX (named), or the image is *for
-            processing* ((0008,0068) *Presentation Intent Type*, or a *For Processing* SOP class).
+            processing* ((0008,0068) *Presentation Intent Type* anything but empty or ``FOR PRESENTATION``, or a
+            *For Processing* SOP class), or a (0008,0016) *SOP Class UID* not in :data:`CXR_SOP_CLASSES`.
     """
-    if header.presentation_intent == "FOR PROCESSING" or header.sop_class in _FOR_PROCESSING_CLASSES:
+    intent_ok = header.presentation_intent in ("", "FOR PRESENTATION")
+    if not intent_ok or header.sop_class in _FOR_PROCESSING_CLASSES:
         raise UnreadableImage(path, "PresentationIntentType is 'FOR PROCESSING' (raw detector data, not meant for "
                                     "viewing); export the FOR PRESENTATION image instead", WRONG_MODALITY)  # fmt: skip
     if header.modality not in CXR_MODALITIES:
@@ -377,6 +519,10 @@ def check_chest_xray(path: str | Path, header: DicomHeader) -> None:
             what = f"Modality is '{header.modality}'" + (f" ({name})" if name else "")
         raise UnreadableImage(path, f"{what}, not a chest X-ray; chest X-ray datasets take CR and DX images only",
                               WRONG_MODALITY)  # fmt: skip
+    if header.sop_class not in CXR_SOP_CLASSES:
+        raise UnreadableImage(path, f"SOPClassUID is '{dicom_uid.UID(header.sop_class).name or 'empty'}', not a "
+                                    "CR, DX (for presentation) or secondary capture image; chest X-ray datasets "
+                                    "take those only", WRONG_MODALITY)  # fmt: skip
 
 
 class LoadCXR:
@@ -457,7 +603,10 @@ class LoadCXR:
                 # CR has no ImageOrientation/Position, so MONAI warns about the affine on every file
                 warnings.simplefilter("ignore", UserWarning)
                 image, meta = self._load(path, reader=self._reader)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure makes this one file unreadable
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any decoder failure makes this one file unreadable; Rust
+            # decoders (pylibjpeg-rle) raise pyo3's PanicException, a BaseException, on a malformed frame
             raise UnreadableImage(path, f"not a readable DICOM image ({_short(exc)})") from None
         return np.asarray(image, dtype=np.float32), meta
 

@@ -45,11 +45,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_check(args: argparse.Namespace) -> int:
     # the data layer imports MONAI and torch: imported here, not when the parser is built (see medsilo.cli)
     from medsilo.config import load_site_config, read_manifest
+    from medsilo.config.manifest import multilabel_columns
     from medsilo.config.site import DataPolicy
     from medsilo.medical.data.check import render_report, scan_dataset, verdicts
 
     policy = load_site_config(args.site_config).data if args.site_config is not None else DataPolicy()
-    manifest = read_manifest(args.manifest, allow_outside=policy.allow_paths_outside_manifest)
+    manifest = read_manifest(args.manifest, allow_outside=policy.allow_paths_outside_manifest,
+                             labels=multilabel_columns(args.manifest))  # fmt: skip
     report = scan_dataset(manifest, args.modality, policy, progress=not args.quiet)
     print(render_report(report))
     source = f"the data policy of {args.site_config}" if args.site_config is not None else "the default data policy"

@@ -158,6 +158,22 @@ def image_path(cell: str, base: Path, allow_outside: bool, where: str) -> Path:
     )
 
 
+def multilabel_columns(path: str | Path) -> tuple[str, ...] | None:
+    """The label columns of a multi-label manifest, read from its header alone: every column besides
+    :data:`COLUMNS` when there is no ``label`` column; ``None`` for a single-label manifest (or a header that
+    cannot be read, which :func:`read_manifest` then reports). For checks that have no job to name the labels
+    (``medsilo site check``, ``medsilo data check``)."""
+    try:
+        with Path(path).open("r", encoding="utf-8-sig", newline="") as fh:
+            header = [h.strip() for h in next(csv.reader(fh), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if not header or "label" in (h.lower() for h in header):
+        return None
+    extra = tuple(h for h in header if h and h.lower() not in COLUMNS)
+    return extra if len(extra) >= 2 else None
+
+
 def read_manifest(
     path: str | Path,
     classes: Sequence[str] | None = None,

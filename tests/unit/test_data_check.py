@@ -20,6 +20,7 @@ from medsilo.cli import main
 from medsilo.config import read_manifest
 from medsilo.config.site import DataPolicy
 from medsilo.medical.data.check import scan_dataset, verdicts
+from medsilo.medical.synth import SynthRequest, synthesize
 from tests.helpers import write_dicom
 
 HEADER = "path,label,patient_id,split\n"
@@ -197,3 +198,14 @@ def test_a_missing_codec_is_grouped_and_fails_the_check(tmp_path):
     assert (f"    line 8: {folder / 'lossless.dcm'}: no decoder installed for transfer syntax 'JPEG Lossless, "
             "Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])'; install it with 'pip install "
             "pylibjpeg pylibjpeg-libjpeg'") in done.stdout  # fmt: skip
+
+
+def test_a_multilabel_manifest_is_checked_per_label(tmp_path, capsys):
+    # no job names the labels here: the columns besides path/patient_id/split are read as the labels
+    synthesize(tmp_path / "ml", SynthRequest("cxr", sites=1, images_per_site=12, seed=3, multilabel=True),
+               workers=1, progress=False)  # fmt: skip
+    manifest = tmp_path / "ml" / "hospital-1" / "manifest.csv"
+    assert main(["data", "check", str(manifest), "--modality", "cxr", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"split\s+pneumonia\s+effusion\s+nodule\s+cardiomegaly", out)
+    assert "a job would read this data" in out
