@@ -19,7 +19,10 @@ Steps, and who runs them::
                             the public context. ``medsilo keys rotate`` makes version n+1 the same way.
 
 The relay folder may pass through the coordinator and the server: a blob opens only with its recipient's
-private key and carries the sender's signature, and the public context decrypts nothing. Each kit records
+private key and carries the sender's signature, and the public context decrypts nothing. A site takes a blob
+only from the certificate it pinned for the sender (``startup/peers``), and ``peers`` never swaps a pinned
+site's key silently: the root CA's holder could otherwise certify a key of its own under a site's name and
+wrap a secret it keeps. A failed ``assemble`` leaves no kit and no half-written key version. Each kit records
 where its secrets came from in ``local/custody.json`` (:mod:`medsilo.secure.custody`) and its CKKS key
 versions in ``local/ckks_keys.json`` (:mod:`medsilo.secure.keys`).
 
@@ -51,6 +54,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +91,8 @@ PURPOSE = "ckks-secret-context"
 """The :mod:`~medsilo.secure.keywrap` purpose of a wrapped CKKS secret context."""
 CA_DIR, CERTS_DIR, RELAY_DIR = "ca", "certs", "relay"
 CERT_DAYS = 1095
+MAX_CSR_BYTES = 64 * 1024
+"""The largest request ``approve`` reads (a PEM CSR for an RSA-2048 key is about 1 KiB)."""
 
 
 class ProvisionError(MedsiloError):
@@ -147,6 +153,13 @@ def approve(coord: str | Path, csr_path: str | Path, *, days: int = CERT_DAYS) -
     coord = Path(coord).resolve()
     net = load_network(coord / "network.yml")
     try:
+        info = os.stat(csr_path)  # before reading: a FIFO would block, a huge file would fill memory
+        if not stat.S_ISREG(info.st_mode):
+            raise ProvisionError(f"{csr_path}: not a regular file; ask the party for the .csr 'medsilo provision "
+                                 "request' wrote")  # fmt: skip
+        if info.st_size > MAX_CSR_BYTES:
+            raise ProvisionError(f"{csr_path}: {info.st_size} bytes, too large for a certificate request (at most "
+                                 f"{MAX_CSR_BYTES}); refused")  # fmt: skip
         csr = x509.load_pem_x509_csr(Path(csr_path).read_bytes())
     except (OSError, ValueError) as exc:
         raise ProvisionError(f"{csr_path}: not a readable certificate request ({type(exc).__name__}); ask the "
@@ -254,15 +267,20 @@ def assemble(network: NetworkSpec | str | Path, party_dir: str | Path, cert: str
         raise ProvisionError(f"{kit}: a kit exists already; move it away to assemble again")
     out.mkdir(parents=True, exist_ok=True)
     _build_kit(net, name, kind, org, role, key_path, Path(cert), Path(root_ca), kit, peers, quiet)
-    write_custody(kit, Custody("sites", "made-here"))
-    if kind == "site" and relay is not None:
-        if name == net.key_holder and not _versions(Path(relay)):
-            make_key_set(kit, net, Path(peers) if peers else None, Path(relay))
-        elif _versions(Path(relay)):
-            with contextlib.suppress(FileNotFoundError):  # not shared yet: 'medsilo provision import-key' later
-                import_key(kit, net, Path(relay))
-    elif kind == "server" and relay is not None and _versions(Path(relay)):
-        install_public_context(kit, Path(relay))
+    try:  # a step that fails leaves no kit behind that looks complete
+        write_custody(kit, Custody("sites", "made-here"))
+        if kind == "site" and relay is not None:
+            if name == net.key_holder and not _versions(Path(relay)):
+                make_key_set(kit, net, Path(peers) if peers else None, Path(relay))
+            elif _versions(Path(relay)):
+                # not shared yet: 'medsilo provision import-key' later
+                with contextlib.suppress(FileNotFoundError):
+                    import_key(kit, net, Path(relay))
+        elif kind == "server" and relay is not None and _versions(Path(relay)):
+            install_public_context(kit, Path(relay))
+    except BaseException:
+        shutil.rmtree(kit, ignore_errors=True)
+        raise
     return kit
 
 
@@ -314,6 +332,11 @@ def update_peers(kit: str | Path, certs: str | Path) -> list[str]:
         except pki.PKIError as exc:
             raise ProvisionError(f"{path}: {exc}") from None
         if pki.common_name_of(cert) == path.stem and _is_site_cert(cert):
+            pinned = kit / "startup" / "peers" / path.name
+            if pinned.is_file() and pki.key_id(pki.load_public_key(pinned)) != pki.key_id(cert.public_key()):
+                raise ProvisionError(f"{path}: certifies another key for '{path.stem}' than {pinned} (re-issued by the "
+                                     "root CA holder); confirm the new certificate's fingerprint with the site out of "
+                                     f"band, then remove {pinned} and run this again")  # fmt: skip
             found[path.stem] = path.read_bytes()
     write_peers(kit / "startup" / "peers", found)
     return sorted(found)
@@ -336,13 +359,17 @@ def make_key_set(kit: str | Path, network: NetworkSpec, peers: Path | None, rela
     record = read_key_versions(kit)
     version = max([record["current"] if record else 0, *_versions(relay)]) + 1
     folder = relay / f"v{version}"
-    folder.mkdir(parents=True, exist_ok=True)
-    ctx = make_context(network.he.poly_modulus_degree)
-    save_context(ctx, kit / "startup" / CLIENT_CONTEXT, secret=True)
-    save_context(ctx, folder / SERVER_CONTEXT, secret=False)
-    record_key_version(kit, version, fingerprint(ctx))
-    write_custody(kit, Custody("sites", "made-here", "made-here", None, version))
-    share_key(kit, network, peers or kit / "startup" / "peers", relay)
+    folder.mkdir(parents=True, exist_ok=False)
+    try:  # a half-written version would look shared to the peers: remove it on failure
+        ctx = make_context(network.he.poly_modulus_degree)
+        save_context(ctx, kit / "startup" / CLIENT_CONTEXT, secret=True)
+        save_context(ctx, folder / SERVER_CONTEXT, secret=False)
+        record_key_version(kit, version, fingerprint(ctx))
+        write_custody(kit, Custody("sites", "made-here", "made-here", None, version))
+        share_key(kit, network, peers or kit / "startup" / "peers", relay)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return version
 
 
@@ -404,6 +431,7 @@ def import_key(kit: str | Path, network: NetworkSpec, relay: Path, version: int 
         raise ProvisionError(f"{blob}: {exc}") from None
     if sender not in network.hospitals:
         raise ProvisionError(f"{blob}: wrapped by '{sender}', which is not a hospital of the network; refused")
+    _check_pinned_sender(kit, blob, sender)
     public = folder / SERVER_CONTEXT
     try:
         expected = fingerprint(public.read_bytes())
@@ -414,13 +442,14 @@ def import_key(kit: str | Path, network: NetworkSpec, relay: Path, version: int 
     staged = target.with_name(f".{CLIENT_CONTEXT}.import")
     write_atomic(staged, secret, 0o600, "CKKS secret context", error=ProvisionError)
     try:
-        ctx = load_context(staged, secret=True)
+        try:
+            ctx = load_context(staged, secret=True)
+        except CKKSError as exc:
+            raise ProvisionError(f"{blob}: the unwrapped secret is not a usable CKKS context ({exc})") from None  # fmt: skip
         if fingerprint(ctx) != expected:
             raise ProvisionError(f"{blob}: the secret context does not belong to {public} (fingerprint "
                                  f"{fingerprint(ctx)[:12]}… ≠ {expected[:12]}…); refused")  # fmt: skip
         record_key_version(kit, version, expected)
-    except CKKSError as exc:
-        raise ProvisionError(f"{blob}: the unwrapped secret is not a usable CKKS context ({exc})") from None
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
@@ -503,6 +532,22 @@ def _kit_name(kit: Path) -> str:
         return pki.common_name_of(pki.load_certificate(kit / "startup" / "client.crt"))
     except pki.PKIError as exc:
         raise ProvisionError(f"{kit}: not a site kit ({exc})") from None
+
+
+def _check_pinned_sender(kit: Path, blob: Path, sender: str) -> None:
+    """A wrapped key is taken only from the certificate this kit pinned for its sender (``startup/peers``): the
+    root CA's holder can certify a key of its own under a site's name, and wrap a secret it keeps."""
+    pinned = kit / "startup" / "peers" / f"{sender}.crt"
+    if not pinned.is_file():
+        raise ProvisionError(f"{blob}: wrapped by '{sender}', whose certificate this kit has not pinned ({pinned}); "
+                             "run 'medsilo provision peers' first")  # fmt: skip
+    try:
+        used = pki.certificate_from_pem(json.loads(blob.read_bytes())["sender_certificate"], "sender cert")
+    except (OSError, ValueError, KeyError, TypeError, pki.PKIError) as exc:
+        raise ProvisionError(f"{blob}: unreadable sender certificate ({type(exc).__name__})") from None
+    if pki.key_id(used.public_key()) != pki.key_id(pki.load_public_key(pinned)):
+        raise ProvisionError(f"{blob}: signed with a certificate for '{sender}' that is not the certificate this kit "
+                             f"pinned ({pinned}): a re-issued certificate; refused — ask {sender} out of band")  # fmt: skip
 
 
 def _versions(relay: Path) -> list[int]:
