@@ -39,11 +39,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from medsilo.components.checkpoint import CHECKPOINT_DIR_ENV
+from tqdm import tqdm
+
+from medsilo.components.checkpoint import CHECKPOINT_DIR_ENV, SERVER_FILE
 from medsilo.components.controller import FAILURE_FILE, PROGRESS_FILE, RESULTS_FILE, TENSORBOARD_DIR
 from medsilo.components.executor import RUN_ID_ENV, SITES_FILE_ENV, THREADS_ENV
 from medsilo.components.export import MODELS_DIR_ENV
-from medsilo.config import JobSpec, SitesFile
+from medsilo.config import JobSpec, SitesFile, load_sites_file
 from medsilo.config.common import SERVER_COMPONENTS, SITE_COMPONENTS
 from medsilo.errors import MedsiloError
 from medsilo.jobs.builder import export_job
@@ -125,8 +127,6 @@ def run_simulation(
     Raises:
         MedsiloError: a preflight refusal, nothing to resume, or the job stopped — with the sites' reasons.
     """
-    from medsilo.config import load_sites_file
-
     sites_file = Path(sites_file).resolve()
     sites = load_sites_file(sites_file)
     names = preflight(spec, sites)
@@ -201,8 +201,6 @@ def run_simulation(
 
 def _prepare_resume(run_dir: Path, spec: JobSpec) -> None:
     """Keep an interrupted run's checkpoints and keys; clear what the new simulator run writes again."""
-    from medsilo.components.checkpoint import SERVER_FILE
-
     if not (run_dir / RUN_MARKER).is_file() or not (run_dir / "checkpoints" / SERVER_FILE).is_file():
         raise MedsiloError(f"{run_dir}: nothing to resume (no medsilo run with a completed round here); "
                            "run without --resume")  # fmt: skip
@@ -230,8 +228,6 @@ def _short_tmpdir() -> Path:
 
 def _follow(proc: subprocess.Popen, progress_file: Path, spec: JobSpec, label: str, show: bool) -> None:
     """Wait for the simulator, turning each new progress line into a tick of the bar."""
-    from tqdm import tqdm
-
     seen = 0
     with tqdm(total=spec.training.rounds, desc=label, unit="round", disable=not show, leave=True) as bar:
         while True:

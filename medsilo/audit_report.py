@@ -1,6 +1,9 @@
 """HTML page of a privacy audit (``medsilo audit report --out FILE.html``), beside :mod:`medsilo.report`.
 
-Renders :func:`medsilo.secure.audit.summarize`'s JSON-plain summary: per party, the privacy budget (ε spent
+Renders :func:`medsilo.secure.audit.summarize`'s JSON-plain summary. It opens with one table across parties —
+verified?, key custody, entries, releases plaintext/encrypted, ε spent vs cap, refusals, last entry time — with
+problems marked in colour (a failed check or an exhausted budget red, central key custody amber), then per party
+the key custody line, the privacy budget (ε spent
 against the cap, and a plot of cumulative ε over time), what left per job and by kind, refusals, aggregate
 releases and NVFlare ``audit.log`` lines; ledgers that failed verification are flagged on top, in red. The
 page is self-contained (the plot embedded as PNG) and uses :mod:`medsilo.report`'s stylesheet.
@@ -60,6 +63,63 @@ def _table(head: list[str], rows: list[list[object]]) -> str:
     )  # fmt: skip
 
 
+OVERVIEW_STYLE = """.overview td { white-space: nowrap; }
+.overview td:nth-child(2), .overview td:nth-child(3),
+.overview th:nth-child(2), .overview th:nth-child(3) { text-align: center; }
+.overview td.bad { background: #fde2e2; color: #900; font-weight: 600; }
+.overview td.warn { background: #fff4d6; color: #7a5300; }
+.overview td.good { background: #e5f5e8; color: #17622a; }"""
+"""Cell colours of the opening table, added to :data:`medsilo.report.PAGE_STYLE`."""
+CUSTODY_WORDS = {"site-generated": "made at the site", "central": "central: coordinator could sign",
+                 "unknown": "not recorded"}  # fmt: skip
+
+
+def _epsilon_cell(epsilon: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """``(text, class)`` of the ε column: ``spent / cap`` per scope; red when a scope's cap is reached."""
+    if not epsilon:
+        return "none spent", ""
+    text = "; ".join(
+        (f"{scope}: " if len(epsilon) > 1 else "")
+        + f"{e['spent']:.3g} / " + ("no cap" if e["cap"] is None else f"{e['cap']:.3g}")
+        for scope, e in epsilon.items()
+    )  # fmt: skip
+    full = any(e["cap"] is not None and e["spent"] >= e["cap"] - 1e-9 for e in epsilon.values())
+    return text, "bad" if full else ""
+
+
+def overview_table(summary: dict[str, Any]) -> str:
+    """The opening table: one row per ledger (:func:`medsilo.secure.audit.summarize`'s ``overview``)."""
+    esc = html.escape
+    head = ["party", "verified", "key custody", "entries", "jobs", "releases plaintext", "releases encrypted",
+            "ε spent / cap", "refusals", "last entry (UTC)"]  # fmt: skip
+    rows = []
+    for lg in summary["ledgers"]:
+        o = lg["overview"]
+        eps, eps_class = _epsilon_cell(o["epsilon"])
+        last = (o["last_time"] or "")[:19].replace("T", " ")
+        cells = [
+            (str(lg["party"]), ""),
+            ("yes" if o["verified"] else "NO", "good" if o["verified"] else "bad"),
+            (
+                CUSTODY_WORDS.get(o["custody"], o["custody"]),
+                "good" if o["custody"] == "site-generated" else "warn",
+            ),
+            (str(o["entries"]), ""),
+            (str(o["jobs"]), ""),
+            (str(o["releases"]["plaintext"]), ""),
+            (str(o["releases"]["encrypted"]), ""),
+            (eps, eps_class),
+            (str(o["refusals"]), "warn" if o["refusals"] else ""),
+            (last or "—", ""),
+        ]
+        rows.append("<tr>" + "".join(f'<td class="{c}">{esc(t)}</td>' if c else f"<td>{esc(t)}</td>"
+                                     for t, c in cells) + "</tr>")  # fmt: skip
+    return (
+        '<table class="overview"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(rows)
+        + "</table>"
+    )  # fmt: skip
+
+
 def render_html(summary: dict[str, Any], title: str = "medsilo privacy audit") -> str:
     """The audit report page for :func:`medsilo.secure.audit.summarize`'s output (self-contained: plots
     embedded as PNG)."""
@@ -76,13 +136,23 @@ def render_html(summary: dict[str, Any], title: str = "medsilo privacy audit") -
         if summary["root_ca"]
         else "no root CA given (signers trusted on first use)"
     )
+    crl = f" · revocation list {esc(summary['crl'])}" if summary.get("crl") else ""
     parts.append(
-        f'<p class="note">{len(summary["ledgers"])} ledger(s) · {ca} · generated {esc(summary["generated"])}</p>'
+        f'<p class="note">{len(summary["ledgers"])} ledger(s) · {ca}{crl} · generated {esc(summary["generated"])}</p>'
+    )
+    parts.append("<h2>Overview</h2>" + overview_table(summary))
+    parts.append(
+        '<p class="note">Key custody, from each ledger\'s signed <code>policy_loaded</code> entries: '
+        "<em>made at the site</em> — the coordinator never held the signing key; <em>central</em> — the "
+        "coordinator provisioned it and could have signed these entries itself.</p>"
     )
     for lg in summary["ledgers"]:
         status = "verified" if lg["verified"] else "UNVERIFIED"
         parts.append(f"<h2>{esc(str(lg['party']))} <small>({status}, {lg['entries']} entries)</small></h2>")
         parts.append(f'<p class="note">{esc(lg["file"])}</p>')
+        custody = lg["custody"]
+        parts.append(f"<p><strong>Key custody:</strong> {esc(CUSTODY_WORDS.get(custody['custody'], ''))} — "
+                     f"{esc(custody['detail'])}</p>")  # fmt: skip
         budgets = [
             [scope, f"{b['epsilon']:.4g}", f"{b['delta']:.3g}",
              "n/a" if b["epsilon_cap"] is None else f"{b['epsilon_cap']:.4g}", len(b["series"]), b["accounting"]]
@@ -148,7 +218,8 @@ def render_html(summary: dict[str, Any], title: str = "medsilo privacy audit") -
                     f"{esc(', '.join(a['files']))}; first {len(a['sample'])}:</p><ul>{sample}</ul>"
                 )
     body = "\n".join(parts)
-    return f"""{page_head(title)}
+    head = page_head(title).replace("</style>", f"{OVERVIEW_STYLE}\n</style>", 1)
+    return f"""{head}
 {body}
 </body></html>
 """

@@ -6,6 +6,10 @@ and exits non-zero when any row fails. Checks, in order:
 * **kit** — the NVFlare startup files are there, the site certificate is issued by the kit's root CA,
   and the files NVFlare signed at provisioning (``startup/signature.json``) are unchanged: a changed
   startup file makes NVFlare refuse to start the site, so it is caught here first.
+* **key custody** — where the site's private key and the CKKS secret came from (``local/custody.json``,
+  :mod:`medsilo.secure.custody`): ``ok`` when the site made its own key (distributed provisioning), ``warn`` in
+  the trusting central mode (the coordinator made the keys, so it could sign as this site) or when the kit has
+  no record (made before custody was recorded: treat as central), ``fail`` for an unreadable record.
 * **site config** — ``local/medsilo_site.yml`` is valid and names this kit's site.
 * **dataset NAME** — per dataset: the manifest parses, its image paths stay inside its folder (unless
   ``data.allow_paths_outside_manifest``), every image is read the way a job reads it (counts per class and
@@ -28,10 +32,25 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from nvflare.lighter.utils import verify_folder_signature
+from packaging.requirements import Requirement
+
+from medsilo.config import load_site_config
+from medsilo.config.common import PRIVACY_STRENGTH
 from medsilo.errors import MedsiloError
+from medsilo.secure.budget import budget_accountant
+from medsilo.secure.ckks import CKKSError, decrypt, encrypt, fingerprint, load_context, parameters
+from medsilo.secure.custody import CUSTODY_FILE, CustodyError, read_custody
+from medsilo.secure.keys import CLIENT_CONTEXT, Party
+from medsilo.secure.ledger import LEDGER_FILE, verify_file
+from medsilo.secure.pki import PKIError
 
 Status = Literal["ok", "warn", "fail"]
 STARTUP_FILES = ("fed_client.json", "client.crt", "client.key", "rootCA.pem")
@@ -68,6 +87,7 @@ def check_kit(kit: str | Path, *, datasets: DatasetChecker, progress: bool = Tru
         raise MedsiloError(f"{kit}: not a folder; pass a site's startup kit (the folder holding startup/ and local/)")
     rows: list[Check] = []
     site = _check_kit_files(kit, rows)
+    _check_custody(kit, rows)
     config = _check_config(kit, site, rows)
     if config is not None:
         for name, ref in config.datasets.items():
@@ -79,10 +99,6 @@ def check_kit(kit: str | Path, *, datasets: DatasetChecker, progress: bool = Tru
 
 
 def _check_kit_files(kit: Path, rows: list[Check]) -> str | None:
-    from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
-    from nvflare.lighter.utils import verify_folder_signature
-
     startup = kit / "startup"
     missing = [f for f in STARTUP_FILES if not (startup / f).is_file()]
     if missing:
@@ -108,9 +124,26 @@ def _check_kit_files(kit: Path, rows: list[Check]) -> str | None:
     return site
 
 
-def _check_config(kit: Path, site: str | None, rows: list[Check]):
-    from medsilo.config import load_site_config
+def _check_custody(kit: Path, rows: list[Check]) -> None:
+    try:
+        custody = read_custody(kit)
+    except CustodyError as exc:
+        rows.append(Check("key custody", "fail", f"{exc}"))
+        return
+    if custody is None:
+        rows.append(Check("key custody", "warn", f"{kit / CUSTODY_FILE}: no record (a kit made before custody was "
+                                                 "recorded): treat it as central provisioning, where the coordinator "
+                                                 "made this site's keys; re-provision with site-held keys"))  # fmt: skip
+        return
+    if custody.coordinator_could_sign or custody.provisioning == "central":
+        rows.append(Check("key custody", "warn", f"{custody.describe()}: the trusting central mode — the coordinator "
+                                                 "could sign as this site and, with the server, decrypt its uploads; "
+                                                 "fine for demos, re-provision with site-held keys for real data"))  # fmt: skip
+        return
+    rows.append(Check("key custody", "ok", f"{custody.describe()}; nobody else holds this site's private key"))
 
+
+def _check_config(kit: Path, site: str | None, rows: list[Check]):
     path = kit / "local" / "medsilo_site.yml"
     try:
         config = load_site_config(path)
@@ -126,13 +159,6 @@ def _check_config(kit: Path, site: str | None, rows: list[Check]):
 
 
 def _check_he(kit: Path, site: str | None, config, rows: list[Check]) -> None:
-    import torch
-
-    from medsilo.config.common import PRIVACY_STRENGTH
-    from medsilo.secure.ckks import CKKSError, decrypt, encrypt, fingerprint, load_context, parameters
-    from medsilo.secure.keys import CLIENT_CONTEXT, Party
-    from medsilo.secure.pki import PKIError
-
     path = kit / "startup" / CLIENT_CONTEXT
     required = config is not None and "ckks" in PRIVACY_STRENGTH[config.privacy.required_mode]
     if not path.is_file():
@@ -166,9 +192,6 @@ def _check_he(kit: Path, site: str | None, config, rows: list[Check]) -> None:
 
 
 def _check_ledger(kit: Path, site: str | None, config, rows: list[Check]) -> None:
-    from medsilo.secure.budget import budget_accountant
-    from medsilo.secure.ledger import LEDGER_FILE, verify_file
-
     try:
         with tempfile.NamedTemporaryFile(dir=kit, prefix=".medsilo-write-probe-"):
             pass
@@ -210,10 +233,6 @@ def _check_ledger(kit: Path, site: str | None, config, rows: list[Check]) -> Non
 
 
 def _check_software(rows: list[Check]) -> None:
-    from importlib.metadata import PackageNotFoundError, requires, version
-
-    from packaging.requirements import Requirement
-
     try:
         found = {p: version(p) for p in ("medsilo", "nvflare", "tenseal", "torch")}
     except PackageNotFoundError as exc:

@@ -43,6 +43,7 @@ import numpy as np
 
 from medsilo.errors import MedsiloError
 from medsilo.secure import pki
+from medsilo.secure.revocation import Peers
 
 WIRE_PARAM = "__medsilo__"
 """The single task-result entry of a protected upload or a released aggregate (uint8 bytes of a wire)."""
@@ -192,12 +193,13 @@ def open_wire(data: bytes | np.ndarray, public_keys: Mapping[str, pki.PublicKey]
 
     Args:
         data: the wire bytes.
-        public_keys: site name → signature public key (from certificates checked against the root CA).
+        public_keys: site name → signature public key (from certificates checked against the root CA); a
+            :class:`medsilo.secure.revocation.Peers` also names the sites whose certificate was revoked.
         sender: the NVFlare identity it came from; the statement must name the same site.
 
     Raises:
-        WireError: a malformed wire, an unknown signer, a statement naming another site than the sender, a body
-            that does not match the signed digest, or a signature that does not verify.
+        WireError: a malformed wire, an unknown or revoked signer, a statement naming another site than the
+            sender, a body that does not match the signed digest, or a signature that does not verify.
     """
     wire = Wire.from_bytes(data)
     site = wire.statement.site
@@ -205,7 +207,10 @@ def open_wire(data: bytes | np.ndarray, public_keys: Mapping[str, pki.PublicKey]
         raise WireError(f"a wire from {sender} is signed as {site!r}; refusing an upload presented as another site's")
     # from here on ``site`` is a bounded plain name (Statement.from_json), safe to name in messages
     if site not in public_keys:
-        raise WireError(f"site {site}: unknown signer (known: {', '.join(sorted(public_keys)) or 'none'})")
+        if isinstance(public_keys, Peers) and site in public_keys.revoked:
+            raise WireError(f"{public_keys.revoked[site]}; its signatures are refused")
+        raise WireError(f"site {site}: unknown signer: no certificate for it among this party's peers (removed from "
+                        f"the network, or never in it; known: {', '.join(sorted(public_keys)) or 'none'})")
     if hashlib.sha256(wire.body).hexdigest() != wire.statement.digest:
         raise WireError(f"site {site}: the body does not match the digest it signed (modified after signing)")
     if not pki.verify_signature(public_keys[site], wire.signature, wire.statement.message()):

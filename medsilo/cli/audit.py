@@ -4,11 +4,17 @@
 signatures, signer certificates; :mod:`medsilo.secure.ledger`), then across them (:mod:`medsilo.secure.anchors`):
 each ledger is its place's party (``hospital-1/privacy_ledger.jsonl`` holds hospital-1's entries), and no site
 ledger is shorter than, or differs from, what the server's ledger recorded receiving from that site. It prints
-one line per file: ``FILE: OK, N entries (party P)`` or ``FILE:LINE: reason`` for the first problem. Exit status 0 when every ledger holds, 1
-when any does not, 2 on bad input (a missing file, an unreadable root CA).
+one line per file: ``FILE: OK, N entries (party P); key custody: …`` or ``FILE:LINE: reason`` for the first problem.
+Key custody comes from the ledger's signed ``policy_loaded`` entries (:func:`medsilo.secure.audit.ledger_custody`):
+``site-generated`` (the key was made at the site; the coordinator never held it) or ``central`` (the coordinator
+provisioned it, so it could have signed these entries). With ``--crl FILE`` — or a ``crl.pem`` found beside the
+root CA (or in the kit's ``local/``) — entries signed by a revoked certificate after its revocation time are
+problems; entries before it stay valid (:mod:`medsilo.secure.revocation`). Exit status 0 when every ledger
+holds, 1 when any does not, 2 on bad input (a missing file, an unreadable root CA or revocation list).
 
-``medsilo audit report LEDGER_OR_DIR... --out FILE.html|FILE.json [--root-ca FILE] [--allow-unverified]``
-summarizes, per party and job: events by kind, what left (count, bytes, encrypted or not), ε spent per
+``medsilo audit report LEDGER_OR_DIR... --out FILE.html|FILE.json [--root-ca FILE] [--crl FILE]
+[--allow-unverified]`` opens with one table across parties (verified?, key custody, entries, releases plaintext /
+encrypted, ε spent vs cap, refusals, last entry time), then summarizes, per party and job: events by kind, what left (count, bytes, encrypted or not), ε spent per
 budget scope against the cap over time (cap = the latest ``epsilon_cap`` in the entries' ``privacy``; ε recomposed
 with the site's accountant from the recorded mechanism events, flagged when it differs from what the site wrote),
 refusals with reasons, aggregate releases, and the job's lines in an NVFlare ``audit.log`` next to the
@@ -43,6 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="verify privacy ledgers; report what left each site",
         description="Check the signed, hash-chained privacy ledgers of sites and server, and report on them.",
     )
+    crl_help = (
+        "the project's revocation list (crl.pem, signed by the root CA; default: crl.pem beside --root-ca): "
+        "entries signed by a revoked certificate after its revocation are flagged"
+    )
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
     paths_help = f"ledger files, or folders searched recursively for {LEDGER_GLOB}"
@@ -59,6 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     verify.add_argument("ledgers", type=Path, nargs="+", metavar="LEDGER_OR_DIR", help=paths_help)
     verify.add_argument("--root-ca", type=Path, metavar="FILE", help=ca_help)
+    verify.add_argument("--crl", type=Path, metavar="FILE", help=crl_help)
     verify.add_argument(
         "--party",
         metavar="NAME",
@@ -76,6 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     report.add_argument("ledgers", type=Path, nargs="+", metavar="LEDGER_OR_DIR", help=paths_help)
     report.add_argument("--out", type=Path, required=True, metavar="FILE.html|FILE.json")
     report.add_argument("--root-ca", type=Path, metavar="FILE", help=ca_help)
+    report.add_argument("--crl", type=Path, metavar="FILE", help=crl_help)
     report.add_argument(
         "--allow-unverified",
         action="store_true",
@@ -105,11 +117,33 @@ def find_ledgers(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+def _crl(args: argparse.Namespace) -> Path | None:
+    """``--crl``, else a ``crl.pem`` beside ``--root-ca`` (:func:`medsilo.secure.audit.crl_beside`)."""
+    from medsilo.secure.audit import crl_beside
+
+    if args.crl is not None:
+        if not args.crl.is_file():
+            raise MedsiloError(
+                f"--crl {args.crl}: no such file; give the project's revocation list (crl.pem)"
+            )
+        return args.crl
+    return crl_beside(args.root_ca) if args.root_ca is not None else None
+
+
+def _custody_line(custody: dict | None) -> str:
+    if custody is None or custody["custody"] == "unknown":
+        return "key custody not recorded (assume central: the coordinator could have signed)"
+    if custody["custody"] == "central":
+        return f"key provisioned centrally: the coordinator could have signed ({custody['detail']})"
+    return f"key site-generated: the coordinator never held it ({custody['detail']})"
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from medsilo.secure.audit import verify_ledgers
 
     files = find_ledgers(args.ledgers)
-    verdicts = verify_ledgers(files, args.root_ca, party=args.party)
+    crl = _crl(args)
+    verdicts = verify_ledgers(files, args.root_ca, party=args.party, crl=crl)
     bad = 0
     for verdict in verdicts:
         if verdict.problem:
@@ -117,10 +151,13 @@ def run_verify(args: argparse.Namespace) -> int:
             print(verdict.problem)
         else:
             party = verdict.party if verdict.check.entries else "empty"
-            print(f"{verdict.file}: OK, {len(verdict.check.entries)} entries (party {party})")
+            print(f"{verdict.file}: OK, {len(verdict.check.entries)} entries (party {party}); "
+                  + _custody_line(verdict.custody))  # fmt: skip
         for torn in verdict.set_aside:
             print(f"{verdict.file}: note: a torn last line was moved aside by repair into {torn}")
     print(f"{len(files)} ledger(s), {bad} with problems")
+    if crl is not None:
+        print(f"revocation list: {crl}")
     if args.root_ca is None:
         print(
             "note: signer certificates were not checked against a root CA (pass --root-ca startup/rootCA.pem)"
@@ -135,7 +172,8 @@ def run_report(args: argparse.Namespace) -> int:
     if suffix not in (".html", ".htm", ".json"):
         raise MedsiloError(f"--out {args.out}: must end in .html or .json")
     files = find_ledgers(args.ledgers)
-    verdicts = verify_ledgers(files, args.root_ca)
+    crl = _crl(args)
+    verdicts = verify_ledgers(files, args.root_ca, crl=crl)
     problems = [v.problem for v in verdicts if v.problem]
     if problems and not args.allow_unverified:
         for problem in problems:
@@ -146,7 +184,9 @@ def run_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    summary = summarize(verdicts, root_ca=str(args.root_ca) if args.root_ca else None)
+    summary = summarize(
+        verdicts, root_ca=str(args.root_ca) if args.root_ca else None, crl=str(crl) if crl else None
+    )
     if suffix == ".json":
         text = json.dumps(summary, indent=2) + "\n"
     else:

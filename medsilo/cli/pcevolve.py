@@ -52,6 +52,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # `--sites` points the simulated site's ledger at `medsilo sim`'s folder through the environment, for this
+    # command only: put back as it was, so nothing leaks into a caller's process (tests run commands in-process)
+    from medsilo.secure.keys import LEDGER_DIR_ENV
+
+    before = os.environ.get(LEDGER_DIR_ENV)
+    try:
+        return _run(args)
+    finally:
+        if before is None:
+            os.environ.pop(LEDGER_DIR_ENV, None)
+        else:
+            os.environ[LEDGER_DIR_ENV] = before
+
+
+def _run(args: argparse.Namespace) -> int:
     from medsilo.config.loading import validate
     from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig
 

@@ -6,13 +6,16 @@ and combined, whether releases are noised and charged, and whether an aggregate 
 
 * :meth:`~SitePipeline.start` — once, at the job's first task: checks the site's ledger against the server's
   record of it (the *anchor*: the statement this site last signed that the server recorded) — a ledger that is
-  shorter than, or differs from, what the server saw is refused — and writes ``policy_loaded``;
+  shorter than, or differs from, what the server saw is refused — and writes ``policy_loaded`` (with the site's
+  key custody, :func:`custody_record`);
 * :meth:`~SitePipeline.admit` / :meth:`~SitePipeline.noise` — early budget checks (DP modes);
 * :meth:`~SitePipeline.protect` — the only way an upload leaves: under the ledger lock it reads the verified
   ledger, refuses a second upload of the same (job, round), charges the DP events (DP modes), seals the body
   (pack or encrypt), signs a statement (job, round, participant set, own ``min_contributors``, body digest, the
   ledger head) and appends the ``release`` entry with the SHA-256 of the exact bytes that leave — all before
   returning them;
+* :meth:`~SitePipeline.peers` / :meth:`~ServerPipeline.peers` — the sites whose signatures count: the party's
+  peer certificates less those the root CA's revocation list revokes (:func:`trusted_peers`);
 * :meth:`~SitePipeline.open` — what the server sent (decrypting an encrypted aggregate, with a ``decrypt``
   entry); :meth:`~SitePipeline.release` — an aggregate release where the mode has one.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,11 +41,13 @@ import numpy as np
 import torch
 
 from medsilo.errors import MedsiloError
-from medsilo.secure import pki
+from medsilo.secure import pki, revocation
 from medsilo.secure.budget import BudgetBook
+from medsilo.secure.custody import CUSTODY_FILE, Custody, read_custody
 from medsilo.secure.dp import DPRelease, Event, fresh_generator
-from medsilo.secure.keys import Party
+from medsilo.secure.keys import LEDGER_DIR_ENV, Party
 from medsilo.secure.ledger import Ledger, entry_hash
+from medsilo.secure.revocation import Peers, find_crl, load_crl, peer_certificates
 from medsilo.secure.upload import (
     WIRE_PARAM,
     Statement,
@@ -194,7 +200,8 @@ class SitePipeline:
                                what={"kind": "policy", "policy": json.loads(text),
                                      "sha256": hashlib.sha256(text.encode()).hexdigest(),
                                      "privacy_mode": self.mode, "spec_sha256": self.terms.spec_digest,
-                                     "resumed_from": inherited})  # fmt: skip
+                                     "resumed_from": inherited,
+                                     **custody_record(self.party, self.encrypted)})  # fmt: skip
             self.resumed = inherited
 
     def _resume_check(self, entries: Sequence[dict], resumed_from: Mapping[str, Any]) -> dict[str, Any]:
@@ -374,6 +381,10 @@ class SitePipeline:
                 return f"job {self.terms.job} was resumed as job {e['job']} ({self.ledger.path}:{e['seq'] + 1})"
         return None
 
+    def peers(self) -> Peers:
+        """The sites whose signatures this site accepts on aggregates (:func:`trusted_peers`)."""
+        return trusted_peers(self.party)
+
     def signing_key(self) -> pki.PrivateKey:
         if self._key is None:
             self._key = self.party.signing_key()
@@ -486,6 +497,10 @@ class ServerPipeline:
         self.release_bytes = 0
         """Bytes of the last round's release round trip (request + reply), counted as traffic."""
 
+    def peers(self) -> Peers:
+        """The sites whose signatures the server accepts (:func:`trusted_peers`)."""
+        return trusted_peers(self.party)
+
     def announce(self, rnd: int, sites: Sequence[str], first: bool) -> dict[str, Any]:
         """Task meta for round ``rnd``: the participant set, and on the job's first task every site's anchor."""
         meta: dict[str, Any] = {"participants": sorted(sites)}
@@ -537,7 +552,7 @@ class ServerPipeline:
                                 "nothing unprotected is accepted")  # fmt: skip
                 continue
             try:
-                wire = open_wire(params[WIRE_PARAM], self.party.peers(), sender=site)
+                wire = open_wire(params[WIRE_PARAM], self.peers(), sender=site)
             except WireError as e:
                 problems.append(f"site {site}: {e}")
                 continue
@@ -594,6 +609,43 @@ class ServerPipeline:
 
 
 # ---- plaintext tensor helpers --------------------------------------------------------------------
+
+
+def trusted_peers(party: Party) -> Peers:
+    """``party.peers()`` less every site the project's revocation list revokes (:mod:`medsilo.secure.revocation`).
+
+    The list is read fresh on every call (beside the root CA, or in the kit's ``local/``), so a revocation applies
+    from the next wire on; a list the root CA did not sign is refused (:class:`~medsilo.secure.revocation.
+    RevocationError`) rather than ignored.
+    """
+    keys = party.peers()
+    path = find_crl(party.root_ca, party.workspace)
+    if path is None:
+        return Peers(keys)
+    crl = load_crl(path, pki.load_certificate(party.root_ca))
+    # a kit keeps peers' certificates in startup/peers/; a simulation keeps them beside its root CA
+    kit_peers = party.root_ca.parent / "peers"
+    certs = peer_certificates(kit_peers if kit_peers.is_dir() else party.root_ca.parent, list(keys))
+    return revocation.trusted_peers(keys, certs, crl)
+
+
+def custody_record(party: Party, encrypted: bool) -> dict[str, Any]:
+    """What a site's ``policy_loaded`` entry says about who else could hold its keys (:mod:`medsilo.secure.custody`).
+
+    ``{"custody": Custody.to_json(), "custody_note": str | None}``: a deployed site records its kit's
+    ``local/custody.json``; a kit without one records ``custody: null`` with a note (made before custody was
+    recorded: treat as central). The simulator has no kits: ``medsilo sim`` made every party's key with its
+    local CA and the CKKS key set on one machine, so it records ``provisioning: central`` honestly, with a note.
+    """
+    if os.environ.get(LEDGER_DIR_ENV):
+        ckks = ("central", 1) if encrypted else ("none", 0)
+        return {"custody": Custody("central", "central", ckks[0], None, ckks[1]).to_json(),
+                "custody_note": "simulation: medsilo sim made every key with its local CA on one machine"}  # fmt: skip
+    custody = read_custody(party.workspace)
+    if custody is None:
+        return {"custody": None, "custody_note": f"{party.workspace / CUSTODY_FILE}: none (a kit made before custody "
+                                                  "was recorded): treat as central provisioning"}  # fmt: skip
+    return {"custody": custody.to_json(), "custody_note": None}
 
 
 def sum_uploads(uploads: Mapping[str, Arrays]) -> Arrays:

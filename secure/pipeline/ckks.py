@@ -114,7 +114,7 @@ class Site(SitePipeline):
         of_round = rnd - 1
         of_job = self.resumed["job"] if self.resumed and of_round == self.resumed["round"] else self.terms.job
         try:
-            wires = [open_wire(w, self.party.peers()) for w in unpack_wires(payload[CONTRIBUTIONS])]
+            wires = [open_wire(w, self.peers()) for w in unpack_wires(payload[CONTRIBUTIONS])]
         except WireError as e:
             raise PipelineRefusal(f"site {self.site}: the round's contributions are refused: {e}") from e
         found = self._contributors(wires, of_job, of_round)
@@ -207,7 +207,7 @@ class Site(SitePipeline):
                                              f"({self.ledger.path}:{number}); a second release could be set "
                                              "against the first")  # fmt: skip
                 own = self.own_upload(entries, rnd)
-                aggregate, record = release(list(request.values()), self.party.peers(), self.context(), job=terms.job,
+                aggregate, record = release(list(request.values()), self.peers(), self.context(), job=terms.job,
                                             rnd=rnd, mode=self.mode, releaser=self.site,
                                             own_digest=own["what"].get("body_sha256") if own else None,
                                             min_contributors=self.min_contributors)  # fmt: skip

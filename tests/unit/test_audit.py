@@ -10,7 +10,7 @@ import pytest
 
 from medsilo.cli import main
 from medsilo.secure import pki
-from medsilo.secure.ledger import Ledger
+from medsilo.secure.ledger import Ledger, entries
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,43 @@ def test_report_html(workspace, tmp_path, capsys):
     assert page.count('src="data:image/png;base64,') == 2  # one budget plot per party
     assert "ε budget: 4.0 of 4.0 spent" in page and "submit result OK" in page
     assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_report_opens_with_one_row_per_party(workspace, tmp_path):
+    out = tmp_path / "audit.json"
+    assert main(["audit", "report", str(workspace), "--out", str(out)]) == 0
+    rows = {lg["party"]: lg["overview"] for lg in json.loads(out.read_text())["ledgers"]}
+    one = rows["hospital-1"]
+    # 3 weights releases (rounds 0 and 2 encrypted), job-10's encrypted prototypes, the plaintext aggregate
+    assert one["releases"] == {"plaintext": 2, "encrypted": 3}
+    assert (one["verified"], one["custody"], one["entries"], one["jobs"], one["refusals"]) == (
+        True,
+        "unknown",
+        7,
+        2,
+        1,
+    )
+    assert one["epsilon"] == {"site": {"spent": pytest.approx(3.0), "cap": 4.0}}
+    assert rows["hospital-2"]["releases"] == {"plaintext": 1, "encrypted": 2}
+    assert rows["hospital-2"]["epsilon"]["site"]["spent"] == pytest.approx(1.0)
+    assert one["last_time"] == entries(workspace / "hospital-1" / "privacy_ledger.jsonl")[-1]["time"]
+
+
+def test_report_html_overview_comes_first_and_marks_problems(workspace, tmp_path):
+    out = tmp_path / "audit.html"
+    bad = workspace / "hospital-2" / "privacy_ledger.jsonl"
+    _tamper(bad, 3, b'"bytes":5000', b'"bytes":50')
+    assert main(["audit", "report", str(workspace), "--out", str(out), "--allow-unverified"]) == 0
+    page = out.read_text()
+    overview = page.index('<table class="overview">')
+    assert page.index("<h2>Overview</h2>") < overview < page.index("<h2>hospital-1 ")
+    table = page[overview : page.index("</table>", overview)]
+    rows = re.findall(r"<tr>(.*?)</tr>", table)
+    assert len(rows) == 3 and "<th>key custody</th>" in rows[0] and "<th>ε spent / cap</th>" in rows[0]
+    assert '<td class="good">yes</td>' in rows[1] and '<td class="warn">not recorded</td>' in rows[1]
+    assert "<td>3 / 4</td>" in rows[1]
+    assert "<td>hospital-2</td>" in rows[2] and '<td class="bad">NO</td>' in rows[2]
+    assert "<strong>Key custody:</strong> not recorded" in page
 
 
 def test_report_refuses_unverified_unless_allowed(workspace, tmp_path, capsys):

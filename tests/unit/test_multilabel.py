@@ -52,7 +52,7 @@ def test_a_multilabel_spec_fills_classes_policy_and_selection():
     single = JobSpec(
         name="s", modality="cxr", classes=["a", "b"], dataset="cxr", algorithm={"name": "fedavg"}
     )
-    assert (single.task, single.labels, single.evaluation.select_on) == ("single", None, "val_acc")
+    assert (single.task, single.labels, single.evaluation.select_on) == ("single", None, "val_balanced_acc")
     # what the controller and the sites re-validate from the dumped spec is the same job
     assert JobSpec(**spec.model_dump(mode="json")) == spec
 

@@ -21,6 +21,7 @@ from medsilo.provisioning.check import check_kit
 from medsilo.provisioning.network import load_network
 from medsilo.provisioning.provision import provision
 from medsilo.secure.ckks import fingerprint, load_context
+from medsilo.secure.custody import CUSTODY_FILE, Custody, write_custody
 from medsilo.secure.ledger import LEDGER_FILE, Ledger
 from tests.helpers import write_dicom
 
@@ -144,12 +145,34 @@ def _rows(kit: Path) -> dict[str, tuple[str, str]]:
 
 def test_check_passes_a_good_kit(site_kit, capsys):
     rows = _rows(site_kit)
-    assert [name for name in rows] == ["kit", "site config", "dataset cxr", "de-identification cxr", "HE context",
-                                       "ledger", "budget", "software"]  # fmt: skip
+    assert [name for name in rows] == ["kit", "key custody", "site config", "dataset cxr", "de-identification cxr",
+                                       "HE context", "ledger", "budget", "software"]  # fmt: skip
+    # a kit from `medsilo provision --network` is the trusting central mode: a warning, not a failure
+    assert rows.pop("key custody")[0] == "warn"
     assert all(status == "ok" for status, _ in rows.values()), rows
     assert "train: normal" in rows["dataset cxr"][1]
     assert main(["site", "check", "--kit", str(site_kit), "--quiet"]) == 0
-    assert "all checks passed" in capsys.readouterr().out
+    assert "all checks passed (with warnings)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("record", "status", "words"),
+    [
+        (None, "warn", "no record"),
+        (Custody("central", "central", "central", None, 1), "warn", "trusting central mode"),
+        (Custody("sites", "made-here", "wrapped", "hospital-2", 3), "ok", "received wrapped from hospital-2"),
+        ("not json", "fail", "not readable JSON"),
+    ],
+)
+def test_check_reports_key_custody(site_kit, record, status, words):
+    path = site_kit / CUSTODY_FILE
+    path.unlink(missing_ok=True)
+    if isinstance(record, Custody):
+        write_custody(site_kit, record)
+    elif record is not None:
+        path.write_text(record)
+    got, detail = _rows(site_kit)["key custody"]
+    assert (got, words in detail) == (status, True), detail
 
 
 def test_check_catches_a_wrong_data_path(site_kit, capsys):
