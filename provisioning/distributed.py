@@ -40,6 +40,7 @@ Folder layouts::
     COORD/ca/rootCA.pem, rootCA.key   root CA: the certificate goes to every party with its fingerprint; the key
                                       never leaves (0600)
     COORD/certs/<name>.crt            every approved certificate (public; the sites' are the peers bundle)
+    COORD/crl.pem                     the revocation list (`revoke`): send it to every party as local/crl.pem
     COORD/relay/v<n>/                 CKKS key set n: server_context.tenseal + <site>.wrapped (useless to COORD)
     PARTY/<name>.key                  the party's private key (0600, never leaves)
     PARTY/<name>.csr, request.json    the request (send the .csr to the coordinator)
@@ -56,6 +57,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,7 @@ from medsilo.secure import keywrap, pki
 from medsilo.secure.ckks import CKKSError, fingerprint, load_context, make_context, public_copy, save_context
 from medsilo.secure.custody import Custody, read_custody, write_custody
 from medsilo.secure.keys import CLIENT_CONTEXT, SERVER_CONTEXT, read_key_versions, record_key_version
+from medsilo.secure.revocation import CRL_FILE, load_crl, revoke
 
 PURPOSE = "ckks-secret-context"
 """The :mod:`~medsilo.secure.keywrap` purpose of a wrapped CKKS secret context."""
@@ -192,6 +195,31 @@ def approve(coord: str | Path, csr_path: str | Path, *, days: int = CERT_DAYS) -
 
 
 # ---- each party ----------------------------------------------------------------------------------
+
+
+def revoke_party(coord: str | Path, names: Sequence[str], *, reason: str = "left") -> Path:
+    """The coordinator removes parties: their approved certificates go on the project's revocation list
+    (``COORD/crl.pem``, a real X.509 CRL signed with the root CA: :func:`medsilo.secure.revocation.revoke`),
+    keeping every earlier entry. Send the file to every party as ``<kit>/local/crl.pem``.
+
+    Raises:
+        ProvisionError: a name the coordinator never certified (nothing written).
+        RevocationError: an unknown reason, or a list in force that the root CA did not sign.
+    """
+    coord = Path(coord).resolve()
+    ca_key = pki.load_private_key(coord / CA_DIR / pki.ROOT_CA_KEY)
+    ca_cert = pki.load_certificate(coord / CA_DIR / pki.ROOT_CA_CERT)
+    certs = []
+    for name in names:
+        path = coord / CERTS_DIR / f"{name}.crt"
+        if "/" in name or name in (".", "..") or not path.is_file():
+            raise ProvisionError(f"{coord / CERTS_DIR}: no certificate for '{name}' was approved here; nothing to "
+                                 "revoke (names: the .crt files there)")  # fmt: skip
+        certs.append(pki.load_certificate(path))
+    out = coord / CRL_FILE
+    previous = load_crl(out, ca_cert) if out.is_file() else None
+    revoke(ca_key, ca_cert, certs, out, reason=reason, previous=previous)
+    return out
 
 
 def request(network: NetworkSpec | str | Path, name: str, party_dir: str | Path) -> Request:

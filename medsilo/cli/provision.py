@@ -52,6 +52,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("csr", type=Path, nargs="+", metavar="NAME.csr")
     v.set_defaults(func=run_approve)
 
+    v = verbs.add_parser("revoke", help="coordinator: remove parties (their certificates on the revocation list)")
+    v.add_argument("--coord", type=Path, required=True, metavar="COORD")
+    v.add_argument("--reason", default="left", choices=("left", "compromised", "superseded"),
+                   help="left: it left the network; compromised: its key leaked (default: left)")  # fmt: skip
+    v.add_argument("name", nargs="+", help="the parties' names (their approved certificates)")
+    v.set_defaults(func=run_revoke)
+
     v = verbs.add_parser("assemble", help="a party: assemble its own kit from its key and its certificate")
     v.add_argument("--network", type=Path, required=True, metavar="NETWORK.yml")
     v.add_argument("--request-dir", type=Path, required=True, metavar="PARTY", help="the folder 'request' wrote")
@@ -138,6 +145,15 @@ def run_approve(args: argparse.Namespace) -> int:
         print(f"certified {approve(args.coord, csr)}")
     print(f"send each party its certificate and {args.coord / 'ca' / 'rootCA.pem'}; sites and the server also "
           f"{args.coord / 'certs'} (peers) and {args.coord / 'relay'} (CKKS key relay)")
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    from medsilo.provisioning.distributed import revoke_party
+
+    out = revoke_party(args.coord, args.name, reason=args.reason)
+    print(f"revoked {', '.join(args.name)} ({args.reason}); send {out} to every party as <kit>/local/crl.pem — "
+          "from then on their signatures are refused and the audit flags entries they signed after now")
     return 0
 
 

@@ -25,6 +25,7 @@ from medsilo.secure.keys import (
     read_key_versions,
     record_key_version,
 )
+from medsilo.secure.revocation import CRL_FILE, load_crl
 
 NETWORK = {
     "project": "dist-net",
@@ -164,3 +165,22 @@ def test_cli_walks_the_distributed_flow(tmp_path, capsys):
     assert "is not the one the coordinator announced" in capsys.readouterr().err
     assert main([*args, "--fingerprint", fp]) == 0
     assert "CKKS secret made here (key version 1)" in capsys.readouterr().out
+
+
+def test_the_coordinator_revokes_a_party_and_keeps_earlier_entries(net, tmp_path, capsys):
+    network, root, kits = net
+    coord = tmp_path / "coordinator"
+    shutil.copytree(root / "coordinator", coord)
+    ca = pki.load_certificate(coord / "ca" / pki.ROOT_CA_CERT)
+    serial = {n: pki.load_certificate(coord / "certs" / f"{n}.crt").serial_number for n in ("hospital-1", "hospital-2")}
+    assert main(["provision", "revoke", "--coord", str(coord), "hospital-2", "--reason", "compromised"]) == 0
+    assert "as <kit>/local/crl.pem" in capsys.readouterr().out
+    first = load_crl(coord / CRL_FILE, ca)
+    assert [e.serial for e in first.entries] == [serial["hospital-2"]]
+    assert main(["provision", "revoke", "--coord", str(coord), "hospital-1"]) == 0
+    assert {e.serial for e in load_crl(coord / CRL_FILE, ca).entries} == set(serial.values())  # hospital-2 kept
+    # a name never certified here: one line, nothing written
+    before = (coord / CRL_FILE).read_bytes()
+    assert main(["provision", "revoke", "--coord", str(coord), "hospital-9"]) == 2
+    assert "no certificate for 'hospital-9' was approved here" in capsys.readouterr().err
+    assert (coord / CRL_FILE).read_bytes() == before
