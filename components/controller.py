@@ -216,10 +216,11 @@ class RoundController(ModelController):
         except MedsiloError as exc:
             raise JobStopped(f"server: round {rnd}: {exc}") from exc
 
-    @staticmethod
-    def _best(recorder) -> int | None:
-        """The best round so far (the round :meth:`RunRecorder.selected_round` would report now: on validation
-        accuracy, or macro-AUROC for a multi-label job), or ``None``."""
+    def _best(self, recorder) -> int | None:
+        """The best round so far (the round :meth:`RunRecorder.selected_round` would report now, on the job's
+        ``evaluation.select_on``), or ``None``. The failures so far count first: a round whose evaluation a failed
+        site never sent is complete without it, so the sites keep the very candidate the server later selects."""
+        recorder.set_failures(self._failures)
         return recorder.selected_round() if recorder.complete_rounds() else None
 
     def _export(self, selected: int, rounds: int, sites: list[str]) -> dict[str, dict[str, Any]]:
