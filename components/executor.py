@@ -65,7 +65,14 @@ import medsilo
 from medsilo.components import checkpoint
 from medsilo.components.algorithms import algorithm_module
 from medsilo.components.algorithms.base import SiteSetup
-from medsilo.components.export import MODELS_DIR_ENV, Candidates, ExportError, ExportFacts, export_model
+from medsilo.components.export import (
+    MODELS_DIR_ENV,
+    Candidates,
+    ExportError,
+    ExportFacts,
+    bundle_encoder,
+    export_model,
+)
 from medsilo.components.training import evaluate_splits
 from medsilo.components.wire import (  # noqa: F401 - RUN_ID_ENV is part of the site's documented environment
     RUN_ID_ENV,
@@ -389,12 +396,22 @@ class SiteExecutor(Executor):
         memory for training only (val and test stay real).
         """
         aug = spec.augmentation.pcevolve
-        cfg = PCEvolveConfig(epsilon=aug.epsilon, iterations=aug.iterations, per_class=aug.images_per_class, seed=seed)
+        cfg = PCEvolveConfig(epsilon=aug.epsilon, iterations=aug.iterations, candidates=aug.candidates,
+                             per_class=aug.images_per_class, picks=aug.picks, utility=aug.utility, keep=aug.keep,
+                             keep_epsilon=aug.keep_epsilon, encoder=aug.encoder, seed=seed)  # fmt: skip
         t0 = time.perf_counter()
-        # the generator was checked against this site's privacy.pcevolve_generators by check_job
+        # the generator (and a federated encoder's model) were checked against this site's policy by check_job
         job = job_identity(fl_ctx)
-        result = charged_evolve(Party(site, workspace), job, config.privacy, aug.generator, spec.modality,
-                                spec.classes, spec.image_size, data.train.images, data.train.labels, cfg)  # fmt: skip
+        party = Party(site, workspace)
+        embed = facts = None
+        if aug.encoder == "federated":
+            embed, facts = bundle_encoder(config.privacy.pcevolve_encoder_model, data.train.images.shape[1],
+                                          party.ledger_path, party.root_ca)  # fmt: skip
+        val = data.val if aug.keep == "val" else None
+        result = charged_evolve(party, job, config.privacy, aug.generator, spec.modality, spec.classes,
+                                spec.image_size, data.train.images, data.train.labels, cfg, embed=embed,
+                                encoder_facts=facts, val_images=None if val is None else val.images,
+                                val_labels=None if val is None else val.labels)  # fmt: skip
         out = workspace / "pcevolve" / job
         if not out.exists():
             write_synthetic(out, manifest, result.synthetic, spec.modality, site)
@@ -402,7 +419,8 @@ class SiteExecutor(Executor):
         labels = torch.tensor([c.label for c in result.synthetic], dtype=torch.int64)
         data.train = ImageSet(torch.cat([data.train.images, images]), torch.cat([data.train.labels, labels]),
                               data.train.augment)  # fmt: skip
-        self._synthetic = {"images": len(result.synthetic), "epsilon": aug.epsilon}
+        self._synthetic = {"images": len(result.synthetic), "epsilon": aug.epsilon, "encoder": aug.encoder,
+                           "utility": aug.utility, "kept_iteration": result.kept_iteration}  # fmt: skip
         self.log_info(fl_ctx, f"{site}: PCEvolve added {len(result.synthetic)} synthetic training images "
                               f"(ε = {aug.epsilon:g}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
         return data

@@ -44,8 +44,10 @@ releases that trained it, and a folder without a card is never left as if comple
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import re
 import shutil
 import tempfile
 import warnings
@@ -61,7 +63,10 @@ from torch import nn
 
 from medsilo.components import checkpoint
 from medsilo.components.training import choose_thresholds, classification_metrics, multilabel_metrics
+from medsilo.config.common import MODALITY_CHANNELS, SITE_NAME_PATTERN
 from medsilo.errors import MedsiloError
+from medsilo.medical.data.transforms import normalize
+from medsilo.secure.ledger import verified_entries
 
 MODELS_DIR_ENV = "MEDSILO_MODELS_DIR"
 """Simulation: the folder the sites write their models into, one sub-folder per site (``RUN_DIR/models``)."""
@@ -507,3 +512,108 @@ python -c "import torch; m = torch.jit.load('models/model.ts'); print(m(torch.ze
 
 def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}"
+
+
+# ---- loading an exported model -----------------------------------------------------------------------
+
+
+CLASS_NAME = r"[A-Za-z0-9][A-Za-z0-9_ .-]{0,62}"
+"""Class names as a job spec allows them (``medsilo.config.job.ClassName``)."""
+
+
+def load_bundle(folder: Path, ledger: Path | None = None, root_ca: Path | None = None) -> tuple[dict, bytes]:
+    """The ``medsilo`` section of a bundle's ``configs/metadata.json`` and the exact bytes of ``models/model.ts``,
+    after checking them.
+
+    A TorchScript file is code: loading and running it can do what any program of the user can. So the bytes
+    that will be loaded are the bytes that were hashed, and with ``ledger`` (and the network's ``root_ca``) the
+    model and metadata digests must be the ones a verified ``model_export`` entry of the exporting site
+    recorded — without it, the model is only checked against its own metadata (which whoever can change the
+    model can change too).
+
+    Raises:
+        MedsiloError: not an exported model folder, metadata out of its allowed ranges, a model file that
+            differs from the recorded one, or (with ``ledger``) no verified export entry of these digests.
+    """
+    meta_file, model_file = folder / "configs" / "metadata.json", folder / "models" / "model.ts"
+    if not meta_file.is_file() or not model_file.is_file():
+        raise MedsiloError(f"{folder}: not an exported model (expected configs/metadata.json and models/model.ts)")
+    meta_bytes, model = meta_file.read_bytes(), model_file.read_bytes()
+    try:
+        meta = json.loads(meta_bytes)["medsilo"]
+        ok = (meta["modality"] in MODALITY_CHANNELS and meta["channels"] in (1, 3)
+              and isinstance(meta["image_size"], int) and 8 <= meta["image_size"] <= 512
+              and isinstance(meta["classes"], list) and len(meta["classes"]) >= 2
+              and all(isinstance(c, str) and re.fullmatch(CLASS_NAME, c) for c in meta["classes"])
+              and re.fullmatch(SITE_NAME_PATTERN, str(meta["site"])) is not None
+              and isinstance(meta["model_sha256"], str))  # fmt: skip
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MedsiloError(f"{meta_file}: not medsilo model metadata ({type(exc).__name__}: {exc})") from None
+    if not ok:
+        raise MedsiloError(f"{meta_file}: modality, channels, image_size, classes or site out of their allowed values")
+    if meta.get("task", "single") not in ("single", "multilabel"):
+        raise MedsiloError(f"{meta_file}: task must be 'single' or 'multilabel', got {meta.get('task')!r}")
+    if meta.get("task") == "multilabel":
+        cut = meta.get("thresholds")
+        if not (isinstance(cut, dict) and list(cut) == meta["classes"]
+                and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in cut.values())):  # fmt: skip
+            raise MedsiloError(f"{meta_file}: a multi-label model needs thresholds: one number in [0, 1] per label")
+    digest = hashlib.sha256(model).hexdigest()
+    if digest != meta["model_sha256"]:
+        raise MedsiloError(f"{model_file}: differs from the model the export recorded (SHA-256 in "
+                           f"{meta_file}); re-export it or restore it from backup")  # fmt: skip
+    if ledger is not None:
+        meta_digest = hashlib.sha256(meta_bytes).hexdigest()
+        entries = verified_entries(ledger, root_ca)
+        if not any(e["event"] == "model_export" and e.get("party") == meta["site"] and
+                   e["what"].get("model_sha256") == digest and e["what"].get("metadata_sha256") == meta_digest
+                   for e in entries):  # fmt: skip
+            raise MedsiloError(f"{folder}: no verified model_export entry of site {meta['site']} in {ledger} records "
+                               "this model and metadata; it is not the model that site exported")  # fmt: skip
+    return meta, model
+
+
+def bundle_encoder(folder: Path, channels: int, ledger: Path | None, root_ca: Path | None = None):
+    """PCEvolve's ``federated`` encoder: the feature extractor of a model this site exported.
+
+    The bundle is loaded through :func:`load_bundle` (with ``ledger``: only a model whose digests a verified
+    ``model_export`` entry records — a TorchScript file is code). Its features are those of the first
+    ``base`` (the zoo's feature extractor, ``SplitModel.base``) among the deployed module's parts; images are
+    resized to the bundle's input size and normalised as the job normalised them.
+
+    Returns:
+        ``(embed, facts)``: ``embed`` maps ``(B, C, S, S)`` [0, 1] → ``(B, d)``; ``facts`` names the model
+        (``encoder``, ``encoder_sha256``, ``encoder_job``) for ``pcevolve.json`` and the ledger.
+
+    Raises:
+        MedsiloError: what :func:`load_bundle` refuses, another channel count, or a model with no feature
+            extractor the trace recorded.
+    """
+    meta, model_bytes = load_bundle(folder, ledger, root_ca)
+    if meta["channels"] != channels:
+        raise MedsiloError(f"{folder}: the exported model takes {meta['channels']}-channel images, this dataset has "
+                           f"{channels}; choose a model of the same modality")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
+        module = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu").eval()  # the bytes hashed
+    size = int(meta["image_size"])
+    base = next((m for name, m in module.named_modules() if name.split(".")[-1] == "base"), None)
+    probe = torch.zeros(1, channels, size, size)
+    try:
+        with torch.no_grad():
+            dim = base(probe).shape if base is not None else None
+    except (RuntimeError, AttributeError):  # a part the trace never called has no forward
+        dim = None
+    if dim is None or len(dim) != 2:
+        raise MedsiloError(f"{folder}: the exported {meta['algorithm']} model has no feature extractor (parts.*.base) "
+                           "the trace recorded; use another encoder (pretrained)")  # fmt: skip
+
+    @torch.no_grad()
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != size:
+            x = nn.functional.interpolate(x.float(), size=(size, size), mode="area" if x.shape[-1] > size else "bilinear")
+        return torch.cat([base(normalize(b.float())) for b in x.split(128)])
+
+    facts = {"encoder": "federated", "encoder_sha256": meta["model_sha256"], "encoder_job": meta["job_id"],
+             "encoder_algorithm": meta["algorithm"]}  # fmt: skip
+    return embed, facts

@@ -155,4 +155,4 @@ class SelectionCharge:
             privacy = self.book.charge(entries, [event], job=self.run_id, rnd=iteration, what=self.what)
             privacy["pure_epsilon"] = event.epsilon * event.count
             ledger.append("synthetic_release", job=self.run_id, round=iteration, privacy=privacy,
-                          what={**self.what, "kind": "selection", "selections": event.count})  # fmt: skip
+                          what={**self.what, "kind": self.what.get("kind", "selection"), "selections": event.count})  # fmt: skip

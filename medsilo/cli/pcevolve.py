@@ -10,7 +10,8 @@ whole run is refused before any selection when it cannot fit), and writes into `
 * ``manifest.csv`` — the site's manifest plus one ``train`` row per synthetic image, ``source`` =
   ``pcevolve``, so it can replace the dataset's manifest in the site config (its rows name the site's own
   images outside ``--out``, so that config needs ``data.allow_paths_outside_manifest: true``);
-* ``pcevolve.json`` — the settings, ε per selection and in total, and the selectivity factor.
+* ``pcevolve.json`` — the settings, the encoder (with its weights' SHA-256) and utility, ε per draw and in
+  total, which iteration was kept, and the released set's diversity.
 
 Everything is written to a temporary folder and renamed at the end: an interrupted or refused run
 leaves no half result.
@@ -38,11 +39,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="dataset name in the site's config (default: its only one)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new folder for images and manifest")
     p.add_argument("--epsilon", type=float, required=True, help="total pure ε of the run's selections")
-    p.add_argument("--iterations", type=int, default=5)
-    p.add_argument("--per-class", type=int, default=16, help="candidates per class and iteration (and output)")
-    p.add_argument("--tau", type=float, default=10.0)
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--candidates", type=int, default=16, help="candidates per class and iteration")
+    p.add_argument("--picks", type=int, default=8, help="candidates picked per class and iteration")
+    p.add_argument("--per-class", type=int, default=16, help="synthetic images written per class")
+    p.add_argument("--utility", choices=["vote", "paper"], default="vote",
+                   help="vote: each private image votes for its nearest candidate (default); paper: the published "
+                        "centre-distance utility")  # fmt: skip
+    p.add_argument("--keep", choices=["last", "val"], default="last",
+                   help="release the last iteration's images, or the iteration chosen privately on the validation "
+                        "split (at --keep-epsilon, part of --epsilon)")  # fmt: skip
+    p.add_argument("--keep-epsilon", type=float, default=1.0)
+    p.add_argument("--tau", type=float, default=10.0, help="calibration sharpness of --utility paper")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--encoder", choices=["random-cnn", "pixels"], default="random-cnn")
+    p.add_argument("--encoder", choices=["pretrained", "federated", "random-cnn", "pixels"], default="pretrained",
+                   help="pretrained: ImageNet EfficientNet-Lite0 (pinned wheel); federated: a model this site "
+                        "exported (--encoder-model or the site's privacy.pcevolve_encoder_model)")  # fmt: skip
+    p.add_argument("--encoder-model", type=Path, metavar="DIR",
+                   help="with --encoder federated: the exported model folder (models/<job id>/)")
     p.add_argument("--generator", default="procedural",
                    help="procedural (offline, default), an http(s):// endpoint, or torchscript:PATH; the site's "
                         "privacy.pcevolve_generators must allow it")  # fmt: skip
@@ -70,8 +84,9 @@ def _run(args: argparse.Namespace) -> int:
     from medsilo.config.loading import validate
     from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig
 
-    config = validate({k: getattr(args, k) for k in ("epsilon", "iterations", "per_class", "tau", "encoder", "seed")},
-                      PCEvolveConfig, "medsilo pcevolve options")  # fmt: skip
+    names = ("epsilon", "iterations", "candidates", "picks", "per_class", "utility", "keep", "keep_epsilon", "tau",
+             "encoder", "seed")  # fmt: skip
+    config = validate({k: getattr(args, k) for k in names}, PCEvolveConfig, "medsilo pcevolve options")
     if not math.isfinite(config.epsilon):
         raise MedsiloError("--epsilon: must be finite (ε = inf releases the selection without privacy)")
     site, ref, policy, data_policy, workspace = _site(args)
@@ -80,12 +95,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.generator not in policy.pcevolve_generators:
         raise MedsiloError(f"site {site}: generator '{args.generator}' is not in the site's privacy.pcevolve_generators "
                            f"({', '.join(policy.pcevolve_generators) or 'none'})")  # fmt: skip
+    encoder_model = args.encoder_model or policy.pcevolve_encoder_model
+    if config.encoder == "federated" and encoder_model is None:
+        raise MedsiloError("--encoder federated: name the exported model with --encoder-model DIR (or the site "
+                           "config's privacy.pcevolve_encoder_model)")  # fmt: skip
     result = run_pcevolve(site, ref.manifest, ref.modality, policy, workspace, config, args.out,
                           image_size=args.image_size, generator_name=args.generator,
-                          progress=not args.no_progress,
+                          progress=not args.no_progress, encoder_model=encoder_model,
                           allow_outside=data_policy.allow_paths_outside_manifest)  # fmt: skip
     print(f"wrote {result['images']} synthetic images and {args.out / 'manifest.csv'}; ε = {config.epsilon:g} "
-          f"(ε per selection {result['epsilon_per_pick']:.3g}, selectivity ×{result['selectivity']:.3g})")  # fmt: skip
+          f"(ε per draw {result['epsilon_per_pick']:.3g}; {config.utility} utility, {config.encoder} encoder; "
+          f"kept iteration {result['kept_iteration']} of {config.iterations})")  # fmt: skip
     print(f"note: its rows for the site's own images point outside {args.out}; a site config that trains "
           "with it needs data.allow_paths_outside_manifest: true")
     return 0
@@ -122,16 +142,18 @@ def _site(args: argparse.Namespace):
 
 def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspace: Path, config, out: Path, *,
                  image_size: int, generator_name: str = "procedural", progress: bool = True,
-                 allow_outside: bool = False) -> dict:  # fmt: skip
+                 allow_outside: bool = False, encoder_model: Path | None = None) -> dict:  # fmt: skip
     """Run PCEvolve on a site's train split and write ``out`` (module docstring); returns the summary.
 
     ``allow_outside`` is the site's ``data.allow_paths_outside_manifest`` (see :func:`read_manifest`).
+    ``encoder_model``: the exported model folder of a ``federated`` encoder, checked against this site's ledger.
     """
     from tqdm import tqdm
 
+    from medsilo.components.export import bundle_encoder
     from medsilo.config.manifest import read_manifest
     from medsilo.medical.data import load_site_data
-    from medsilo.medical.synth.pcevolve.evolve import charged_evolve, selectivity
+    from medsilo.medical.synth.pcevolve.evolve import charged_evolve, encoder_identity
     from medsilo.medical.synth.pcevolve.store import write_synthetic
     from medsilo.secure.keys import Party
 
@@ -139,14 +161,23 @@ def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspac
     data = load_site_data(manifest, modality=modality, image_size=image_size, progress=progress)
     classes = manifest.classes
     run_id = f"pcevolve-{time.strftime('%Y%m%dT%H%M%S')}"
-    eps = config.epsilon_per_pick(len(classes))
+    party = Party(site, workspace)
+    embed, facts = None, encoder_identity(config.encoder)
+    if config.encoder == "federated":
+        embed, facts = bundle_encoder(encoder_model, data.train.images.shape[1], party.ledger_path, party.root_ca)
+    val = data.val if config.keep == "val" else None
     bar = tqdm(total=config.iterations, desc=f"pcevolve {site}", unit="it", disable=not progress, leave=False)
-    result = charged_evolve(Party(site, workspace), run_id, policy, generator_name, modality, classes, image_size,
-                            data.train.images, data.train.labels, config, progress=lambda i, n: bar.update(1))  # fmt: skip
+    result = charged_evolve(party, run_id, policy, generator_name, modality, classes, image_size,
+                            data.train.images, data.train.labels, config, progress=lambda i, n: bar.update(1),
+                            embed=embed, encoder_facts=facts, val_images=None if val is None else val.images,
+                            val_labels=None if val is None else val.labels)  # fmt: skip
     bar.close()
-    summary = {"site": site, "run": run_id, "settings": config.model_dump(), "image_size": image_size,
-               "epsilon_total": config.epsilon, "epsilon_per_pick": eps, "selectivity": selectivity(eps),
-               "images": len(result.synthetic), "passing_filter": result.passing}  # fmt: skip
+    summary = {"site": site, "run": run_id, "settings": config.model_dump(), "image_size": image_size, **facts,
+               "utility": config.utility, "epsilon_total": config.epsilon,
+               "epsilon_per_pick": result.epsilon_per_pick,
+               "composition": "parallel over classes" if config.utility == "vote" else "sequential",
+               "kept_iteration": result.kept_iteration, "images": len(result.synthetic),
+               "diversity": result.diversity, "voters": result.voters}  # fmt: skip
     write_synthetic(out, manifest, result.synthetic, modality, site,
                     extra={"pcevolve.json": json.dumps(summary, indent=2) + "\n"})  # fmt: skip
     return summary

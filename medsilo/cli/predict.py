@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
-import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,67 +47,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the network's root CA (startup/rootCA.pem) the ledger's signatures are checked against")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def load_bundle(folder: Path, ledger: Path | None = None, root_ca: Path | None = None) -> tuple[dict, bytes]:
-    """The ``medsilo`` section of a bundle's ``configs/metadata.json`` and the exact bytes of ``models/model.ts``,
-    after checking them.
-
-    A TorchScript file is code: loading and running it can do what any program of the user can. So the bytes
-    that will be loaded are the bytes that were hashed, and with ``ledger`` (and the network's ``root_ca``) the
-    model and metadata digests must be the ones a verified ``model_export`` entry of the exporting site
-    recorded — without it, the model is only checked against its own metadata (which whoever can change the
-    model can change too).
-
-    Raises:
-        MedsiloError: not an exported model folder, metadata out of its allowed ranges, a model file that
-            differs from the recorded one, or (with ``ledger``) no verified export entry of these digests.
-    """
-    from medsilo.config.common import MODALITY_CHANNELS, SITE_NAME_PATTERN
-    from medsilo.errors import MedsiloError
-
-    meta_file, model_file = folder / "configs" / "metadata.json", folder / "models" / "model.ts"
-    if not meta_file.is_file() or not model_file.is_file():
-        raise MedsiloError(f"{folder}: not an exported model (expected configs/metadata.json and models/model.ts)")
-    meta_bytes, model = meta_file.read_bytes(), model_file.read_bytes()
-    try:
-        meta = json.loads(meta_bytes)["medsilo"]
-        ok = (meta["modality"] in MODALITY_CHANNELS and meta["channels"] in (1, 3)
-              and isinstance(meta["image_size"], int) and 8 <= meta["image_size"] <= 512
-              and isinstance(meta["classes"], list) and len(meta["classes"]) >= 2
-              and all(isinstance(c, str) and re.fullmatch(CLASS_NAME, c) for c in meta["classes"])
-              and re.fullmatch(SITE_NAME_PATTERN, str(meta["site"])) is not None
-              and isinstance(meta["model_sha256"], str))  # fmt: skip
-    except (ValueError, KeyError, TypeError) as exc:
-        raise MedsiloError(f"{meta_file}: not medsilo model metadata ({type(exc).__name__}: {exc})") from None
-    if not ok:
-        raise MedsiloError(f"{meta_file}: modality, channels, image_size, classes or site out of their allowed values")
-    if meta.get("task", "single") not in ("single", "multilabel"):
-        raise MedsiloError(f"{meta_file}: task must be 'single' or 'multilabel', got {meta.get('task')!r}")
-    if meta.get("task") == "multilabel":
-        cut = meta.get("thresholds")
-        if not (isinstance(cut, dict) and list(cut) == meta["classes"]
-                and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in cut.values())):  # fmt: skip
-            raise MedsiloError(f"{meta_file}: a multi-label model needs thresholds: one number in [0, 1] per label")
-    digest = hashlib.sha256(model).hexdigest()
-    if digest != meta["model_sha256"]:
-        raise MedsiloError(f"{model_file}: differs from the model the export recorded (SHA-256 in "
-                           f"{meta_file}); re-export it or restore it from backup")  # fmt: skip
-    if ledger is not None:
-        from medsilo.secure.ledger import verified_entries
-
-        meta_digest = hashlib.sha256(meta_bytes).hexdigest()
-        entries = verified_entries(ledger, root_ca)
-        if not any(e["event"] == "model_export" and e.get("party") == meta["site"] and
-                   e["what"].get("model_sha256") == digest and e["what"].get("metadata_sha256") == meta_digest
-                   for e in entries):  # fmt: skip
-            raise MedsiloError(f"{folder}: no verified model_export entry of site {meta['site']} in {ledger} records "
-                               "this model and metadata; it is not the model that site exported")  # fmt: skip
-    return meta, model
-
-
-CLASS_NAME = r"[A-Za-z0-9][A-Za-z0-9_ .-]{0,62}"
-"""Class names as a job spec allows them (``medsilo.config.job.ClassName``)."""
 
 
 def _rows(manifest: Path, classes: list[str], split: str | None,
@@ -147,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from medsilo.components.export import load_bundle
     from medsilo.components.training import classification_metrics
     from medsilo.errors import MedsiloError
     from medsilo.fs import atomic_open

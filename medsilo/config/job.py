@@ -233,21 +233,45 @@ class PrivacySpec(Strict):
 
 
 class PCEvolveSpec(Strict):
-    """PCEvolve at named scarce sites before federated training (DESIGN §9).
+    """PCEvolve at named scarce sites before federated training (DESIGN §9; the method and its privacy
+    argument: :mod:`medsilo.medical.synth.pcevolve.evolve`, whose ``PCEvolveConfig`` these fields fill).
 
     Attributes:
         sites: sites that synthesize data for themselves.
         epsilon: total ε each of those sites spends on selection (> 0).
-        images_per_class: synthetic images kept per class (≥ 2: PCEvolve varies candidates in pairs or more).
-        iterations: evolution iterations (≥ 1).
+        images_per_class: synthetic images kept per class.
+        iterations: evolution iterations (≥ 1; ≥ 2 with ``keep: val``).
+        candidates: candidates per class and iteration the site chooses among.
+        picks: candidates picked per class and iteration (≤ ``candidates``); the kept images are varied
+            from all of them.
+        utility: ``vote`` (each private image votes for its nearest candidate; default) or ``paper``.
+        keep: ``last`` (the last iteration's images) or ``val`` (the iteration chosen, privately, on the
+            site's validation split at ``keep_epsilon``, part of ``epsilon``).
+        keep_epsilon: see ``keep``.
+        encoder: ``pretrained`` (ImageNet EfficientNet-Lite0 from a pinned wheel), ``federated`` (the model
+            the site names in its ``privacy.pcevolve_encoder_model``), ``random-cnn`` or ``pixels``.
         generator: generator plug-in name (``procedural`` needs no download).
     """
 
     sites: list[Annotated[str, StringConstraints(pattern=SITE_NAME_PATTERN)]] = Field(min_length=1)
-    epsilon: float = Field(gt=0)
-    images_per_class: int = Field(default=50, ge=2)
-    iterations: int = Field(default=5, ge=1)
+    epsilon: float = Field(gt=0, allow_inf_nan=False)
+    images_per_class: int = Field(default=50, ge=1)
+    iterations: int = Field(default=2, ge=1)
+    candidates: int = Field(default=16, ge=2)
+    picks: int = Field(default=8, ge=1)
+    utility: Literal["vote", "paper"] = "vote"
+    keep: Literal["last", "val"] = "last"
+    keep_epsilon: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    encoder: Literal["pretrained", "federated", "random-cnn", "pixels"] = "pretrained"
     generator: str = "procedural"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PCEvolveSpec:
+        if self.picks > self.candidates:
+            raise ValueError(f"picks: {self.picks} exceeds candidates ({self.candidates})")
+        if self.keep == "val" and (self.iterations < 2 or self.keep_epsilon >= self.epsilon):
+            raise ValueError("keep: val needs iterations ≥ 2 and keep_epsilon below epsilon (it is part of it)")
+        return self
 
 
 class Augmentation(Strict):

@@ -101,7 +101,7 @@ def test_the_bundle_is_written_whole_and_once(tmp_path):
 
 
 def test_predict_refuses_a_model_file_that_is_not_the_exported_one(tmp_path):
-    from medsilo.cli.predict import load_bundle
+    from medsilo.components.export import load_bundle
 
     module = algorithm_module("fedavg")
     client = module.Client(tiny_setup(n=8), module.Config())
@@ -140,7 +140,7 @@ def test_predict_scores_a_manifest_without_labels(tmp_path, capsys):
 def test_predict_with_the_sites_ledger_refuses_a_bundle_it_did_not_export(tmp_path):
     """A model file is code. Whoever can replace ``model.ts`` can rewrite the digest in ``metadata.json`` beside
     it; the site's signed ``model_export`` entry is what they cannot rewrite."""
-    from medsilo.cli.predict import load_bundle
+    from medsilo.components.export import load_bundle
     from medsilo.secure import pki
     from medsilo.secure.ledger import Ledger, entry_hash
 

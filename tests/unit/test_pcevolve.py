@@ -16,8 +16,16 @@ from medsilo.cli import main
 from medsilo.config.manifest import read_manifest
 from medsilo.config.site import Budget, PrivacyPolicy
 from medsilo.medical.data import load_site_data
+from medsilo.medical.models.pretrained import WEIGHTS_SHA256
 from medsilo.medical.synth import SynthRequest, synthesize
-from medsilo.medical.synth.pcevolve.evolve import PCEvolveConfig, evolve, selectivity, utilities
+from medsilo.medical.synth.pcevolve.evolve import (
+    PCEvolveConfig,
+    evolve,
+    keep_scores,
+    selectivity,
+    utilities,
+    vote_utilities,
+)
 from medsilo.medical.synth.pcevolve.generators import procedural
 from medsilo.secure.budget import BudgetBook, SelectionCharge
 from medsilo.secure.dp import (
@@ -65,20 +73,99 @@ def _private(n_per_class: int = 3, size: int = 16, seed: int = 0):
     return torch.as_tensor(np.stack([c.image for c in cands])), torch.tensor([c.label for c in cands])
 
 
-def test_each_iteration_charges_one_pick_per_class_and_the_run_sums_to_epsilon():
+def test_vote_utilities_count_contrastive_votes_by_hand():
+    cands = torch.tensor([[0.0, 0.0], [4.0, 0.0], [9.0, 9.0]])  # class c's candidates
+    rivals = torch.tensor([[2.0, 3.0]])  # the other class's candidates
+    private = torch.tensor([[0.5, 0.0], [-1.0, 0.0], [4.0, 0.5], [2.0, 2.5]])
+    # images 1-2 vote for candidate 0, image 3 for candidate 1; image 4's nearest own candidate (0 or 1, at 3.2)
+    # is farther than the rival (0.5): it does not vote
+    assert vote_utilities(cands, rivals, private).tolist() == [2.0, 1.0, 0.0]
+    assert vote_utilities(cands, rivals[:0], private).tolist() == [3.0, 1.0, 0.0]  # no rivals: everyone votes
+    assert vote_utilities(cands, rivals, private[:0]).tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_removing_one_private_image_moves_every_vote_utility_by_at_most_one(seed):
+    g = torch.Generator().manual_seed(seed)
+    cands, rivals, private = torch.randn(12, 6, generator=g), torch.randn(12, 6, generator=g), torch.randn(9, 6, generator=g)
+    full = vote_utilities(cands, rivals, private)
+    assert full.sum() >= 1  # some image voted, so a removal can change something
+    for i in range(len(private)):
+        without = vote_utilities(cands, rivals, torch.cat([private[:i], private[i + 1 :]]))
+        assert (full - without).abs().max() <= 1 and 0 <= (full - without).sum() <= 1
+    # and adding any image (here: an exact copy of a candidate) moves one count by one
+    added = vote_utilities(cands, rivals, torch.cat([private, cands[3:4]]))
+    assert (added - full).tolist() == [0.0] * 3 + [1.0] + [0.0] * 8
+
+
+def test_pick_frequencies_follow_the_mechanism_on_vote_counts():
+    u = torch.tensor([3.0, 1.0, 0.0, 0.0])
+    eps = 1.0
+    expected = torch.exp(eps * u / 2) / torch.exp(eps * u / 2).sum()
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.tensor([int(exponential_mechanism(u, eps, 1.0, gen).indices[0]) for _ in range(8000)])
+    torch.testing.assert_close(torch.bincount(draws, minlength=4).double() / 8000, expected.double(), atol=0.02, rtol=0)
+    assert selectivity(eps, votes=3) == pytest.approx(math.exp(1.5))  # e^{ε·votes/2}
+
+
+@pytest.mark.parametrize("utility, draws", [("vote", 2), ("paper", 4)])
+def test_each_iteration_is_charged_before_its_draws_and_the_run_sums_to_epsilon(utility, draws):
+    """vote: the classes' picks read disjoint private images (parallel composition), so an iteration costs
+    k draws; paper: every class reads every centre, C·k draws."""
     images, labels = _private()
-    config = PCEvolveConfig(epsilon=6.0, iterations=3, per_class=4, encoder="pixels")
+    config = PCEvolveConfig(epsilon=6.0, iterations=3, candidates=4, per_class=5, picks=2, utility=utility,
+                            encoder="pixels")  # fmt: skip
     charged = []
     result = evolve(images, labels, ["normal", "pneumonia"], procedural("cxr", ["normal", "pneumonia"], 16), config,
                     charge=lambda event, it: charged.append((it, event)))  # fmt: skip
     assert [it for it, _ in charged] == [1, 2, 3]
-    assert all(e == ExponentialEvent(epsilon=1.0, count=2) for _, e in charged)  # ε*/(T·C) = 6/(3·2)
+    assert all(e == ExponentialEvent(epsilon=6.0 / (3 * draws), count=draws) for _, e in charged)
     assert sum(e.epsilon * e.count for _, e in charged) == pytest.approx(6.0)
-    assert len(result.picks) == 3 and set(result.picks[0]) == {"normal", "pneumonia"}
-    # the released set: N variations per class of the last picks, in the model's input domain
-    assert [c.label for c in result.synthetic] == [0] * 4 + [1] * 4
-    assert all(c.parent == result.picks[-1][["normal", "pneumonia"][c.label]] for c in result.synthetic)
+    assert len(result.picks) == 3 and all(len(p) == 2 for p in result.picks[0].values())
+    # the released set: per_class children per class, spread over both picks of the last iteration
+    assert [c.label for c in result.synthetic] == [0] * 5 + [1] * 5 and result.kept_iteration == 3
+    for c, name in enumerate(["normal", "pneumonia"]):
+        parents = [x.parent for x in result.synthetic if x.label == c]
+        assert sorted(set(parents)) == sorted(result.picks[-1][name]) and max(map(parents.count, set(parents))) == 3
     assert all(c.image.shape == (1, 16, 16) and 0 <= c.image.min() and c.image.max() <= 1 for c in result.synthetic)
+    assert 0 < result.diversity < 2
+
+
+def test_keep_val_scores_each_iteration_on_validation_and_charges_the_choice():
+    images, labels = _private()
+    val_x, val_y = _private(n_per_class=4, seed=9)
+    config = PCEvolveConfig(epsilon=4.0, iterations=3, candidates=4, per_class=3, picks=2, keep="val", keep_epsilon=1.0,
+                            encoder="pixels")  # fmt: skip
+    charged = []
+    result = evolve(images, labels, ["normal", "pneumonia"], procedural("cxr", ["normal", "pneumonia"], 16), config,
+                    charge=lambda event, it: charged.append((it, event)), val_images=val_x, val_labels=val_y)  # fmt: skip
+    assert [it for it, _ in charged] == [1, 2, 3, 4]
+    assert charged[-1][1] == ExponentialEvent(epsilon=1.0) and charged[0][1] == ExponentialEvent(epsilon=0.5, count=2)
+    assert sum(e.epsilon * e.count for _, e in charged) == pytest.approx(4.0)
+    assert len(result.keep_scores) == 3 and all(0 <= s <= 8 for s in result.keep_scores)
+    assert 1 <= result.kept_iteration <= 3
+    # without a validation split it refuses rather than falling back to test or train
+    with pytest.raises(Exception, match="keep: val needs the site's validation split"):
+        evolve(images, labels, ["normal", "pneumonia"], procedural("cxr", ["normal", "pneumonia"], 16), config,
+               charge=lambda e, i: None)  # fmt: skip
+
+
+def test_keep_scores_count_validation_images_a_set_gets_right():
+    sets = [torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])]
+    val = torch.tensor([[0.1, 0.0], [0.9, 0.0], [0.2, 0.0]])
+    scores = keep_scores(sets, torch.tensor([0, 1]), val, torch.tensor([0, 1, 0]), 2)
+    assert scores.tolist() == [3.0, 0.0]
+
+
+def test_config_refuses_inconsistent_settings():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="picks: 5 exceeds candidates"):
+        PCEvolveConfig(epsilon=1.0, candidates=4, picks=5)
+    with pytest.raises(ValidationError, match="keep_epsilon: 2 leaves nothing"):
+        PCEvolveConfig(epsilon=2.0, keep="val", keep_epsilon=2.0)
+    with pytest.raises(ValidationError, match="needs iterations ≥ 2"):
+        PCEvolveConfig(epsilon=2.0, keep="val", iterations=1)
 
 
 def test_a_class_without_private_images_is_refused():
@@ -136,7 +223,7 @@ def scarce(tmp_path_factory):
 def test_medsilo_pcevolve_writes_valid_images_a_manifest_and_ledger_entries(scarce, tmp_path, capsys):
     out = tmp_path / "syn"
     args = ["pcevolve", "--sites", str(scarce), "--site", "hospital-2", "--out", str(out), "--epsilon", "4",
-            "--iterations", "2", "--per-class", "3", "--image-size", "16", "--no-progress"]  # fmt: skip
+            "--iterations", "2", "--candidates", "4", "--picks", "2", "--per-class", "3", "--image-size", "16", "--no-progress"]  # fmt: skip
     assert main(args) == 0
     manifest = read_manifest(out / "manifest.csv", allow_outside=True)  # its own rows name the site's images
     synthetic = [r for r in manifest.rows if r.source == "pcevolve"]
@@ -148,10 +235,15 @@ def test_medsilo_pcevolve_writes_valid_images_a_manifest_and_ledger_entries(scar
     own = sum(1 for r in manifest.rows if r.split == "train" and not r.source)
     assert len(data.train) == own + 6
     summary = json.loads((out / "pcevolve.json").read_text())
-    assert summary["epsilon_per_pick"] == pytest.approx(1.0) and summary["images"] == 6
+    assert summary["epsilon_per_pick"] == pytest.approx(1.0) and summary["images"] == 6  # 4 / (T·k), classes parallel
+    assert summary["encoder"] == "pretrained" and summary["utility"] == "vote" and summary["kept_iteration"] == 2
+    assert summary["encoder_sha256"] == WEIGHTS_SHA256 and summary["diversity"] > 0
     ledgers = scarce.parent / "ledgers"
     releases = [e for e in entries(ledgers / "hospital-2" / LEDGER_FILE) if e["event"] == "synthetic_release"]
     assert [e["round"] for e in releases] == [1, 2]
+    assert all(e["what"]["encoder"] == "pretrained" and e["what"]["encoder_sha256"] == WEIGHTS_SHA256
+               and e["what"]["utility"] == "vote" and e["what"]["composition"] == "parallel over classes"
+               and e["privacy"]["pure_epsilon"] == pytest.approx(2.0) for e in releases)  # fmt: skip
     assert verify([ledgers / "hospital-2" / LEDGER_FILE], root_ca=ledgers / "pki" / "rootCA.pem") == []
     # the same folder again: refused, nothing overwritten
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
@@ -202,7 +294,7 @@ def test_http_generator_speaks_the_protocol_and_sends_only_prompts_and_picks(ima
     url, seen = image_service
     images, labels = _private()
     gen = make_generator(url, "cxr", ["normal", "pneumonia"], 16)
-    config = PCEvolveConfig(epsilon=4.0, iterations=2, per_class=3, encoder="pixels")
+    config = PCEvolveConfig(epsilon=4.0, iterations=2, candidates=3, per_class=3, picks=1, encoder="pixels")
     result = evolve(images, labels, ["normal", "pneumonia"], gen, config, charge=lambda e, i: None)
     assert [c.label for c in result.synthetic] == [0, 0, 0, 1, 1, 1]
     assert all(c.image.shape == (1, 16, 16) for c in result.synthetic)

