@@ -70,7 +70,6 @@ from medsilo.components.export import (
     Candidates,
     ExportError,
     ExportFacts,
-    bundle_encoder,
     export_model,
 )
 from medsilo.components.training import evaluate_splits
@@ -400,17 +399,12 @@ class SiteExecutor(Executor):
                              per_class=aug.images_per_class, picks=aug.picks, utility=aug.utility, keep=aug.keep,
                              keep_epsilon=aug.keep_epsilon, encoder=aug.encoder, seed=seed)  # fmt: skip
         t0 = time.perf_counter()
-        # the generator (and a federated encoder's model) were checked against this site's policy by check_job
+        # the generator was checked against this site's privacy.pcevolve_generators by check_job
         job = job_identity(fl_ctx)
-        party = Party(site, workspace)
-        embed = facts = None
-        if aug.encoder == "federated":
-            embed, facts = bundle_encoder(config.privacy.pcevolve_encoder_model, data.train.images.shape[1],
-                                          party.ledger_path, party.root_ca)  # fmt: skip
         val = data.val if aug.keep == "val" else None
-        result = charged_evolve(party, job, config.privacy, aug.generator, spec.modality, spec.classes,
-                                spec.image_size, data.train.images, data.train.labels, cfg, embed=embed,
-                                encoder_facts=facts, val_images=None if val is None else val.images,
+        result = charged_evolve(Party(site, workspace), job, config.privacy, aug.generator, spec.modality,
+                                spec.classes, spec.image_size, data.train.images, data.train.labels, cfg,
+                                val_images=None if val is None else val.images,
                                 val_labels=None if val is None else val.labels)  # fmt: skip
         out = workspace / "pcevolve" / job
         if not out.exists():

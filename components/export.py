@@ -576,6 +576,10 @@ def load_bundle(folder: Path, ledger: Path | None = None, root_ca: Path | None =
 def bundle_encoder(folder: Path, channels: int, ledger: Path | None, root_ca: Path | None = None):
     """PCEvolve's ``federated`` encoder: the feature extractor of a model this site exported.
 
+    A **non-private reference** (benchmarks, ε = ∞): the model was fitted on the site's own images, so it
+    cannot serve a DP selection over those images (:class:`medsilo.medical.synth.pcevolve.evolve.PCEvolveConfig`
+    refuses it at finite ε).
+
     The bundle is loaded through :func:`load_bundle` (with ``ledger``: only a model whose digests a verified
     ``model_export`` entry records — a TorchScript file is code). Its features are those of the first
     ``base`` (the zoo's feature extractor, ``SplitModel.base``) among the deployed module's parts; images are

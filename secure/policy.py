@@ -23,8 +23,7 @@ def check_job(site: SiteConfig, job: JobSpec) -> None:
     """Raise :class:`PolicyRefusal` when ``site`` must not run ``job``; return quietly otherwise.
 
     Checks, in order: the dataset exists at the site with the job's modality, the algorithm is
-    allowed, a PCEvolve generator the job names for this site is one the site allows (and a ``federated``
-    encoder has a model the site names), and the job's
+    allowed, a PCEvolve generator the job names for this site is one the site allows, and the job's
     privacy mode applies every protection the site requires.
     """
     ref = site.datasets.get(job.dataset)
@@ -48,11 +47,6 @@ def check_job(site: SiteConfig, job: JobSpec) -> None:
         raise PolicyRefusal(
             f"site {site.site}: job '{job.name}' asks this site to run PCEvolve with generator '{aug.generator}', "
             f"which is not in privacy.pcevolve_generators ({', '.join(site.privacy.pcevolve_generators) or 'none'})"
-        )
-    if aug is not None and site.site in aug.sites and aug.encoder == "federated" and site.privacy.pcevolve_encoder_model is None:
-        raise PolicyRefusal(
-            f"site {site.site}: job '{job.name}' asks for PCEvolve's federated encoder, and this site names no model "
-            "for it (privacy.pcevolve_encoder_model); resubmit with encoder: pretrained"
         )
     required = PRIVACY_STRENGTH[site.privacy.required_mode]
     offered = PRIVACY_STRENGTH[job.privacy.mode]

@@ -52,11 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-epsilon", type=float, default=1.0)
     p.add_argument("--tau", type=float, default=10.0, help="calibration sharpness of --utility paper")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--encoder", choices=["pretrained", "federated", "random-cnn", "pixels"], default="pretrained",
-                   help="pretrained: ImageNet EfficientNet-Lite0 (pinned wheel); federated: a model this site "
-                        "exported (--encoder-model or the site's privacy.pcevolve_encoder_model)")  # fmt: skip
-    p.add_argument("--encoder-model", type=Path, metavar="DIR",
-                   help="with --encoder federated: the exported model folder (models/<job id>/)")
+    p.add_argument("--encoder", choices=["pretrained", "random-cnn", "pixels"], default="pretrained",
+                   help="pretrained: ImageNet EfficientNet-Lite0 (pinned wheel, default); random-cnn, pixels: baselines")
     p.add_argument("--generator", default="procedural",
                    help="procedural (offline, default), an http(s):// endpoint, or torchscript:PATH; the site's "
                         "privacy.pcevolve_generators must allow it")  # fmt: skip
@@ -95,13 +92,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.generator not in policy.pcevolve_generators:
         raise MedsiloError(f"site {site}: generator '{args.generator}' is not in the site's privacy.pcevolve_generators "
                            f"({', '.join(policy.pcevolve_generators) or 'none'})")  # fmt: skip
-    encoder_model = args.encoder_model or policy.pcevolve_encoder_model
-    if config.encoder == "federated" and encoder_model is None:
-        raise MedsiloError("--encoder federated: name the exported model with --encoder-model DIR (or the site "
-                           "config's privacy.pcevolve_encoder_model)")  # fmt: skip
     result = run_pcevolve(site, ref.manifest, ref.modality, policy, workspace, config, args.out,
                           image_size=args.image_size, generator_name=args.generator,
-                          progress=not args.no_progress, encoder_model=encoder_model,
+                          progress=not args.no_progress,
                           allow_outside=data_policy.allow_paths_outside_manifest)  # fmt: skip
     print(f"wrote {result['images']} synthetic images and {args.out / 'manifest.csv'}; ε = {config.epsilon:g} "
           f"(ε per draw {result['epsilon_per_pick']:.3g}; {config.utility} utility, {config.encoder} encoder; "
@@ -142,15 +135,13 @@ def _site(args: argparse.Namespace):
 
 def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspace: Path, config, out: Path, *,
                  image_size: int, generator_name: str = "procedural", progress: bool = True,
-                 allow_outside: bool = False, encoder_model: Path | None = None) -> dict:  # fmt: skip
+                 allow_outside: bool = False) -> dict:  # fmt: skip
     """Run PCEvolve on a site's train split and write ``out`` (module docstring); returns the summary.
 
     ``allow_outside`` is the site's ``data.allow_paths_outside_manifest`` (see :func:`read_manifest`).
-    ``encoder_model``: the exported model folder of a ``federated`` encoder, checked against this site's ledger.
     """
     from tqdm import tqdm
 
-    from medsilo.components.export import bundle_encoder
     from medsilo.config.manifest import read_manifest
     from medsilo.medical.data import load_site_data
     from medsilo.medical.synth.pcevolve.evolve import charged_evolve, encoder_identity
@@ -162,14 +153,12 @@ def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspac
     classes = manifest.classes
     run_id = f"pcevolve-{time.strftime('%Y%m%dT%H%M%S')}"
     party = Party(site, workspace)
-    embed, facts = None, encoder_identity(config.encoder)
-    if config.encoder == "federated":
-        embed, facts = bundle_encoder(encoder_model, data.train.images.shape[1], party.ledger_path, party.root_ca)
+    facts = encoder_identity(config.encoder)
     val = data.val if config.keep == "val" else None
     bar = tqdm(total=config.iterations, desc=f"pcevolve {site}", unit="it", disable=not progress, leave=False)
     result = charged_evolve(party, run_id, policy, generator_name, modality, classes, image_size,
                             data.train.images, data.train.labels, config, progress=lambda i, n: bar.update(1),
-                            embed=embed, encoder_facts=facts, val_images=None if val is None else val.images,
+                            encoder_facts=facts, val_images=None if val is None else val.images,
                             val_labels=None if val is None else val.labels)  # fmt: skip
     bar.close()
     summary = {"site": site, "run": run_id, "settings": config.model_dump(), "image_size": image_size, **facts,
@@ -177,7 +166,7 @@ def run_pcevolve(site: str, manifest_file: Path, modality: str, policy, workspac
                "epsilon_per_pick": result.epsilon_per_pick,
                "composition": "parallel over classes" if config.utility == "vote" else "sequential",
                "kept_iteration": result.kept_iteration, "images": len(result.synthetic),
-               "diversity": result.diversity, "voters": result.voters}  # fmt: skip
+               "diversity": result.diversity}  # fmt: skip
     write_synthetic(out, manifest, result.synthetic, modality, site,
                     extra={"pcevolve.json": json.dumps(summary, indent=2) + "\n"})  # fmt: skip
     return summary

@@ -248,21 +248,21 @@ class PCEvolveSpec(Strict):
         keep: ``last`` (the last iteration's images) or ``val`` (the iteration chosen, privately, on the
             site's validation split at ``keep_epsilon``, part of ``epsilon``).
         keep_epsilon: see ``keep``.
-        encoder: ``pretrained`` (ImageNet EfficientNet-Lite0 from a pinned wheel), ``federated`` (the model
-            the site names in its ``privacy.pcevolve_encoder_model``), ``random-cnn`` or ``pixels``.
+        encoder: ``pretrained`` (ImageNet EfficientNet-Lite0 from a pinned wheel), ``random-cnn`` or ``pixels``
+            (an encoder fitted on the site's own images would void the selection's ε: none is offered).
         generator: generator plug-in name (``procedural`` needs no download).
     """
 
     sites: list[Annotated[str, StringConstraints(pattern=SITE_NAME_PATTERN)]] = Field(min_length=1)
     epsilon: float = Field(gt=0, allow_inf_nan=False)
-    images_per_class: int = Field(default=50, ge=1)
-    iterations: int = Field(default=2, ge=1)
-    candidates: int = Field(default=16, ge=2)
+    images_per_class: int = Field(default=50, ge=1, le=2000)
+    iterations: int = Field(default=2, ge=1, le=50)
+    candidates: int = Field(default=16, ge=2, le=512)
     picks: int = Field(default=8, ge=1)
     utility: Literal["vote", "paper"] = "vote"
     keep: Literal["last", "val"] = "last"
     keep_epsilon: float = Field(default=1.0, gt=0, allow_inf_nan=False)
-    encoder: Literal["pretrained", "federated", "random-cnn", "pixels"] = "pretrained"
+    encoder: Literal["pretrained", "random-cnn", "pixels"] = "pretrained"
     generator: str = "procedural"
 
     @model_validator(mode="after")

