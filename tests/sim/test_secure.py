@@ -127,11 +127,14 @@ def test_pcevolve_augments_a_site_before_training_and_charges_its_ledger(sites_y
     pcevolve = {"sites": ["hospital-3"], "epsilon": 4.0, "images_per_class": 4, "iterations": 2}
     spec = JobSpec.model_validate({**_spec("fedproto", "none").model_dump(), "augmentation": {"pcevolve": pcevolve}})
     results = run_simulation(spec, sites_yml, tmp_path / "run", progress=False)
-    assert results["synthetic"] == {"hospital-3": {"images": 8, "epsilon": 4.0}}
+    assert results["synthetic"] == {"hospital-3": {"images": 8, "epsilon": 4.0, "encoder": "pretrained", "utility": "vote",
+                                                   "kept_iteration": 2}}  # fmt: skip
     ledger = entries(sites_yml.parent / "ledgers" / "hospital-3" / LEDGER_FILE)
     charged = [e for e in ledger if e["event"] == "synthetic_release" and e["job"] == results["job_id"]]
     assert [e["round"] for e in charged][-2:] == [1, 2]
-    assert charged[-1]["privacy"]["pure_epsilon"] == pytest.approx(2.0)  # 2 classes x ε 1 per pick
+    # vote utility: 8 picks per iteration at ε 4/(T·k) = 0.25 each, the two classes composed in parallel
+    assert charged[-1]["privacy"]["pure_epsilon"] == pytest.approx(2.0)
+    assert charged[-1]["what"]["encoder"] == "pretrained" and charged[-1]["what"]["utility"] == "vote"
     # the synthetic images stay at the site, marked in a manifest beside its workspace
     kept = tmp_path / "run" / "workspace" / "hospital-3" / "pcevolve" / results["job_id"] / "manifest.csv"
     assert kept.read_text().count(",pcevolve") == 8
