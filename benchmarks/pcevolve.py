@@ -23,7 +23,7 @@ Student-t interval, and *paired* differences (same seed, same split) against ``n
 
 Run::
 
-    python -m benchmarks.pcevolve                       # 3 seeds, ~40 min on 2 cores
+    python -m benchmarks.pcevolve                       # 5 seeds, ~40 min on 2 cores
     python -m benchmarks.pcevolve --seeds 0 --epsilons 8 --encoders pretrained --utilities vote --no-federated
 
 Writes ``benchmarks/results/pcevolve.json`` and prints the Markdown tables.
@@ -193,14 +193,14 @@ def table(summary: dict, n: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 4.0, 8.0, math.inf])
     parser.add_argument("--encoders", nargs="+", default=["random-cnn", "federated", "pretrained"],
                         choices=["random-cnn", "pixels", "federated", "pretrained"])  # fmt: skip
     parser.add_argument("--utilities", nargs="+", default=["paper", "vote"], choices=["paper", "vote"])
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--scarce", type=int, default=10, help="training images left at the scarce site")
-    parser.add_argument("--images-per-site", type=int, default=300)
+    parser.add_argument("--images-per-site", type=int, default=600)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--candidates", type=int, default=16)

@@ -347,3 +347,28 @@ def test_torchscript_generator_runs_a_site_supplied_model(tmp_path):
     wrong = make_generator(f"torchscript:{path}", "cxr", ["normal", "pneumonia"], 32)  # the model makes 16²
     with pytest.raises(MedsiloError, match=r"returned shape \(2, 1, 16, 16\), expected \(2, 1, 32, 32\)"):
         wrong.random(0, 2, np.random.default_rng(0))
+
+
+def test_procedural_cxr_spans_the_acquisition_chain_so_picks_can_steer_it():
+    """Random candidates differ in scanner (marker corner, heel, grid, collimation, matrix); a weak variation
+    keeps its parent's scanner, a strong one may move it — within the reference scanners' ranges."""
+    from medsilo.medical.synth.pcevolve.generators import _RESPONSE_SPREAD
+
+    gen = procedural("cxr", ["normal", "pneumonia"], 24)
+    cands = gen.random(1, 24, np.random.default_rng(0))
+    responses = [c.recipe["response"] for c in cands]
+    assert len({r["marker_corner"] for r in responses}) == 4
+    assert all(lo <= r[k] <= hi for r in responses for k, (lo, hi) in _RESPONSE_SPREAD.items())
+    assert all(c.image.shape == (1, 24, 24) and 0 <= c.image.min() and c.image.max() <= 1 for c in cands)
+    parent = cands[0]
+    weak = gen.variation(parent, 0.05, 6, np.random.default_rng(1))
+    strong = gen.variation(parent, 1.0, 6, np.random.default_rng(1))
+    spread = {k: hi - lo for k, (lo, hi) in _RESPONSE_SPREAD.items()}
+
+    def moved(kids):
+        return max(abs(k.recipe["response"][key] - parent.recipe["response"][key]) / spread[key]
+                   for k in kids for key in spread)  # fmt: skip
+
+    assert moved(weak) < 0.2 < moved(strong)
+    assert {k.recipe["response"]["marker_corner"] for k in weak} == {parent.recipe["response"]["marker_corner"]}
+    assert all(k.label == 1 for k in weak + strong)

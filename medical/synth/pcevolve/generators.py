@@ -37,7 +37,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from scipy import ndimage
 
 from medsilo.errors import MedsiloError
 from medsilo.medical.synth import cxr, pathology
@@ -78,8 +77,12 @@ _PATIENT_SPREAD = {"tilt": (-4.0, 4.0), "scale": (0.94, 1.06), "inspiration": (0
                    "severity": (0.25, 1.0)}  # fmt: skip
 """Numeric anatomy/finding parameters and the range :func:`medsilo.medical.synth.cxr.sample_patient` draws."""
 _RESPONSE_SPREAD = {"gamma": (0.7, 1.45), "contrast": (0.7, 1.25), "brightness": (-0.05, 0.1), "blur": (0.0, 1.2),
-                    "noise": (0.01, 0.05)}  # fmt: skip
-"""Intensity response, over the range the reference scanners span."""
+                    "noise": (0.012, 0.05), "heel": (-0.12, 0.18), "grid": (0.0, 0.03), "collimation": (0.0, 0.06),
+                    "matrix": (160.0, 256.0)}  # fmt: skip
+"""The acquisition chain (:func:`medsilo.medical.synth.cxr.acquire`): intensity response, blur, noise, heel
+gradient, grid stripes, collimation and matrix size, over the range the reference scanners span — so a site's
+DP picks can steer candidates toward its own scanner, which the generator never sees."""
+_MARKER_CORNERS = ("tl", "tr", "bl", "br")
 
 
 class ProceduralCXR:
@@ -99,6 +102,7 @@ class ProceduralCXR:
         for _ in range(n):
             patient = asdict(cxr.sample_patient(rng, self.classes[label]))
             response = {k: float(rng.uniform(*r)) for k, r in _RESPONSE_SPREAD.items()}
+            response["marker_corner"] = str(rng.choice(_MARKER_CORNERS))
             out.append(self._render(label, {"patient": patient, "response": response, "seed": int(rng.integers(2**31))}))
         return out
 
@@ -115,23 +119,29 @@ class ProceduralCXR:
                     patient[key] = int(rng.integers(2**31))
             response = {k: float(np.clip(v + strength * (_RESPONSE_SPREAD[k][1] - _RESPONSE_SPREAD[k][0]) / 2
                                          * rng.standard_normal(), *_RESPONSE_SPREAD[k]))
-                        for k, v in parent.recipe["response"].items()}  # fmt: skip
+                        for k, v in parent.recipe["response"].items() if k in _RESPONSE_SPREAD}  # fmt: skip
+            corner = parent.recipe["response"].get("marker_corner", "tl")
+            response["marker_corner"] = str(rng.choice(_MARKER_CORNERS)) if rng.random() < strength / 2 else corner
             recipe = {"patient": patient, "response": response, "seed": int(rng.integers(2**31))}
             out.append(self._render(parent.label, recipe, parent=parent.id))
         return out
 
     def _render(self, label: int, recipe: dict[str, Any], parent: str | None = None) -> Candidate:
+        """Density map → the acquisition chain the synthetic hospitals use → what the site's reader returns
+        (stored values / their maximum, MONOCHROME2) → area-resized to the job's size."""
         p = dict(recipe["patient"])
         p["shift"] = tuple(p["shift"])
         rng = np.random.default_rng(recipe["seed"])
-        density = cxr.render_density(cxr.Patient(**p), rng, n=self.size)
+        density = cxr.render_density(cxr.Patient(**p), rng, n=max(2 * self.size, 128))
         r = recipe["response"]
-        img = np.clip(r["contrast"] * (density - 0.5) + 0.5 + r["brightness"], 0, 1) ** r["gamma"]
-        if r["blur"] > 0:
-            img = ndimage.gaussian_filter(img, r["blur"] * self.size / 128)
-        img = img + r["noise"] * np.sqrt(np.clip(img, 0, 1)) * rng.standard_normal(img.shape)
-        image = np.clip(img, 0, 1).astype(np.float32)[None]
-        return Candidate(image=image, label=label, recipe=recipe, parent=parent)
+        scanner = cxr.CXRScanner("procedural", "procedural", matrix=int(round(r.get("matrix", 2 * self.size))),
+                                 pixel_spacing=0.16, bits_stored=12, photometric="MONOCHROME2", gamma=r["gamma"],
+                                 contrast=r["contrast"], brightness=r["brightness"], blur=r["blur"],
+                                 quantum_noise=r["noise"], heel=r.get("heel", 0.0), grid=r.get("grid", 0.0),
+                                 collimation=r.get("collimation", 0.0), marker_corner=r.get("marker_corner", "tl"))  # fmt: skip
+        img = torch.from_numpy(cxr.acquire(density, scanner, rng).astype(np.float32) / (2**12 - 1))[None, None]
+        image = torch.nn.functional.interpolate(img, size=(self.size, self.size), mode="area")[0].numpy()
+        return Candidate(image=np.clip(image, 0, 1).astype(np.float32), label=label, recipe=recipe, parent=parent)
 
 
 # ---- procedural pathology -------------------------------------------------------------------------------
