@@ -368,6 +368,7 @@ class SiteExecutor(Executor):
             augmentation=spec.training.augmentation,
             channels=spec.channels,
             views=spec.views,
+            cache=self._image_cache(site, workspace) if config.data.cache_images else None,
         )
         self.log_info(fl_ctx, f"{site}: loaded {len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test "
                               f"images in {time.perf_counter() - t0:.1f} s, skipped {len(data.failures)}")  # fmt: skip
@@ -418,6 +419,13 @@ class SiteExecutor(Executor):
         self.log_info(fl_ctx, f"{site}: PCEvolve added {len(result.synthetic)} synthetic training images "
                               f"(ε = {aug.epsilon:g}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
         return data
+
+    @staticmethod
+    def _image_cache(site: str, workspace: Path) -> Path:
+        """The site's preprocessed-image cache: beside ``sites.yml`` in simulation (a run's workspace is new each
+        time), inside the workspace when deployed."""
+        sites_file = os.environ.get(SITES_FILE_ENV)
+        return Path(sites_file).resolve().parent / "cache" / site if sites_file else workspace / "cache" / "images"
 
     @staticmethod
     def _site_config(site: str, fl_ctx: FLContext):

@@ -29,6 +29,7 @@ from medsilo.config.common import MODALITY_CHANNELS
 from medsilo.config.manifest import SPLITS, Manifest, ManifestRow
 from medsilo.config.site import DatasetRef
 from medsilo.errors import DataError
+from medsilo.medical.data.cache import ImageCache
 from medsilo.medical.data.pacs import pull
 from medsilo.medical.data.readers import (
     CODEC_MISSING,
@@ -200,6 +201,7 @@ def load_site_data(
     augmentation: augment.AugmentationChoice | tuple = "default",
     channels: int | None = None,
     views: Sequence[str] | None = None,
+    cache: Path | None = None,
 ) -> SiteData:
     """Read, check and preprocess every image of ``manifest``.
 
@@ -217,6 +219,8 @@ def load_site_data(
             grayscale ones are replicated), else 1.
         views: chest X-ray only: the job's ``views`` (e.g. ``("PA", "AP")``); images whose view
             (:func:`.readers.view_of`) is not listed are dropped and counted. ``None``: every view.
+        cache: a folder for the site's preprocessed-image cache (:mod:`.cache`): unchanged files are not
+            decoded again. ``None``: read everything.
 
     Returns:
         The site's splits.
@@ -237,21 +241,32 @@ def load_site_data(
     failures: list[LoadFailure] = []
     dropped: Counter = Counter()
     rows: list[ManifestRow] = list(manifest.rows)
+    store = None if cache is None else ImageCache(cache, {"modality": modality, "image_size": image_size,
+                                                          "channels": channels, "identifiable": allow_identifiable})  # fmt: skip
     for row in tqdm(rows, desc=f"load {manifest.file.parent.name or modality}", unit="img",
                     disable=not progress, leave=False):  # fmt: skip
-        try:
-            record = reader.read(row.path)
-        except UnreadableImage as exc:
-            failures.append(LoadFailure(str(row.path), row.line, exc.reason, exc.kind))
-            log.warning("skipping %s (manifest line %d): %s", row.path, row.line, exc.reason)
+        hit = store.get(row.path) if store is not None else None
+        if hit is not None:
+            image, view = hit
+        else:
+            try:
+                record = reader.read(row.path)
+            except UnreadableImage as exc:
+                failures.append(LoadFailure(str(row.path), row.line, exc.reason, exc.kind))
+                log.warning("skipping %s (manifest line %d): %s", row.path, row.line, exc.reason)
+                continue
+            image, view = np.asarray(resize(record.pixels), dtype=np.float32), record.view
+            if store is not None:
+                store.put(row.path, image, view)
+        if views is not None and view not in views:
+            dropped[view] += 1
             continue
-        if views is not None and record.view not in views:
-            dropped[record.view] += 1
-            continue
-        image = np.asarray(resize(record.pixels), dtype=np.float32)
         loaded[row.split][0].append(image)
         loaded[row.split][1].append(row.targets if manifest.multilabel else row.label)
 
+    if store is not None:
+        store.save()
+        log.info("%s: %d image(s) from the preprocessed cache, %d read", manifest.file, store.hits, store.misses)
     total = len(rows)
     kept = f" (the job keeps views {', '.join(views)}; dropped {_view_counts(dropped)})" if dropped else ""
     if dropped:

@@ -243,11 +243,15 @@ class DataPolicy(Strict):
         allow_paths_outside_manifest: let a manifest name images outside its own folder (absolute paths,
             ``..``, symbolic links leading out). Off by default: such a row makes the manifest unusable, so
             whoever writes a manifest cannot bring other files of this machine into a job.
+        cache_images: keep preprocessed images in the site's workspace (``cache/images``; simulation:
+            ``cache/<site>`` beside ``sites.yml``) so the next job does not decode unchanged files again
+            (:mod:`medsilo.medical.data.cache`). Off: every job reads every file.
     """
 
     max_unreadable_fraction: float = Field(default=0.05, ge=0, lt=1)
     allow_identifiable_dicom: bool = False
     allow_paths_outside_manifest: bool = False
+    cache_images: bool = True
 
 
 class ComputeLimits(Strict):
