@@ -29,7 +29,7 @@ from medsilo.config.common import MODALITY_CHANNELS
 from medsilo.config.manifest import SPLITS, Manifest, ManifestRow
 from medsilo.config.site import DatasetRef
 from medsilo.errors import DataError
-from medsilo.medical.data.cache import ImageCache
+from medsilo.medical.data.cache import ImageCache, stamp
 from medsilo.medical.data.pacs import pull
 from medsilo.medical.data.readers import (
     CODEC_MISSING,
@@ -241,14 +241,18 @@ def load_site_data(
     failures: list[LoadFailure] = []
     dropped: Counter = Counter()
     rows: list[ManifestRow] = list(manifest.rows)
-    store = None if cache is None else ImageCache(cache, {"modality": modality, "image_size": image_size,
-                                                          "channels": channels, "identifiable": allow_identifiable})  # fmt: skip
+    store = None
+    if cache is not None:
+        store = ImageCache(cache, {"manifest": str(Path(manifest.file).resolve()), "modality": modality,
+                                   "image_size": image_size, "channels": MODALITY_CHANNELS[modality] or channels,
+                                   "identifiable": allow_identifiable})  # fmt: skip
     for row in tqdm(rows, desc=f"load {manifest.file.parent.name or modality}", unit="img",
                     disable=not progress, leave=False):  # fmt: skip
         hit = store.get(row.path) if store is not None else None
         if hit is not None:
             image, view = hit
         else:
+            before = stamp(row.path) if store is not None else None
             try:
                 record = reader.read(row.path)
             except UnreadableImage as exc:
@@ -257,7 +261,7 @@ def load_site_data(
                 continue
             image, view = np.asarray(resize(record.pixels), dtype=np.float32), record.view
             if store is not None:
-                store.put(row.path, image, view)
+                store.put(row.path, before, image, view)
         if views is not None and view not in views:
             dropped[view] += 1
             continue
@@ -266,7 +270,7 @@ def load_site_data(
 
     if store is not None:
         store.save()
-        log.info("%s: %d image(s) from the preprocessed cache, %d read", manifest.file, store.hits, store.misses)
+        log.info("%s: %d image(s) from the preprocessed cache, %d newly cached", manifest.file, store.hits, store.added)
     total = len(rows)
     kept = f" (the job keeps views {', '.join(views)}; dropped {_view_counts(dropped)})" if dropped else ""
     if dropped:
