@@ -58,11 +58,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 from medsilo.components import checkpoint
-from medsilo.components.training import choose_thresholds, classification_metrics, multilabel_metrics
+from medsilo.components.training import auroc, choose_thresholds, classification_metrics, multilabel_metrics
 from medsilo.config.common import MODALITY_CHANNELS, SITE_NAME_PATTERN
 from medsilo.errors import MedsiloError
 from medsilo.medical.data.transforms import normalize
@@ -193,28 +192,6 @@ class ExportFacts:
     medsilo_version: str
     trained_by: tuple[str, ...] = ()
     task: str = "single"
-
-
-def auroc(probs: np.ndarray, labels: np.ndarray) -> float:
-    """AUROC exactly as :func:`~medsilo.components.training.classification_metrics` defines it (binary for two
-    classes or two present; else the macro one-vs-rest mean over the present classes on probabilities
-    renormalised over them; NaN with fewer than two present), from ranks (Mann–Whitney, ties averaged) —
-    fast enough to run a thousand times for a bootstrap."""
-    present = np.unique(labels)
-    if len(present) < 2:
-        return math.nan
-    if probs.shape[1] == 2:
-        columns, positives = probs[:, 1:2], [1]
-    else:
-        sub = probs[:, present] / probs[:, present].sum(1, keepdims=True)
-        columns, positives = (sub[:, 1:2], [present[1]]) if len(present) == 2 else (sub, list(present))
-    scores = []
-    for column, cls in zip(columns.T, positives, strict=True):
-        pos = labels == cls
-        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-        ranks = rankdata(column)
-        scores.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    return float(np.mean(scores))
 
 
 def bootstrap(probs: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict[str, list[float] | None]:

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -401,13 +400,46 @@ def predict(
     return torch.cat(probs), torch.cat(labels)
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with ties given their average rank (as ``scipy.stats.rankdata``)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    edges = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((edges[:-1] + edges[1:] + 1) / 2.0, np.diff(edges))
+    return ranks
+
+
+def auroc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """AUROC as :func:`classification_metrics` defines it (binary for two classes or two present; else the macro
+    one-vs-rest mean over the present classes on probabilities renormalised over them; NaN with fewer than two
+    present), from ranks (Mann–Whitney, ties averaged): the same numbers as scikit-learn's ``roc_auc_score``
+    (checked in ``tests/unit/test_export.py``), one implementation for evaluation and the model card's
+    bootstrap (fast enough to run a thousand times)."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        return math.nan
+    if probs.shape[1] == 2:
+        columns, positives = probs[:, 1:2], [1]
+    else:
+        sub = probs[:, present] / probs[:, present].sum(1, keepdims=True)
+        columns, positives = (sub[:, 1:2], [present[1]]) if len(present) == 2 else (sub, list(present))
+    scores = []
+    for column, cls in zip(columns.T, positives, strict=True):
+        pos = labels == cls
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        ranks = average_ranks(column)
+        scores.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(scores))
+
+
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Accuracy, balanced accuracy and AUROC of probabilities ``(N, K)`` against labels ``(N,)``.
 
     Balanced accuracy is the mean recall over the classes present in the labels (a site that predicts its
     majority class for everything scores 1/K-present, however skewed its data); NaN without labels.
 
-    AUROC is binary (positive class 1) for K = 2 and macro one-vs-rest for K > 2 (sklearn) over the
+    AUROC (:func:`auroc`) is binary (positive class 1) for K = 2 and macro one-vs-rest for K > 2 over the
     classes present in the labels; with exactly two present (a label-skewed site of a K-class job) it is
     the binary AUROC of the two, on probabilities renormalised over them. It is NaN when the labels hold
     fewer than two classes, since it is undefined there.
@@ -418,18 +450,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
     acc = float((predicted == y).mean()) if len(y) else math.nan
     present = np.unique(y)
     balanced = float(np.mean([(predicted[y == c] == c).mean() for c in present])) if len(y) else math.nan
-    if len(present) < 2:
-        auroc = math.nan
-    elif p.shape[1] == 2:
-        auroc = float(roc_auc_score(y, p[:, 1]))
-    elif len(present) == 2:  # sklearn's one-vs-rest refuses two labels: it is the binary case
-        low, high = p[:, present[0]], p[:, present[1]]
-        auroc = float(roc_auc_score(y == present[1], high / np.maximum(low + high, 1e-300)))
-    else:
-        # restrict to classes present in y; renormalise so rows sum to 1 as sklearn requires
-        sub = p[:, present] / p[:, present].sum(1, keepdims=True)
-        auroc = float(roc_auc_score(y, sub, multi_class="ovr", average="macro", labels=present))
-    return {"acc": acc, "balanced_acc": balanced, "auroc": auroc}
+    return {"acc": acc, "balanced_acc": balanced, "auroc": auroc(p, y) if len(y) else math.nan}
 
 
 def label_auroc(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -438,7 +459,7 @@ def label_auroc(scores: np.ndarray, targets: np.ndarray) -> float:
     y = targets[known]
     if len(np.unique(y)) < 2:
         return math.nan
-    return float(roc_auc_score(y, scores[known]))
+    return auroc(np.stack([1 - scores[known], scores[known]], 1), y.astype(np.int64))
 
 
 def choose_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:

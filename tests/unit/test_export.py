@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -60,14 +61,32 @@ def test_candidates_keep_the_best_round_and_the_last_one_only():
         kept.restore(1, client)
 
 
-def test_fast_auroc_is_the_evaluations_auroc():
-    for k, kinds, seed in [(2, 2, 0), (10, 10, 1), (10, 2, 2), (4, 3, 3), (5, 1, 4)]:
+def test_the_rank_auroc_equals_scikit_learns():
+    """The evaluation's AUROC (no scikit-learn in a site process) against ``roc_auc_score`` itself: binary,
+    macro one-vs-rest, two classes present of K, one present, and scores with ties."""
+    from sklearn.metrics import roc_auc_score
+
+    for k, kinds, seed, ties in [(2, 2, 0, False), (10, 10, 1, False), (10, 2, 2, False), (4, 3, 3, False),
+                                 (5, 1, 4, False), (2, 2, 5, True), (4, 4, 6, True)]:  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         probs = torch.softmax(torch.randn(50, k, generator=g) * 2, 1)
+        if ties:
+            probs = torch.softmax(torch.round(torch.randn(50, k, generator=g)), 1)  # few distinct values
         labels = torch.randint(0, kinds, (50,), generator=g)
-        want = classification_metrics(probs, labels)["auroc"]
-        got = auroc(probs.double().numpy(), labels.numpy())
+        y, p = labels.numpy(), probs.double().numpy()
+        present = np.unique(y)
+        if len(present) < 2:
+            want = math.nan
+        elif k == 2:
+            want = roc_auc_score(y, p[:, 1])
+        elif len(present) == 2:
+            want = roc_auc_score(y == present[1], p[:, present[1]] / p[:, present].sum(1))
+        else:
+            sub = p[:, present] / p[:, present].sum(1, keepdims=True)
+            want = roc_auc_score(y, sub, multi_class="ovr", average="macro", labels=present)
+        got = classification_metrics(probs, labels)["auroc"]
         assert (np.isnan(want) and np.isnan(got)) or got == pytest.approx(want, abs=1e-12)
+        assert (np.isnan(got) and np.isnan(auroc(p, y))) or auroc(p, y) == got
 
 
 def _facts(**change) -> ExportFacts:
