@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {label: {"algorithm": VARIANTS[label]} for label in args.variants}
     runs = run_variants(variants, base, sites_yml, WORK / "htfl_runs")
     settings = {k: v for k, v in vars(args).items() if k != "out"} | {"models": models}
-    result = save(f"htfl_cxr_seed{args.seed}", settings, req.to_json(), runs, out=args.out,
+    k = f"_k{len(args.classes)}" if args.classes else ""
+    result = save(f"htfl_cxr{k}_seed{args.seed}", settings, req.to_json(), runs, out=args.out,
                   title="Heterogeneous FL on synthetic chest X-ray hospitals")  # fmt: skip
     print(markdown(result, down=True))
     return result

@@ -30,14 +30,18 @@ def add_hospital_args(parser: argparse.ArgumentParser, *, rounds: int = 20) -> N
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", nargs="+", default=None,
+                        help="findings in label order (default normal pneumonia); e.g. normal pneumonia effusion nodule")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
 
 
 def hospitals(args: argparse.Namespace, prefix: str, *, force: bool = False) -> tuple[SynthRequest, Path]:
     """Synthesize (or reuse, cached under ``WORK/<prefix>_cxr_<settings>``) the hospitals ``args`` describe."""
+    classes = tuple(args.classes) if getattr(args, "classes", None) else None
     req = SynthRequest("cxr", args.sites, args.images_per_site, seed=args.seed, dirichlet_alpha=args.dirichlet_alpha,
-                       shift=args.shift)  # fmt: skip
+                       shift=args.shift, classes=classes)  # fmt: skip
     tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_s{args.shift:g}_seed{args.seed}"
+    tag += f"_k{len(classes)}" if classes else ""
     return req, synthesize(WORK / f"{prefix}_cxr_{tag}", req, force=force)
 
 
