@@ -399,9 +399,11 @@ def evolve(
         if progress:
             progress(it, config.iterations)
     kept = len(outputs) - 1
+    output_feats: list[torch.Tensor] = []
     if config.keep == "val":
         labels = torch.tensor([x.label for x in outputs[0]])
-        scores = keep_scores([emb(_stack(o)) for o in outputs], labels, emb(val_images), val_labels, k)
+        output_feats = [emb(_stack(o)) for o in outputs]
+        scores = keep_scores(output_feats, labels, emb(val_images), val_labels, k)
         result.keep_scores = scores.tolist()
         if private:
             charge(ExponentialEvent(epsilon=config.keep_epsilon), config.iterations + 1)
@@ -409,7 +411,7 @@ def evolve(
         else:
             kept = int(scores.argmax())
     result.synthetic, result.kept_iteration = outputs[kept], kept + 1
-    result.diversity = diversity(emb(_stack(result.synthetic)))
+    result.diversity = diversity(output_feats[kept] if output_feats else emb(_stack(result.synthetic)))
     return result
 
 
