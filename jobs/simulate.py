@@ -1,7 +1,8 @@
 """Run a job spec in the NVFlare simulator on ``sites.yml`` hospitals: what ``medsilo sim`` does.
 
-The job is exported exactly as for a real deployment (:mod:`.builder`), then run with
-``nvflare simulator`` in a child process, whose sites read their data through the ``sites.yml`` named
+The job is exported exactly as for a real deployment (:mod:`.builder`), then run in NVFlare's simulator in a
+child process (:mod:`.simworkers`: the site workers are forked from one process that imported torch, MONAI and
+NVFlare once), whose sites read their data through the ``sites.yml`` named
 by ``MEDSILO_SITES_FILE``. The simulator workspace gets a ``local/resources.json`` whose class
 allow-list names exactly the classes a provisioned site and server admit (the controller, the executor and the
 sites' privacy-scope filter). Every run gets a fresh run id (``MEDSILO_RUN_ID``) that stands in for the job id in
@@ -34,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,8 @@ def run_simulation(
     progress: bool = True,
     label: str | None = None,
     resume: bool = False,
+    workers: str = "fork",
+    position: int | None = None,
 ) -> dict[str, Any]:
     """Run ``spec`` on the hospitals of ``sites_file``; returns the parsed ``results.json``.
 
@@ -123,6 +125,9 @@ def run_simulation(
         progress: show a per-round progress bar on stderr.
         label: name shown on the progress bar (default: the job name).
         resume: continue the interrupted run in ``run_dir`` from its last completed round.
+        position: line of the progress bar (jobs run side by side each keep their own line).
+        workers: ``fork`` starts the site workers from one pre-imported process, ``fresh`` as new interpreters
+            (NVFlare's own way; :mod:`.simworkers`).
 
     Raises:
         MedsiloError: a preflight refusal, nothing to resume, or the job stopped — with the sites' reasons.
@@ -170,14 +175,14 @@ def run_simulation(
         env[HE_DIR_ENV] = str(keys)
         where.append(f"CKKS keys of this run in {keys}")
     print(f"{label or spec.name}: " + "; ".join(where), file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(workspace),
+    cmd = [sys.executable, "-m", "medsilo.jobs.simworkers", "--workers", workers, str(job_dir), "-w", str(workspace),
            "-c", ",".join(names), "-t", str(len(names))]  # fmt: skip
     server_dir = workspace / "server" / "simulate_job"
     log_path = run_dir / "simulator.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
         try:
-            _follow(proc, server_dir / PROGRESS_FILE, spec, label or spec.name, progress)
+            _follow(proc, server_dir / PROGRESS_FILE, spec, label or spec.name, progress, position)
         finally:
             if proc.poll() is None:
                 proc.terminate()
@@ -226,16 +231,21 @@ def _short_tmpdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="medsilo-", dir=root))
 
 
-def _follow(proc: subprocess.Popen, progress_file: Path, spec: JobSpec, label: str, show: bool) -> None:
+def _follow(proc: subprocess.Popen, progress_file: Path, spec: JobSpec, label: str, show: bool,
+            position: int | None = None) -> None:
     """Wait for the simulator, turning each new progress line into a tick of the bar."""
     seen = 0
-    with tqdm(total=spec.training.rounds, desc=label, unit="round", disable=not show, leave=True) as bar:
+    with tqdm(total=spec.training.rounds, desc=label, unit="round", disable=not show, leave=True,
+              position=position) as bar:
         while True:
-            done = proc.poll() is not None
+            try:
+                proc.wait(timeout=0.5)
+                done = True
+            except subprocess.TimeoutExpired:
+                done = False
             seen = tick(bar, progress_file, seen)
             if done:
                 return
-            time.sleep(0.5)
 
 
 def tick(bar, progress_file: Path | None, seen: int) -> int:

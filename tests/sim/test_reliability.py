@@ -66,14 +66,19 @@ def healthy_sites(tmp_path_factory):
 
 
 def _worker_of(site: str) -> int | None:
-    """The NVFlare simulator worker process running ``site`` (one per site)."""
+    """The NVFlare simulator worker process running ``site`` (one per site).
+
+    With forked workers (medsilo.jobs.simworkers) the worker shows the command line a fresh worker would have;
+    the shim standing in for it (``python -IS /tmp/medsilo-fs-…/python -m …``) only relays, so it is skipped.
+    """
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")  # a forked worker's is one string
             except OSError:
                 continue
-            if b"nvflare.private.fed.app.simulator.simulator_worker" in cmd and site.encode() in cmd:
+            if (b"nvflare.private.fed.app.simulator.simulator_worker" in cmd and f" --client {site} ".encode() in cmd
+                    and b"medsilo-fs-" not in cmd):  # fmt: skip
                 return int(entry.name)
     return None
 
