@@ -2,6 +2,8 @@
 
     python -m benchmarks.scale                      # 5/10/20 simulated sites, 3/6 real processes
     python -m benchmarks.scale --sim 5 --poc 3      # a quick subset
+    python -m benchmarks.scale --sim 20 --poc --workers fork fresh   # forked vs fresh site workers, side by side
+    python -m benchmarks.scale --sim 50 --poc --no-pure-local --rounds 3 --name scale50   # memory at 50 sites
 
 Each configuration runs FedAvg on a small CNN (32×32 chest X-rays, ``--images-per-site`` per hospital) and
 reports, per configuration:
@@ -14,6 +16,8 @@ reports, per configuration:
   back in one plain Python process with no NVFlare, torch using all cores: what the computation costs
   without any platform;
 * **ratio** — round s / pure local s (target ≤ 1.3 with small models);
+* **workers** — ``fork``: simulated sites forked from one pre-imported process (the default,
+  :mod:`medsilo.jobs.simworkers`); ``fresh``: each site a new interpreter, as NVFlare starts them;
 * **peak memory** — the largest sum of proportional set size (PSS) over every process of the run, sampled
   every 0.5 s; the RSS sum, which counts torch's shared libraries once per process, is shown too.
 
@@ -134,19 +138,20 @@ def pure_local_seconds(spec: JobSpec, sites_yml: Path, repeats: int = 2) -> floa
     return statistics.median(times)
 
 
-def run_sim(n: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_sim(n: int, args: argparse.Namespace, workers: str = "fork") -> dict[str, Any]:
     from medsilo.jobs.simulate import run_simulation
 
     sites_yml = synthesize(WORK / f"scale_{n}x{args.images_per_site}", SynthRequest(
         "cxr", n, args.images_per_site, seed=args.seed), progress=False)  # fmt: skip
     spec = _spec(args.rounds, args.seed)
-    run_dir = WORK / "scale_runs" / f"sim{n}"
+    run_dir = WORK / "scale_runs" / f"sim{n}_{workers}"
     with MemorySampler(str(run_dir)) as mem:
         t0 = time.perf_counter()
-        results = run_simulation(spec, sites_yml, run_dir, progress=False)
+        results = run_simulation(spec, sites_yml, run_dir, progress=False, workers=workers)
         wall = time.perf_counter() - t0
     logs = [run_dir / "workspace" / s / "log.txt" for s in results["sites"]]
-    return _row(f"simulator, {n} sites", results, logs, mem, wall, pure_local_seconds(spec, sites_yml))
+    pure = pure_local_seconds(spec, sites_yml) if args.pure_local else None
+    return _row(f"simulator, {n} sites, {workers} workers", results, logs, mem, wall, pure)
 
 
 def run_poc(n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -174,13 +179,13 @@ def run_poc(n: int, args: argparse.Namespace) -> dict[str, Any]:
     return _row(f"real processes, {n} sites", results, logs, mem, wall, pure_local_seconds(spec, sites_yml))
 
 
-def _row(label: str, results: dict, logs: list[Path], mem: MemorySampler, wall: float, pure: float) -> dict[str, Any]:
+def _row(label: str, results: dict, logs: list[Path], mem: MemorySampler, wall: float, pure: float | None) -> dict[str, Any]:
     rounds = [r["seconds"] for r in results["rounds"][1:]]
     tasks = _site_task_seconds(logs)
     task = statistics.median(tasks[r] for r in range(2, len(results["rounds"]) + 1) if r in tasks) if tasks else None
     round_s = statistics.median(rounds)
     return {"label": label, "sites": len(results["sites"]), "round_s": round_s, "first_round_s": results["rounds"][0]["seconds"],
-            "site_task_s": task, "pure_local_s": pure, "ratio": round_s / pure, "peak_rss_gib": mem.peak / 2**30, "peak_pss_gib": mem.peak_pss / 2**30,
+            "site_task_s": task, "pure_local_s": pure, "ratio": round_s / pure if pure else None, "peak_rss_gib": mem.peak / 2**30, "peak_pss_gib": mem.peak_pss / 2**30,
             "job_wall_s": wall, "mean_acc": results["final"]["mean_acc"]}  # fmt: skip
 
 
@@ -188,9 +193,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| configuration | round s (median, r ≥ 2) | round 1 s | slowest site task s | pure local s | ratio | "
              "peak memory GiB (PSS) | peak RSS sum GiB | job wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        task = f"{r['site_task_s']:.2f}" if r["site_task_s"] is not None else "n/a"
-        lines.append(f"| {r['label']} | {r['round_s']:.2f} | {r['first_round_s']:.1f} | {task} | {r['pure_local_s']:.2f} | "
-                     f"{r['ratio']:.2f} | {r['peak_pss_gib']:.2f} | {r['peak_rss_gib']:.2f} | {r['job_wall_s']:.0f} |")  # fmt: skip
+        task, pure, ratio = (f"{r[k]:.2f}" if r[k] is not None else "n/a" for k in ("site_task_s", "pure_local_s", "ratio"))
+        lines.append(f"| {r['label']} | {r['round_s']:.2f} | {r['first_round_s']:.1f} | {task} | {pure} | "
+                     f"{ratio} | {r['peak_pss_gib']:.2f} | {r['peak_rss_gib']:.2f} | {r['job_wall_s']:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -201,11 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-site", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", nargs="+", choices=("fork", "fresh"), default=["fork"],
+                        help="how simulated sites start (medsilo.jobs.simworkers); both → one row each, side by side")
+    parser.add_argument("--no-pure-local", dest="pure_local", action="store_false",
+                        help="skip the pure-local reference (ratio n/a); for memory-only runs at many sites")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="scale", help="results file name (default: scale → scale.json)")
     args = parser.parse_args(argv)
-    rows = [run_sim(n, args) for n in args.sim] + [run_poc(n, args) for n in args.poc]
+    rows = [run_sim(n, args, w) for n in args.sim for w in args.workers] + [run_poc(n, args) for n in args.poc]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(markdown(rows))
     return 0
 
