@@ -9,7 +9,9 @@ four ways:
 * **medsilo, fork workers** — ``medsilo sim``'s FedAvg as shipped (sites forked from one pre-imported process);
 * **medsilo, fresh workers** — the same job, every site a new interpreter (NVFlare's own way of starting them);
 * **NVFlare FedAvgRecipe** — ``nvflare.app_opt.pt.recipes.fedavg.FedAvgRecipe`` with the Client API site script
-  :mod:`benchmarks.anchor_train`, run by NVFlare's ``SimEnv`` (in-process Client API executor);
+  :mod:`benchmarks.anchor_train`, run by NVFlare's ``SimEnv`` (in-process Client API executor), as shipped, and
+  again with the server telling sites to poll every 0.2 s (``task_request_interval``, NVFlare's default is 2 s;
+  medsilo's jobs set 0.2 s, ``jobs/builder.py``);
 * **one process, sequential** — a PFLlib-style loop written here: every site in this process, one after the
   other, weights averaged by steps (:func:`toy_fedavg`); what a toy simulation costs with no engine at all.
 
@@ -37,6 +39,7 @@ import torch
 from benchmarks.anchor_common import CLASSES, evaluate, site_data, train_epoch
 from benchmarks.runner import RESULTS, WORK
 from medsilo.config import JobSpec, load_sites_file
+from medsilo.jobs.builder import TASK_REQUEST_INTERVAL
 from medsilo.medical.synth import SynthRequest, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,14 +67,14 @@ def run_medsilo(args, sites_yml: Path, workers: str) -> dict:
     return {"rounds": rounds, "wall": wall, "val_acc": results["rounds"][-1]["mean_val_acc"]}
 
 
-def run_nvflare(args, sites_yml: Path) -> dict:
+def run_nvflare(args, sites_yml: Path, task_request_interval: float | None = None) -> dict:
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.recipe.sim_env import SimEnv
 
     from benchmarks.anchor_train import AnchorCNN
 
     names = list(load_sites_file(sites_yml).sites)
-    root = WORK / "anchor_runs" / "nvflare"
+    root = WORK / "anchor_runs" / f"nvflare_{task_request_interval or 'default'}"
     shutil.rmtree(root, ignore_errors=True)
     # the site script imports benchmarks.* and medsilo from this checkout; one torch thread per site as medsilo
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -83,7 +86,8 @@ def run_nvflare(args, sites_yml: Path) -> dict:
                           train_args=f"--sites-file {sites_yml} --image-size {args.image_size} --seed {args.seed}")  # fmt: skip
     env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(root))
     t0 = time.perf_counter()
-    recipe.execute(env)
+    server = {"server": {"task_request_interval": task_request_interval}} if task_request_interval else None
+    recipe.execute(env, server_exec_params=server)
     wall = time.perf_counter() - t0
     log = next(p for p in root.rglob("log.txt") if "Round 1 started" in p.read_text(errors="replace"))
     text = log.read_text(errors="replace")
@@ -139,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     engines = {"medsilo FedAvg, simulator, fork workers": lambda: run_medsilo(args, sites_yml, "fork"),
                "medsilo FedAvg, simulator, fresh workers": lambda: run_medsilo(args, sites_yml, "fresh"),
                "NVFlare 2.9 FedAvgRecipe (Client API), SimEnv": lambda: run_nvflare(args, sites_yml),
+               "NVFlare 2.9 FedAvgRecipe, SimEnv, sites poll every 0.2 s (as medsilo's jobs)":
+                   lambda: run_nvflare(args, sites_yml, TASK_REQUEST_INTERVAL),
                "one process, sites in sequence (PFLlib-style loop)": lambda: toy_fedavg(args, sites_yml)}  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in engines}
     for i in range(args.repeats):
