@@ -25,7 +25,10 @@ WORKER = "medsilo_fake_worker"
 WORKER_SOURCE = '''
 import json, os, random, sys, time
 import numpy, torch
-out = {"pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "argv": sys.argv[1:], "cwd": os.getcwd(),
+from monai.transforms import Randomizable
+fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+out = {"monai": float(Randomizable.R.rand()), "fds": fds, "medsilo_env": sorted(k for k in os.environ if k.startswith("MEDSILO")),
+       "pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "argv": sys.argv[1:], "cwd": os.getcwd(),
        "marker": os.environ.get("FAKE_MARKER"), "random": random.random(), "numpy": float(numpy.random.rand()),
        "torch": float(torch.rand(1)), "torch_seed": torch.initial_seed(), "name": __name__}
 print(json.dumps(out), flush=True)
@@ -41,7 +44,7 @@ def server(tmp_path, monkeypatch):
     (tmp_path / "mods").mkdir()
     (tmp_path / "mods" / f"{WORKER}.py").write_text(WORKER_SOURCE)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "mods"))
-    with simworkers.fork_server(preload=("numpy", "torch"), module=WORKER) as folder:
+    with simworkers.fork_server(preload=("numpy", "torch", "monai.transforms"), module=WORKER) as folder:
         yield folder
 
 
@@ -75,6 +78,9 @@ def test_a_worker_is_forked_with_the_requested_arguments_folder_and_environment(
     assert seen["name"] == "__main__"
     assert seen["pid"] != proc.pid and seen["ppid"] != proc.pid  # forked by the server, not run by the shim
     assert seen["sid"] == seen["pid"]  # its own session, as NVFlare starts workers (setsid)
+    # nothing of the fork server reaches the worker: not its coordinates, not its event loop
+    assert seen["medsilo_env"] == [simworkers.REAL_PYTHON_ENV]
+    assert not any("eventpoll" in fd or "fork.sock" in fd for fd in seen["fds"])
 
 
 def test_two_workers_are_separate_processes_with_fresh_random_states(server):
@@ -84,6 +90,7 @@ def test_two_workers_are_separate_processes_with_fresh_random_states(server):
     # a new interpreter seeds Python's, NumPy's and torch's global generators from the OS: different per site
     assert a["random"] != b["random"] and a["numpy"] != b["numpy"]
     assert a["torch_seed"] != b["torch_seed"] and a["torch"] != b["torch"]
+    assert a["monai"] != b["monai"]  # MONAI's shared generator (Rand* transforms without set_random_state)
     assert all(p.wait(timeout=30) == 0 for p in procs)
 
 
@@ -138,11 +145,14 @@ def test_anything_but_the_worker_module_runs_the_real_interpreter(server):
     assert int(out[1]) == os.getpid()  # exec'd in place of the shim: a plain child of ours
 
 
-def test_a_malformed_request_is_refused_and_the_server_keeps_serving(server):
+@pytest.mark.parametrize("request_body", [b'{"argv": ["x"]}', b'{"argv": 5, "env": {}, "cwd": "/"}', b"[" * 100_000,
+                                          b"not json", b""])  # fmt: skip
+def test_a_malformed_request_is_refused_and_the_server_keeps_serving(server, request_body):
+    # no environment or descriptors; argv not a list; nesting that overflows the parser's recursion; garbage
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn.connect(os.environ[simworkers.SOCKET_ENV])
-    conn.send(b'{"argv": ["x"]}')  # no environment, no file descriptors
-    assert "error" in json.loads(conn.recv(4096))
+    socket.send_fds(conn, [request_body], [0, 1, 2]) if request_body.startswith(b'{"argv": 5') else conn.send(request_body)
+    assert "error" in json.loads(conn.recv(4096) or b'{"error": "closed"}')
     conn.close()
     proc = _start("--exit", "0")
     assert _report(proc)["argv"] == ["--exit", "0"]
@@ -179,3 +189,39 @@ def test_without_a_fork_server_the_worker_starts_fresh(tmp_path, monkeypatch):
         assert proc.wait(timeout=60) == 4
     assert seen["pid"] == proc.pid  # the shim became the worker (exec), no fork
     assert "fork server" in proc.stderr.read() and seen["argv"] == ["--exit", "4"]
+
+
+def test_an_interpreter_path_with_spaces_works(tmp_path, monkeypatch):
+    # the shim's #! line names a short link in the private folder, not the interpreter's own path
+    (tmp_path / f"{WORKER}.py").write_text(WORKER_SOURCE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    odd = tmp_path / "my venv" / ("x" * 200) / "python"
+    odd.parent.mkdir(parents=True)
+    odd.symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(odd))
+    with simworkers.fork_server(preload=(), module=WORKER) as folder:
+        assert sys.executable == str(folder / "python")  # the probe passed: workers are forked
+        proc = _start("--exit", "0")
+        seen = _report(proc)
+        assert proc.wait(timeout=30) == 0 and seen["pid"] != proc.pid
+
+
+def test_a_shim_that_cannot_run_leaves_the_workers_fresh(tmp_path, monkeypatch, capsys):
+    # as on a machine whose /tmp is mounted noexec: the probe fails, NVFlare starts its workers itself
+    (tmp_path / f"{WORKER}.py").write_text(WORKER_SOURCE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    real_write = simworkers.write_shim
+
+    def unrunnable(folder, real_python):
+        shim = real_write(folder, real_python)
+        shim.chmod(0o600)
+        return shim
+
+    monkeypatch.setattr(simworkers, "write_shim", unrunnable)
+    real = sys.executable
+    with simworkers.fork_server(preload=(), module=WORKER):
+        assert sys.executable == real
+        proc = _start("--exit", "0")
+        seen = _report(proc)
+        assert proc.wait(timeout=60) == 0 and seen["pid"] == proc.pid  # a new interpreter, not a fork
+    assert "site workers start fresh" in capsys.readouterr().err
