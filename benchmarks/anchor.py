@@ -1,10 +1,10 @@
 """Against the anchor: medsilo's FedAvg beside NVFlare 2.9's own FedAvg recipe and a single-process loop.
 
-    python -m benchmarks.anchor                     # 4 sites × 60 CR, 32 px, 10 rounds, 2 repeats; ~6 min
+    python -m benchmarks.anchor                     # 4 sites × 60 CR, 32 px, 10 rounds, 2 repeats; ~12 min
 
 The same synthetic hospitals, the same ``cnn`` (medsilo's model zoo), the same local work per round (score the
 received model on the validation and test splits, one epoch of SGD at batch 16, lr 0.01, momentum 0.9), run
-four ways:
+these ways:
 
 * **medsilo, fork workers** — ``medsilo sim``'s FedAvg as shipped (sites forked from one pre-imported process);
 * **medsilo, fresh workers** — the same job, every site a new interpreter (NVFlare's own way of starting them);
@@ -12,12 +12,16 @@ four ways:
   :mod:`benchmarks.anchor_train`, run by NVFlare's ``SimEnv`` (in-process Client API executor), as shipped, and
   again with the server telling sites to poll every 0.2 s (``task_request_interval``, NVFlare's default is 2 s;
   medsilo's jobs set 0.2 s, ``jobs/builder.py``);
+* **POC** — medsilo's job submitted to its POC network (``medsilo.provisioning.poc``: real server and site
+  processes, TLS, the admin API) and NVFlare's recipe under NVFlare's ``PocEnv`` (which provisions and starts
+  its own POC network), both ways of polling;
 * **one process, sequential** — a PFLlib-style loop written here: every site in this process, one after the
   other, weights averaged by steps (:func:`toy_fedavg`); what a toy simulation costs with no engine at all.
 
 Per engine: **round s** (median of rounds ≥ 2; medsilo from ``results.json``, NVFlare from the gaps between its
-"Round N started" log lines, the loop by its own clock), **round 1 s**, **job wall s** (the whole call, start-up
-and shutdown included) and the last round's mean validation accuracy (a check that every engine learned).
+"Round N started" log lines, the loop by its own clock), **round 1 s**, **job wall s** (in the simulator the
+whole call, start-up and shutdown included; in POC from submitting the job to its result, the network already
+running) and the last round's mean validation accuracy (a check that every engine learned).
 Writes ``--out/anchor.json`` and a Markdown table.
 """
 
@@ -89,17 +93,69 @@ def run_nvflare(args, sites_yml: Path, task_request_interval: float | None = Non
     server = {"server": {"task_request_interval": task_request_interval}} if task_request_interval else None
     recipe.execute(env, server_exec_params=server)
     wall = time.perf_counter() - t0
+    return _recipe_rounds(root, wall)
+
+
+def run_medsilo_poc(args, sites_yml: Path) -> dict:
+    """medsilo's FedAvg job submitted to a POC network (real server and site processes, TLS, admin API)."""
+    from medsilo.jobs.deploy import run_deployed
+    from medsilo.provisioning import poc
+
+    workspace = WORK / "anchor_runs" / "medsilo_poc"
+    spec = _spec(args)
+    names = list(load_sites_file(sites_yml).sites)
+    state = poc.up(sites_yml, workspace, progress=False)
+    try:
+        t0 = time.perf_counter()
+        with poc.admin_session(workspace) as sess:
+            results = run_deployed(spec, sess, job_root=workspace / "jobs", run_dir=workspace / "runs" / spec.name,
+                                   min_sites=len(names), server_workspace=Path(state["kits"]) / "server", progress=False)  # fmt: skip
+        wall = time.perf_counter() - t0
+    finally:
+        left = poc.down(workspace)
+    if left:
+        raise RuntimeError(f"processes left after the POC: {left}")
+    return {"rounds": [r["seconds"] for r in results["rounds"]], "wall": wall,
+            "val_acc": results["rounds"][-1]["mean_val_acc"]}  # fmt: skip
+
+
+def run_nvflare_poc(args, sites_yml: Path, task_request_interval: float | None = None) -> dict:
+    """NVFlare's FedAvgRecipe under its ``PocEnv``: a local POC network it provisions and starts itself."""
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.recipe.poc_env import PocEnv
+
+    from benchmarks.anchor_train import AnchorCNN
+
+    names = list(load_sites_file(sites_yml).sites)
+    root = WORK / "anchor_runs" / f"nvflare_poc_{task_request_interval or 'default'}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    os.environ.update({"NVFLARE_POC_WORKSPACE": str(root / "poc"), "ANCHOR_METRICS": str(root / "metrics.jsonl"),
+                       "ANCHOR_THREADS": str(max(1, (os.cpu_count() or 1) // len(names))),
+                       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})  # fmt: skip
+    recipe = FedAvgRecipe(name="anchor-fedavg", model=AnchorCNN(feature_dim=32, seed=args.seed), min_clients=len(names),
+                          num_rounds=args.rounds, train_script=str(Path(__file__).with_name("anchor_train.py")),
+                          train_args=f"--sites-file {sites_yml} --image-size {args.image_size} --seed {args.seed}")  # fmt: skip
+    server = {"server": {"task_request_interval": task_request_interval}} if task_request_interval else None
+    run = recipe.execute(PocEnv(num_clients=len(names), clients=names), server_exec_params=server)  # provisions and starts the network
+    t0 = time.perf_counter()
+    run.get_result(timeout=1800, clean_up=False)  # submit → done
+    wall = time.perf_counter() - t0
+    return {**_recipe_rounds(root, wall), "status": run.get_status()}
+
+
+def _recipe_rounds(root: Path, wall: float) -> dict:
+    """Round times (from the server log's "Round N started" lines) and the sites' last validation accuracy."""
     log = next(p for p in root.rglob("log.txt") if "Round 1 started" in p.read_text(errors="replace"))
-    text = log.read_text(errors="replace")
     starts, last = [], None  # NVFlare prints "Round N started." / "Finished FedAvg." centred under a stamped line
-    for line in text.splitlines():
+    for line in log.read_text(errors="replace").splitlines():
         if m := STAMP.match(line):
             last = _stamp(m.group(1))
         elif re.search(r"Round \d+ started\.|Finished FedAvg\.", line):
             starts.append(last)
     metrics = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
-    last = [m["val_acc"] for m in metrics if m["round"] == max(m["round"] for m in metrics)]
-    return {"rounds": [b - a for a, b in zip(starts, starts[1:])], "wall": wall, "val_acc": statistics.mean(last)}
+    final = [m["val_acc"] for m in metrics if m["round"] == max(m["round"] for m in metrics)]
+    return {"rounds": [b - a for a, b in zip(starts, starts[1:])], "wall": wall, "val_acc": statistics.mean(final)}
 
 
 def toy_fedavg(args, sites_yml: Path) -> dict:
@@ -145,6 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
                "NVFlare 2.9 FedAvgRecipe (Client API), SimEnv": lambda: run_nvflare(args, sites_yml),
                "NVFlare 2.9 FedAvgRecipe, SimEnv, sites poll every 0.2 s (as medsilo's jobs)":
                    lambda: run_nvflare(args, sites_yml, TASK_REQUEST_INTERVAL),
+               "medsilo FedAvg, POC (real processes)": lambda: run_medsilo_poc(args, sites_yml),
+               "NVFlare 2.9 FedAvgRecipe (Client API), PocEnv": lambda: run_nvflare_poc(args, sites_yml),
+               "NVFlare 2.9 FedAvgRecipe, PocEnv, sites poll every 0.2 s":
+                   lambda: run_nvflare_poc(args, sites_yml, TASK_REQUEST_INTERVAL),
                "one process, sites in sequence (PFLlib-style loop)": lambda: toy_fedavg(args, sites_yml)}  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in engines}
     for i in range(args.repeats):
