@@ -146,14 +146,12 @@ def run_simulation(
     job_dir = export_job(spec, run_dir / "job", min_sites=len(names), resume=resume)
     workspace = run_dir / "workspace"
     _allow_list(workspace)
-    tmp = _short_tmpdir()
 
     cores = os.cpu_count() or 1
     env = {
         **os.environ,
         SITES_FILE_ENV: str(sites_file),
         THREADS_ENV: str(max(1, cores // len(names))),
-        "TMPDIR": str(tmp),  # job zips, log copies and the simulator's AF_UNIX sockets live here
         "PYTHONUNBUFFERED": "1",
         "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),  # as NVFlare's sub_start.sh recommends for sites
         CHECKPOINT_DIR_ENV: str(run_dir / "checkpoints"),
@@ -179,15 +177,19 @@ def run_simulation(
            "-c", ",".join(names), "-t", str(len(names))]  # fmt: skip
     server_dir = workspace / "server" / "simulate_job"
     log_path = run_dir / "simulator.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
-        try:
-            _follow(proc, server_dir / PROGRESS_FILE, spec, label or spec.name, progress, position)
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=30)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _short_tmpdir()
+    env["TMPDIR"] = str(tmp)  # job zips, log copies and the simulator's AF_UNIX sockets live here
+    try:
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
+            try:
+                _follow(proc, server_dir / PROGRESS_FILE, spec, label or spec.name, progress, position)
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+    finally:  # also on Ctrl-C or a failure to start
+        shutil.rmtree(tmp, ignore_errors=True)
 
     if (server_dir / TENSORBOARD_DIR).is_dir():  # `tensorboard --logdir RUN_DIR/tb`
         shutil.copytree(server_dir / TENSORBOARD_DIR, run_dir / TENSORBOARD_DIR, dirs_exist_ok=True)

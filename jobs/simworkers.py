@@ -12,7 +12,8 @@ every job (on 2 cores, 4 sites wait ≈ 6 s for their imports; 20 sites ≈ 60 s
 1. forks the *fork server* before any thread of its own starts; the fork server imports what a site worker
    imports (:data:`PRELOAD`) — while this process goes on starting the simulator — and freezes the garbage
    collector's view of those objects, so forked children do not dirty the shared pages by collecting them. It
-   listens on a Unix socket in a private (0700) folder and accepts only peers running as the same user;
+   listens on a Unix socket in a private (0700) folder under ``TMPDIR`` and accepts only peers running as the
+   same user;
 2. writes the *worker shim* (:mod:`.worker_shim`), a standard-library-only script, checks that it runs, and
    points ``sys.executable`` at it, so that NVFlare's simulator, which starts its workers as
    ``sys.executable -m nvflare.private.fed.app.simulator.simulator_worker …``, starts the shim instead (where
@@ -324,7 +325,12 @@ def fork_server(preload: tuple[str, ...] = PRELOAD, module: str = WORKER_MODULE)
     # setproctitle locates this process's command line on first use, by walking back from the environment
     # block; that only works before anything has set an environment variable (the workers replace theirs)
     setproctitle.getproctitle()
-    folder = Path(tempfile.mkdtemp(prefix="medsilo-fs-", dir="/tmp" if Path("/tmp").is_dir() else None))
+    # under TMPDIR, which `medsilo sim` points at a short folder of its own that it removes whatever happens
+    # (even when every process of the run was killed); a long TMPDIR would overflow a socket path (107 bytes)
+    root = Path(tempfile.gettempdir())
+    if len(str(root)) > 60 and Path("/tmp").is_dir():
+        root = Path("/tmp")
+    folder = Path(tempfile.mkdtemp(prefix="medsilo-fs-", dir=root))
     path = folder / "fork.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(path))

@@ -164,3 +164,23 @@ def test_real_images_in_the_generic_modality_with_the_jobs_augmentation(tmp_path
 
     subprocess.run([sys.executable, "-c", probe, str(folders["site-1"] / "models" / "model.ts")], check=True,
                    cwd=tmp_path)  # fmt: skip
+
+
+def test_an_interrupted_run_stops_the_simulator_and_leaves_no_temporary_folder(sites_yml, tmp_path, monkeypatch):
+    # Ctrl-C while following the simulator: the launcher is stopped and its TMPDIR (job zips, sockets) removed
+    from medsilo.jobs import simulate
+
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    started = []
+
+    def interrupted(proc, *args, **kwargs):
+        started.append(proc)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulate, "_short_tmpdir", lambda: scratch)
+    monkeypatch.setattr(simulate, "_follow", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_simulation(_spec("fedavg"), sites_yml, tmp_path / "run", progress=False)
+    assert started and started[0].poll() is not None  # the simulator's launcher was stopped
+    assert not scratch.exists()
