@@ -66,34 +66,7 @@ def run_medsilo(args, sites_yml: Path, workers: str) -> dict:
     t0 = time.perf_counter()
     results = run_simulation(_spec(args), sites_yml, WORK / "anchor_runs" / f"medsilo_{workers}", progress=False,
                              workers=workers)  # fmt: skip
-    wall = time.perf_counter() - t0
-    rounds = [r["seconds"] for r in results["rounds"]]
-    return {"rounds": rounds, "wall": wall, "val_acc": results["rounds"][-1]["mean_val_acc"]}
-
-
-def run_nvflare(args, sites_yml: Path, task_request_interval: float | None = None) -> dict:
-    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-    from nvflare.recipe.sim_env import SimEnv
-
-    from benchmarks.anchor_train import AnchorCNN
-
-    names = list(load_sites_file(sites_yml).sites)
-    root = WORK / "anchor_runs" / f"nvflare_{task_request_interval or 'default'}"
-    shutil.rmtree(root, ignore_errors=True)
-    # the site script imports benchmarks.* and medsilo from this checkout; one torch thread per site as medsilo
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    os.environ["ANCHOR_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(names)))
-    root.mkdir(parents=True)
-    os.environ["ANCHOR_METRICS"] = str(root / "metrics.jsonl")
-    recipe = FedAvgRecipe(name="anchor-fedavg", model=AnchorCNN(feature_dim=32, seed=args.seed), min_clients=len(names),
-                          num_rounds=args.rounds, train_script=str(Path(__file__).with_name("anchor_train.py")),
-                          train_args=f"--sites-file {sites_yml} --image-size {args.image_size} --seed {args.seed}")  # fmt: skip
-    env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(root))
-    t0 = time.perf_counter()
-    server = {"server": {"task_request_interval": task_request_interval}} if task_request_interval else None
-    recipe.execute(env, server_exec_params=server)
-    wall = time.perf_counter() - t0
-    return _recipe_rounds(root, wall)
+    return _medsilo_row(results, time.perf_counter() - t0)
 
 
 def run_medsilo_poc(args, sites_yml: Path) -> dict:
@@ -115,33 +88,66 @@ def run_medsilo_poc(args, sites_yml: Path) -> dict:
         left = poc.down(workspace)
     if left:
         raise RuntimeError(f"processes left after the POC: {left}")
+    return _medsilo_row(results, wall)
+
+
+def _medsilo_row(results: dict, wall: float) -> dict:
     return {"rounds": [r["seconds"] for r in results["rounds"]], "wall": wall,
             "val_acc": results["rounds"][-1]["mean_val_acc"]}  # fmt: skip
 
 
+def run_nvflare(args, sites_yml: Path, task_request_interval: float | None = None) -> dict:
+    """NVFlare's FedAvgRecipe under its ``SimEnv``."""
+    from nvflare.recipe.sim_env import SimEnv
+
+    root = WORK / "anchor_runs" / f"nvflare_{task_request_interval or 'default'}"
+    recipe, names = _recipe(args, sites_yml, root)
+    t0 = time.perf_counter()
+    recipe.execute(SimEnv(clients=names, num_threads=len(names), workspace_root=str(root)),
+                   server_exec_params=_polling(task_request_interval))  # fmt: skip
+    return _recipe_rounds(root, time.perf_counter() - t0)
+
+
 def run_nvflare_poc(args, sites_yml: Path, task_request_interval: float | None = None) -> dict:
     """NVFlare's FedAvgRecipe under its ``PocEnv``: a local POC network it provisions and starts itself."""
-    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.recipe.poc_env import PocEnv
+
+    root = WORK / "anchor_runs" / f"nvflare_poc_{task_request_interval or 'default'}"
+    recipe, names = _recipe(args, sites_yml, root)
+    os.environ["NVFLARE_POC_WORKSPACE"] = str(root / "poc")
+    run = recipe.execute(PocEnv(num_clients=len(names), clients=names),  # provisions and starts the network
+                         server_exec_params=_polling(task_request_interval))  # fmt: skip
+    t0 = time.perf_counter()
+    run.get_result(timeout=1800, clean_up=False)  # submit → done (and NVFlare stops its POC network)
+    return {**_recipe_rounds(root, time.perf_counter() - t0), "status": run.get_status()}
+
+
+def _recipe(args, sites_yml: Path, root: Path):
+    """NVFlare's FedAvgRecipe for the anchor job, a fresh ``root`` for its run, and the site names.
+
+    The site script imports ``benchmarks.*`` and medsilo from this checkout, uses one torch thread per site (as
+    medsilo's sites do) and appends its accuracies to ``root/metrics.jsonl``.
+    """
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
     from benchmarks.anchor_train import AnchorCNN
 
     names = list(load_sites_file(sites_yml).sites)
-    root = WORK / "anchor_runs" / f"nvflare_poc_{task_request_interval or 'default'}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    os.environ.update({"NVFLARE_POC_WORKSPACE": str(root / "poc"), "ANCHOR_METRICS": str(root / "metrics.jsonl"),
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    os.environ.update({"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), *(p for p in paths if p != str(REPO))])),
                        "ANCHOR_THREADS": str(max(1, (os.cpu_count() or 1) // len(names))),
-                       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})  # fmt: skip
+                       "ANCHOR_METRICS": str(root / "metrics.jsonl")})  # fmt: skip
     recipe = FedAvgRecipe(name="anchor-fedavg", model=AnchorCNN(feature_dim=32, seed=args.seed), min_clients=len(names),
                           num_rounds=args.rounds, train_script=str(Path(__file__).with_name("anchor_train.py")),
                           train_args=f"--sites-file {sites_yml} --image-size {args.image_size} --seed {args.seed}")  # fmt: skip
-    server = {"server": {"task_request_interval": task_request_interval}} if task_request_interval else None
-    run = recipe.execute(PocEnv(num_clients=len(names), clients=names), server_exec_params=server)  # provisions and starts the network
-    t0 = time.perf_counter()
-    run.get_result(timeout=1800, clean_up=False)  # submit → done
-    wall = time.perf_counter() - t0
-    return {**_recipe_rounds(root, wall), "status": run.get_status()}
+    return recipe, names
+
+
+def _polling(task_request_interval: float | None) -> dict | None:
+    """Server config telling sites how often to ask for a task (None: NVFlare's default, 2 s)."""
+    return {"server": {"task_request_interval": task_request_interval}} if task_request_interval else None
 
 
 def _recipe_rounds(root: Path, wall: float) -> dict:
