@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--augmentations", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--split", choices=("dirichlet", "pathological"), default="dirichlet",
+                        help="label skew: Dirichlet(α) per class, or PFLlib's pathological split (default dirichlet)")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α of the label skew (default 0.5)")
+    parser.add_argument("--classes-per-site", type=int, default=2, help="classes a site holds (pathological only)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.01)
@@ -97,8 +100,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
-        req = DigitsRequest(sites=args.sites, split="dirichlet", alpha=args.alpha, size=args.size, seed=seed)
-        sites_yml = write_digit_sites(WORK / f"digits_{args.sites}x_a{args.alpha:g}_{args.size}px_seed{seed}", req)
+        req = DigitsRequest(sites=args.sites, split=args.split, alpha=args.alpha,
+                            classes_per_site=args.classes_per_site, size=args.size, seed=seed)
+        skew = f"a{args.alpha:g}" if args.split == "dirichlet" else f"path{args.classes_per_site}"
+        sites_yml = write_digit_sites(WORK / f"digits_{args.sites}x_{skew}_{args.size}px_seed{seed}", req)
         for recipe in args.augmentations:
             for algo in args.algorithms:
                 spec = spec_for(algo, recipe, seed, args)
