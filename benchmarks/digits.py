@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import seeds
 from benchmarks.runner import RESULTS, WORK
 from medsilo.config import JobSpec
 from medsilo.jobs.simulate import run_simulation
 from medsilo.medical.synth.digits import CLASSES, DigitsRequest, write_digit_sites
+from medsilo.stats import mean_interval
 
 RECIPES: dict[str, Any] = {
     "none": "none",
@@ -47,15 +47,6 @@ RECIPES: dict[str, Any] = {
 """Augmentation recipes compared, by label."""
 
 ALGORITHMS = ("local", "fedavg", "fedper", "fedrep", "ditto", "fedproto")
-
-
-def t_half_width(values: list[float]) -> float:
-    """Half-width of the two-sided 95 % Student-t interval of the mean (0 for a single value)."""
-    from scipy.stats import t
-
-    if len(values) < 2:
-        return 0.0
-    return float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
 def spec_for(algorithm: str, recipe: str, seed: int, args: argparse.Namespace) -> JobSpec:
@@ -74,8 +65,8 @@ def table(runs: list[dict[str, Any]], recipes: list[str], algorithms: list[str],
         cells = []
         for recipe in recipes:
             values = [r[key] for r in runs if r["algorithm"] == algo and r["recipe"] == recipe]
-            cells.append(f"{statistics.mean(values):.3f} ± {t_half_width(values):.3f} (n={len(values)})"
-                         if values else "—")  # fmt: skip
+            iv = mean_interval(values) if values else None
+            cells.append(f"{iv.value:.3f} ± {iv.half_width:.3f} (n={iv.n})" if iv else "—")
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -113,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 final = result["final"]
                 runs.append({"algorithm": algo, "recipe": recipe, "seed": seed, "mean_acc": final["mean_acc"],
                              "worst_acc": final["worst_acc"], "pooled_acc": final["pooled_acc"],
+                             "mean_balanced_acc": final.get("mean_balanced_acc"),
                              "selected_round": result["selected_round"], "per_site": final["per_site"],
                              "wall_seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
                 print(f"seed {seed} {recipe:>11} {algo:>9}: mean {final['mean_acc']:.3f} worst "
@@ -126,7 +118,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in ("mean_acc", "worst_acc"):
         print(f"\n{key} (mean over seeds ± 95 % t-interval half-width)\n")
         print(table(runs, args.augmentations, args.algorithms, key))
+    print(tables(runs, args.augmentations, args.algorithms))
     return out
+
+
+def tables(runs: list[dict[str, Any]], recipes: list[str], algorithms: list[str]) -> str:
+    """Per recipe: paired gains over Local and FedAvg (mean accuracy), and each site's paired gain over Local."""
+    parts = []
+    for recipe in recipes:
+        rs = [r for r in runs if r["recipe"] == recipe]
+        bases = [b for b in ("local", "fedavg") if any(r["algorithm"] == b for r in rs)]
+        others = [a for a in algorithms if a != "local"]
+        parts += [f"\n`{recipe}`: paired gain in mean accuracy (mean [95 % interval] over seeds; * excludes 0)\n",
+                  seeds.paired_table(rs, algorithms, bases, "mean_acc")]
+        if "local" in bases and others:
+            parts += [f"\n`{recipe}`: each site's paired gain in test accuracy over Local\n",
+                      seeds.site_table(rs, others, "local", "test_acc")]  # fmt: skip
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,23 @@ Run::
     python -m benchmarks.pfl --algorithms local fedavg fedrep --rounds 10
 
 It prints a Markdown table and writes ``benchmarks/results/pfl_cxr_seed<SEED>.json``.
+
+With ``--seeds`` it runs every seed on its own hospitals (the same hospitals for every algorithm of a seed),
+writes one file per seed and ``pfl_cxr_<settings>_seeds.json``, and prints the tables over seeds: mean ±
+95 % interval, paired gains over Local and FedAvg, and each site's paired gain over Local
+(:mod:`benchmarks.seeds`). The issue-16 setting::
+
+    python -m benchmarks.pfl --sites 8 --classes normal pneumonia effusion nodule --dirichlet-alpha 0.3 \
+        --seeds 0 1 2 3 4 --algorithms local fedavg fedper fedrep
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
+from benchmarks import seeds as over_seeds
 from benchmarks.runner import (
     WORK,
     add_hospital_args,
@@ -35,17 +46,52 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--algorithms", nargs="+", default=list(PFL_ALGORITHMS), choices=PFL_ALGORITHMS,
                         metavar="NAME")  # fmt: skip
     add_hospital_args(parser)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                        help="run these seeds (overrides --seed) and add tables over seeds")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.seeds:
+        return many_seeds(args)
+    return one_seed(args, f"pfl_cxr_seed{args.seed}")
 
+
+def one_seed(args: argparse.Namespace, name: str) -> dict:
+    """Every algorithm on the hospitals of ``args.seed``; writes ``<out>/<name>.json``."""
     req, sites_yml = hospitals(args, "pfl", force=True)
     base = base_spec(args, req)
     variants = {name: {"algorithm": {"name": name}} for name in args.algorithms}
     runs = run_variants(variants, base, sites_yml, WORK / "pfl_runs")
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    result = save(f"pfl_cxr_seed{args.seed}", settings, req.to_json(), runs, out=args.out,
+    result = save(name, settings, req.to_json(), runs, out=args.out,
                   title="pFL benchmark on synthetic chest X-ray hospitals")  # fmt: skip
     print(markdown(result))
     return result
+
+
+def many_seeds(args: argparse.Namespace) -> dict:
+    """:func:`one_seed` for each of ``args.seeds``, then the tables over seeds (written and printed)."""
+    k = len(args.classes) if args.classes else 2
+    tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_k{k}_r{args.rounds}"
+    runs: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        args.seed = seed
+        result = one_seed(args, f"pfl_cxr_{tag}_seed{seed}")
+        for row in result["rows"]:
+            runs.append({**{key: v for key, v in row.items() if key != "models"}, "algorithm": row["label"],
+                         "seed": seed, "per_site": result["per_site"][row["label"]]})  # fmt: skip
+    algorithms = list(args.algorithms)
+    text = "\n\n".join([
+        over_seeds.summary(runs, algorithms, ["mean_balanced_acc", "mean_acc", "worst_acc", "mean_auroc"]),
+        "Paired gain in mean balanced accuracy (mean [95 % interval] over seeds; * excludes 0):",
+        over_seeds.paired_table(runs, algorithms, ["local", "fedavg"], "mean_balanced_acc"),
+        "Each site's paired gain in balanced accuracy over Local:",
+        over_seeds.site_table(runs, [a for a in algorithms if a != "local"], "local", "test_balanced_acc"),
+    ])  # fmt: skip
+    settings = {key: v for key, v in vars(args).items() if key not in ("out", "seed")}
+    out = {"benchmark": f"pfl_cxr_{tag}_seeds", "settings": settings, "runs": runs, "tables": text}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"pfl_cxr_{tag}_seeds.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(text)
+    return out
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ The page is self-contained (plots embedded as PNG), so it can be mailed to a hos
 attached to a ticket. Numbers are read at each run's ``selected_round`` — chosen on validation
 accuracy (validation macro-AUROC for multi-label runs), never on test. A multi-label run also gets its
 macro-AUROC in the comparison and a per-label AUROC table (mean over sites, at the selected round).
+When one of the runs is Local (every site training alone), a table gives each other run's gain over it at
+every site, with an interval (:func:`gains_vs_local`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from medsilo.errors import MedsiloError
 from medsilo.fs import write_atomic
+from medsilo.stats import Interval, accuracy_gain, mean_interval
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
@@ -48,7 +51,9 @@ th:first-child, td:first-child { text-align: left; }
 th { background: #f3f5f7; }
 .note { color: #555; font-size: 0.9rem; }
 .alarm { background: #fde2e2; border: 3px solid #c00; color: #900; padding: 0.8rem 1rem; }
-code { font-size: 0.8rem; }"""
+code { font-size: 0.8rem; }
+td.good { background: #e3f4e1; }
+td.bad, p.bad { background: #fde2e2; }"""
 """The stylesheet of medsilo's self-contained HTML pages (run reports and audit reports)."""
 
 
@@ -180,6 +185,7 @@ Balanced accuracy is the mean recall over a site's classes (a majority-class pre
 Bytes are the task payloads as sent.</p>
 <h2>Per site</h2>
 <table>{site_head}{site_body}</table>
+{_gains_section(runs)}
 {_labels_section(runs)}
 <h2>Accuracy per round</h2>
 <p class="note">Each site's test accuracy for the model it would deploy after that round; dashed: mean validation
@@ -215,6 +221,75 @@ def _labels_section(runs: list[dict[str, Any]]) -> str:
 <p class="note">Test AUROC of each label (its known entries only), averaged over sites, at the round selected on
 the sites' mean validation macro-AUROC. Accuracy above is exact match (every known label right) at per-label
 thresholds each site chose on its validation split (maximising that label's F1).</p>"""
+
+
+def _n_test(run: dict[str, Any], site: str) -> int | None:
+    """Test images ``site`` scored at ``run``'s selected round (``None`` when the round did not record it)."""
+    for rnd in run["rounds"]:
+        if rnd["round"] == run["selected_round"]:
+            n = (rnd["metrics"].get(site) or {}).get("n_test")
+            return int(n) if n else None
+    return None
+
+
+def gains_vs_local(run: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
+    """``run``'s test-accuracy gain over ``local`` at each site, and over the sites, at each run's selected round.
+
+    Returns:
+        ``{"per_site": {site: Interval | None}, "balanced": {site: float | None}, "mean": Interval | None,
+        "loses": [sites]}``. A site's interval is Newcombe's for two independent accuracies
+        (:func:`medsilo.stats.accuracy_gain`) on the test images each run scored; it errs wide, as both runs
+        scored the same images. ``mean`` is the t-interval of the per-site gains (the sites as the sample).
+        A site *loses* when its interval lies wholly below 0. ``None`` where a site failed or its count is
+        unknown.
+    """
+    per_site: dict[str, Interval | None] = {}
+    balanced: dict[str, float | None] = {}
+    for site in run["sites"]:
+        a, b = run["final"]["per_site"].get(site) or {}, local["final"]["per_site"].get(site) or {}
+        n_a, n_b = _n_test(run, site), _n_test(local, site)
+        ok = a.get("test_acc") is not None and b.get("test_acc") is not None and n_a and n_b
+        per_site[site] = accuracy_gain(a["test_acc"], n_a, b["test_acc"], n_b) if ok else None
+        ba, bb = a.get("test_balanced_acc"), b.get("test_balanced_acc")
+        balanced[site] = ba - bb if ba is not None and bb is not None else None
+    gains = [g.value for g in per_site.values() if g is not None]
+    return {"per_site": per_site, "balanced": balanced, "mean": mean_interval(gains) if gains else None,
+            "loses": [s for s, g in per_site.items() if g is not None and g.high < 0]}  # fmt: skip
+
+
+def _gains_section(runs: list[dict[str, Any]]) -> str:
+    """Gain over Local per site with intervals, when exactly one single-label run is Local; else empty."""
+    esc = html.escape
+    locals_ = [r for r in runs if r["algorithm"] == "local" and r.get("task", "single") == "single"]
+    others = [r for r in runs if r["algorithm"] != "local" and r.get("task", "single") == "single"]
+    if len(locals_) != 1 or not others:
+        return ""
+    table = [(r, gains_vs_local(r, locals_[0])) for r in others]
+
+    def cell(g: Interval | None, balanced: float | None) -> str:
+        if g is None:
+            return "<td>—</td>"
+        tone = ' class="good"' if g.low > 0 else ' class="bad"' if g.high < 0 else ""
+        return f"<td{tone}>{g}<br><small>balanced {_signed(balanced)}</small></td>"
+
+    head = "<tr><th>site</th>" + "".join(f"<th>{esc(r.get('label') or r['algorithm'])}</th>" for r, _ in table) + "</tr>"
+    body = "".join(f"<tr><td>{esc(s)}</td>" + "".join(cell(g["per_site"][s], g["balanced"][s]) for _, g in table)
+                   + "</tr>" for s in runs[0]["sites"])  # fmt: skip
+    mean = "<tr><th>mean over sites</th>" + "".join(f"<td>{g['mean'] if g['mean'] else '—'}</td>" for _, g in table) + "</tr>"
+    loses = [f"{esc(r.get('label') or r['algorithm'])} · {esc(s)}" for r, g in table for s in g["loses"]]
+    warn = (f'<p class="note bad">Loses to Local (interval wholly below 0): {", ".join(loses)}. A hospital there '
+            "is better served by its own model.</p>") if loses else ""  # fmt: skip
+    return f"""<h2>Gain over training alone (Local)</h2>
+<table>{head}{body}{mean}</table>
+{warn}<p class="note">Test-accuracy gain of each run over Local at the same site, each at its own selected round, with
+a 95 % interval: Newcombe's interval for two accuracies on that site's test images, which treats them as
+independent and so errs wide. Green: the interval lies above 0; red: below. Beneath, the gain in balanced
+accuracy. The last row is the mean gain over sites with a t-interval over the sites. One run per method
+measures one draw of training; benchmarks repeat over seeds for paired intervals (BENCHMARKS.md).</p>"""
+
+
+def _signed(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.3f}"
 
 
 def _models_section(runs: list[dict[str, Any]]) -> str:

@@ -6,7 +6,7 @@ Layers, each allowed to import only those listed (besides itself, the standard l
   :mod:`medsilo.config.registry`, which their owners fill);
 * ``secure`` → config; ``medical`` → config, and ``secure`` only for DP (``secure.dp``, ``secure.budget``);
 * ``components`` → secure, medical; ``jobs`` → components and below; ``provisioning`` → secure;
-* the CLI (``medsilo.cli``, ``medsilo.report``, ``medsilo.audit_report``) → anything shipped;
+* the CLI (``medsilo.cli``, ``medsilo.report``, ``medsilo.audit_report``, ``medsilo.stats``) → anything shipped;
 * nothing shipped imports ``tests`` or ``benchmarks``; benchmarks never import tests.
 
 NVFlare: algorithm modules and ``medical`` never import it; ``secure`` only its client-side filter API
@@ -58,7 +58,7 @@ def _target(module: str) -> str | None:
     if len(parts) == 1:
         return "medsilo"
     head = parts[1]
-    if head in ("cli", "report", "audit_report", "__main__"):
+    if head in ("cli", "report", "audit_report", "stats", "__main__"):
         return "cli"
     if head.startswith("__"):  # the package's own attributes (``__version__``)
         return "medsilo"

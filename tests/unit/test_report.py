@@ -9,7 +9,7 @@ import pytest
 from medsilo.cli import main
 from medsilo.components.results import RunRecorder
 from medsilo.errors import MedsiloError
-from medsilo.report import load_results, summary_row, write_report
+from medsilo.report import gains_vs_local, load_results, summary_row, write_report
 
 
 def _run(algorithm: str, accs: list[float], sites=("a", "b")) -> dict:
@@ -79,3 +79,38 @@ def test_report_flags_a_site_that_predicts_one_class(tmp_path):
     assert "j · a: predicts one class for every test image" in page and "j · b: predicts" not in page
     assert "<td>0.625</td>" in page  # mean balanced accuracy (0.5 + 0.75) / 2
     assert "chosen on the sites' mean <em>validation</em>\nbalanced accuracy" in page
+
+
+def _scored(algorithm: str, accs: dict[str, float], n: int) -> dict:
+    """One round; each site's test accuracy from ``accs`` on ``n`` test images."""
+    rec = RunRecorder("j", algorithm, {"mode": "none"}, list(accs), {s: "cnn" for s in accs})
+    rec.add_training(1, seconds=1.0, bytes_up=0, bytes_down=0, train_loss={s: 0.5 for s in accs})
+    for site, acc in accs.items():
+        rec.add_evaluation(1, site, {"acc": acc, "balanced_acc": acc, "auroc": 0.7, "correct": 1, "n": n},
+                           {"acc": acc, "balanced_acc": acc, "auroc": 0.7, "correct": round(acc * n), "n": n})  # fmt: skip
+    return rec.results()
+
+
+def test_gain_over_local_has_an_interval_per_site_and_names_a_site_that_loses(tmp_path):
+    local = _scored("local", {"a": 0.60, "b": 0.90, "c": 0.70}, n=200)
+    fedper = _scored("fedper", {"a": 0.85, "b": 0.70, "c": 0.71}, n=200)
+    gains = gains_vs_local(fedper, local)
+    a, b, c = (gains["per_site"][s] for s in "abc")
+    assert a.value == pytest.approx(0.25) and a.low > 0  # 170 vs 120 of 200: a clear gain
+    assert b.value == pytest.approx(-0.20) and b.high < 0  # 140 vs 180: a clear loss
+    assert c.low < 0 < c.high  # one point on 200 images: no claim either way
+    assert gains["loses"] == ["b"]
+    assert gains["mean"].value == pytest.approx((0.25 - 0.20 + 0.01) / 3)
+    page = write_report([local, fedper], tmp_path / "r.html").read_text()
+    assert "Gain over training alone (Local)" in page and 'class="bad">-0.200' in page
+    assert "Loses to Local (interval wholly below 0): fedper · b." in page
+    # the same accuracies on 10 test images a site prove nothing: no site is said to lose
+    small = gains_vs_local(_scored("fedper", {"a": 0.9, "b": 0.7, "c": 0.7}, n=10),
+                           _scored("local", {"a": 0.6, "b": 0.9, "c": 0.7}, n=10))  # fmt: skip
+    assert small["loses"] == [] and all(g.low < 0 < g.high for g in small["per_site"].values())
+
+
+def test_no_gain_table_without_exactly_one_local_run(tmp_path):
+    one = _scored("fedavg", {"a": 0.8, "b": 0.7}, n=20)
+    two = _scored("fedper", {"a": 0.8, "b": 0.7}, n=20)
+    assert "Gain over training alone" not in write_report([one, two], tmp_path / "r.html").read_text()
