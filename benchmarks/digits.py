@@ -18,8 +18,15 @@ Run::
     python -m benchmarks.digits                                   # ~35 min on 2 cores
     python -m benchmarks.digits --seeds 0 --augmentations none --algorithms fedavg local
 
-It prints Markdown tables (mean over seeds ± the 95 % t-interval half-width) and writes
-``benchmarks/results/digits.json`` with every run's per-site numbers.
+It prints Markdown tables (mean over seeds ± the 95 % t-interval half-width, paired gains over Local and FedAvg,
+each site's paired gain over Local) and writes ``benchmarks/results/digits.json`` with every run's per-site
+numbers, after every job. Run again with the same ``--out`` and settings, it keeps the jobs already there and
+runs only the missing ones (a stopped benchmark resumes; more seeds or algorithms can be added later).
+
+The issue-16 setting (PFLlib's: 20 sites, 2 classes each, 50 rounds)::
+
+    python -m benchmarks.digits --sites 20 --split pathological --rounds 50 --seeds 0 1 2 3 4 \
+        --augmentations none --algorithms local fedavg fedper fedrep ditto --out benchmarks/results/digits_path20.json
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 from benchmarks import seeds
 from benchmarks.runner import RESULTS, WORK
 from medsilo.config import JobSpec
+from medsilo.fs import write_atomic
 from medsilo.jobs.simulate import run_simulation
 from medsilo.medical.synth.digits import CLASSES, DigitsRequest, write_digit_sites
 from medsilo.stats import mean_interval
@@ -89,37 +97,67 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS / "digits.json")
     args = parser.parse_args(argv)
 
-    runs: list[dict[str, Any]] = []
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    same = {k: v for k, v in settings.items() if k not in ("seeds", "algorithms", "augmentations", "out")}
+    runs = earlier_runs(args.out, same)
+    done = {(r["algorithm"], r["recipe"], r["seed"]) for r in runs}
+    skew = f"a{args.alpha:g}" if args.split == "dirichlet" else f"path{args.classes_per_site}"
+    tag = f"{args.sites}x_{skew}_{args.size}px"
+    out = {"benchmark": "digits", "settings": settings, "recipes": {k: RECIPES[k] for k in args.augmentations},
+           "complete": False, "runs": runs}  # fmt: skip
     for seed in args.seeds:
         req = DigitsRequest(sites=args.sites, split=args.split, alpha=args.alpha,
-                            classes_per_site=args.classes_per_site, size=args.size, seed=seed)
-        skew = f"a{args.alpha:g}" if args.split == "dirichlet" else f"path{args.classes_per_site}"
-        sites_yml = write_digit_sites(WORK / f"digits_{args.sites}x_{skew}_{args.size}px_seed{seed}", req)
+                            classes_per_site=args.classes_per_site, size=args.size, seed=seed)  # fmt: skip
+        sites_yml = write_digit_sites(WORK / f"digits_{tag}_seed{seed}", req)
         for recipe in args.augmentations:
             for algo in args.algorithms:
+                if (algo, recipe, seed) in done:
+                    print(f"seed {seed} {recipe:>11} {algo:>9}: kept from {args.out.name}", flush=True)
+                    continue
                 spec = spec_for(algo, recipe, seed, args)
                 t0 = time.perf_counter()
-                result = run_simulation(spec, sites_yml, WORK / "digits_runs" / spec.name, progress=False,
+                result = run_simulation(spec, sites_yml, WORK / "digits_runs" / tag / spec.name, progress=False,
                                         label=spec.name)  # fmt: skip
-                final = result["final"]
-                runs.append({"algorithm": algo, "recipe": recipe, "seed": seed, "mean_acc": final["mean_acc"],
-                             "worst_acc": final["worst_acc"], "pooled_acc": final["pooled_acc"],
-                             "mean_balanced_acc": final.get("mean_balanced_acc"),
-                             "selected_round": result["selected_round"], "per_site": final["per_site"],
-                             "wall_seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
-                print(f"seed {seed} {recipe:>11} {algo:>9}: mean {final['mean_acc']:.3f} worst "
-                      f"{final['worst_acc']:.3f} (round {result['selected_round']}, {runs[-1]['wall_seconds']} s)",
+                runs.append(run_row(result, algo, recipe, seed, time.perf_counter() - t0))
+                print(f"seed {seed} {recipe:>11} {algo:>9}: mean {runs[-1]['mean_acc']:.3f} worst "
+                      f"{runs[-1]['worst_acc']:.3f} (round {result['selected_round']}, {runs[-1]['wall_seconds']} s)",
                       flush=True)  # fmt: skip
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    out = {"benchmark": "digits", "settings": settings, "recipes": {k: RECIPES[k] for k in args.augmentations},
-           "runs": runs}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+                write_json(args.out, out)  # after every job: a stopped benchmark keeps what it finished
+    out["complete"] = True
+    write_json(args.out, out)
     for key in ("mean_acc", "worst_acc"):
         print(f"\n{key} (mean over seeds ± 95 % t-interval half-width)\n")
         print(table(runs, args.augmentations, args.algorithms, key))
     print(tables(runs, args.augmentations, args.algorithms))
     return out
+
+
+def run_row(result: dict[str, Any], algo: str, recipe: str, seed: int, seconds: float) -> dict[str, Any]:
+    """One job's numbers at its selected round, as the tables read them."""
+    final = result["final"]
+    return {"algorithm": algo, "recipe": recipe, "seed": seed, "mean_acc": final["mean_acc"],
+            "worst_acc": final["worst_acc"], "pooled_acc": final["pooled_acc"],
+            "mean_balanced_acc": final.get("mean_balanced_acc"), "selected_round": result["selected_round"],
+            "per_site": final["per_site"], "wall_seconds": round(seconds, 1)}  # fmt: skip
+
+
+def earlier_runs(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of an earlier, stopped or shorter, benchmark at ``path`` made with the same ``settings``
+    (seeds, algorithms and recipes may differ); none when there is no such file or its settings differ."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    kept = {k: v for k, v in earlier.get("settings", {}).items() if k in settings}
+    if kept != settings:
+        print(f"{path}: made with other settings; starting over", flush=True)
+        return []
+    return list(earlier.get("runs", []))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` whole (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def tables(runs: list[dict[str, Any]], recipes: list[str], algorithms: list[str]) -> str:
