@@ -55,9 +55,17 @@ Two forms, like FedTGP (``Config.form``):
 
 * ``published`` (default): the server trains on every site's own prototypes (each (site, class) is one
   sample), :attr:`Server.form` is ``"per-site"``; runs in privacy mode ``none`` only.
-* ``aggregate``: the server trains on the K unweighted-over-sites class means only, re-normalised to
-  unit length (:attr:`Server.form` ``"sums"``); it reads the plaintext aggregate, so under ``ckks`` it
-  needs an aggregate release (``needs_plaintext_aggregate``).
+* ``aggregate``: the server reads only the K unweighted-over-sites class means, re-normalised to unit length
+  (:attr:`Server.form` ``"sums"``); it reads the plaintext aggregate, so under ``ckks`` it needs an aggregate
+  release (``needs_plaintext_aggregate``). Steps 1–3 above need many points: MMD between K class means and
+  K draws of ``W_rand`` is a two-sample test on K ≤ a handful of points, and ``BatchNorm1d`` over a batch of
+  two maps every channel to ±1 whatever the inputs. Trained that way the form collapsed every site to a
+  constant predictor (best round 1 on both benchmark seeds). This form therefore replaces steps 1–3 by a
+  fixed map that needs no training (:meth:`Server.moment_latents`, medsilo's own, not the paper's):
+  ``w_k = m + S·√L·Q p_k``, ``m`` and ``S`` the mean and Cholesky factor of ``W_rand``'s covariance
+  (4096 seeded draws), ``Q`` a seeded ``L×K`` matrix with orthonormal columns, ``p_k`` the unit class mean.
+  Each latent then has the prior's moments (the whitened norm √L of a typical draw) and the class latents
+  are as far apart as the prototypes. Step 4 is unchanged.
 
 Payload (server → sites, every round from round 1 on):
     ``images``   (K, 3, S, S) float32 in [0, 1]: one generated image per class. Each site converts it to
@@ -393,8 +401,27 @@ class Server(BaseServer):
             return {}
         sums, counts = self._checked(aggregate, "aggregate")
         means, present = class_means(sums, counts)  # under CKKS an absent class decrypts to a count of ±1e-8
-        labels = torch.nonzero(present).flatten()
-        return self.generate(F.normalize(means[present], dim=1), labels, rnd)
+        if not present.any():
+            return {}
+        latents = self.moment_latents(F.normalize(means, dim=1), present)
+        images = self.generator(latents).float().clamp(0.0, 1.0)
+        return {IMAGES: images, LATENTS: latents}
+
+    @torch.no_grad()
+    def moment_latents(self, protos: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Aggregate form: ``(K, L)`` latents from the K class means by a fixed map that matches the prior's moments.
+
+        ``w_k = m + S · √L · Q p_k``: ``p_k`` the unit class mean (the ETF anchor ``a_k`` for a class no site
+        has), ``Q`` an ``L×K`` matrix with orthonormal columns, ``m`` and ``S`` (``S Sᵀ`` = covariance) the mean
+        and Cholesky factor of 4096 draws of ``W_rand``; all three seeded by ``Config.seed``. In whitened
+        coordinates each ``w_k`` has the norm √L of a typical draw, and the class latents are as far apart as the
+        prototypes (the ETF's pairwise cosine −1/(K−1) when the sites agree). Nothing is trained on the K points:
+        a kernel two-sample objective (the published form's MMD) cannot be estimated from K ≤ a few points, and
+        training ``F`` on them collapsed the sites (BENCHMARKS.md).
+        """
+        mean, chol, q = latent_moments(self.generator, self.num_classes, self.config.seed)
+        p = torch.where(present.unsqueeze(1), protos.double(), self.anchors.double())
+        return (mean + (math.sqrt(self.generator.latent_dim) * p @ q.T) @ chol.T).float()
 
     def update_from_sites(self, uploads: dict[str, Tensors], rnd: int) -> Tensors:
         """Published form: align on every (site, class) prototype. In the aggregate form, sums the
@@ -517,6 +544,22 @@ class FeatureTransformer(nn.Module):
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         """Prototypes ``(n, K)`` to latents ``(n, L)`` (train mode needs ``n`` ≥ 2)."""
         return self.mlp(p)
+
+
+@torch.no_grad()
+def latent_moments(generator, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the aggregate form's map needs, all float64 and fixed by ``seed``.
+
+    Returns:
+        the mean ``m`` ``(L,)`` and lower Cholesky factor ``S`` ``(L, L)`` of the covariance (plus 1e-6·I) of
+        4096 draws of the generator's ``W_rand``, and ``Q`` ``(L, K)`` with orthonormal columns.
+    """
+    latent_dim = generator.latent_dim
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+    draws = generator.sample_latents(4096, g).double()
+    cov = torch.cov(draws.T) + 1e-6 * torch.eye(latent_dim, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(latent_dim, num_classes, generator=g, dtype=torch.float64))
+    return draws.mean(0), torch.linalg.cholesky(cov), q
 
 
 def etf_matrix(num_classes: int, seed: int) -> torch.Tensor:

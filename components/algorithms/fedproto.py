@@ -137,10 +137,15 @@ class Config(AlgorithmConfig):
         lam: λ ≥ 0, weight of the prototype MSE term (default 10, HtFLlib).
         weighting: how sites are combined into a global prototype: ``"sites"`` (unweighted mean over
             the sites having the class, the reference; default) or ``"samples"`` (sample-weighted).
+        normalize: scale every feature to norm √d (:func:`rms_normalize`) before it is averaged into a
+            prototype, compared with one or scored (default off, the reference). Backbones whose features
+            differ in scale then meet on one sphere: without it the site with the largest features sets
+            the global prototypes and pulls the others' features to its scale.
     """
 
     lam: float = Field(default=10.0, ge=0)
     weighting: Weighting = "sites"
+    normalize: bool = False
 
 
 class Client(BaseClient):
@@ -185,7 +190,7 @@ class Client(BaseClient):
         prototype_loss = self.prototype_loss()
 
         def extra(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            batch_sums, batch_counts = class_sums(features.detach(), labels, k)
+            batch_sums, batch_counts = class_sums(self.normalized(features.detach()), labels, k)
             sums.add_(batch_sums)
             counts.add_(batch_counts)
             return prototype_loss(features, logits, labels)
@@ -237,13 +242,13 @@ class Client(BaseClient):
 
     @torch.no_grad()
     def train_features(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``φ_i(x)`` ``(N, d)`` and labels ``(N,)`` of every training image, once each: eval mode, no
-        gradient, without the training split's augmentation."""
+        """``φ_i(x)`` ``(N, d)`` (:meth:`normalized`) and labels ``(N,)`` of every training image, once each:
+        eval mode, no gradient, without the training split's augmentation."""
         self.model.eval()
         train = self.setup.data.train
         loader = torch.utils.data.DataLoader(ImageSet(train.images, train.labels), batch_size=self.setup.batch_size,
                                              shuffle=False)  # fmt: skip
-        batches = [(self.model.features(x), y) for x, y in loader]
+        batches = [(self.normalized(self.model.features(x)), y) for x, y in loader]
         return torch.cat([f for f, _ in batches]), torch.cat([y for _, y in batches])
 
     @torch.no_grad()
@@ -259,9 +264,14 @@ class Client(BaseClient):
             return torch.softmax(self.model.head(z), dim=1)
         return nearest_prototype_scores(self.prototype_space(z), self.global_protos, self.has_proto)
 
+    def normalized(self, features: torch.Tensor) -> torch.Tensor:
+        """Features ``(B, d)`` at norm √d when ``Config.normalize`` is set (:func:`rms_normalize`), else unchanged."""
+        return rms_normalize(features) if self.config.normalize else features
+
     def prototype_space(self, features: torch.Tensor) -> torch.Tensor:
-        """Features ``(B, d)`` as compared with prototypes: clipped to norm :attr:`clip` under DP
-        (:func:`clip_features`, differentiable), else unchanged."""
+        """Features ``(B, d)`` as compared with prototypes: :meth:`normalized`, then clipped to norm :attr:`clip`
+        under DP (:func:`clip_features`, differentiable)."""
+        features = self.normalized(features)
         return features if self.clip is None else clip_features(features, self.clip)
 
     def prototype_loss(self) -> ExtraLoss:
@@ -319,6 +329,15 @@ def clip_features(features: torch.Tensor, clip: float) -> torch.Tensor:
     """
     norms = features.pow(2).sum(1, keepdim=True).clamp_min(torch.finfo(features.dtype).tiny).sqrt()
     return features * (clip / norms).clamp(max=1.0)
+
+
+def rms_normalize(features: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to norm √d, i.e. root-mean-square 1 per element (differentiable; a zero row stays 0).
+
+    Scale-free like a unit normalisation, but the element-mean MSE between two such rows stays in [0, 4]
+    as for features of unit scale, so λ keeps its meaning.
+    """
+    return F.normalize(features, dim=1) * features.shape[1] ** 0.5
 
 
 def prototype_upload(sums: torch.Tensor, counts: torch.Tensor, weighting: Weighting) -> Tensors:

@@ -118,6 +118,7 @@ class Config(AlgorithmConfig):
     Attributes:
         lam: λ ≥ 0, weight of the MSE term towards the TGPs (default 10, HtFLlib).
         weighting: what a site's ``proto_sum``/``proto_count`` hold, as in FedProto (default ``"sites"``).
+        normalize: features at norm √d before they meet prototypes, as in FedProto (default off).
         form: ``"published"`` (the server trains on every site's prototypes; privacy mode ``none``) or
             ``"aggregate"`` (only on the summed per-class means).
         tau: τ ≥ 0, cap of the adaptive margin (default 100).
@@ -130,6 +131,7 @@ class Config(AlgorithmConfig):
 
     lam: float = Field(default=10.0, ge=0)
     weighting: Weighting = "sites"
+    normalize: bool = False
     form: Literal["published", "aggregate"] = "published"
     tau: float = Field(default=100.0, ge=0)
     server_epochs: int = Field(default=100, ge=1)

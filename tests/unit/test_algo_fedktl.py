@@ -197,25 +197,46 @@ def test_alignment_moves_the_transformer_and_is_reproducible():
     torch.testing.assert_close(first["latents"], second["latents"], rtol=0, atol=0)
 
 
-def test_aggregate_form_trains_on_the_class_means_of_the_summed_upload():
+def _whitened(server: fedktl.Server, latents: torch.Tensor) -> torch.Tensor:
+    """Latents in the prior's whitened coordinates ``S⁻¹(w − m)``."""
+    mean, chol, _ = fedktl.latent_moments(server.generator, server.num_classes, server.config.seed)
+    return torch.linalg.solve_triangular(chol, (latents.double() - mean).T, upper=False).T
+
+
+def test_aggregate_form_maps_the_class_means_to_latents_with_the_priors_moments():
     config = fedktl.Config(form="aggregate", **FAST)
     server = fedktl.Server(config, 3, list(UPLOADS))
     assert server.form == "sums" and server.needs_plaintext_aggregate
 
     payload = server.update(aggregate(list(UPLOADS.values())), 1)
 
-    # the class means, re-normalised: only two prototypes reach F
+    latents = payload["latents"]
+    assert latents.shape == (3, 8) and torch.isfinite(latents).all()
+    torch.testing.assert_close(payload["images"], server.generator(latents).clamp(0, 1))
+    # whitened, every class latent has the norm √L of a typical draw of W_rand …
+    z = _whitened(server, latents)
+    torch.testing.assert_close(z.norm(dim=1), torch.full((3,), math.sqrt(8), dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    # … and the latents are as far apart as the unit class means (class 2, at no site: its ETF anchor)
     mean0 = nn.functional.normalize(UPLOADS["a"]["proto_sum"][0] + UPLOADS["b"]["proto_sum"][0], dim=0)
     mean1 = nn.functional.normalize(UPLOADS["a"]["proto_sum"][1] + UPLOADS["c"]["proto_sum"][1], dim=0)
-    with torch.no_grad():
-        q = server.transformer(torch.stack([mean0, mean1]))
-    torch.testing.assert_close(payload["latents"][:2], q)
-    assert payload["images"].shape == (3, 3, 8, 8)
-    # the aggregate form reached through update_from_sites gives the same payload
+    p = torch.stack([mean0, mean1, server.anchors[2]]).double()
+    torch.testing.assert_close(nn.functional.normalize(z, dim=1) @ nn.functional.normalize(z, dim=1).T, p @ p.T,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    # nothing is trained on the K points, and the same aggregate gives the same payload, also via update_from_sites
     again = fedktl.Server(config, 3, list(UPLOADS)).update_from_sites(UPLOADS, 1)
-    torch.testing.assert_close(again["latents"], payload["latents"], rtol=0, atol=0)
+    torch.testing.assert_close(again["latents"], latents, rtol=0, atol=0)
     published = fedktl.Server(fedktl.Config(**FAST), 3, list(UPLOADS)).update_from_sites(UPLOADS, 1)
-    assert not torch.allclose(published["latents"][:2], payload["latents"][:2])
+    assert not torch.allclose(published["latents"][:2], latents[:2])
+
+
+def test_aggregate_latents_follow_the_class_means_not_the_round():
+    server = fedktl.Server(fedktl.Config(form="aggregate", **FAST), 3, list(UPLOADS))
+    one = server.update(aggregate(list(UPLOADS.values())), 1)["latents"]
+    two = server.update(aggregate(list(UPLOADS.values())), 7)["latents"]
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
+    moved = dict(UPLOADS, b=upload({0: [0.0, 0.3, 0.9]}))
+    three = server.update(aggregate(list(moved.values())), 2)["latents"]
+    assert not torch.allclose(three[0], one[0]) and torch.allclose(three[1:], one[1:])
 
 
 def test_under_ckks_a_class_no_site_has_stays_absent_on_the_server():
@@ -226,13 +247,14 @@ def test_under_ckks_a_class_no_site_has_stays_absent_on_the_server():
     ctx = make_context(8192)
     total = add(ctx, [encrypt(ctx, u) for u in UPLOADS.values()], labels=list(UPLOADS))
     decrypted = decrypt(ctx, total)
-    error = float((decrypted["proto_sum"] - aggregate(list(UPLOADS.values()))["proto_sum"]).abs().max())
+    plain = aggregate(list(UPLOADS.values()))
+    error = float((decrypted["proto_sum"] - plain["proto_sum"]).abs().max())
     assert 0 < error < 1e-5  # CKKS is approximate: zeros come back as tiny non-zeros
     decrypted["proto_count"][2] = 3 * error  # the sign of that error is chance; here it is positive
     server = fedktl.Server(fedktl.Config(form="aggregate", **FAST), 3, list(UPLOADS))
     payload = server.update(decrypted, 1)
-    assert not server.centroids[2].any() and server.centroids[:2].any()  # no centroid for the absent class
-    assert torch.isfinite(payload["latents"]).all()
+    expected = server.update(plain, 1)  # class 2 absent: its latent comes from its ETF anchor, as in plaintext
+    torch.testing.assert_close(payload["latents"], expected["latents"], rtol=1e-4, atol=1e-4)
 
 
 def test_a_single_prototype_does_not_crash_batchnorm():

@@ -366,3 +366,41 @@ def test_under_dp_prototypes_are_compared_with_clipped_features():
         z = client.model.features(x)
     present = torch.ones(3, dtype=torch.bool)
     torch.testing.assert_close(client.scores(x), fedproto.nearest_prototype_scores(clip_rows(z, 0.15), protos, present))
+
+
+def test_rms_normalize_puts_every_row_at_norm_sqrt_d_and_keeps_zero_rows():
+    z = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
+    out = fedproto.rms_normalize(z)
+    torch.testing.assert_close(out.norm(dim=1), torch.tensor([2.0, 0.0, 2.0]))  # √4
+    torch.testing.assert_close(out[0], torch.tensor([1.2, 1.6, 0.0, 0.0]))
+
+
+def test_normalize_makes_a_site_with_large_features_count_no_more_than_a_site_with_small_ones():
+    # Prepare: two sites with the same data and initial model, but site b's features are 50× larger
+    # (a backbone with another scale); both hold every class
+    def site(name: str, scale: float, normalize: bool) -> fedproto.Client:
+        client = fedproto.Client(tiny_setup(name, n=6, seed=1), fedproto.Config(normalize=normalize))
+        client.model.base.register_forward_hook(lambda module, inputs, out: out * scale)
+        return client
+
+    for normalize in (False, True):
+        a, b = site("a", 1.0, normalize), site("b", 50.0, normalize)
+        ua, ub = a.train(1), b.train(1)
+        norm_a = ua.sums["proto_sum"].norm(dim=1)
+        norm_b = ub.sums["proto_sum"].norm(dim=1)
+        # Assert: raw, b's prototypes are ~50× longer and would dominate the mean; normalised, both sites'
+        # prototypes are means of rows of norm √d = 2 (so at most 2), on one scale
+        if normalize:
+            assert (norm_a <= 2.0 + 1e-5).all() and (norm_b <= 2.0 + 1e-5).all()
+            assert (norm_b / norm_a).max() < 2.0
+        else:
+            assert (norm_b / norm_a).min() > 10.0
+
+
+def test_normalized_scores_ignore_the_feature_scale():
+    client = fedproto.Client(tiny_setup(n=6), fedproto.Config(normalize=True))
+    client.receive({"proto_sum": fedproto.rms_normalize(torch.randn(3, 4)), "proto_count": torch.ones(3)}, 1)
+    x = _inputs(client.setup.data.test)
+    before = client.scores(x)
+    client.model.base.register_forward_hook(lambda module, inputs, out: out * 30.0)
+    torch.testing.assert_close(client.scores(x), before)

@@ -265,3 +265,13 @@ def test_private_round_is_fedprotos_dp_sgd_and_release_towards_the_tgps():
     for k, v in client.model.state_dict().items():
         if k in stats:
             assert torch.equal(v, stats[k]), k
+
+
+def test_normalize_uploads_prototypes_of_features_at_norm_sqrt_d():
+    raw = fedtgp.Client(tiny_setup(n=6), fedtgp.Config())
+    raw.model.base.register_forward_hook(lambda module, inputs, out: out * 40.0)
+    normed = fedtgp.Client(tiny_setup(n=6), fedtgp.Config(normalize=True))
+    normed.model.base.register_forward_hook(lambda module, inputs, out: out * 40.0)
+    up_raw, up_normed = raw.train(1), normed.train(1)
+    assert (up_normed.sums["proto_sum"].norm(dim=1) <= 2.0 + 1e-5).all()  # d = 4: √d = 2
+    assert up_raw.sums["proto_sum"].norm(dim=1).max() > 4.0
