@@ -35,8 +35,10 @@ BACKBONES = ("cnn", "resnet10-lite", "densenet-lite")
 VARIANTS: dict[str, dict] = {
     "local": {"name": "local"},
     "fedproto": {"name": "fedproto"},
+    "fedproto normalized": {"name": "fedproto", "params": {"normalize": True}},
     "fedtgp published": {"name": "fedtgp", "params": {"form": "published"}},
     "fedtgp aggregate": {"name": "fedtgp", "params": {"form": "aggregate"}},
+    "fedtgp aggregate normalized": {"name": "fedtgp", "params": {"form": "aggregate", "normalize": True}},
     "fedktl published": {"name": "fedktl", "params": {"form": "published"}},
     "fedktl aggregate": {"name": "fedktl", "params": {"form": "aggregate"}},
     "feddistill": {"name": "feddistill"},

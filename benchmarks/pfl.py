@@ -67,6 +67,21 @@ def one_seed(args: argparse.Namespace, name: str) -> dict:
     return result
 
 
+def earlier(args: argparse.Namespace, name: str) -> dict | None:
+    """``<out>/<name>.json`` when an earlier run wrote it with these settings and every algorithm asked for
+    (a stopped multi-seed benchmark resumes from its finished seeds); else ``None``."""
+    path = args.out / f"{name}.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "algorithms")}
+    same = {k: result["settings"].get(k) for k in settings} == settings
+    if not same or not set(args.algorithms) <= {row["label"] for row in result["rows"]}:
+        return None
+    print(f"seed {args.seed}: kept {path.name}", flush=True)
+    return result
+
+
 def many_seeds(args: argparse.Namespace) -> dict:
     """:func:`one_seed` for each of ``args.seeds``, then the tables over seeds (written and printed)."""
     k = len(args.classes) if args.classes else 2
@@ -74,7 +89,7 @@ def many_seeds(args: argparse.Namespace) -> dict:
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         args.seed = seed
-        result = one_seed(args, f"pfl_cxr_{tag}_seed{seed}")
+        result = earlier(args, f"pfl_cxr_{tag}_seed{seed}") or one_seed(args, f"pfl_cxr_{tag}_seed{seed}")
         for row in result["rows"]:
             runs.append({**{key: v for key, v in row.items() if key != "models"}, "algorithm": row["label"],
                          "seed": seed, "per_site": result["per_site"][row["label"]]})  # fmt: skip
