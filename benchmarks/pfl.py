@@ -39,6 +39,7 @@ from benchmarks.runner import (
     save,
 )
 from medsilo.components.algorithms import PFL_ALGORITHMS
+from medsilo.fs import write_atomic
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -104,7 +105,7 @@ def many_seeds(args: argparse.Namespace) -> dict:
     settings = {key: v for key, v in vars(args).items() if key not in ("out", "seed")}
     out = {"benchmark": f"pfl_cxr_{tag}_seeds", "settings": settings, "runs": runs, "tables": text}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"pfl_cxr_{tag}_seeds.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_atomic(args.out / f"pfl_cxr_{tag}_seeds.json", json.dumps(out, indent=2) + "\n")
     print(text)
     return out
 

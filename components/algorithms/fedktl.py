@@ -364,9 +364,10 @@ class Server(BaseServer):
     Attributes:
         generator: the generator plug-in (:func:`~medsilo.medical.models.generators.load_generator`).
         anchors: ``(K, K)`` the ETF anchors (the same as every site's).
-        transformer: ``F``, :class:`FeatureTransformer` ``K → L``.
+        transformer: ``F``, :class:`FeatureTransformer` ``K → L`` (published form; the aggregate form maps
+            with :meth:`moment_latents` and leaves ``F`` and ``C`` at their initial values).
         centroids: ``C`` ``(K, L)``.
-        last_loss: mean alignment loss of the last round (NaN when no step ran).
+        last_loss: mean alignment loss of the last round (NaN when no step ran, always in the aggregate form).
     """
 
     needs_plaintext_aggregate: ClassVar[bool] = True
