@@ -87,6 +87,9 @@ def many_seeds(args: argparse.Namespace) -> dict:
     """:func:`one_seed` for each of ``args.seeds``, then the tables over seeds (written and printed)."""
     k = len(args.classes) if args.classes else 2
     tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_k{k}_r{args.rounds}"
+    if (args.lr_schedule, args.warmup_rounds, args.weight_decay, args.class_weights) != ("constant", 0, 0.0, "none"):
+        tag += (f"_lr{args.lr:g}_{args.lr_schedule}{args.warmup_rounds}_wd{args.weight_decay:g}"
+                f"{'_balanced' if args.class_weights == 'balanced' else ''}")  # the recipe names the files too
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         args.seed = seed

@@ -27,6 +27,10 @@ def add_hospital_args(parser: argparse.ArgumentParser, *, rounds: int = 20) -> N
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine", "step"], default="constant")
+    parser.add_argument("--warmup-rounds", type=int, default=0)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--class-weights", choices=["none", "balanced"], default="none")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -48,9 +52,15 @@ def hospitals(args: argparse.Namespace, prefix: str, *, force: bool = False) -> 
 def base_spec(args: argparse.Namespace, req: SynthRequest, model: Any = "cnn", **fields: Any) -> dict[str, Any]:
     """Job-spec fields shared by every variant: data, model, SGD (momentum 0.9) training from ``args``."""
     return dict(modality="cxr", classes=list(req.class_names()), dataset="cxr", image_size=args.image_size,
-                model=model, feature_dim=64, seed=args.seed,
-                training={"rounds": args.rounds, "local_epochs": args.local_epochs, "batch_size": args.batch_size,
-                          "lr": args.lr, "optimizer": "sgd", "momentum": 0.9}, **fields)  # fmt: skip
+                model=model, feature_dim=64, seed=args.seed, training=recipe(args), **fields)  # fmt: skip
+
+
+def recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's ``training`` block from :func:`add_hospital_args`'s options (SGD, momentum 0.9)."""
+    return {"rounds": args.rounds, "local_epochs": args.local_epochs, "batch_size": args.batch_size, "lr": args.lr,
+            "optimizer": "sgd", "momentum": 0.9, "lr_schedule": args.lr_schedule,
+            "warmup_rounds": args.warmup_rounds, "weight_decay": args.weight_decay,
+            "class_weights": args.class_weights}  # fmt: skip
 
 
 def run_variants(variants: dict[str, dict[str, Any]], base: dict[str, Any], sites_yml: Path,
