@@ -60,7 +60,7 @@ def one_seed(args: argparse.Namespace, name: str) -> dict:
     req, sites_yml = hospitals(args, "pfl", force=True)
     base = base_spec(args, req)
     variants = {name: {"algorithm": {"name": name}} for name in args.algorithms}
-    runs = run_variants(variants, base, sites_yml, WORK / "pfl_runs")
+    runs = run_variants(variants, base, sites_yml, WORK / "pfl_runs" / name)  # seeds may run side by side
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     result = save(name, settings, req.to_json(), runs, out=args.out,
                   title="pFL benchmark on synthetic chest X-ray hospitals")  # fmt: skip
