@@ -319,6 +319,7 @@ class RunRecorder:
             **({"task": "multilabel"} if self.multilabel else {}),
             "selected_on": self.select_on,
             "selected_round": best,
+            "selection_score": _num(self.selection_score(best)),  # the validation figure the round was chosen on
             "final": {
                 "per_site": per_site,
                 "pooled_acc": _num(correct / total if total else math.nan),

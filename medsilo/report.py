@@ -97,6 +97,7 @@ def summary_row(run: dict[str, Any]) -> dict[str, Any]:
         "mean_macro_auroc": final.get("mean_macro_auroc"),
         "worst_macro_auroc": final.get("worst_macro_auroc"),
         "selected_round": run["selected_round"],
+        "selection_score": run.get("selection_score"),  # validation: what a sweep may choose settings on
         "rounds": len(rounds),
         "seconds": sum(r["seconds"] for r in rounds),
         "up_per_site_round": _mean([r["bytes_up"] / n_sites for r in rounds]) or 0.0,

@@ -28,6 +28,7 @@ def _recorder() -> RunRecorder:
 def test_selected_round_uses_validation_and_final_numbers_follow_it():
     res = _recorder().results()
     assert res["selected_round"] == 2
+    assert res["selection_score"] == pytest.approx((0.80 + 0.90) / 2)  # round 2's mean validation accuracy
     assert res["final"]["mean_acc"] == pytest.approx(0.65)
     assert res["final"]["worst_acc"] == pytest.approx(0.60)
     assert res["final"]["pooled_acc"] == pytest.approx((7 + 12) / 30)
@@ -40,9 +41,10 @@ def test_schema_is_the_design_contract():
     # DESIGN §12, plus algorithm_form (which server form of the algorithm ran: sums or per-site)
     # refused (sites that declined the job at round 1, with their reasons), synthetic (PCEvolve images
     # a site added to its training split), failures (tasks sites failed under reliability.min_sites) and
-    # job_id (the run's id, which the parties' ledgers name)
+    # job_id (the run's id, which the parties' ledgers name), selection_score (the validation figure the round
+    # was selected on: what a recipe sweep compares)
     assert set(res) == {"job", "job_id", "algorithm", "algorithm_form", "privacy", "sites", "models", "rounds",
-                        "selected_round", "selected_on", "final", "privacy_spent", "refused", "synthetic",
+                        "selected_round", "selected_on", "selection_score", "final", "privacy_spent", "refused", "synthetic",
                         "failures"}  # fmt: skip
     assert res["algorithm_form"] == "sums"
     r = res["rounds"][1]
