@@ -110,6 +110,9 @@ class SynthRequest:
                 f"--classes: {self.modality} classes must be 2+ distinct names from {', '.join(allowed)}, "
                 f"got {','.join(classes)}"
             )
+        if "tumor" in classes and {"low-grade", "high-grade"} & set(classes):
+            raise MedsiloError("--classes: pathology 'tumor' is what the grades split; give normal,tumor or "
+                               f"grades such as normal,low-grade,high-grade, got {','.join(classes)}")  # fmt: skip
         names = self.site_names()
         for site, count in self.scarce.items():
             if site not in names:

@@ -9,7 +9,10 @@ JPEG quality — the things that differ between real labs.
 The class signal is a latent *atypia* in [0, 1]: Beta(2, 5) for ``normal``, Beta(5, 2) for ``tumor``.
 Atypia raises nuclear density, size, pleomorphism and hyperchromasia and makes glands fewer and
 irregular. The two Beta laws overlap, so even a perfect classifier errs on ~11 % of patches (by design:
-the task is learnable, not trivial). Hyperchromasia interacts with the site's haematoxylin strength and
+the task is learnable, not trivial). For a graded task the tumour class splits in two: ``low-grade``
+Beta(9, 9) (atypia around 0.5) and ``high-grade`` Beta(7, 2) (around 0.78), so ``normal``, ``low-grade``,
+``high-grade`` are three ordered grades whose neighbours overlap more than normal and tumor do (the laws
+cross near atypia 0.36 and 0.65). Hyperchromasia interacts with the site's haematoxylin strength and
 nuclear size with its magnification, so stain shift genuinely moves the class boundary.
 """
 
@@ -23,7 +26,13 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-PATHOLOGY_CLASSES: tuple[str, ...] = ("normal", "tumor")
+PATHOLOGY_CLASSES: tuple[str, ...] = ("normal", "tumor", "low-grade", "high-grade")
+"""Every class the generator can draw; a job picks two or more (default ``normal``/``tumor``; graded:
+``normal``, ``low-grade``, ``high-grade``)."""
+ATYPIA_LAWS: dict[str, tuple[float, float]] = {
+    "normal": (2, 5), "tumor": (5, 2), "low-grade": (9, 9), "high-grade": (7, 2),
+}  # fmt: skip
+"""Beta(a, b) law of each class's latent atypia."""
 
 H_VECTOR = np.array([0.650, 0.704, 0.286], dtype=np.float32)
 E_VECTOR = np.array([0.072, 0.990, 0.105], dtype=np.float32)
@@ -200,10 +209,11 @@ def _jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
 
 
 def sample_atypia(rng: np.random.Generator, label: str) -> float:
-    """Latent atypia of a patch of class ``label`` (``normal`` or ``tumor``)."""
+    """Latent atypia of a patch of class ``label`` (one of :data:`PATHOLOGY_CLASSES`), from its
+    :data:`ATYPIA_LAWS` Beta law."""
     if label not in PATHOLOGY_CLASSES:
         raise ValueError(f"label must be one of {PATHOLOGY_CLASSES}, got {label!r}")
-    return float(rng.beta(2, 5) if label == "normal" else rng.beta(5, 2))
+    return float(rng.beta(*ATYPIA_LAWS[label]))
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:

@@ -44,8 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="give SITE only COUNT training images (val/test keep their size); repeatable",
     )  # fmt: skip
     p.add_argument("--classes", type=_classes, default=None, metavar="A,B[,...]",
-                   help="cxr: normal,pneumonia[,effusion,nodule]; pathology: normal,tumor; with --multilabel the "
-                        "labels, from pneumonia,effusion,nodule,cardiomegaly (default all four)")  # fmt: skip
+                   help="cxr: normal,pneumonia[,effusion,nodule]; pathology: normal,tumor or the grades "
+                        "normal,low-grade,high-grade; with --multilabel the labels, from pneumonia,effusion,nodule,cardiomegaly (default all four)")  # fmt: skip
     p.add_argument("--multilabel", action="store_true",
                    help="cxr: co-occurring findings per image, one manifest column per label (1/0, some training "
                         "cells blank = unknown) for 'task: multilabel' jobs; --dirichlet-alpha skews prevalences")  # fmt: skip

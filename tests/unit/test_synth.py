@@ -134,6 +134,7 @@ def test_dirichlet_skew_varies_class_mix_with_a_floor(tmp_path):
         (SynthRequest("cxr", 2, 20, scarce={"hospital-9": 4}), r"--scarce: unknown site 'hospital-9'"),
         (SynthRequest("cxr", 2, 20, scarce={"hospital-1": 1}), r"needs at least one training image per class"),
         (SynthRequest("cxr", 2, 20, classes=("normal", "tumor")), r"--classes: cxr classes must be"),
+        (SynthRequest("pathology", 2, 20, classes=("normal", "tumor", "high-grade")), r"'tumor' is what the grades"),
         (SynthRequest("cxr", 2, 20, dirichlet_alpha=0), r"--dirichlet-alpha: must be > 0"),
     ],
 )
@@ -176,6 +177,25 @@ def test_tumour_patches_carry_more_haematoxylin():
         return float(np.mean(vals))
 
     assert mean_h("tumor") > 1.5 * mean_h("normal")
+    # the graded classes are ordered the same way: each grade's nuclei carry more haematoxylin than the last
+    assert mean_h("normal") < mean_h("low-grade") < mean_h("high-grade")
+
+
+def test_pathology_grades_are_three_ordered_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    means = {g: np.mean([pathology.sample_atypia(rng, g) for _ in range(2000)])
+             for g in ("normal", "low-grade", "high-grade")}  # fmt: skip
+    assert means["normal"] < 0.35 < means["low-grade"] < 0.6 < means["high-grade"]
+    out = tmp_path / "grades"
+    req = SynthRequest("pathology", sites=2, images_per_site=30, seed=0, patch_size=32,
+                       classes=("normal", "low-grade", "high-grade"))  # fmt: skip
+    synthesize(out, req, workers=1, progress=False)
+    summary = json.loads((out / "synth.json").read_text())
+    assert summary["request"]["classes"] == ["normal", "low-grade", "high-grade"]
+    assert all(set(s["class_counts"]) == {"normal", "low-grade", "high-grade"} and min(s["class_counts"].values()) > 0
+               for s in summary["sites"].values())  # fmt: skip
+    with pytest.raises(ValueError, match="label must be one of"):
+        pathology.sample_atypia(rng, "grade-4")
 
 
 def test_stain_site_changes_colour_not_shape():

@@ -149,12 +149,15 @@ class ProceduralCXR:
 _STAIN_SPREAD = {"h_scale": (0.6, 1.5), "e_scale": (0.6, 1.5), "h_rot": (-10.0, 15.0), "e_rot": (-6.0, 12.0),
                  "mpp_scale": (0.75, 1.4), "blur": (0.0, 1.2), "noise": (2.0, 5.0)}  # fmt: skip
 """Stain/optics parameters over the range the reference labs span."""
-_ATYPIA = {"normal": (0.0, 0.5), "tumor": (0.5, 1.0)}
-"""Atypia a variation may move to while keeping its class (the two beta laws cross at 0.5)."""
+_ATYPIA = {"normal": (0.0, 0.5), "tumor": (0.5, 1.0), "low-grade": (0.36, 0.65), "high-grade": (0.65, 1.0)}
+"""Atypia a variation may move to while keeping its class: between the points where its Beta law crosses its
+neighbours' (normal/tumor at 0.5; normal/low-grade at ≈ 0.36, low-/high-grade at ≈ 0.65; a graded job's
+``normal`` keeps its two-class range, which reaches into low-grade's as the laws themselves do)."""
 
 
 class ProceduralPathology:
-    """H&E-like patches from :mod:`medsilo.medical.synth.pathology` (classes ``normal``/``tumor``)."""
+    """H&E-like patches from :mod:`medsilo.medical.synth.pathology` (its classes: ``normal``/``tumor``, or the
+    grades ``normal``/``low-grade``/``high-grade``)."""
 
     name = "procedural"
 
