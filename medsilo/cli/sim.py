@@ -39,11 +39,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def with_rounds(spec, rounds: int | None):
-    """``spec`` with ``training.rounds`` replaced (validated like the file: ≥ 1)."""
+    """``spec`` with ``training.rounds`` replaced (validated like the file: ≥ 1). A warm-up longer than the new
+    rounds allow is shortened to leave one round after it (a quick ``--rounds 1`` check of a job with warm-up)."""
     from medsilo.errors import MedsiloError
 
     if rounds is None:
         return spec
     if rounds < 1:
         raise MedsiloError(f"--rounds: must be ≥ 1, got {rounds}")
-    return spec.model_copy(update={"training": spec.training.model_copy(update={"rounds": rounds})})
+    warmup = min(spec.training.warmup_rounds, rounds - 1)
+    training = spec.training.model_copy(update={"rounds": rounds, "warmup_rounds": warmup})
+    return spec.model_copy(update={"training": training})

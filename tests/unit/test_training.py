@@ -308,3 +308,14 @@ def test_recipe_fields_are_validated_against_the_job():
         JobSpec(**base, training={"lr_schedule": "linear"})
     with pytest.raises(ValueError, match="val_macro_auroc' is for multi-label jobs"):
         JobSpec(**base, evaluation={"select_on": "val_macro_auroc"})
+
+
+def test_a_rounds_override_shortens_a_warm_up_that_no_longer_fits():
+    from medsilo.cli.sim import with_rounds
+
+    base = {"name": "r", "modality": "cxr", "classes": ["a", "b"], "dataset": "d", "algorithm": {"name": "fedavg"}}
+    spec = JobSpec(**base, training={"rounds": 20, "lr_schedule": "cosine", "warmup_rounds": 3})
+    for rounds, warmup in ((10, 3), (3, 2), (1, 0)):
+        short = with_rounds(spec, rounds)
+        assert (short.training.rounds, short.training.warmup_rounds) == (rounds, warmup)
+        JobSpec.model_validate(short.model_dump())  # still a spec the file could have given
