@@ -21,6 +21,7 @@ import json
 from typing import Any
 
 from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run_variants, save
+from medsilo.components.algorithms.base import COSINE_RECIPE
 from medsilo.fs import write_atomic
 from medsilo.stats import mean_interval, paired_interval
 
@@ -29,8 +30,7 @@ RECIPES: dict[str, dict[str, Any]] = {
               "class_weights": "none"},
     "cosine": {"lr": 0.03, "lr_schedule": "cosine", "warmup_rounds": 3, "weight_decay": 5e-4,
                "class_weights": "none"},
-    "cosine balanced": {"lr": 0.03, "lr_schedule": "cosine", "warmup_rounds": 3, "weight_decay": 5e-4,
-                        "class_weights": "balanced"},
+    "cosine balanced": COSINE_RECIPE,
 }  # fmt: skip
 """The recipes swept: the job default (``plain``, lr 0.01 constant), and a larger learning rate that a cosine
 schedule with warm-up brings down, with light weight decay, without and with class-balanced loss weights."""

@@ -30,6 +30,7 @@ Privacy modes: all. No hyper-parameters. Reference-code bugs fixed: none (FedPer
 from __future__ import annotations
 
 from medsilo.components.algorithms.base import (
+    COSINE_RECIPE,
     AlgorithmConfig,
     Client as BaseClient,
     Server as BaseServer,
@@ -50,6 +51,8 @@ MIXED_BACKBONES = False
 """Whether a job may give its sites different backbones."""
 MULTILABEL = True
 """Whether a job may be multi-label (``task: multilabel``): sigmoid outputs, masked BCE in the shared loop."""
+RECIPE = COSINE_RECIPE
+"""The training recipe chosen on validation data (:data:`.base.COSINE_RECIPE`; ``benchmarks/recipe.py``)."""
 
 
 class Config(AlgorithmConfig):

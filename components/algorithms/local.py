@@ -9,6 +9,7 @@ Uploads: none. Privacy modes: all (nothing leaves the site). No hyper-parameters
 from __future__ import annotations
 
 from medsilo.components.algorithms.base import (
+    COSINE_RECIPE,
     AlgorithmConfig,
     Client as BaseClient,
     Server as BaseServer,
@@ -21,6 +22,8 @@ MIXED_BACKBONES = True
 """Whether a job may give its sites different backbones."""
 MULTILABEL = True
 """Whether a job may be multi-label (``task: multilabel``): sigmoid outputs, masked BCE in the shared loop."""
+RECIPE = COSINE_RECIPE
+"""The training recipe chosen on validation data (:data:`.base.COSINE_RECIPE`; ``benchmarks/recipe.py``)."""
 
 
 class Config(AlgorithmConfig):

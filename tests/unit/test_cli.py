@@ -74,3 +74,22 @@ def test_job_check(tmp_path, capsys):
     assert main(["job", "check", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"medsilo: error: {bad}: training.rounds: must be greater than or equal to 1, got 0"
+
+
+def test_the_terminal_summary_leads_with_balanced_accuracy_and_names_constant_predictors(capsys):
+    from medsilo.cli.summary import print_summary
+
+    def run(name, per_site, constant):
+        return {"algorithm": name, "sites": ["a", "b"], "selected_round": 3, "selected_on": "val_balanced_acc",
+                "final": {"per_site": per_site, "mean_acc": 0.75, "worst_acc": 0.7, "pooled_acc": 0.76,
+                          "mean_balanced_acc": 0.5, "worst_balanced_acc": 0.5, "constant_predictors": constant}}  # fmt: skip
+
+    majority = {"test_acc": 0.8, "test_balanced_acc": 0.5, "test_auroc": 0.5}
+    print_summary([run("fedavg", {"a": majority, "b": majority}, ["a", "b"]), run("local", {"a": majority}, [])])
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[:3] == ["bal", "acc", "acc"]  # balanced accuracy first, then accuracy
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:4]}
+    assert rows["a"] == ["0.500", "0.800", "0.500", "|", "0.500", "0.800", "0.500"]
+    assert rows["b"] == ["0.500", "0.800", "0.500", "|", "n/a", "n/a", "n/a"]  # a site Local never scored
+    assert "on val bal acc" in out
+    assert "fedavg: a, b predict one class for every test image" in out and "local:" not in out

@@ -32,6 +32,26 @@ def test_an_algorithm_declares_what_it_is(name):
     assert isinstance(module.MULTILABEL, bool) and module.MULTILABEL == (name in MULTILABEL_CAPABLE)
 
 
+def test_a_declared_recipe_is_a_training_block_a_job_can_use():
+    declared = {name: algorithm_module(name).RECIPE for name in ALGORITHMS if hasattr(algorithm_module(name), "RECIPE")}
+    assert {"local", "fedavg", "fedper"} <= set(declared)  # the ones benchmarks/recipe.py swept
+    for name, recipe in declared.items():
+        spec = JobSpec(name="j", modality="cxr", classes=["a", "b"], dataset="d", algorithm={"name": name},
+                       training={"rounds": 20, **recipe})  # fmt: skip
+        assert {k: getattr(spec.training, k) for k in recipe} == recipe, name
+
+
+def test_the_demo_job_trains_with_its_algorithm_s_recipe():
+    from importlib.resources import files
+    from pathlib import Path
+
+    from medsilo.config import load_job_spec
+
+    demo = load_job_spec(Path(str(files("medsilo.jobs") / "cxr_demo.yml")))
+    recipe = algorithm_module(demo.algorithm.name).RECIPE
+    assert {k: getattr(demo.training, k) for k in recipe} == recipe
+
+
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_a_multilabel_job_runs_exactly_the_algorithms_that_declare_it(name):
     spec = {"name": "j", "modality": "cxr", "task": "multilabel", "labels": ["a", "b", "c"], "dataset": "cxr",
