@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_hospital_args(parser)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                         help="run these seeds (overrides --seed) and add tables over seeds")  # fmt: skip
+    parser.add_argument("--params", nargs="+", default=[], metavar="ALGO.KEY=VALUE",
+                        help="algorithm hyper-parameters, e.g. ditto.mu=1 (numbers)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.seeds:
         return many_seeds(args)
@@ -59,13 +61,26 @@ def one_seed(args: argparse.Namespace, name: str) -> dict:
     """Every algorithm on the hospitals of ``args.seed``; writes ``<out>/<name>.json``."""
     req, sites_yml = hospitals(args, "pfl", force=True)
     base = base_spec(args, req)
-    variants = {name: {"algorithm": {"name": name}} for name in args.algorithms}
+    variants = {name: {"algorithm": {"name": name, "params": hyper_parameters(args.params).get(name, {})}}
+                for name in args.algorithms}  # fmt: skip
     runs = run_variants(variants, base, sites_yml, WORK / "pfl_runs" / name)  # seeds may run side by side
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     result = save(name, settings, req.to_json(), runs, out=args.out,
                   title="pFL benchmark on synthetic chest X-ray hospitals")  # fmt: skip
     print(markdown(result))
     return result
+
+
+def hyper_parameters(items: list[str]) -> dict[str, dict[str, float]]:
+    """``["ditto.mu=1"]`` → ``{"ditto": {"mu": 1.0}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        algorithm, _, name = key.partition(".")
+        if not (algorithm and name and value):
+            raise SystemExit(f"--params: expected ALGO.KEY=VALUE, got {item!r}")
+        out.setdefault(algorithm, {})[name] = float(value)
+    return out
 
 
 def earlier(args: argparse.Namespace, name: str) -> dict | None:
