@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
@@ -307,14 +308,15 @@ class Server:
 # ---- the swept training recipe ------------------------------------------------------------------------
 
 
-COSINE_RECIPE: dict[str, object] = {"lr": 0.03, "lr_schedule": "cosine", "warmup_rounds": 3, "weight_decay": 5e-4,
-                                    "class_weights": "balanced"}  # fmt: skip
+COSINE_RECIPE: Mapping[str, object] = MappingProxyType({"lr": 0.03, "lr_schedule": "cosine", "warmup_rounds": 3,
+                                                        "weight_decay": 5e-4, "class_weights": "balanced"})  # fmt: skip
 """``training`` options (:class:`~medsilo.config.job.Training`) that ``benchmarks/recipe.py`` compares with the
 plain default (lr 0.01, constant, no weight decay, unweighted loss). A larger early learning rate that a cosine
 schedule brings down after 3 warm-up rounds, light weight decay, and class-balanced loss weights. On validation
 data it won for Local, FedAvg and FedPer (3 seeds of the four-hospital two-finding CXR setting, and seed 0 of
 the eight-hospital four-finding one; BENCHMARKS.md), so those modules declare it as their ``RECIPE``. A job still
-sets its recipe itself (the recipe belongs to the job); ``RECIPE`` records what the sweep chose."""
+sets its recipe itself (the recipe belongs to the job); ``RECIPE`` records what the sweep chose. Read-only: the
+modules share it."""
 
 
 # ---- pure helpers ---------------------------------------------------------------------------------
