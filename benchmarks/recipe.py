@@ -6,7 +6,8 @@ algorithm on the **validation** figure its rounds were selected on (``selection_
 mean validation balanced accuracy over the sites), averaged over seeds; the test figures are printed beside
 it for the record and play no part in the choice.
 
-Run (the demo's hospitals, ~25 min on 2 cores)::
+Run (four CXR hospitals of 300 images, two findings, Dirichlet 1.0: the demo's hospitals until the demo moved to
+the four-finding setting; ~25 min on 2 cores, ~12 min with one process per seed)::
 
     python -m benchmarks.recipe --seeds 0 1 2
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run_variants, save
@@ -25,7 +27,7 @@ from medsilo.components.algorithms.base import COSINE_RECIPE
 from medsilo.fs import write_atomic
 from medsilo.stats import mean_interval, paired_interval
 
-RECIPES: dict[str, dict[str, Any]] = {
+RECIPES: dict[str, Mapping[str, Any]] = {
     "plain": {"lr": 0.01, "lr_schedule": "constant", "warmup_rounds": 0, "weight_decay": 0.0,
               "class_weights": "none"},
     "cosine": {"lr": 0.03, "lr_schedule": "cosine", "warmup_rounds": 3, "weight_decay": 5e-4,
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), metavar="NAME")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED")
     add_hospital_args(parser)
-    parser.set_defaults(sites=4, images_per_site=300)  # the demo's hospitals (medsilo.cli.demo.demo_request)
+    parser.set_defaults(sites=4, images_per_site=300)  # four hospitals, two findings (BENCHMARKS "Which training recipe")
     args = parser.parse_args(argv)
     k = len(args.classes) if args.classes else 2
     tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_k{k}_r{args.rounds}"
