@@ -91,7 +91,8 @@ def earlier(args: argparse.Namespace, name: str) -> dict | None:
         return None
     result = json.loads(path.read_text())
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "algorithms")}
-    same = {k: result["settings"].get(k) for k in settings} == settings
+    recorded = {"params": [], **result["settings"]}  # files written before --params existed ran without any
+    same = {k: recorded.get(k) for k in settings} == settings
     if not same or not set(args.algorithms) <= {row["label"] for row in result["rows"]}:
         return None
     print(f"seed {args.seed}: kept {path.name}", flush=True)
