@@ -30,8 +30,7 @@ from medsilo.stats import mean_interval, paired_interval
 RECIPES: dict[str, Mapping[str, Any]] = {
     "plain": {"lr": 0.01, "lr_schedule": "constant", "warmup_rounds": 0, "weight_decay": 0.0,
               "class_weights": "none"},
-    "cosine": {"lr": 0.03, "lr_schedule": "cosine", "warmup_rounds": 3, "weight_decay": 5e-4,
-               "class_weights": "none"},
+    "cosine": {**COSINE_RECIPE, "class_weights": "none"},
     "cosine balanced": COSINE_RECIPE,
 }  # fmt: skip
 """The recipes swept: the job default (``plain``, lr 0.01 constant), and a larger learning rate that a cosine
