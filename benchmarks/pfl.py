@@ -106,6 +106,8 @@ def many_seeds(args: argparse.Namespace) -> dict:
     if (args.lr_schedule, args.warmup_rounds, args.weight_decay, args.class_weights) != ("constant", 0, 0.0, "none"):
         tag += (f"_lr{args.lr:g}_{args.lr_schedule}{args.warmup_rounds}_wd{args.weight_decay:g}"
                 f"{'_balanced' if args.class_weights == 'balanced' else ''}")  # the recipe names the files too
+    for algorithm, values in hyper_parameters(args.params).items():  # so do hyper-parameters: ditto_mu1
+        tag += f"_{algorithm}" + "".join(f"_{key}{value:g}" for key, value in values.items())
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         args.seed = seed
