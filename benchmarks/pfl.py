@@ -1,4 +1,4 @@
-"""Personalized FL on synthetic chest X-ray hospitals: Local, FedAvg and every pFL algorithm.
+"""Personalized FL on synthetic chest X-ray hospitals (or pathology labs): Local, FedAvg and every pFL algorithm.
 
 Every algorithm runs as a real job in the NVFlare simulator (the same path as ``medsilo sim``) on the
 same hospitals, seeds and training settings: four CXR hospitals with full scanner shift and
@@ -11,7 +11,10 @@ Run::
     python -m benchmarks.pfl                       # all algorithms, ~25 min on 2 cores
     python -m benchmarks.pfl --algorithms local fedavg fedrep --rounds 10
 
-It prints a Markdown table and writes ``benchmarks/results/pfl_cxr_seed<SEED>.json``.
+It prints a Markdown table and writes ``benchmarks/results/pfl_cxr_seed<SEED>.json``. ``--modality pathology``
+runs the same on synthetic pathology labs (``pfl_pathology_…`` files), e.g. the three grades::
+
+    python -m benchmarks.pfl --modality pathology --classes normal low-grade high-grade --seeds 0 1 2 …
 
 With ``--seeds`` it runs every seed on its own hospitals (the same hospitals for every algorithm of a seed),
 writes one file per seed and ``pfl_cxr_<settings>_seeds.json``, and prints the tables over seeds: mean ±
@@ -36,6 +39,7 @@ from benchmarks.runner import (
     hospitals,
     markdown,
     run_variants,
+    same_settings,
     save,
 )
 from medsilo.components.algorithms import PFL_ALGORITHMS
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.seeds:
         return many_seeds(args)
-    return one_seed(args, f"pfl_cxr_seed{args.seed}")
+    return one_seed(args, f"pfl_{args.modality}_seed{args.seed}")
 
 
 def one_seed(args: argparse.Namespace, name: str) -> dict:
@@ -66,7 +70,7 @@ def one_seed(args: argparse.Namespace, name: str) -> dict:
     runs = run_variants(variants, base, sites_yml, WORK / "pfl_runs" / name)  # seeds may run side by side
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     result = save(name, settings, req.to_json(), runs, out=args.out,
-                  title="pFL benchmark on synthetic chest X-ray hospitals")  # fmt: skip
+                  title=f"pFL benchmark on synthetic {'chest X-ray hospitals' if req.modality == 'cxr' else 'pathology labs'}")  # fmt: skip
     print(markdown(result))
     return result
 
@@ -90,9 +94,7 @@ def earlier(args: argparse.Namespace, name: str) -> dict | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "algorithms")}
-    recorded = {"params": [], **result["settings"]}  # files written before --params existed ran without any
-    same = {k: recorded.get(k) for k in settings} == settings
+    same = same_settings(result, args, ignore=("seeds", "algorithms"))
     if not same or not set(args.algorithms) <= {row["label"] for row in result["rows"]}:
         return None
     print(f"seed {args.seed}: kept {path.name}", flush=True)
@@ -111,7 +113,8 @@ def many_seeds(args: argparse.Namespace) -> dict:
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         args.seed = seed
-        result = earlier(args, f"pfl_cxr_{tag}_seed{seed}") or one_seed(args, f"pfl_cxr_{tag}_seed{seed}")
+        name = f"pfl_{args.modality}_{tag}_seed{seed}"
+        result = earlier(args, name) or one_seed(args, name)
         for row in result["rows"]:
             runs.append({**{key: v for key, v in row.items() if key != "models"}, "algorithm": row["label"],
                          "seed": seed, "per_site": result["per_site"][row["label"]]})  # fmt: skip
@@ -124,9 +127,9 @@ def many_seeds(args: argparse.Namespace) -> dict:
         over_seeds.site_table(runs, [a for a in algorithms if a != "local"], "local", "test_balanced_acc"),
     ])  # fmt: skip
     settings = {key: v for key, v in vars(args).items() if key not in ("out", "seed")}
-    out = {"benchmark": f"pfl_cxr_{tag}_seeds", "settings": settings, "runs": runs, "tables": text}
+    out = {"benchmark": f"pfl_{args.modality}_{tag}_seeds", "settings": settings, "runs": runs, "tables": text}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / f"pfl_cxr_{tag}_seeds.json", json.dumps(out, indent=2) + "\n")
+    write_atomic(args.out / f"pfl_{args.modality}_{tag}_seeds.json", json.dumps(out, indent=2) + "\n")
     print(text)
     return out
 

@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run_variants, save
+from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run_variants, same_settings, save
 from medsilo.components.algorithms.base import COSINE_RECIPE
 from medsilo.fs import write_atomic
 from medsilo.stats import mean_interval, paired_interval
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     k = len(args.classes) if args.classes else 2
     tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_k{k}_r{args.rounds}"
+    tag = tag if args.modality == "cxr" else f"{args.modality}_{tag}"
     runs = []
     for seed in args.seeds:
         args.seed = seed
@@ -84,11 +85,9 @@ def earlier(args: argparse.Namespace, name: str) -> dict | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "algorithms", "recipes")}
     wanted = {f"{a}/{r}" for a in args.algorithms for r in args.recipes}
-    if {k: result["settings"].get(k) for k in settings} != settings or not wanted <= {
-        row["label"] for row in result["rows"]
-    }:
+    same = same_settings(result, args, ignore=("seeds", "algorithms", "recipes"))
+    if not same or not wanted <= {row["label"] for row in result["rows"]}:
         return None
     print(f"seed {args.seed}: kept {path.name}", flush=True)
     return result

@@ -19,7 +19,9 @@ WORK = Path(__file__).resolve().parent / "work"
 
 
 def add_hospital_args(parser: argparse.ArgumentParser, *, rounds: int = 20) -> None:
-    """The options every simulator benchmark on synthetic CXR hospitals shares (data, training, output)."""
+    """The options every simulator benchmark on synthetic hospitals shares (data, training, output)."""
+    parser.add_argument("--modality", choices=["cxr", "pathology"], default="cxr",
+                        help="chest X-ray hospitals (default) or pathology labs")  # fmt: skip
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--images-per-site", type=int, default=600)
     parser.add_argument("--dirichlet-alpha", type=float, default=1.0)
@@ -35,23 +37,38 @@ def add_hospital_args(parser: argparse.ArgumentParser, *, rounds: int = 20) -> N
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classes", nargs="+", default=None,
-                        help="findings in label order (default normal pneumonia); e.g. normal pneumonia effusion nodule")  # fmt: skip
+                        help="classes in label order (default normal pneumonia / normal tumor); e.g. normal pneumonia "
+                             "effusion nodule, or the pathology grades normal low-grade high-grade")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
 
 
+ADDED_LATER = {"modality": "cxr", "params": []}
+"""Options added after results files were written, with the value those files ran with (what :func:`same_settings`
+assumes when a file does not record one)."""
+
+
+def same_settings(result: dict[str, Any], args: argparse.Namespace, ignore: tuple[str, ...]) -> bool:
+    """Whether the results file ``result`` was written with ``args``'s settings (but those in ``ignore`` and
+    ``out``): the test a resumed benchmark uses to keep a finished seed."""
+    settings = {k: v for k, v in vars(args).items() if k not in (*ignore, "out")}
+    recorded = {**ADDED_LATER, **result["settings"]}
+    return {k: recorded.get(k) for k in settings} == settings
+
+
 def hospitals(args: argparse.Namespace, prefix: str, *, force: bool = False) -> tuple[SynthRequest, Path]:
-    """Synthesize (or reuse, cached under ``WORK/<prefix>_cxr_<settings>``) the hospitals ``args`` describe."""
+    """Synthesize (or reuse, cached under ``WORK/<prefix>_<modality>_<settings>``) the hospitals ``args`` describe."""
     classes = tuple(args.classes) if getattr(args, "classes", None) else None
-    req = SynthRequest("cxr", args.sites, args.images_per_site, seed=args.seed, dirichlet_alpha=args.dirichlet_alpha,
+    modality = getattr(args, "modality", "cxr")
+    req = SynthRequest(modality, args.sites, args.images_per_site, seed=args.seed, dirichlet_alpha=args.dirichlet_alpha,
                        shift=args.shift, classes=classes)  # fmt: skip
     tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_s{args.shift:g}_seed{args.seed}"
     tag += f"_k{len(classes)}" if classes else ""
-    return req, synthesize(WORK / f"{prefix}_cxr_{tag}", req, force=force)
+    return req, synthesize(WORK / f"{prefix}_{modality}_{tag}", req, force=force)
 
 
 def base_spec(args: argparse.Namespace, req: SynthRequest, model: Any = "cnn", **fields: Any) -> dict[str, Any]:
     """Job-spec fields shared by every variant: data, model, SGD (momentum 0.9) training from ``args``."""
-    return dict(modality="cxr", classes=list(req.class_names()), dataset="cxr", image_size=args.image_size,
+    return dict(modality=req.modality, classes=list(req.class_names()), dataset=req.modality, image_size=args.image_size,
                 model=model, feature_dim=64, seed=args.seed, training=recipe(args), **fields)  # fmt: skip
 
 
