@@ -19,7 +19,9 @@ runs the same on synthetic pathology labs (``pfl_pathology_…`` files), e.g. th
 With ``--seeds`` it runs every seed on its own hospitals (the same hospitals for every algorithm of a seed),
 writes one file per seed and ``pfl_cxr_<settings>_seeds.json``, and prints the tables over seeds: mean ±
 95 % interval, paired gains over Local and FedAvg, and each site's paired gain over Local
-(:mod:`benchmarks.seeds`). The issue-16 setting::
+(:mod:`benchmarks.seeds`). A run with ``--params`` (``--algorithms ditto --params ditto.mu=1``) names its files
+after them and takes Local and FedAvg from the plain run's file of each seed, when one was written with the same
+settings. The issue-16 setting::
 
     python -m benchmarks.pfl --sites 8 --classes normal pneumonia effusion nodule --dirichlet-alpha 0.3 \
         --seeds 0 1 2 3 4 --algorithms local fedavg fedper fedrep
@@ -108,17 +110,24 @@ def many_seeds(args: argparse.Namespace) -> dict:
     if (args.lr_schedule, args.warmup_rounds, args.weight_decay, args.class_weights) != ("constant", 0, 0.0, "none"):
         tag += (f"_lr{args.lr:g}_{args.lr_schedule}{args.warmup_rounds}_wd{args.weight_decay:g}"
                 f"{'_balanced' if args.class_weights == 'balanced' else ''}")  # the recipe names the files too
+    plain_tag = tag
     for algorithm, values in hyper_parameters(args.params).items():  # so do hyper-parameters: ditto_mu1
         tag += f"_{algorithm}" + "".join(f"_{key}{value:g}" for key, value in values.items())
+    # A hyper-parameter run compares against the Local and FedAvg runs of the plain file of each seed, when it has them.
+    bases = [a for a in ("local", "fedavg") if a not in args.algorithms] if args.params else []
+    plain = argparse.Namespace(**{**vars(args), "algorithms": bases, "params": []})
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
-        args.seed = seed
+        args.seed = plain.seed = seed
         name = f"pfl_{args.modality}_{tag}_seed{seed}"
-        result = earlier(args, name) or one_seed(args, name)
-        for row in result["rows"]:
-            runs.append({**{key: v for key, v in row.items() if key != "models"}, "algorithm": row["label"],
-                         "seed": seed, "per_site": result["per_site"][row["label"]]})  # fmt: skip
-    algorithms = list(args.algorithms)
+        results = [earlier(args, name) or one_seed(args, name)]
+        results += [r for r in [earlier(plain, f"pfl_{args.modality}_{plain_tag}_seed{seed}")] if r and bases]
+        for result in results:
+            for row in result["rows"]:
+                if row["label"] in args.algorithms or row["label"] in bases:
+                    runs.append({**{key: v for key, v in row.items() if key != "models"}, "algorithm": row["label"],
+                                 "seed": seed, "per_site": result["per_site"][row["label"]]})  # fmt: skip
+    algorithms = [a for a in bases if any(r["algorithm"] == a for r in runs)] + list(args.algorithms)
     text = "\n\n".join([
         over_seeds.summary(runs, algorithms, ["mean_balanced_acc", "mean_acc", "worst_acc", "mean_auroc"]),
         "Paired gain in mean balanced accuracy (mean [95 % interval] over seeds; * excludes 0):",
