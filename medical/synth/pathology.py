@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, optimize, stats
 
 PATHOLOGY_CLASSES: tuple[str, ...] = ("normal", "tumor", "low-grade", "high-grade")
 """Every class the generator can draw; a job picks two or more (default ``normal``/``tumor``; graded:
@@ -33,6 +33,16 @@ ATYPIA_LAWS: dict[str, tuple[float, float]] = {
     "normal": (2, 5), "tumor": (5, 2), "low-grade": (9, 9), "high-grade": (7, 2),
 }  # fmt: skip
 """Beta(a, b) law of each class's latent atypia."""
+
+def atypia_boundary(lower: str, upper: str) -> float:
+    """Where the atypia laws of two classes cross between their modes: the atypia above which ``upper`` is the
+    likelier class (e.g. ``atypia_boundary("normal", "tumor")`` = 0.5). ``lower``'s law must peak below ``upper``'s."""
+    (a1, b1), (a2, b2) = ATYPIA_LAWS[lower], ATYPIA_LAWS[upper]
+    lo, hi = (a1 - 1) / (a1 + b1 - 2), (a2 - 1) / (a2 + b2 - 2)  # the modes (every law has a, b > 1)
+    if not lo < hi:
+        raise ValueError(f"atypia_boundary: {lower!r} must peak below {upper!r}")
+    return float(optimize.brentq(lambda x: stats.beta.logpdf(x, a1, b1) - stats.beta.logpdf(x, a2, b2), lo, hi))
+
 
 H_VECTOR = np.array([0.650, 0.704, 0.286], dtype=np.float32)
 E_VECTOR = np.array([0.072, 0.990, 0.105], dtype=np.float32)

@@ -198,6 +198,21 @@ def test_pathology_grades_are_three_ordered_classes(tmp_path):
         pathology.sample_atypia(rng, "grade-4")
 
 
+def test_atypia_boundaries_are_where_the_likelier_class_changes():
+    from scipy import stats
+
+    def likelier(x: float, a: str, b: str) -> str:
+        return max((a, b), key=lambda c: stats.beta.pdf(x, *pathology.ATYPIA_LAWS[c]))
+
+    for lower, upper in [("normal", "tumor"), ("normal", "low-grade"), ("low-grade", "high-grade")]:
+        x = pathology.atypia_boundary(lower, upper)
+        assert likelier(x - 0.01, lower, upper) == lower and likelier(x + 0.01, lower, upper) == upper
+    assert pathology.atypia_boundary("normal", "tumor") == pytest.approx(0.5)  # the two-class laws are mirrors
+    assert pathology.atypia_boundary("normal", "low-grade") < pathology.atypia_boundary("low-grade", "high-grade")
+    with pytest.raises(ValueError, match="must peak below"):
+        pathology.atypia_boundary("high-grade", "low-grade")
+
+
 def test_stain_site_changes_colour_not_shape():
     rng_a, rng_b = np.random.default_rng(2), np.random.default_rng(2)
     ref = pathology.stain_patch(0.5, pathology.STAIN_SITES[0], rng_a, 32)

@@ -149,7 +149,12 @@ class ProceduralCXR:
 _STAIN_SPREAD = {"h_scale": (0.6, 1.5), "e_scale": (0.6, 1.5), "h_rot": (-10.0, 15.0), "e_rot": (-6.0, 12.0),
                  "mpp_scale": (0.75, 1.4), "blur": (0.0, 1.2), "noise": (2.0, 5.0)}  # fmt: skip
 """Stain/optics parameters over the range the reference labs span."""
-_ATYPIA = {"normal": (0.0, 0.5), "tumor": (0.5, 1.0), "low-grade": (0.36, 0.65), "high-grade": (0.65, 1.0)}
+_ATYPIA = {
+    "normal": (0.0, pathology.atypia_boundary("normal", "tumor")),
+    "tumor": (pathology.atypia_boundary("normal", "tumor"), 1.0),
+    "low-grade": (pathology.atypia_boundary("normal", "low-grade"), pathology.atypia_boundary("low-grade", "high-grade")),
+    "high-grade": (pathology.atypia_boundary("low-grade", "high-grade"), 1.0),
+}  # fmt: skip
 """Atypia a variation may move to while keeping its class: between the points where its Beta law crosses its
 neighbours' (normal/tumor at 0.5; normal/low-grade at ≈ 0.36, low-/high-grade at ≈ 0.65; a graded job's
 ``normal`` keeps its two-class range, which reaches into low-grade's as the laws themselves do)."""
