@@ -55,7 +55,10 @@ class Interval:
 
 
 def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
-    """Mean of ``values`` with its Student-t interval (one value: the interval is that value, width 0).
+    """Mean of ``values`` with its Student-t interval.
+
+    One value has no spread to estimate, so its interval is unbounded (−∞, +∞): it never excludes 0, and a
+    one-seed table cannot mark a gain as supported or a site as losing.
 
     Raises:
         ValueError: ``values`` is empty or ``level`` not in (0, 1).
@@ -66,7 +69,7 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
         raise ValueError(f"mean_interval: level must be in (0, 1), got {level}")
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return Interval(mean, mean, mean, len(values))
+        return Interval(mean, -math.inf, math.inf, len(values))
     half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
     return Interval(mean, mean - half, mean + half, len(values))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -26,8 +28,9 @@ def test_wilson_stays_inside_0_1_and_refuses_impossible_counts():
 
 def test_mean_interval_is_the_t_interval_and_covers_the_mean_at_its_level():
     assert mean_interval([1.0, 2.0, 3.0]).half_width == pytest.approx(2.484, abs=1e-3)  # t(0.975, 2) · 1/√3
-    single = mean_interval([0.7])
-    assert single.low == single.high == 0.7
+    single = mean_interval([0.7])  # one seed: a mean, but no interval, so no claim that it is above 0
+    assert single.value == 0.7 and (single.low, single.high) == (-math.inf, math.inf) and not single.excludes_zero()
+    assert not paired_interval([0.9], [0.1]).excludes_zero()
     rng = np.random.default_rng(0)
     draws = [list(rng.normal(0.3, 1.0, 5)) for _ in range(2000)]
     covered = sum(mean_interval(d).low <= 0.3 <= mean_interval(d).high for d in draws)
