@@ -39,10 +39,11 @@ from benchmarks.runner import (
     add_hospital_args,
     base_spec,
     hospitals,
+    kept_seed,
     markdown,
     run_variants,
-    same_settings,
     save,
+    settings_tag,
 )
 from medsilo.components.algorithms import PFL_ALGORITHMS
 from medsilo.fs import write_atomic
@@ -89,28 +90,13 @@ def hyper_parameters(items: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
-def earlier(args: argparse.Namespace, name: str) -> dict | None:
-    """``<out>/<name>.json`` when an earlier run wrote it with these settings and every algorithm asked for
-    (a stopped multi-seed benchmark resumes from its finished seeds); else ``None``."""
-    path = args.out / f"{name}.json"
-    if not path.is_file():
-        return None
-    result = json.loads(path.read_text())
-    same = same_settings(result, args, ignore=("seeds", "algorithms"))
-    if not same or not set(args.algorithms) <= {row["label"] for row in result["rows"]}:
-        return None
-    print(f"seed {args.seed}: kept {path.name}", flush=True)
-    return result
+IGNORED = ("seeds", "algorithms")
+"""Options a kept seed's file may differ in."""
 
 
 def many_seeds(args: argparse.Namespace) -> dict:
     """:func:`one_seed` for each of ``args.seeds``, then the tables over seeds (written and printed)."""
-    k = len(args.classes) if args.classes else 2
-    tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_k{k}_r{args.rounds}"
-    if (args.lr_schedule, args.warmup_rounds, args.weight_decay, args.class_weights) != ("constant", 0, 0.0, "none"):
-        tag += (f"_lr{args.lr:g}_{args.lr_schedule}{args.warmup_rounds}_wd{args.weight_decay:g}"
-                f"{'_balanced' if args.class_weights == 'balanced' else ''}")  # the recipe names the files too
-    plain_tag = tag
+    tag = plain_tag = settings_tag(args)
     for algorithm, values in hyper_parameters(args.params).items():  # so do hyper-parameters: ditto_mu1
         tag += f"_{algorithm}" + "".join(f"_{key}{value:g}" for key, value in values.items())
     # A hyper-parameter run compares against the Local and FedAvg runs of the plain file of each seed, when it has them.
@@ -120,21 +106,13 @@ def many_seeds(args: argparse.Namespace) -> dict:
     for seed in args.seeds:
         args.seed = plain.seed = seed
         name = f"pfl_{args.modality}_{tag}_seed{seed}"
-        results = [earlier(args, name) or one_seed(args, name)]
-        results += [r for r in [earlier(plain, f"pfl_{args.modality}_{plain_tag}_seed{seed}")] if r and bases]
+        results = [kept_seed(args, name, set(args.algorithms), IGNORED) or one_seed(args, name)]
+        if bases:
+            results += [r for r in [kept_seed(plain, f"pfl_{args.modality}_{plain_tag}_seed{seed}", set(bases), IGNORED)] if r]
         for result in results:
-            for row in result["rows"]:
-                if row["label"] in args.algorithms or row["label"] in bases:
-                    runs.append({**{key: v for key, v in row.items() if key != "models"}, "algorithm": row["label"],
-                                 "seed": seed, "per_site": result["per_site"][row["label"]]})  # fmt: skip
+            runs += over_seeds.runs_of(result, seed, [*args.algorithms, *bases])
     algorithms = [a for a in bases if any(r["algorithm"] == a for r in runs)] + list(args.algorithms)
-    text = "\n\n".join([
-        over_seeds.summary(runs, algorithms, ["mean_balanced_acc", "mean_acc", "worst_acc", "mean_auroc"]),
-        "Paired gain in mean balanced accuracy (mean [95 % interval] over seeds; * excludes 0):",
-        over_seeds.paired_table(runs, algorithms, ["local", "fedavg"], "mean_balanced_acc"),
-        "Each site's paired gain in balanced accuracy over Local:",
-        over_seeds.site_table(runs, [a for a in algorithms if a != "local"], "local", "test_balanced_acc"),
-    ])  # fmt: skip
+    text = over_seeds.tables(runs, algorithms, ["local", "fedavg"])
     settings = {key: v for key, v in vars(args).items() if key not in ("out", "seed")}
     out = {"benchmark": f"pfl_{args.modality}_{tag}_seeds", "settings": settings, "runs": runs, "tables": text}
     args.out.mkdir(parents=True, exist_ok=True)

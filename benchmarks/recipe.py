@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run_variants, same_settings, save
+from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, kept_seed, run_variants, save
 from medsilo.components.algorithms.base import COSINE_RECIPE
 from medsilo.fs import write_atomic
 from medsilo.stats import mean_interval, paired_interval
@@ -48,11 +48,12 @@ def main(argv: list[str] | None = None) -> dict:
     k = len(args.classes) if args.classes else 2
     tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_k{k}_r{args.rounds}"
     tag = tag if args.modality == "cxr" else f"{args.modality}_{tag}"
+    wanted = {f"{a}/{r}" for a in args.algorithms for r in args.recipes}
     runs = []
     for seed in args.seeds:
         args.seed = seed
         name = f"recipe_{tag}_seed{seed}"
-        result = earlier(args, name) or one_seed(args, name)
+        result = kept_seed(args, name, wanted, ("seeds", "algorithms", "recipes")) or one_seed(args, name)
         for row in result["rows"]:
             algorithm, recipe = row["label"].split("/", 1)
             runs.append({"algorithm": algorithm, "recipe": recipe, "seed": seed,
@@ -77,20 +78,6 @@ def one_seed(args: argparse.Namespace, name: str) -> dict:
     runs = run_variants(variants, base, sites_yml, WORK / "recipe_runs" / name)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     return save(name, settings, req.to_json(), runs, out=args.out, title="Training-recipe sweep (validation)")
-
-
-def earlier(args: argparse.Namespace, name: str) -> dict | None:
-    """``<out>/<name>.json`` when an earlier run wrote it with these settings and every variant asked for."""
-    path = args.out / f"{name}.json"
-    if not path.is_file():
-        return None
-    result = json.loads(path.read_text())
-    wanted = {f"{a}/{r}" for a in args.algorithms for r in args.recipes}
-    same = same_settings(result, args, ignore=("seeds", "algorithms", "recipes"))
-    if not same or not wanted <= {row["label"] for row in result["rows"]}:
-        return None
-    print(f"seed {args.seed}: kept {path.name}", flush=True)
-    return result
 
 
 def table(runs: list[dict[str, Any]], algorithms: list[str], recipes: list[str]) -> tuple[str, dict[str, str]]:

@@ -55,6 +55,30 @@ def same_settings(result: dict[str, Any], args: argparse.Namespace, ignore: tupl
     return {k: recorded.get(k) for k in settings} == settings
 
 
+def kept_seed(args: argparse.Namespace, name: str, labels: set[str], ignore: tuple[str, ...]) -> dict[str, Any] | None:
+    """``<args.out>/<name>.json`` when an earlier run wrote it with ``args``'s settings (but ``ignore``) and rows for
+    every label in ``labels``, so a stopped multi-seed benchmark resumes from its finished seeds; else ``None``."""
+    path = args.out / f"{name}.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if not same_settings(result, args, ignore) or not labels <= {row["label"] for row in result["rows"]}:
+        return None
+    print(f"seed {args.seed}: kept {path.name}", flush=True)
+    return result
+
+
+def settings_tag(args: argparse.Namespace) -> str:
+    """What names a multi-seed benchmark's files: hospitals, classes, rounds and (when not the plain one) the recipe,
+    e.g. ``8x400_a0.3_k4_r50_lr0.03_cosine3_wd0.0005_balanced``."""
+    k = len(args.classes) if args.classes else 2
+    tag = f"{args.sites}x{args.images_per_site}_a{args.dirichlet_alpha:g}_k{k}_r{args.rounds}"
+    if (args.lr_schedule, args.warmup_rounds, args.weight_decay, args.class_weights) != ("constant", 0, 0.0, "none"):
+        tag += (f"_lr{args.lr:g}_{args.lr_schedule}{args.warmup_rounds}_wd{args.weight_decay:g}"
+                f"{'_balanced' if args.class_weights == 'balanced' else ''}")  # fmt: skip
+    return tag
+
+
 def hospitals(args: argparse.Namespace, prefix: str, *, force: bool = False) -> tuple[SynthRequest, Path]:
     """Synthesize (or reuse, cached under ``WORK/<prefix>_<modality>_<settings>``) the hospitals ``args`` describe."""
     classes = tuple(args.classes) if getattr(args, "classes", None) else None

@@ -91,6 +91,24 @@ def site_table(runs: list[dict[str, Any]], algorithms: list[str], base: str, key
     return "\n".join(lines)
 
 
+def runs_of(result: dict[str, Any], seed: int, labels: list[str]) -> list[dict[str, Any]]:
+    """The *runs* (module docstring) of one seed's results file, for the rows labelled in ``labels``."""
+    return [{**{key: v for key, v in row.items() if key != "models"}, "algorithm": row["label"], "seed": seed,
+             "per_site": result["per_site"][row["label"]]} for row in result["rows"] if row["label"] in labels]  # fmt: skip
+
+
+def tables(runs: list[dict[str, Any]], algorithms: list[str], bases: list[str]) -> str:
+    """The tables every multi-seed benchmark prints: headline means, paired gains in mean balanced accuracy
+    over each of ``bases``, and each site's paired gain over ``bases[0]`` (Local)."""
+    return "\n\n".join([
+        summary(runs, algorithms, ["mean_balanced_acc", "mean_acc", "worst_acc", "mean_auroc"]),
+        "Paired gain in mean balanced accuracy (mean [95 % interval] over seeds; * excludes 0):",
+        paired_table(runs, algorithms, bases, "mean_balanced_acc"),
+        f"Each site's paired gain in balanced accuracy over {bases[0]}:",
+        site_table(runs, [a for a in algorithms if a != bases[0]], bases[0], "test_balanced_acc"),
+    ])  # fmt: skip
+
+
 def _natural(site: str) -> tuple[str, int]:
     """``site-2`` before ``site-10``."""
     head, _, tail = site.rpartition("-")
