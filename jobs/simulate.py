@@ -183,7 +183,8 @@ def run_simulation(
         with log_path.open("w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
             try:
-                _follow(proc, server_dir / PROGRESS_FILE, spec, label or spec.name, progress, position)
+                _follow(proc, server_dir / PROGRESS_FILE, spec, label or spec.name, progress, position,
+                        error_log=workspace / "server" / "error_log.txt")  # fmt: skip
             finally:
                 if proc.poll() is None:
                     proc.terminate()
@@ -199,7 +200,10 @@ def run_simulation(
         return json.loads(results_path.read_text())
     failure = server_dir / FAILURE_FILE
     if failure.is_file():
-        raise MedsiloError(f"job '{spec.name}' stopped: {json.loads(failure.read_text())['error']} (logs: {workspace})")
+        dead = _unstarted_workers(workspace / "server" / "error_log.txt")
+        why = f"; NVFlare's simulator could not start {len(dead)} site worker(s): {dead[0]}" if dead else ""
+        raise MedsiloError(f"job '{spec.name}' stopped: {json.loads(failure.read_text())['error']}{why} "
+                           f"(logs: {workspace})")  # fmt: skip
     raise MedsiloError(
         f"job '{spec.name}' ended without results (simulator exit code {proc.returncode}); "
         f"last lines of {log_path}: {_tail(log_path)}"
@@ -233,9 +237,27 @@ def _short_tmpdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="medsilo-", dir=root))
 
 
+WORKER_START_FAILURE = "run_client_thread error"
+"""What NVFlare's simulator writes to the server's ``error_log.txt`` when a site's worker process never came up (e.g.
+"Failed to create connection to the child process …, timeout: 60.0" on an overloaded machine). That site never
+joins the job."""
+
+
+def _unstarted_workers(error_log: Path) -> list[str]:
+    """NVFlare's messages for the site workers its simulator could not start, from the server's ``error_log``."""
+    lines = error_log.read_text(errors="replace").splitlines() if error_log.is_file() else []
+    return [line.split(" - ERROR - ", 1)[-1].strip() for line in lines if WORKER_START_FAILURE in line]
+
+
 def _follow(proc: subprocess.Popen, progress_file: Path, spec: JobSpec, label: str, show: bool,
-            position: int | None = None) -> None:
-    """Wait for the simulator, turning each new progress line into a tick of the bar."""
+            position: int | None = None, error_log: Path | None = None) -> None:
+    """Wait for the simulator, turning each new progress line into a tick of the bar.
+
+    Raises:
+        MedsiloError: a site worker never started and the job has no ``reliability.task_timeout``: its server would
+            wait for that site's ``join`` forever, so the simulator is stopped (the caller ends it) and nothing is
+            reported as a result.
+    """
     seen = 0
     with tqdm(total=spec.training.rounds, desc=label, unit="round", disable=not show, leave=True,
               position=position) as bar:
@@ -248,6 +270,14 @@ def _follow(proc: subprocess.Popen, progress_file: Path, spec: JobSpec, label: s
             seen = tick(bar, progress_file, seen)
             if done:
                 return
+            dead = _unstarted_workers(error_log) if error_log is not None and not spec.reliability.task_timeout else []
+            if dead:
+                raise MedsiloError(
+                    f"job '{spec.name}' stopped: NVFlare's simulator could not start {len(dead)} site worker(s) "
+                    f"({dead[0]}), and with reliability.task_timeout = 0 the server would wait for them forever. "
+                    f"This happens on an overloaded machine: run fewer jobs side by side and start it again "
+                    f"(logs: {error_log.parent.parent})"
+                )
 
 
 def tick(bar, progress_file: Path | None, seen: int) -> int:
