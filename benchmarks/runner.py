@@ -55,7 +55,8 @@ def same_settings(result: dict[str, Any], args: argparse.Namespace, ignore: tupl
     return {k: recorded.get(k) for k in settings} == settings
 
 
-def kept_seed(args: argparse.Namespace, name: str, labels: set[str], ignore: tuple[str, ...]) -> dict[str, Any] | None:
+def kept_seed(args: argparse.Namespace, name: str, labels: set[str], ignore: tuple[str, ...],
+              say: bool = True) -> dict[str, Any] | None:  # fmt: skip
     """``<args.out>/<name>.json`` when an earlier run wrote it with ``args``'s settings (but ``ignore``) and rows for
     every label in ``labels``, so a stopped multi-seed benchmark resumes from its finished seeds; else ``None``."""
     path = args.out / f"{name}.json"
@@ -64,7 +65,8 @@ def kept_seed(args: argparse.Namespace, name: str, labels: set[str], ignore: tup
     result = json.loads(path.read_text())
     if not same_settings(result, args, ignore) or not labels <= {row["label"] for row in result["rows"]}:
         return None
-    print(f"seed {args.seed}: kept {path.name}", flush=True)
+    if say:
+        print(f"seed {args.seed}: kept {path.name}", flush=True)
     return result
 
 
