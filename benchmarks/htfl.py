@@ -39,6 +39,7 @@ from benchmarks.runner import (
     hospitals,
     kept_seed,
     markdown,
+    refuse_overwrite,
     run_variants,
     save,
     settings_tag,
@@ -100,8 +101,10 @@ def many_seeds(args: argparse.Namespace) -> dict:
     for seed in args.seeds:
         args.seed = seed
         name = f"htfl_{args.modality}_{tag}_seed{seed}"
-        result = kept_seed(args, name, set(args.variants), ("seeds", "variants", "models"))
-        result = result or one_seed(args, name, WORK / "htfl_runs" / name)  # seeds may run side by side
+        ignore = ("seeds", "variants", "models")
+        result = kept_seed(args, name, set(args.variants), ignore)
+        if result is None:  # seeds may run side by side: one run folder each
+            result = one_seed(args, refuse_overwrite(args, name, ignore, args.variants), WORK / "htfl_runs" / name)
         runs += over_seeds.runs_of(result, seed, args.variants)
     text = over_seeds.tables(runs, list(args.variants), ["local"])
     settings = {key: v for key, v in vars(args).items() if key not in ("out", "seed")}

@@ -41,6 +41,7 @@ from benchmarks.runner import (
     hospitals,
     kept_seed,
     markdown,
+    refuse_overwrite,
     run_variants,
     save,
     settings_tag,
@@ -94,18 +95,6 @@ IGNORED = ("seeds", "algorithms")
 """Options a kept seed's file may differ in."""
 
 
-def refuse_overwrite(args: argparse.Namespace, name: str) -> str:
-    """``name``, unless ``<out>/<name>.json`` holds runs of these settings for other algorithms than those asked
-    for: rerunning would replace them, so that stops the benchmark (run all the algorithms together, or use
-    ``--out`` elsewhere)."""
-    earlier = kept_seed(args, name, set(), IGNORED, say=False)
-    other = sorted({row["label"] for row in earlier["rows"]} - set(args.algorithms)) if earlier else []
-    if other:
-        raise SystemExit(f"{args.out / name}.json holds {', '.join(other)} with these settings; running "
-                         f"{', '.join(args.algorithms)} would replace it. Ask for those too, or use another --out")
-    return name
-
-
 def many_seeds(args: argparse.Namespace) -> dict:
     """:func:`one_seed` for each of ``args.seeds``, then the tables over seeds (written and printed)."""
     tag = plain_tag = settings_tag(args)
@@ -118,7 +107,7 @@ def many_seeds(args: argparse.Namespace) -> dict:
     for seed in args.seeds:
         args.seed = plain.seed = seed
         name = f"pfl_{args.modality}_{tag}_seed{seed}"
-        results = [kept_seed(args, name, set(args.algorithms), IGNORED) or one_seed(args, refuse_overwrite(args, name))]
+        results = [kept_seed(args, name, set(args.algorithms), IGNORED) or one_seed(args, refuse_overwrite(args, name, IGNORED, args.algorithms))]
         if bases:
             results += [r for r in [kept_seed(plain, f"pfl_{args.modality}_{plain_tag}_seed{seed}", set(bases), IGNORED)] if r]
         for result in results:

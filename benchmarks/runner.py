@@ -70,6 +70,18 @@ def kept_seed(args: argparse.Namespace, name: str, labels: set[str], ignore: tup
     return result
 
 
+def refuse_overwrite(args: argparse.Namespace, name: str, ignore: tuple[str, ...], labels: list[str]) -> str:
+    """``name``, unless ``<args.out>/<name>.json`` holds runs of these settings (but ``ignore``) for other labels than
+    ``labels``: a new run would replace them, so the benchmark stops instead (ask for them too, or use another
+    ``--out``)."""
+    earlier = kept_seed(args, name, set(), ignore, say=False)
+    other = sorted({row["label"] for row in earlier["rows"]} - set(labels)) if earlier else []
+    if other:
+        raise SystemExit(f"{args.out / name}.json holds {', '.join(other)} with these settings; running "
+                         f"{', '.join(labels)} would replace it. Ask for those too, or use another --out")
+    return name
+
+
 def settings_tag(args: argparse.Namespace) -> str:
     """What names a multi-seed benchmark's files: hospitals, classes, rounds and (when not the plain one) the recipe,
     e.g. ``8x400_a0.3_k4_r50_lr0.03_cosine3_wd0.0005_balanced``."""
