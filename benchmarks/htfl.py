@@ -37,11 +37,10 @@ from benchmarks.runner import (
     add_hospital_args,
     base_spec,
     hospitals,
-    kept_seed,
     markdown,
-    refuse_overwrite,
     run_variants,
     save,
+    seed_result,
     settings_tag,
 )
 from medsilo.fs import write_atomic
@@ -101,10 +100,8 @@ def many_seeds(args: argparse.Namespace) -> dict:
     for seed in args.seeds:
         args.seed = seed
         name = f"htfl_{args.modality}_{tag}_seed{seed}"
-        ignore = ("seeds", "variants", "models")
-        result = kept_seed(args, name, set(args.variants), ignore)
-        if result is None:  # seeds may run side by side: one run folder each
-            result = one_seed(args, refuse_overwrite(args, name, ignore, args.variants), WORK / "htfl_runs" / name)
+        result = seed_result(args, name, set(args.variants), ("seeds", "variants", "models"),
+                             lambda name: one_seed(args, name, WORK / "htfl_runs" / name))  # seeds may run side by side
         runs += over_seeds.runs_of(result, seed, args.variants)
     text = over_seeds.tables(runs, list(args.variants), ["local"])
     settings = {key: v for key, v in vars(args).items() if key not in ("out", "seed")}

@@ -41,9 +41,9 @@ from benchmarks.runner import (
     hospitals,
     kept_seed,
     markdown,
-    refuse_overwrite,
     run_variants,
     save,
+    seed_result,
     settings_tag,
 )
 from medsilo.components.algorithms import PFL_ALGORITHMS
@@ -107,7 +107,7 @@ def many_seeds(args: argparse.Namespace) -> dict:
     for seed in args.seeds:
         args.seed = plain.seed = seed
         name = f"pfl_{args.modality}_{tag}_seed{seed}"
-        results = [kept_seed(args, name, set(args.algorithms), IGNORED) or one_seed(args, refuse_overwrite(args, name, IGNORED, args.algorithms))]
+        results = [seed_result(args, name, set(args.algorithms), IGNORED, lambda name: one_seed(args, name))]
         if bases:
             results += [r for r in [kept_seed(plain, f"pfl_{args.modality}_{plain_tag}_seed{seed}", set(bases), IGNORED)] if r]
         for result in results:

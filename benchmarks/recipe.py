@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, kept_seed, run_variants, save
+from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run_variants, save, seed_result
 from medsilo.components.algorithms.base import COSINE_RECIPE
 from medsilo.fs import write_atomic
 from medsilo.stats import mean_interval, paired_interval
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         args.seed = seed
         name = f"recipe_{tag}_seed{seed}"
-        result = kept_seed(args, name, wanted, ("seeds", "algorithms", "recipes")) or one_seed(args, name)
+        result = seed_result(args, name, wanted, ("seeds", "algorithms", "recipes"), lambda name: one_seed(args, name))
         for row in result["rows"]:
             algorithm, recipe = row["label"].split("/", 1)
             runs.append({"algorithm": algorithm, "recipe": recipe, "seed": seed,

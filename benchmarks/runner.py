@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +71,20 @@ def kept_seed(args: argparse.Namespace, name: str, labels: set[str], ignore: tup
     return result
 
 
-def refuse_overwrite(args: argparse.Namespace, name: str, ignore: tuple[str, ...], labels: list[str]) -> str:
-    """``name``, unless ``<args.out>/<name>.json`` holds runs of these settings (but ``ignore``) for other labels than
-    ``labels``: a new run would replace them, so the benchmark stops instead (ask for them too, or use another
-    ``--out``)."""
+def seed_result(args: argparse.Namespace, name: str, labels: set[str], ignore: tuple[str, ...],
+                run: Callable[[str], dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """One seed of a multi-seed benchmark: ``<args.out>/<name>.json`` when :func:`kept_seed` keeps it, else ``run(name)``
+    (which writes it). A file of these settings that holds runs for other labels than ``labels`` would be replaced by
+    that run, so the benchmark stops instead: ask for those labels too, or use another ``--out``."""
+    kept = kept_seed(args, name, labels, ignore)
+    if kept is not None:
+        return kept
     earlier = kept_seed(args, name, set(), ignore, say=False)
-    other = sorted({row["label"] for row in earlier["rows"]} - set(labels)) if earlier else []
+    other = sorted({row["label"] for row in earlier["rows"]} - labels) if earlier else []
     if other:
         raise SystemExit(f"{args.out / name}.json holds {', '.join(other)} with these settings; running "
-                         f"{', '.join(labels)} would replace it. Ask for those too, or use another --out")
-    return name
+                         f"{', '.join(sorted(labels))} would replace it. Ask for those too, or use another --out")
+    return run(name)
 
 
 def settings_tag(args: argparse.Namespace) -> str:
