@@ -270,7 +270,9 @@ def _follow(proc: subprocess.Popen, progress_file: Path, spec: JobSpec, label: s
             seen = tick(bar, progress_file, seen)
             if done:
                 return
-            dead = _unstarted_workers(error_log) if error_log is not None and not spec.reliability.task_timeout else []
+            # workers start before round 1, so once a round is done there is nothing more to look for
+            watch = error_log is not None and not spec.reliability.task_timeout and seen == 0
+            dead = _unstarted_workers(error_log) if watch else []
             if dead:
                 raise MedsiloError(
                     f"job '{spec.name}' stopped: NVFlare's simulator could not start {len(dead)} site worker(s) "

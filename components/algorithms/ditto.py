@@ -29,9 +29,10 @@ Defaults:
     seeds 0–2 was 0.534 at μ = 1 against 0.520 at the earlier default μ = 0.1 (μ = 1 higher on two of three
     seeds). On test, over five seeds, μ = 1 then gained +7.7 [+2.6, +12.8] points of balanced accuracy over
     Local (BENCHMARKS.md, "The same hospitals, learnable"). Both values are from the paper's grid
-    {0.01, 0.1, 1, 2}. One step of the pull shrinks ``‖v_i − w‖`` by the factor ``1 − ημ``. At lr 0.03 and μ = 1,
-    the ~8 steps a round of a 240-image site close about a fifth of the gap; at μ = 0.1 about 2 %. A strong pull keeps the personal
-    model near the global one, which on label-skewed sites is what recognises their rare classes. The
+    {0.01, 0.1, 1, 2}. One step of the pull shrinks ``‖v_i − w‖`` by the factor ``1 − ημ``. At lr 0.03 and
+    μ = 1, the ~8 steps a round of a 240-image site close about a fifth of the gap; at μ = 0.1 about 2 %. A
+    strong pull keeps the personal model near the global one, which on label-skewed sites is what recognises
+    their rare classes. The
     reference library (PFLlib) defaults to ``μ = 0``, which is allowed: ``v_i`` then never feels ``w`` and is
     exactly the model ``local`` would train (same seed, same batches), trained beside a FedAvg model. The
     reference reports the better of the two evaluations, which is why its μ = 0 looks like FedAvg plus local

@@ -34,6 +34,7 @@ ATYPIA_LAWS: dict[str, tuple[float, float]] = {
 }  # fmt: skip
 """Beta(a, b) law of each class's latent atypia."""
 
+
 def atypia_boundary(lower: str, upper: str) -> float:
     """Where the atypia laws of two classes cross between their modes: the atypia above which ``upper`` is the
     likelier class (e.g. ``atypia_boundary("normal", "tumor")`` = 0.5). ``lower``'s law must peak below ``upper``'s."""

@@ -54,7 +54,6 @@ def test_ckks_fedproto_gives_the_plaintext_results(sites_yml, tmp_path):
     assert all(e["what"]["statement"]["body"] == "ckks" for e in received)
 
 
-
 def test_ckks_fedavg_gives_the_plaintext_predictions(sites_yml, tmp_path):
     # FedAvg sends every weight: 15 ciphertexts per upload for this cnn, summed by the sites themselves; the CKKS
     # sum's ~1e-7 relative error must not change a prediction (BENCHMARKS "What CKKS secure aggregation costs")
@@ -67,6 +66,7 @@ def test_ckks_fedavg_gives_the_plaintext_predictions(sites_yml, tmp_path):
             assert a["metrics"][site]["test_acc"] == b["metrics"][site]["test_acc"]
             assert a["metrics"][site]["test_auroc"] == pytest.approx(b["metrics"][site]["test_auroc"], abs=1e-6)
         assert b["bytes_up"] > 10 * a["bytes_up"]  # the weights did travel as ciphertexts
+
 
 def test_aggregate_release_runs_and_is_refused_below_min_contributors(sites_yml, tmp_path):
     # FedTGP (aggregate form) learns on the server: under ckks a site releases the sum each round
