@@ -79,12 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
     return one_seed(args, f"htfl_cxr{k}_seed{args.seed}", WORK / "htfl_runs")
 
 
-def one_seed(args: argparse.Namespace, name: str, runs_dir) -> dict:
-    """Every variant on the hospitals of ``args.seed``; writes ``<out>/<name>.json``."""
+def one_seed(args: argparse.Namespace, name: str, runs_dir, labels: set[str] | None = None) -> dict:
+    """The variants in ``labels`` (default: all of ``args.variants``) on the hospitals of ``args.seed``; writes
+    ``<out>/<name>.json``."""
     req, sites_yml = hospitals(args, "htfl")
     models = backbones(args.sites)
     base = base_spec(args, req, model=models)
-    variants = {label: {"algorithm": VARIANTS[label]} for label in args.variants}
+    variants = {label: {"algorithm": VARIANTS[label]} for label in args.variants if labels is None or label in labels}
     runs = run_variants(variants, base, sites_yml, runs_dir)
     settings = {k: v for k, v in vars(args).items() if k != "out"} | {"models": models}
     result = save(name, settings, req.to_json(), runs, out=args.out,
@@ -101,7 +102,7 @@ def many_seeds(args: argparse.Namespace) -> dict:
         args.seed = seed
         name = f"htfl_{args.modality}_{tag}_seed{seed}"
         result = seed_result(args, name, set(args.variants), ("seeds", "variants", "models"),
-                             lambda name: one_seed(args, name, WORK / "htfl_runs" / name))  # seeds may run side by side
+                             lambda name, labels: one_seed(args, name, WORK / "htfl_runs" / name, labels))  # seeds may run side by side
         runs += over_seeds.runs_of(result, seed, args.variants)
     text = over_seeds.tables(runs, list(args.variants), ["local"])
     settings = {key: v for key, v in vars(args).items() if key not in ("out", "seed")}

@@ -65,12 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     return one_seed(args, f"pfl_{args.modality}_seed{args.seed}")
 
 
-def one_seed(args: argparse.Namespace, name: str) -> dict:
-    """Every algorithm on the hospitals of ``args.seed``; writes ``<out>/<name>.json``."""
+def one_seed(args: argparse.Namespace, name: str, labels: set[str] | None = None) -> dict:
+    """The algorithms in ``labels`` (default: all of ``args.algorithms``) on the hospitals of ``args.seed``; writes
+    ``<out>/<name>.json``."""
     req, sites_yml = hospitals(args, "pfl", force=True)
     base = base_spec(args, req)
     variants = {name: {"algorithm": {"name": name, "params": hyper_parameters(args.params).get(name, {})}}
-                for name in args.algorithms}  # fmt: skip
+                for name in args.algorithms if labels is None or name in labels}  # fmt: skip
     runs = run_variants(variants, base, sites_yml, WORK / "pfl_runs" / name)  # seeds may run side by side
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     result = save(name, settings, req.to_json(), runs, out=args.out,
@@ -107,7 +108,7 @@ def many_seeds(args: argparse.Namespace) -> dict:
     for seed in args.seeds:
         args.seed = plain.seed = seed
         name = f"pfl_{args.modality}_{tag}_seed{seed}"
-        results = [seed_result(args, name, set(args.algorithms), IGNORED, lambda name: one_seed(args, name))]
+        results = [seed_result(args, name, set(args.algorithms), IGNORED, lambda name, labels: one_seed(args, name, labels))]
         if bases:
             results += [r for r in [kept_seed(plain, f"pfl_{args.modality}_{plain_tag}_seed{seed}", set(bases), IGNORED)] if r]
         for result in results:

@@ -53,13 +53,16 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         args.seed = seed
         name = f"recipe_{tag}_seed{seed}"
-        result = seed_result(args, name, wanted, ("seeds", "algorithms", "recipes"), lambda name: one_seed(args, name))
+        result = seed_result(args, name, wanted, ("seeds", "algorithms", "recipes"),
+                             lambda name, labels: one_seed(args, name, labels))  # fmt: skip
         for row in result["rows"]:
             algorithm, recipe = row["label"].split("/", 1)
             runs.append({"algorithm": algorithm, "recipe": recipe, "seed": seed,
                          "val": row["selection_score"], "test_balanced": row["mean_balanced_acc"],
                          "test_acc": row["mean_acc"]})  # fmt: skip
-    text, chosen = table(runs, args.algorithms, args.recipes)
+    # the table covers every algorithm the seed files hold (an earlier sweep's and the ones added now)
+    algorithms = list(dict.fromkeys(r["algorithm"] for r in runs))
+    text, chosen = table(runs, algorithms, [r for r in RECIPES if any(x["recipe"] == r for x in runs)])
     settings = {key: v for key, v in vars(args).items() if key not in ("out", "seed")}
     out = {"benchmark": f"recipe_{tag}", "settings": settings, "runs": runs, "chosen": chosen, "table": text}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -68,13 +71,14 @@ def main(argv: list[str] | None = None) -> dict:
     return out
 
 
-def one_seed(args: argparse.Namespace, name: str) -> dict:
-    """Every (algorithm, recipe) on the hospitals of ``args.seed``; writes ``<out>/<name>.json``."""
+def one_seed(args: argparse.Namespace, name: str, labels: set[str]) -> dict:
+    """The ``algorithm/recipe`` runs in ``labels`` on the hospitals of ``args.seed``; writes ``<out>/<name>.json``."""
     req, sites_yml = hospitals(args, "recipe")
     base = base_spec(args, req)
     variants = {f"{algorithm}/{recipe}": {"algorithm": {"name": algorithm},
                                           "training": {**base["training"], **RECIPES[recipe]}}
-                for algorithm in args.algorithms for recipe in args.recipes}  # fmt: skip
+                for algorithm in args.algorithms for recipe in args.recipes
+                if f"{algorithm}/{recipe}" in labels}  # fmt: skip
     runs = run_variants(variants, base, sites_yml, WORK / "recipe_runs" / name)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     return save(name, settings, req.to_json(), runs, out=args.out, title="Training-recipe sweep (validation)")

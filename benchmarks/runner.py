@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medsilo.config import JobSpec
+from medsilo.fs import write_atomic
 from medsilo.jobs.simulate import run_simulation
 from medsilo.medical.synth import SynthRequest, synthesize
 from medsilo.report import summary_row, write_report
@@ -72,19 +73,34 @@ def kept_seed(args: argparse.Namespace, name: str, labels: set[str], ignore: tup
 
 
 def seed_result(args: argparse.Namespace, name: str, labels: set[str], ignore: tuple[str, ...],
-                run: Callable[[str], dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
-    """One seed of a multi-seed benchmark: ``<args.out>/<name>.json`` when :func:`kept_seed` keeps it, else ``run(name)``
-    (which writes it). A file of these settings that holds runs for other labels than ``labels`` would be replaced by
-    that run, so the benchmark stops instead: ask for those labels too, or use another ``--out``."""
+                run: Callable[[str, set[str]], dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """One seed of a multi-seed benchmark: ``<args.out>/<name>.json`` when :func:`kept_seed` keeps it, else
+    ``run(name, labels)`` (which runs those labels on the seed's hospitals and writes ``<out>/<name>.json``).
+
+    A file of these settings that lacks some of ``labels`` is added to, not replaced: only the missing labels run
+    (written as ``<name>_adding.json`` until they finish), and their rows join the file's, so a sweep extended to
+    more algorithms keeps the runs it has. The added runs must have seen the same hospitals (``synthetic_data``);
+    else the benchmark stops and leaves both files.
+    """
     kept = kept_seed(args, name, labels, ignore)
     if kept is not None:
         return kept
     earlier = kept_seed(args, name, set(), ignore, say=False)
-    other = sorted({row["label"] for row in earlier["rows"]} - labels) if earlier else []
-    if other:
-        raise SystemExit(f"{args.out / name}.json holds {', '.join(other)} with these settings; running "
-                         f"{', '.join(sorted(labels))} would replace it. Ask for those too, or use another --out")
-    return run(name)
+    if earlier is None:
+        return run(name, labels)
+    have = {row["label"] for row in earlier["rows"]}
+    missing = labels - have
+    print(f"seed {args.seed}: adding {', '.join(sorted(missing))} to {name}.json", flush=True)
+    added = run(f"{name}_adding", missing)
+    if added["synthetic_data"] != earlier["synthetic_data"]:
+        raise SystemExit(f"{args.out / name}_adding.json ran on other hospitals than {name}.json (its "
+                         "synthetic_data differs); rerun both with one version of the generator")  # fmt: skip
+    merged = {**earlier, "rows": [*earlier["rows"], *added["rows"]],
+              "per_site": {**earlier["per_site"], **added["per_site"]},
+              "added": [*earlier.get("added", []), {"labels": sorted(missing), "settings": added["settings"]}]}  # fmt: skip
+    write_atomic(args.out / f"{name}.json", json.dumps(merged, indent=2) + "\n")
+    (args.out / f"{name}_adding.json").unlink()
+    return merged
 
 
 def settings_tag(args: argparse.Namespace) -> str:
@@ -161,7 +177,7 @@ def save(name: str, settings: dict[str, Any], synthetic: dict[str, Any], runs: l
         "per_site": {r["label"]: r["final"]["per_site"] for r in runs},
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
     write_report(runs, WORK / f"{name}.html", title=title)
     return result
 
