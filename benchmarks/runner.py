@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from medsilo.config import JobSpec
+from medsilo.config.job import decode_job
+from medsilo.errors import MedsiloError
 from medsilo.fs import write_atomic
 from medsilo.jobs.simulate import run_simulation
 from medsilo.medical.synth import SynthRequest, synthesize
@@ -153,15 +155,42 @@ def run_variants(variants: dict[str, dict[str, Any]], base: dict[str, Any], site
     for label, change in variants.items():
         slug = re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-")  # job names and folders: ASCII only
         spec = JobSpec(**{**base, **change, "name": f"bench-{slug}"})
-        t0 = time.perf_counter()
-        result = run_simulation(spec, sites_yml, runs_dir / slug, label=label)
-        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        result = finished_run(spec, sites_yml, runs_dir / slug)
+        if result is None:
+            t0 = time.perf_counter()
+            result = run_simulation(spec, sites_yml, runs_dir / slug, label=label)
+            result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        else:
+            print(f"{label}: kept the finished run in {runs_dir / slug}", flush=True)
         result["label"] = label
         runs.append(result)
         row = summary_row(result)
         print(f"{label}: mean {row['mean_acc']:.3f} worst {row['worst_acc']:.3f} ({result['wall_seconds']} s)",
               flush=True)  # fmt: skip
     return runs
+
+
+def finished_run(spec: JobSpec, sites_yml: Path, run_dir: Path) -> dict[str, Any] | None:
+    """The ``results.json`` of a run that finished in ``run_dir`` with exactly ``spec`` on ``sites_yml`` (so a
+    benchmark stopped part-way keeps its finished jobs), else ``None``. The spec is the one the job folder carries
+    (:func:`~medsilo.config.job.decode_job` of the server's config); ``wall_seconds`` is taken from the run folder's
+    file times."""
+    results, marker = run_dir / "results.json", run_dir / "medsilo-run.json"
+    config = run_dir / "job" / spec.name / "app" / "config" / "config_fed_server.json"
+    if not (results.is_file() and marker.is_file() and config.is_file()):
+        return None
+    if json.loads(marker.read_text()).get("sites_file") != str(sites_yml):
+        return None
+    workflows = json.loads(config.read_text()).get("workflows", [])
+    try:
+        ran = decode_job(workflows[0]["args"]["job"])
+    except (MedsiloError, LookupError, TypeError):
+        return None
+    if ran != spec.model_dump(mode="json"):
+        return None
+    result = json.loads(results.read_text())
+    result["wall_seconds"] = round(results.stat().st_mtime - marker.stat().st_mtime, 1)
+    return result
 
 
 def save(name: str, settings: dict[str, Any], synthetic: dict[str, Any], runs: list[dict[str, Any]], *,

@@ -254,26 +254,27 @@ def _make_event(kind: str | Event | Mapping[str, Any], params: Mapping[str, Any]
 
 
 def dpsgd_round_events(
-    noise_multiplier: float, sgd_noise_multiplier: float, *, n: int, batch_size: int, epochs: int
-) -> list[GaussianEvent]:
-    """What one round of "DP-SGD training, then one Gaussian release" costs (FedProto/FedTGP under ``dp``).
+    noise_multiplier: float, sgd_noise_multiplier: float, *, n: int, batch_size: int, epochs: int,
+    release: bool = True,
+) -> list[GaussianEvent]:  # fmt: skip
+    """What one round of "DP-SGD training, then one Gaussian release" costs (FedProto/FedTGP under ``dp``), or
+    with ``release=False`` of DP-SGD training alone (FedAvg's ``dp-sgd`` form, which uploads the trained weights).
 
     Args:
-        noise_multiplier: σ of the release.
+        noise_multiplier: σ of the release (unused when ``release`` is false).
         sgd_noise_multiplier: σ_sgd of the DP-SGD steps.
         n: N, the site's training records.
         batch_size: expected DP-SGD batch size.
         epochs: local epochs per round.
+        release: whether a Gaussian release follows the training.
 
     Returns:
         ``[GaussianEvent(σ_sgd, steps=T, sampling_rate=q), GaussianEvent(σ)]`` with ``(T, q)`` from
-        :func:`poisson_schedule`.
+        :func:`poisson_schedule`; without the second event when ``release`` is false.
     """
     steps, rate = poisson_schedule(n, batch_size, epochs)
-    return [
-        GaussianEvent(noise_multiplier=sgd_noise_multiplier, steps=steps, sampling_rate=rate),
-        GaussianEvent(noise_multiplier=noise_multiplier),
-    ]
+    training = GaussianEvent(noise_multiplier=sgd_noise_multiplier, steps=steps, sampling_rate=rate)
+    return [training, GaussianEvent(noise_multiplier=noise_multiplier)] if release else [training]
 # ---- composition (all ε from dp_accounting) --------------------------------------------------------------
 
 
@@ -419,6 +420,7 @@ def dpsgd_noise_for_epsilon(
     batch_size: int,
     epochs: int,
     sgd_noise_multiplier: float | None = None,
+    release: bool = True,
 ) -> float:
     """The smallest release σ whose ``rounds`` rounds of :func:`dpsgd_round_events` cost at most ``epsilon`` (RDP).
 
@@ -441,6 +443,8 @@ def dpsgd_noise_for_epsilon(
         batch_size: expected DP-SGD batch size.
         epochs: local epochs per round.
         sgd_noise_multiplier: a fixed σ_sgd, or ``None`` for a common σ.
+        release: ``False``: rounds of DP-SGD training alone (FedAvg's ``dp-sgd`` form); the σ returned is
+            σ_sgd (``sgd_noise_multiplier`` must then be ``None``).
 
     Returns:
         σ > 0 (the release's; also σ_sgd when ``sgd_noise_multiplier`` is ``None``).
@@ -451,11 +455,13 @@ def dpsgd_noise_for_epsilon(
     target, rounds, delta = check_positive("epsilon", epsilon), check_count("rounds", rounds), _delta("delta", delta)
     fixed = None if sgd_noise_multiplier is None else check_positive("sgd_noise_multiplier", sgd_noise_multiplier)
     poisson_schedule(n, batch_size, epochs)  # validates n, batch_size, epochs
+    if fixed is not None and not release:
+        raise DPError("sgd_noise_multiplier: without a release there is only σ_sgd to search; give None")
 
     def events(sigma: float) -> list[GaussianEvent]:
         sigma = max(sigma, 1e-9)
         return dpsgd_round_events(sigma, sigma if fixed is None else fixed, n=n, batch_size=batch_size,
-                                  epochs=epochs)  # fmt: skip
+                                  epochs=epochs, release=release)  # fmt: skip
 
     if fixed is not None:
         training = _rdp_epsilon(events(1.0)[:1] * rounds, delta)

@@ -122,8 +122,9 @@ class Client:
     dp_form: ClassVar[str | None] = None
     """How :meth:`train_private` makes the upload differentially private: ``"class_sums"`` (record-level:
     DP-SGD training, then per-record clipped per-class sums and counts of the trained model's features),
-    ``"update"`` (clipped, noised weight update) or ``None`` (no DP form: jobs in a ``dp`` mode are
-    refused at validation). What a round costs is :meth:`dp_events`."""
+    ``"update"`` (clipped, noised weight update; FedAvg's default, which its ``Config.dp_form`` can switch to
+    record-level DP-SGD training) or ``None`` (no DP form: jobs in a ``dp`` mode are refused at validation).
+    What a round costs is :meth:`dp_events`."""
 
     def __init__(self, setup: SiteSetup, config: AlgorithmConfig):
         self.setup = setup

@@ -12,14 +12,25 @@ Uploads (per site, per round):
     model (model-inversion risk); encrypted under ``ckks``.
     ``n``          () float32: training images. Reveals dataset size; encrypted under ``ckks``.
 
-Under ``dp`` (site-level): the upload is θ_g + Δ̃ with Δ = θ_i − θ_g clipped to norm C and Gaussian
-noise added (:func:`.base.private_weights`), and ``n`` = 1, so sites are averaged with equal weight
-(their dataset sizes would otherwise leave unnoised).
+Privacy modes: all. Under ``dp`` and ``ckks+dp`` the upload's ``n`` is 1, so sites are averaged with equal
+weight (their dataset sizes would otherwise leave unnoised), and ``Config.dp_form`` picks how the weights are
+made private. Each round starts from the last global model, whatever the site's model holds:
 
-Privacy modes: all. No hyper-parameters.
+* ``"update"`` (default): the site trains as usual and uploads θ_g + Δ̃, with Δ = θ_i − θ_g clipped to norm C
+  and Gaussian noise added (:func:`.base.private_weights`). One ``GaussianEvent(σ)`` a round, with sensitivity
+  2·C between *any* two datasets of the site: the noise hides the whole hospital, which costs so much that 8
+  sites learn nothing at ε = 8 (BENCHMARKS.md). It is the cross-device form, for many sites.
+* ``"dp-sgd"`` (record-level, the form for a few hospitals): the site trains with DP-SGD
+  (:meth:`~.base.Client.fit_private`: T = E·⌈N/B⌉ Poisson-sampled steps at rate q = B/N, each image's gradient
+  clipped to ``grad_clip`` G, noise std σ_sgd·G, BatchNorm in eval mode on its initial statistics) and uploads
+  the trained weights θ_i as they are. They are post-processing of DP-SGD's output, so no second mechanism runs
+  and the round costs ``GaussianEvent(σ_sgd, steps=T, sampling_rate=q)`` alone. Its noise is per step and per
+  image, not per hospital. Single-label jobs only (DP-SGD's per-image loss is cross-entropy).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -35,7 +46,8 @@ from medsilo.components.algorithms.base import (
     private_weights,
     weighted_params,
 )
-from medsilo.secure.dp import DPRelease
+from medsilo.config.job import DPSpec
+from medsilo.secure.dp import DPRelease, GaussianEvent
 
 FAMILY = "pfl"
 """Personalized FL: every site runs the same backbone and shares (part of) its weights."""
@@ -48,7 +60,15 @@ RECIPE = COSINE_RECIPE
 
 
 class Config(AlgorithmConfig):
-    """FedAvg has no hyper-parameters."""
+    """FedAvg's one option says how a private round makes its weights private (module docstring).
+
+    Attributes:
+        dp_form: ``"update"`` (default; a clipped, noised weight update: site-level, for many sites) or
+            ``"dp-sgd"`` (DP-SGD training, the trained weights uploaded: record-level, for a few hospitals).
+            Used only under privacy modes ``dp`` and ``ckks+dp``.
+    """
+
+    dp_form: Literal["update", "dp-sgd"] = "update"
 
 
 class Client(BaseClient):
@@ -79,18 +99,44 @@ class Client(BaseClient):
         return Upload({**weighted_params(self.model, n, "w."), **count(n)}, loss)
 
     def train_private(self, rnd: int, dp: DPRelease) -> Upload:
-        """Train as :meth:`train`; upload the DP global-plus-noisy-update ``w.*`` and ``n`` = 1.
+        """Train from :attr:`reference` (the last global model, public to the server, whatever the model holds
+        now: had the server sent nothing, it would still hold this site's own training) in ``Config.dp_form``;
+        upload ``w.*`` and ``n`` = 1.
 
-        Costs the default :meth:`~.base.Client.dp_events`, one ``GaussianEvent(dp.noise_multiplier)``
-        (``gaussian_update``, sensitivity 2·C between any two datasets of the site). Training starts from
-        :attr:`reference`, public to the server, whatever the model holds now (had the server sent nothing, the
-        model would still hold this site's own training, and Δ would reveal it unclipped)."""
+        * ``"update"``: train as :meth:`train`; ``w.*`` = θ_g + Δ̃, the clipped, noised update
+          (:func:`.base.private_weights`, sensitivity 2·C between any two datasets of the site).
+        * ``"dp-sgd"``: train with DP-SGD (:meth:`~.base.Client.fit_private`); ``w.*`` = the trained θ_i.
+
+        Privacy effect: exactly the mechanisms of :meth:`dp_events`, which the site charges and ledgers before this
+        runs; ``n`` = 1 so the dataset size does not leave.
+
+        Raises:
+            medsilo.secure.dp.DPError: ``"dp-sgd"`` and ``dp`` carries no DP-SGD settings (nothing is trained).
+        """
+        if self.config.dp_form == "dp-sgd":
+            dp.sgd()  # fail closed before anything changes
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(self.reference[name])
+        if self.config.dp_form == "dp-sgd":
+            loss = self.fit_private(rnd, dp)
+            return Upload({**weighted_params(self.model, 1, "w."), **count(1)}, loss)
         before = {name: t.clone() for name, t in self.reference.items()}
         loss = self.fit(rnd)
         return Upload({**private_weights(self.model, before, dp, "w."), **count(1)}, loss)
+
+    def dp_events(self, dp: DPSpec) -> list[GaussianEvent]:
+        """One private round's cost in ``Config.dp_form``.
+
+        Returns:
+            ``"update"``: ``[GaussianEvent(dp.noise_multiplier)]``, the release. ``"dp-sgd"``:
+            ``[GaussianEvent(dp.sgd_noise_multiplier, steps=T, sampling_rate=q)]`` with (T, q) from
+            :meth:`~.base.Client.dp_schedule`; the upload of the trained weights is post-processing.
+        """
+        if self.config.dp_form == "dp-sgd":
+            steps, rate = self.dp_schedule()
+            return [GaussianEvent(noise_multiplier=dp.sgd_noise_multiplier, steps=steps, sampling_rate=rate)]
+        return super().dp_events(dp)
 
 
 class Server(BaseServer):

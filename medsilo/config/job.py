@@ -173,9 +173,12 @@ class DPSpec(Strict):
     or removed (a patient with several images is covered through group privacy only). What a round
     costs depends on the algorithm's DP form (its ``Client.dp_events``):
 
-    * ``update`` (FedAvg): one release of the clipped, noised weight update, ``GaussianEvent(σ)``, with
-      sensitivity 2·clip between *any* two datasets of the site. ``grad_clip`` and
+    * ``update`` (FedAvg's default): one release of the clipped, noised weight update, ``GaussianEvent(σ)``,
+      with sensitivity 2·clip between *any* two datasets of the site. ``grad_clip`` and
       ``sgd_noise_multiplier`` are not used.
+    * ``dp-sgd`` (FedAvg with ``algorithm.params.dp_form: dp-sgd``): the local model is trained with DP-SGD
+      as below and its weights are uploaded as they are (post-processing), ``GaussianEvent(σ_sgd, T, q)``
+      alone; ``clip`` and ``noise_multiplier`` are not used.
     * ``class_sums`` (FedProto, FedTGP): the local model is trained with DP-SGD (Poisson sampling at rate
       q = B/N, T = local_epochs·⌈N/B⌉ steps, per-image gradients clipped to ``grad_clip``, noise std
       ``sgd_noise_multiplier``·``grad_clip``), ``GaussianEvent(σ_sgd, T, q)``; then the per-class sums of
@@ -192,9 +195,9 @@ class DPSpec(Strict):
         clip: L2 clipping bound C of each record's feature vector (class sums) or of the whole update (> 0).
         delta: δ the site's accountant reports ε at (0 < δ < 1).
         grad_clip: DP-SGD's bound G on each image's gradient norm, jointly over all trained parameters
-            (> 0; default 1.0). Only the ``class_sums`` form uses it.
+            (> 0; default 1.0). Only the ``class_sums`` and ``dp-sgd`` forms use it.
         sgd_noise_multiplier: DP-SGD's σ_sgd, gradient-noise std / ``grad_clip`` (> 0); omitted (or
-            ``null``): the same as ``noise_multiplier``. Only the ``class_sums`` form uses it.
+            ``null``): the same as ``noise_multiplier``. Only the ``class_sums`` and ``dp-sgd`` forms use it.
     """
 
     noise_multiplier: float = Field(gt=0)
@@ -511,7 +514,13 @@ class JobSpec(Strict):
                 f"'{self.privacy.mode}' cannot run it; algorithms with one: {', '.join(with_dp)}"
             )
 
-        form = module.Server.form_for(self.algorithm.config())
+        config = self.algorithm.config()
+        if "dp" in PRIVACY_STRENGTH[self.privacy.mode] and self.multilabel and getattr(config, "dp_form", None) == "dp-sgd":
+            raise ValueError(
+                "algorithm.params.dp_form: 'dp-sgd' trains single-label jobs only (DP-SGD's per-image loss is "
+                "cross-entropy); use dp_form 'update' for a multi-label job"
+            )
+        form = module.Server.form_for(config)
         if form != "sums":
             raise ValueError(
                 f"algorithm '{self.algorithm.name}' in this configuration reads each site's upload on the server "

@@ -120,6 +120,28 @@ def test_dp_job_spends_budget_and_a_capped_site_refuses_the_next_one(sites_yml, 
                   root_ca=data / "ledgers" / "pki" / "rootCA.pem") == []  # fmt: skip
 
 
+def test_fedavg_dp_sgd_form_charges_the_dp_sgd_steps_of_each_site(sites_yml, tmp_path):
+    from medsilo.config import read_manifest
+    from medsilo.config.site import load_sites_file
+    from medsilo.secure.dp import GaussianEvent, PrivacyAccountant, poisson_schedule
+
+    spec = _spec("fedavg", "dp", dp={"noise_multiplier": 50.0, "clip": 1.0, "sgd_noise_multiplier": 1.5},
+                 models="cnn", dp_form="dp-sgd")  # fmt: skip
+    results = run_simulation(spec, sites_yml, tmp_path / "run", progress=False)
+    ledgers = sites_yml.parent / "ledgers"
+    for site, entry in load_sites_file(sites_yml).sites.items():
+        steps, rate = poisson_schedule(len(read_manifest(entry.manifest).split("train")), 8, 1)
+        job = [e for e in entries(ledgers / site / LEDGER_FILE) if e["job"] == results["job_id"]]
+        releases = [e for e in job if e["event"] == "release" and e["what"]["kind"] == "upload"]
+        assert [e["round"] for e in releases] == [1, 2]
+        # one DP-SGD event a round, at σ_sgd and this site's own (T, q); the release's σ = 50 is not used
+        assert all(e["privacy"]["events"] == [GaussianEvent(1.5, steps=steps, sampling_rate=rate).to_json()]
+                   for e in releases)  # fmt: skip
+        expected = PrivacyAccountant(delta=1e-5).cost(*[GaussianEvent(1.5, steps=steps, sampling_rate=rate)] * 2)[1]
+        assert results["privacy_spent"][site]["epsilon"] == pytest.approx(expected)
+        assert releases[-1]["privacy"]["job_epsilon"] == pytest.approx(expected)
+
+
 def test_ckks_plus_dp_noises_before_encrypting_and_records_both(sites_yml, tmp_path):
     spec = _spec("fedproto", "ckks+dp", dp={"noise_multiplier": 3.0, "clip": 1.0})
     results = run_simulation(spec, sites_yml, tmp_path / "run", progress=False)

@@ -106,3 +106,61 @@ def test_a_private_round_costs_one_release_event():
     client = fedavg.Client(tiny_setup(n=12), fedavg.Config())
     spec = DPSpec(noise_multiplier=1.7, clip=1.0, grad_clip=0.5, sgd_noise_multiplier=0.9)
     assert client.dp_events(spec) == [GaussianEvent(noise_multiplier=1.7)]  # no DP-SGD in the update form
+
+
+def _dp(**kwargs):
+    from medsilo.secure.dp import DPRelease
+
+    return DPRelease(clip=1.0, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_dp_sgd_form_uploads_the_dp_trained_weights_from_the_global_model():
+    setup = tiny_setup(n=12)
+    client = fedavg.Client(setup, fedavg.Config(dp_form="dp-sgd"))
+    start = {k: p.detach().clone() for k, p in setup.model.named_parameters()}
+    with torch.no_grad():  # whatever the model holds now (e.g. earlier local work) is not where a round starts
+        setup.model.head.weight.add_(5.0)
+    up = client.train_private(1, _dp(grad_clip=1.0, sgd_noise_multiplier=1e-6))
+    assert float(up.sums["n"]) == 1.0
+    trained = dict(setup.model.named_parameters())
+    for k in start:  # the upload is the trained model itself, unweighted and not noised again
+        torch.testing.assert_close(up.sums[f"w.{k}"], trained[k].detach())
+    moved = torch.sqrt(sum(((trained[k].detach() - start[k]) ** 2).sum() for k in start))
+    assert 0 < float(moved) < 1.0  # trained from the global start (+5 on the head would be far away)
+    # BatchNorm ran in eval mode: its statistics are still the initial ones, nothing of the data was tracked
+    assert all(int(m.num_batches_tracked) == 0 for m in setup.model.modules() if hasattr(m, "num_batches_tracked"))
+
+
+def test_dp_sgd_noise_is_what_moves_the_weights_at_a_large_multiplier():
+    quiet, loud = (fedavg.Client(tiny_setup(n=12), fedavg.Config(dp_form="dp-sgd")) for _ in range(2))
+    start = {k: p.detach().clone() for k, p in quiet.model.named_parameters()}
+    small = quiet.train_private(1, _dp(grad_clip=0.1, sgd_noise_multiplier=1e-6)).sums
+    large = loud.train_private(1, _dp(grad_clip=0.1, sgd_noise_multiplier=100.0)).sums
+
+    def shift(sums):
+        return float(torch.sqrt(sum(((sums[f"w.{k}"] - start[k]) ** 2).sum() for k in start)))
+
+    assert shift(large) > 20 * shift(small)
+
+
+def test_dp_sgd_form_refuses_a_round_without_dp_sgd_settings_before_training():
+    from medsilo.secure.dp import DPError
+
+    setup = tiny_setup(n=12)
+    client = fedavg.Client(setup, fedavg.Config(dp_form="dp-sgd"))
+    before = {k: p.detach().clone() for k, p in setup.model.named_parameters()}
+    with pytest.raises(DPError, match="DP-SGD"):
+        client.train_private(1, _dp())
+    for k, p in setup.model.named_parameters():
+        assert torch.equal(p.detach(), before[k])
+
+
+def test_a_dp_sgd_round_costs_the_dp_sgd_steps_alone():
+    from medsilo.config.job import DPSpec
+    from medsilo.secure.dp import GaussianEvent, poisson_schedule
+
+    client = fedavg.Client(tiny_setup(n=12), fedavg.Config(dp_form="dp-sgd"))
+    spec = DPSpec(noise_multiplier=1.7, clip=1.0, grad_clip=0.5, sgd_noise_multiplier=0.9)
+    steps, rate = poisson_schedule(12, client.setup.batch_size, client.setup.training.local_epochs)
+    assert client.dp_events(spec) == [GaussianEvent(noise_multiplier=0.9, steps=steps, sampling_rate=rate)]
+    assert steps >= 1 and 0 < rate <= 1

@@ -69,3 +69,22 @@ def test_added_runs_on_other_hospitals_stop_and_keep_both_files(tmp_path):
         seed_result(args, "bench_seed0", {"a", "b"}, IGNORE, other)
     assert (tmp_path / "bench_seed0.json").read_text() == before
     assert (tmp_path / "bench_seed0_adding.json").is_file()
+
+
+def test_a_finished_run_is_kept_only_for_the_same_spec_and_hospitals(tmp_path):
+    from benchmarks.runner import finished_run
+    from medsilo.config import JobSpec
+    from medsilo.jobs.builder import export_job
+
+    spec = JobSpec(name="bench-fedavg", modality="cxr", classes=["normal", "pneumonia"], dataset="cxr",
+                   algorithm={"name": "fedavg"}, training={"rounds": 3})  # fmt: skip
+    run_dir, sites = tmp_path / "fedavg", tmp_path / "sites.yml"
+    export_job(spec, run_dir / "job")
+    (run_dir / "medsilo-run.json").write_text(json.dumps({"job": spec.name, "sites_file": str(sites)}))
+    assert finished_run(spec, sites, run_dir) is None  # stopped before its results were written
+    (run_dir / "results.json").write_text(json.dumps({"selection_score": 0.7}))
+    kept = finished_run(spec, sites, run_dir)
+    assert kept["selection_score"] == 0.7 and kept["wall_seconds"] >= 0
+    other = JobSpec(**{**spec.model_dump(), "training": {**spec.training.model_dump(), "lr": 0.03}})
+    assert finished_run(other, sites, run_dir) is None  # another recipe: run it
+    assert finished_run(spec, tmp_path / "other.yml", run_dir) is None  # other hospitals: run it

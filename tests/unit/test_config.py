@@ -163,7 +163,7 @@ def test_sites_file_rejects_mixed_modalities(tmp_path):
 
 
 def test_algorithm_params_are_checked_against_the_algorithm_config(tmp_path):
-    data = {**MINIMAL_JOB, "algorithm": {"name": "fedavg", "params": {"mu": 0.1}}}
+    data = {**MINIMAL_JOB, "algorithm": {"name": "local", "params": {"mu": 0.1}}}
     with pytest.raises(ConfigError, match=r"job\.yml: algorithm\.params\.mu: unknown field; this section takes no fields"):
         load_job_spec(_yaml(tmp_path, data, "job.yml"))
 
@@ -215,6 +215,20 @@ def test_dp_modes_need_an_algorithm_with_a_private_form():
     with pytest.raises(ConfigError, match=r"'fedrep' has no differentially private form.*with one: .*fedavg.*fedproto"):
         validate({**MINIMAL_JOB, "algorithm": {"name": "fedrep"}, "privacy": dp}, JobSpec, "j.yml")
     assert validate({**MINIMAL_JOB, "algorithm": {"name": "fedproto"}, "privacy": dp}, JobSpec, "j.yml").privacy.dp
+
+
+def test_fedavg_dp_form_is_checked_and_dp_sgd_refuses_a_multilabel_job():
+    dp = {"mode": "dp", "dp": {"noise_multiplier": 1.0, "clip": 1.0}}
+    job = {**MINIMAL_JOB, "algorithm": {"name": "fedavg", "params": {"dp_form": "dp-sgd"}}, "privacy": dp}
+    assert validate(job, JobSpec, "j.yml").algorithm.config().dp_form == "dp-sgd"
+    with pytest.raises(ConfigError, match=r"j\.yml: algorithm\.params\.dp_form: .*'update' or 'dp-sgd'.*got 'sgd'"):
+        validate({**job, "algorithm": {"name": "fedavg", "params": {"dp_form": "sgd"}}}, JobSpec, "j.yml")
+    multilabel = {**job, "task": "multilabel", "labels": ["effusion", "nodule"]}
+    multilabel.pop("classes")
+    with pytest.raises(ConfigError, match=r"dp_form: 'dp-sgd' trains single-label jobs only.*use dp_form 'update'"):
+        validate(multilabel, JobSpec, "j.yml")
+    update = {**multilabel, "algorithm": {"name": "fedavg", "params": {"dp_form": "update"}}}
+    assert validate(update, JobSpec, "j.yml").multilabel
 
 
 def test_numeric_class_names_and_an_explicit_augmentation_list_are_accepted(tmp_path):

@@ -603,3 +603,16 @@ def test_dpsgd_noise_for_epsilon_with_a_fixed_sgd_sigma():
         DPError, match=r"DP-SGD at sgd_noise_multiplier=0\.5 alone costs ε=.* ≥ 4 over 10 rounds"
     ):
         dp.dpsgd_noise_for_epsilon(4.0, 10, 1e-5, sgd_noise_multiplier=0.5, **shape)
+
+
+def test_dpsgd_noise_for_epsilon_of_training_alone_needs_less_noise_than_with_a_release():
+    shape = dict(n=240, batch_size=32, epochs=1)
+    sigma = dp.dpsgd_noise_for_epsilon(8.0, 50, 1e-5, release=False, **shape)
+    events = dp.dpsgd_round_events(99.0, sigma, release=False, **shape)
+    assert len(events) == 1 and events[0].steps == 8  # no release event, whatever σ the release would have
+    spent = PrivacyAccountant(delta=1e-5).cost(*events * 50)[1]
+    assert spent <= 8.0 * (1 + 1e-6) and PrivacyAccountant(delta=1e-5).cost(
+        *dp.dpsgd_round_events(1.0, sigma * 0.99, release=False, **shape) * 50)[1] > 8.0
+    assert sigma < dp.dpsgd_noise_for_epsilon(8.0, 50, 1e-5, **shape)
+    with pytest.raises(DPError, match="without a release"):
+        dp.dpsgd_noise_for_epsilon(8.0, 50, 1e-5, release=False, sgd_noise_multiplier=2.0, **shape)
