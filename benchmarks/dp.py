@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 4.0, 8.0])
     parser.add_argument("--clip", type=float, default=1.0, help="L2 bound of each feature vector")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="L2 bound of each image's gradient")
+    parser.add_argument("--no-references", action="store_true",
+                        help="run only the ε rows (compare with ε = ∞ from another benchmark of the same hospitals, "
+                             "e.g. benchmarks.pfl's FedAvg)")  # fmt: skip
     add_hospital_args(parser, rounds=10)
     args = parser.parse_args(argv)
 
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         req, sites_yml = hospitals(args, "pfl")  # the pFL benchmark's hospitals
         models = "cnn"
         base = base_spec(args, req, model=models, algorithm={"name": "fedavg", "params": {"dp_form": "dp-sgd"}})
-        name = f"dp_fedavg_{settings_tag(args)}_seed{args.seed}"
+        name = f"dp_fedavg_{settings_tag(args)}{'_eps' if args.no_references else ''}_seed{args.seed}"
     sizes = train_sizes(sites_yml)
     smallest = min(sizes.values())
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     sigmas = {eps: dpsgd_noise_for_epsilon(eps, args.rounds, DELTA, n=smallest, batch_size=args.batch_size,
                                            epochs=args.local_epochs, release=release)
               for eps in sorted(args.epsilons)}  # fmt: skip
-    variants = {"eps inf (none)": {}, "clip only": dp(CLIP_ONLY_SIGMA)}
+    variants = {} if args.no_references else {"eps inf (none)": {}, "clip only": dp(CLIP_ONLY_SIGMA)}
     variants |= {f"eps {eps:g}": dp(sigma) for eps, sigma in sorted(sigmas.items(), reverse=True)}
     runs = run_variants(variants, base, sites_yml, WORK / "dp_runs")
     settings = {k: v for k, v in vars(args).items() if k != "out"} | {
