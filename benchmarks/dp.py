@@ -10,7 +10,8 @@ the site with the fewest training images (the most expensive one at a given σ).
 
 **FedAvg** (``--algorithm fedavg``): the ``cnn`` at every hospital (the hospitals of :mod:`benchmarks.pfl`), in
 FedAvg's ``dp-sgd`` form: DP-SGD training, the trained weights uploaded as they are, so a round costs the DP-SGD
-steps alone and σ_sgd comes from ``dpsgd_noise_for_epsilon(..., release=False)``.
+steps alone and σ_sgd comes from ``dpsgd_noise_for_epsilon(..., release=False)``. A ``dp`` job refuses
+``class_weights: balanced`` (the weights depend on every record), so the private rows train unweighted.
 
 Every site's own accountant then reports the ε it actually spent (``privacy_spent``), which must not exceed the
 target. Two references: ``ε = ∞`` (privacy mode ``none``: ordinary training, train-mode BatchNorm, unclipped
@@ -24,7 +25,7 @@ Run::
     python -m benchmarks.dp --epsilons 4 --rounds 5
     python -m benchmarks.dp --algorithm fedavg --sites 8 --images-per-site 400 --dirichlet-alpha 0.3 \
         --classes normal pneumonia effusion nodule --rounds 50 --lr 0.03 --lr-schedule cosine --warmup-rounds 3 \
-        --weight-decay 0.0005 --class-weights balanced --epsilons 8
+        --weight-decay 0.0005 --class-weights none --epsilons 8 --no-references
 
 It prints a Markdown table and writes ``benchmarks/results/dp_fedproto_seed<SEED>.json`` (FedAvg:
 ``dp_fedavg_<settings>_seed<SEED>.json``).
