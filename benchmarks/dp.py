@@ -25,10 +25,10 @@ Run::
     python -m benchmarks.dp --epsilons 4 --rounds 5
     python -m benchmarks.dp --algorithm fedavg --sites 8 --images-per-site 400 --dirichlet-alpha 0.3 \
         --classes normal pneumonia effusion nodule --rounds 50 --lr 0.03 --lr-schedule cosine --warmup-rounds 3 \
-        --weight-decay 0.0005 --class-weights none --epsilons 8 --no-references
+        --weight-decay 0.0005 --class-weights none --epsilons 8 --references
 
 It prints a Markdown table and writes ``benchmarks/results/dp_fedproto_seed<SEED>.json`` (FedAvg:
-``dp_fedavg_<settings>_seed<SEED>.json``).
+``dp_fedavg_<settings>[_<rows>]_seed<SEED>.json``, naming the rows of a partial run, e.g. ``_eps8``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ from medsilo.secure.dp import PrivacyAccountant, dpsgd_noise_for_epsilon, dpsgd_
 DELTA = 1e-5
 CLIP_ONLY_SIGMA = 1e-4
 """σ of the ``clip only`` reference (release and DP-SGD): ε astronomically large."""
+REFERENCES = {"none": "eps inf (none)", "clip-only": "clip only"}
+"""The reference rows (``--references``) and their labels."""
 
 
 def train_sizes(sites_yml: Path) -> dict[str, int]:
@@ -66,12 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algorithm", choices=["fedproto", "fedavg"], default="fedproto",
                         help="FedProto (DP-SGD, then a class-sum release) or FedAvg's dp-sgd form")  # fmt: skip
-    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 4.0, 8.0])
+    parser.add_argument("--epsilons", nargs="*", type=float, default=[1.0, 4.0, 8.0], help="target ε of the whole job")
     parser.add_argument("--clip", type=float, default=1.0, help="L2 bound of each feature vector")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="L2 bound of each image's gradient")
-    parser.add_argument("--no-references", action="store_true",
-                        help="run only the ε rows (compare with ε = ∞ from another benchmark of the same hospitals, "
-                             "e.g. benchmarks.pfl's FedAvg)")  # fmt: skip
+    parser.add_argument("--references", nargs="*", choices=list(REFERENCES), default=list(REFERENCES),
+                        help="the reference rows to run (default both; none named: only the ε rows, to compare with "
+                             "ε = ∞ from another benchmark of the same hospitals, e.g. benchmarks.pfl's FedAvg)")  # fmt: skip
     add_hospital_args(parser, rounds=10)
     args = parser.parse_args(argv)
 
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
         req, sites_yml = hospitals(args, "pfl")  # the pFL benchmark's hospitals
         models = "cnn"
         base = base_spec(args, req, model=models, algorithm={"name": "fedavg", "params": {"dp_form": "dp-sgd"}})
-        name = f"dp_fedavg_{settings_tag(args)}{'_eps' if args.no_references else ''}_seed{args.seed}"
+        ran = [*(f"eps{e:g}" for e in sorted(args.epsilons)), *args.references]  # a partial run names its rows
+        rows = "" if args.references == list(REFERENCES) and args.epsilons == [1.0, 4.0, 8.0] else "_" + "_".join(ran)
+        name = f"dp_fedavg_{settings_tag(args)}{rows}_seed{args.seed}"
     sizes = train_sizes(sites_yml)
     smallest = min(sizes.values())
 
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     sigmas = {eps: dpsgd_noise_for_epsilon(eps, args.rounds, DELTA, n=smallest, batch_size=args.batch_size,
                                            epochs=args.local_epochs, release=release)
               for eps in sorted(args.epsilons)}  # fmt: skip
-    variants = {} if args.no_references else {"eps inf (none)": {}, "clip only": dp(CLIP_ONLY_SIGMA)}
+    variants = {REFERENCES[ref]: {} if ref == "none" else dp(CLIP_ONLY_SIGMA) for ref in args.references}
     variants |= {f"eps {eps:g}": dp(sigma) for eps, sigma in sorted(sigmas.items(), reverse=True)}
     runs = run_variants(variants, base, sites_yml, WORK / "dp_runs")
     settings = {k: v for k, v in vars(args).items() if k != "out"} | {
