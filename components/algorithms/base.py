@@ -314,8 +314,10 @@ COSINE_RECIPE: Mapping[str, object] = MappingProxyType({"lr": 0.03, "lr_schedule
 """``training`` options (:class:`~medsilo.config.job.Training`) that ``benchmarks/recipe.py`` compares with the
 plain default (lr 0.01, constant, no weight decay, unweighted loss). A larger early learning rate that a cosine
 schedule brings down after 3 warm-up rounds, light weight decay, and class-balanced loss weights. On validation
-data it won for Local, FedAvg and FedPer (3 seeds of the four-hospital two-finding CXR setting, and seed 0 of
-the eight-hospital four-finding one; BENCHMARKS.md), so those modules declare it as their ``RECIPE``. A job still
+data it won for every algorithm swept so far: Local, FedAvg, FedPer, FedProx, Ditto, FedRep, FedALA, FedDBE, GPFL,
+FedCP and FedProto (3 seeds of the four-hospital two-finding CXR setting; for Local, FedAvg and FedPer also seed 0
+of the eight-hospital four-finding one; BENCHMARKS.md), so those modules declare it as their ``RECIPE``. A ``dp``
+job cannot use its class weights (they depend on every record) and trains unweighted. A job still
 sets its recipe itself (the recipe belongs to the job); ``RECIPE`` records what the sweep chose. Read-only: the
 modules share it."""
 

@@ -65,6 +65,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from medsilo.components.algorithms.base import (
+    COSINE_RECIPE,
     AlgorithmConfig,
     Client as BaseClient,
     Server as BaseServer,
@@ -84,6 +85,8 @@ MIXED_BACKBONES = False
 """Whether a job may give its sites different backbones."""
 MULTILABEL = False
 """Whether a job may be multi-label (``task: multilabel``): no, not validated for multi-label heads yet (its gate and head are trained with per-class softmax metrics)."""
+RECIPE = COSINE_RECIPE
+"""The training recipe chosen on validation data (:data:`.base.COSINE_RECIPE`; ``benchmarks/recipe.py``, BENCHMARKS.md)."""
 
 
 class Config(AlgorithmConfig):

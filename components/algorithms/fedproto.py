@@ -99,6 +99,7 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from medsilo.components.algorithms.base import (
+    COSINE_RECIPE,
     AlgorithmConfig,
     Client as BaseClient,
     Server as BaseServer,
@@ -128,6 +129,8 @@ MIXED_BACKBONES = True
 """Whether a job may give its sites different backbones."""
 MULTILABEL = False
 """Whether a job may be multi-label (``task: multilabel``): no, prototypes are per-class feature means: an image has one class."""
+RECIPE = COSINE_RECIPE
+"""The training recipe chosen on validation data (:data:`.base.COSINE_RECIPE`; ``benchmarks/recipe.py``, BENCHMARKS.md)."""
 
 
 class Config(AlgorithmConfig):

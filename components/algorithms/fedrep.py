@@ -49,6 +49,7 @@ from pydantic import Field
 from torch import nn
 
 from medsilo.components.algorithms.base import (
+    COSINE_RECIPE,
     AlgorithmConfig,
     Client as BaseClient,
     Server as BaseServer,
@@ -69,6 +70,8 @@ MIXED_BACKBONES = False
 """Whether a job may give its sites different backbones."""
 MULTILABEL = True
 """Whether a job may be multi-label (``task: multilabel``): sigmoid outputs, masked BCE in the shared loop."""
+RECIPE = COSINE_RECIPE
+"""The training recipe chosen on validation data (:data:`.base.COSINE_RECIPE`; ``benchmarks/recipe.py``, BENCHMARKS.md)."""
 
 
 class Config(AlgorithmConfig):

@@ -34,11 +34,27 @@ def test_an_algorithm_declares_what_it_is(name):
 
 def test_a_declared_recipe_is_a_training_block_a_job_can_use():
     declared = {name: algorithm_module(name).RECIPE for name in ALGORITHMS if hasattr(algorithm_module(name), "RECIPE")}
-    assert {"local", "fedavg", "fedper"} <= set(declared)  # the ones benchmarks/recipe.py swept
+    assert {"local", "fedavg", "fedper"} <= set(declared)  # swept first (BENCHMARKS.md)
     for name, recipe in declared.items():
         spec = JobSpec(name="j", modality="cxr", classes=["a", "b"], dataset="d", algorithm={"name": name},
                        training={"rounds": 20, **recipe})  # fmt: skip
         assert {k: getattr(spec.training, k) for k in recipe} == recipe, name
+
+
+def test_each_algorithm_declares_the_recipe_its_sweep_chose():
+    # what benchmarks/recipe.py wrote (its "chosen": per algorithm, the recipe with the best mean validation score)
+    import json
+    from pathlib import Path
+
+    from benchmarks.recipe import RECIPES
+
+    sweep = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "recipe_4x300_a1_k2_r20.json"
+    chosen = json.loads(sweep.read_text())["chosen"]
+    assert len(chosen) >= 11
+    for name, recipe in chosen.items():
+        assert dict(algorithm_module(name).RECIPE) == dict(RECIPES[recipe]), name
+    unswept = [name for name in ALGORITHMS if name not in chosen]
+    assert not any(hasattr(algorithm_module(name), "RECIPE") for name in unswept), unswept  # no claim without a sweep
 
 
 def test_the_demo_job_trains_with_its_algorithm_s_recipe():
