@@ -132,3 +132,29 @@ def test_a_resumed_jobs_model_costs_the_rounds_of_the_job_it_continues(federatio
     assert cost["jobs"] == ["job-A", "job-B"]
     assert cost["epsilon"] == pytest.approx(three) and cost["epsilon"] > second.book.job_epsilon(
         entries(federation.ledger("hospital-1")), "job-B")  # fmt: skip
+
+
+def test_a_job_author_who_asks_dp_sgd_for_almost_no_noise_is_charged_its_true_cost_and_refused(federation):
+    """FedAvg's ``dp-sgd`` form uploads the DP-trained weights without a second mechanism. A job author who sets
+    ``sgd_noise_multiplier`` near 0 (nearly raw weights) cannot get them out cheaply: the site's own client
+    declares the DP-SGD steps at that σ_sgd, the pipeline charges them, and a capped site refuses before anything
+    leaves."""
+    import torch
+
+    from medsilo.components.algorithms import fedavg
+    from medsilo.config.job import DPSpec
+    from medsilo.config.site import Budget, PrivacyPolicy
+    from medsilo.secure.dp import BudgetExceeded, DPRelease
+    from tests.helpers import tiny_setup
+
+    spec = DPSpec(noise_multiplier=100.0, clip=1.0, sgd_noise_multiplier=0.05)  # a big σ where it is not used
+    client = fedavg.Client(tiny_setup(n=12), fedavg.Config(dp_form="dp-sgd"))
+    events = client.dp_events(spec)
+    assert [e.noise_multiplier for e in events] == [0.05]  # the σ that trains, not the release's unused 100
+    upload = client.train_private(1, DPRelease.from_spec(spec, torch.Generator().manual_seed(0))).sums
+    site = federation.site("hospital-1", federation.terms("dp", dp=spec),
+                           PrivacyPolicy(budget=Budget(epsilon=8.0, delta=1e-5)))  # fmt: skip
+    with pytest.raises(BudgetExceeded, match="ε"):
+        site.protect(1, ["hospital-1", "hospital-2"], {k: v.numpy() for k, v in upload.items()}, events)
+    ledger = entries(federation.ledger("hospital-1"))
+    assert ledger[-1]["event"] == "refusal" and not any(e["event"] == "release" for e in ledger)
