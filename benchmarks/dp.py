@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         models = "cnn"
         base = base_spec(args, req, model=models, algorithm={"name": "fedavg", "params": {"dp_form": "dp-sgd"}})
         ran = [*(f"eps{e:g}" for e in sorted(args.epsilons)), *args.references]  # a partial run names its rows
-        rows = "" if args.references == list(REFERENCES) and args.epsilons == [1.0, 4.0, 8.0] else "_" + "_".join(ran)
+        full = args.references == parser.get_default("references") and args.epsilons == parser.get_default("epsilons")
+        rows = "" if full else "_" + "_".join(ran)
         name = f"dp_fedavg_{settings_tag(args)}{rows}_seed{args.seed}"
     sizes = train_sizes(sites_yml)
     smallest = min(sizes.values())

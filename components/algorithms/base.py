@@ -143,6 +143,13 @@ class Client:
         :meth:`dp_events` declares, which the site charges to its budget before this runs."""
         raise NotImplementedError(f"{type(self).__module__} has no differentially private form")
 
+    @classmethod
+    def trains_with_dp_sgd(cls, config: AlgorithmConfig) -> bool:
+        """Whether a private round under ``config`` trains with DP-SGD, whose per-image loss is cross-entropy (so a
+        multi-label job cannot run it; spec validation asks). Default: the ``"class_sums"`` form does. A class
+        method, so validating a spec builds no client."""
+        return cls.dp_form == "class_sums"
+
     def dp_events(self, dp: DPSpec) -> list[Event]:
         """The DP events one :meth:`train_private` round costs under the job's ``privacy.dp`` settings.
 

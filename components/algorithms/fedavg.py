@@ -125,6 +125,11 @@ class Client(BaseClient):
         loss = self.fit(rnd)
         return Upload({**private_weights(self.model, before, dp, "w."), **count(1)}, loss)
 
+    @classmethod
+    def trains_with_dp_sgd(cls, config: Config) -> bool:
+        """True in the ``"dp-sgd"`` form."""
+        return config.dp_form == "dp-sgd"
+
     def dp_events(self, dp: DPSpec) -> list[GaussianEvent]:
         """One private round's cost in ``Config.dp_form``.
 

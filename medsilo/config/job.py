@@ -515,10 +515,11 @@ class JobSpec(Strict):
             )
 
         config = self.algorithm.config()
-        if "dp" in PRIVACY_STRENGTH[self.privacy.mode] and self.multilabel and getattr(config, "dp_form", None) == "dp-sgd":
+        if "dp" in PRIVACY_STRENGTH[self.privacy.mode] and self.multilabel and module.Client.trains_with_dp_sgd(config):
             raise ValueError(
-                "algorithm.params.dp_form: 'dp-sgd' trains single-label jobs only (DP-SGD's per-image loss is "
-                "cross-entropy); use dp_form 'update' for a multi-label job"
+                f"algorithm '{self.algorithm.name}' in this configuration trains with DP-SGD under privacy mode "
+                f"'{self.privacy.mode}', which runs single-label jobs only (its per-image loss is cross-entropy); "
+                f"for FedAvg use algorithm.params.dp_form: update in a multi-label job"
             )
         form = module.Server.form_for(config)
         if form != "sums":

@@ -225,7 +225,7 @@ def test_fedavg_dp_form_is_checked_and_dp_sgd_refuses_a_multilabel_job():
         validate({**job, "algorithm": {"name": "fedavg", "params": {"dp_form": "sgd"}}}, JobSpec, "j.yml")
     multilabel = {**job, "task": "multilabel", "labels": ["effusion", "nodule"]}
     multilabel.pop("classes")
-    with pytest.raises(ConfigError, match=r"dp_form: 'dp-sgd' trains single-label jobs only.*use dp_form 'update'"):
+    with pytest.raises(ConfigError, match=r"'fedavg' .*trains with DP-SGD.*single-label jobs only.*dp_form: update"):
         validate(multilabel, JobSpec, "j.yml")
     update = {**multilabel, "algorithm": {"name": "fedavg", "params": {"dp_form": "update"}}}
     assert validate(update, JobSpec, "j.yml").multilabel
