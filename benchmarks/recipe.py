@@ -23,13 +23,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run_variants, save, seed_result
-from medsilo.components.algorithms.base import COSINE_RECIPE
+from medsilo.components.algorithms.base import COSINE_RECIPE, PLAIN_RECIPE
 from medsilo.fs import write_atomic
 from medsilo.stats import mean_interval, paired_interval
 
 RECIPES: dict[str, Mapping[str, Any]] = {
-    "plain": {"lr": 0.01, "lr_schedule": "constant", "warmup_rounds": 0, "weight_decay": 0.0,
-              "class_weights": "none"},
+    "plain": PLAIN_RECIPE,
     "cosine": {**COSINE_RECIPE, "class_weights": "none"},
     "cosine balanced": COSINE_RECIPE,
 }  # fmt: skip

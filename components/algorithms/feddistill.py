@@ -71,6 +71,7 @@ from pydantic import Field, model_validator
 from torch.nn import functional as F
 
 from medsilo.components.algorithms.base import (
+    COSINE_RECIPE,
     AlgorithmConfig,
     Client as BaseClient,
     Server as BaseServer,
@@ -93,6 +94,8 @@ MIXED_BACKBONES = True
 """Whether a job may give its sites different backbones."""
 MULTILABEL = False
 """Whether a job may be multi-label (``task: multilabel``): no, it distils per-class mean logits: an image has one class."""
+RECIPE = COSINE_RECIPE
+"""The training recipe chosen on validation data (:data:`.base.COSINE_RECIPE`; ``benchmarks/recipe.py``, BENCHMARKS.md)."""
 
 
 class Config(AlgorithmConfig):

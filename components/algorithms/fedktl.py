@@ -125,6 +125,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from medsilo.components.algorithms.base import (
+    COSINE_RECIPE,
     AlgorithmConfig,
     Client as BaseClient,
     Server as BaseServer,
@@ -158,6 +159,8 @@ MIXED_BACKBONES = True
 """Whether a job may give its sites different backbones."""
 MULTILABEL = False
 """Whether a job may be multi-label (``task: multilabel``): no, its knowledge transfer is per class (prototypes and generated class images)."""
+RECIPE = COSINE_RECIPE
+"""The training recipe chosen on validation data (:data:`.base.COSINE_RECIPE`; ``benchmarks/recipe.py``, BENCHMARKS.md)."""
 
 
 class Config(AlgorithmConfig):

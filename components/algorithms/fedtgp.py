@@ -86,7 +86,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from medsilo.components.algorithms.base import AlgorithmConfig, Server as BaseServer, Tensors, Upload
+from medsilo.components.algorithms.base import PLAIN_RECIPE, AlgorithmConfig, Server as BaseServer, Tensors, Upload
 from medsilo.components.algorithms.fedproto import (
     PROTO_COUNT,
     PROTO_SUM,
@@ -110,6 +110,9 @@ MIXED_BACKBONES = True
 """Whether a job may give its sites different backbones."""
 MULTILABEL = False
 """Whether a job may be multi-label (``task: multilabel``): no, prototypes are per-class feature means: an image has one class."""
+RECIPE = PLAIN_RECIPE
+"""The training recipe chosen on validation data: the job defaults (:data:`.base.PLAIN_RECIPE`; ``benchmarks/recipe.py``,
+BENCHMARKS.md), ahead of the cosine recipe within noise."""
 
 
 class Config(AlgorithmConfig):

@@ -40,6 +40,7 @@ with heads of different shapes, e.g. ViT; every zoo model has a ``Linear(d, K)``
 from __future__ import annotations
 
 from medsilo.components.algorithms.base import (
+    COSINE_RECIPE,
     AlgorithmConfig,
     Client as BaseClient,
     Server as BaseServer,
@@ -60,6 +61,8 @@ MIXED_BACKBONES = True
 """Whether a job may give its sites different backbones."""
 MULTILABEL = True
 """Whether a job may be multi-label (``task: multilabel``): sigmoid outputs, masked BCE in the shared loop."""
+RECIPE = COSINE_RECIPE
+"""The training recipe chosen on validation data (:data:`.base.COSINE_RECIPE`; ``benchmarks/recipe.py``, BENCHMARKS.md)."""
 
 
 class Config(AlgorithmConfig):
