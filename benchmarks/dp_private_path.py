@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from benchmarks.runner import RESULTS, WORK, add_hospital_args, hospitals
+from benchmarks.runner import WORK, add_hospital_args, hospitals
 from medsilo.components.training import (
     evaluate_split,
     lr_factor,

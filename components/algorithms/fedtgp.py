@@ -86,7 +86,13 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from medsilo.components.algorithms.base import PLAIN_RECIPE, AlgorithmConfig, Server as BaseServer, Tensors, Upload
+from medsilo.components.algorithms.base import (
+    PLAIN_RECIPE,
+    AlgorithmConfig,
+    Server as BaseServer,
+    Tensors,
+    Upload,
+)
 from medsilo.components.algorithms.fedproto import (
     PROTO_COUNT,
     PROTO_SUM,
