@@ -41,6 +41,14 @@ def test_a_declared_recipe_is_a_training_block_a_job_can_use():
         assert {k: getattr(spec.training, k) for k in recipe} == recipe, name
 
 
+def test_the_plain_recipe_is_the_job_defaults():
+    # FedTGP declares PLAIN_RECIPE; a job that leaves its training block alone must get exactly that recipe
+    from medsilo.components.algorithms.base import PLAIN_RECIPE
+
+    spec = JobSpec(name="j", modality="cxr", classes=["a", "b"], dataset="d", algorithm={"name": "fedtgp"})
+    assert {k: getattr(spec.training, k) for k in PLAIN_RECIPE} == dict(PLAIN_RECIPE)
+
+
 def test_each_algorithm_declares_the_recipe_its_sweep_chose():
     # what benchmarks/recipe.py wrote (its "chosen": per algorithm, the recipe with the best mean validation score)
     import json
