@@ -48,7 +48,7 @@ from medsilo.fs import write_atomic
 from medsilo.medical.data import load_site_data
 from medsilo.medical.models.zoo import build_model
 from medsilo.medical.synth import SynthRequest, synthesize
-from medsilo.secure.dp import gaussian_gradient, poisson_sample
+from medsilo.secure.dp import clipped_gradient_sum, gaussian_gradient, poisson_sample, poisson_schedule
 
 PUBLIC_SEED = 777
 """Seed of the public synthetic hospitals whose images set the BatchNorm statistics (``--batchnorm public``)."""
@@ -126,26 +126,25 @@ def site_weights(labels: torch.Tensor, k: int, post_clip: bool) -> torch.Tensor:
 
 
 def dp_sgd_epoch(model, data, optimizer, batch_size: int, clip: float, sigma: float, generator, weights) -> None:
-    """One epoch of DP-SGD's step (Poisson batches at q = B/N, ⌈N/B⌉ steps), clipped gradients scaled by
-    ``weights[y]``; with unit weights it is :func:`~medsilo.components.training.private_epochs`' step."""
+    """One epoch of DP-SGD's step (:func:`~medsilo.secure.dp.poisson_schedule`), each class's clipped gradient sum
+    (:func:`~medsilo.secure.dp.clipped_gradient_sum`) scaled by ``weights[class]``; with unit weights it is
+    :func:`~medsilo.components.training.private_epochs`' step."""
     n = len(data)
-    rate = min(1.0, batch_size / n)
-    for _ in range(-(-n // batch_size)):
+    steps, rate = poisson_schedule(n, batch_size, 1)
+    for _ in range(steps):
         batch = poisson_sample(n, rate, generator)
         total = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in model.named_parameters()}
         if len(batch):
             x, y = torch.utils.data.default_collate([data[int(i)] for i in batch])
             grads, _ = per_record_gradients(model, x, y)
-            norms = sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values()).sqrt()
-            factor = (clip / norms.clamp_min(1e-12)).clamp(max=1.0) * weights[y]
-            for name, g in grads.items():
-                total[name] += (g.double() * factor.view(-1, *[1] * (g.dim() - 1))).sum(0)
+            for c in torch.unique(y):
+                for name, g in clipped_gradient_sum({k: v[y == c] for k, v in grads.items()}, clip).items():
+                    total[name] += float(weights[c]) * g
         noisy = gaussian_gradient(total, clip, sigma, generator)
         optimizer.zero_grad(set_to_none=True)
         for name, p in model.named_parameters():
             p.grad = (noisy[name] / (rate * n)).to(p.dtype)
         optimizer.step()
-
 
 if __name__ == "__main__":
     main()

@@ -331,10 +331,9 @@ schedule brings down after 3 warm-up rounds, light weight decay, and class-balan
 data it won for every algorithm swept so far: Local, FedAvg, FedPer, FedProx, Ditto, FedRep, FedALA, FedDBE, GPFL,
 FedCP, FedProto, FedDistill, LG-FedAvg and FedKTL — all but FedTGP (3 seeds of the four-hospital two-finding CXR
 setting, every site on the ``cnn``; for Local, FedAvg and FedPer also seed 0 of the eight-hospital four-finding one;
-BENCHMARKS.md), so those modules declare it as their ``RECIPE``. A ``dp``
-job cannot use its class weights (they depend on every record) and trains unweighted. A job still
-sets its recipe itself (the recipe belongs to the job); ``RECIPE`` records what the sweep chose. Read-only: the
-modules share it."""
+BENCHMARKS.md), so those modules declare it as their ``RECIPE``. A ``dp`` job cannot use its class weights (they
+depend on every record) and trains unweighted. A job still sets its recipe itself (the recipe belongs to the job);
+``RECIPE`` records what the sweep chose. Read-only: the modules share it."""
 
 
 # ---- pure helpers ---------------------------------------------------------------------------------
