@@ -11,10 +11,16 @@ the sum divided by the expected batch) — and changes one thing at a time:
 * ``--batchnorm initial`` (what a ``dp`` job does: eval mode on the initial statistics, mean 0 and variance 1) or
   ``public``: before each round and after averaging, the statistics are re-estimated on *public* images — synthetic
   hospitals made by ``medsilo synth`` with another seed (:data:`PUBLIC_SEED`), which no site's records enter, so
-  they cost no privacy;
+  they cost no privacy; or ``groupnorm``: every ``BatchNorm2d`` replaced by ``GroupNorm(8, C)`` (per image, so
+  DP-compatible); or ``train`` (``--step sgd`` only): train-mode batch statistics, what the non-private jobs use;
 * without (what a ``dp`` job does) or with ``--post-clip-weights``: each image's *clipped* gradient is scaled by
   ``w_y = min(1, (N/K)/n_y)`` from the site's class counts ``n``, so a record still moves the sum by at most G. The
-  counts here are the true ones: an upper bound on what privately estimated counts would give.
+  counts here are the true ones: an upper bound on what privately estimated counts would give. With ``--step sgd``
+  the same factors weight each image's loss;
+* ``--step dp-sgd`` (default) or ``sgd``: plain mini-batch SGD (shuffled batches of B, no clipping, no noise), the
+  same model, optimiser and schedule, to separate what DP-SGD's step costs from what the normalisation costs;
+* ``--pooled``: one site holding the union of the sites' training images (centralised training, still scored on
+  each site's validation split), to separate what the federation costs.
 
 With ``--sigma`` tiny (default 1e-4, the ``clip only`` reference) the noise plays no part. Each round prints the
 sites' mean validation balanced accuracy, AUROC and how many sites predict one class; the history is written to
@@ -23,6 +29,7 @@ sites' mean validation balanced accuracy, AUROC and how many sites predict one c
 Run (seed 0's eight four-finding hospitals; ~1 min a round on 2 cores beside other work)::
 
     python -m benchmarks.dp_private_path --batchnorm public --post-clip-weights --rounds 25
+    python -m benchmarks.dp_private_path --step sgd --batchnorm train --post-clip-weights --rounds 50  # reference
 """
 
 from __future__ import annotations
@@ -59,18 +66,27 @@ def main(argv: list[str] | None = None) -> dict:
     add_hospital_args(parser, rounds=25)
     parser.set_defaults(sites=8, images_per_site=400, dirichlet_alpha=0.3, classes=["normal", "pneumonia", "effusion",
                         "nodule"], lr=0.03, lr_schedule="cosine", warmup_rounds=3, weight_decay=5e-4)  # the pFL recipe
-    parser.add_argument("--batchnorm", choices=["initial", "public"], default="initial")
+    parser.add_argument("--batchnorm", choices=["initial", "public", "groupnorm", "train"], default="initial")
     parser.add_argument("--post-clip-weights", action="store_true", help="scale clipped gradients by w_y ≤ 1")
+    parser.add_argument("--step", choices=["dp-sgd", "sgd"], default="dp-sgd", help="sgd: no clipping, no noise")
+    parser.add_argument("--pooled", action="store_true", help="one site holding every site's training images")
     parser.add_argument("--sigma", type=float, default=1e-4, help="σ_sgd (default: clip only)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="G")
     args = parser.parse_args(argv)
+    if args.batchnorm == "train" and args.step != "sgd":
+        parser.error("--batchnorm train: only with --step sgd (DP-SGD needs each image's loss to depend on it alone)")
     torch.set_num_threads(1)
     classes = list(args.classes)
     _, sites_yml = hospitals(args, "pfl")
     sites = [load_site_data(read_manifest(entry.manifest, classes), modality="cxr", image_size=args.image_size, seed=0)
              for _, entry in sorted(load_sites_file(sites_yml).sites.items())]  # fmt: skip
+    trains = [site.train for site in sites]
+    if args.pooled:
+        trains = [Pooled(trains)]
     public = public_images(args, classes)
     model = build_model("cnn", in_channels=1, num_classes=len(classes), feature_dim=64, seed=args.seed)
+    if args.batchnorm == "groupnorm":
+        use_groupnorm(model)
     generators = [torch.Generator().manual_seed(args.seed * 1000 + i) for i in range(len(sites))]
     history, start = [], time.time()
     for rnd in range(1, args.rounds + 1):
@@ -78,11 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
             recalibrate_batchnorm(model, public)
         lr = args.lr * lr_factor(args.lr_schedule, rnd, args.rounds, warmup=args.warmup_rounds)
         states = []
-        for site, generator in zip(sites, generators):
+        for train, generator in zip(trains, generators):
             local = copy.deepcopy(model)
-            weights = site_weights(site.train.labels, len(classes), args.post_clip_weights)
-            dp_sgd_epoch(local, site.train, make_optimizer(local.parameters(), lr=lr, weight_decay=args.weight_decay),
-                         args.batch_size, args.grad_clip, args.sigma, generator, weights)  # fmt: skip
+            weights = site_weights(train.labels, len(classes), args.post_clip_weights)
+            optimizer = make_optimizer(local.parameters(), lr=lr, weight_decay=args.weight_decay)
+            if args.step == "sgd":
+                sgd_epoch(local, train, optimizer, args.batch_size, generator, weights, args.batchnorm == "train")
+            else:
+                dp_sgd_epoch(local, train, optimizer, args.batch_size, args.grad_clip, args.sigma, generator, weights)
             states.append(local.state_dict())
         model.load_state_dict({k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype)
                                for k in states[0]})  # fmt: skip
@@ -98,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['constant_sites']} constant site(s), {row['seconds']:.0f} s", flush=True)  # fmt: skip
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     weights = "postclip" if args.post_clip_weights else "unweighted"
-    tag = f"{args.sites}x{args.images_per_site}_{args.batchnorm}_{weights}_s{args.sigma:g}_lr{args.lr:g}_r{args.rounds}"
+    step = "sgd" if args.step == "sgd" else f"s{args.sigma:g}" + (f"_G{args.grad_clip:g}" if args.grad_clip != 1 else "")
+    pooled = "_pooled" if args.pooled else ""
+    tag = f"{args.sites}x{args.images_per_site}{pooled}_{args.batchnorm}_{weights}_{step}_lr{args.lr:g}_r{args.rounds}"
     out = {"benchmark": f"dp_private_path_{tag}_seed{args.seed}", "settings": settings, "history": history}
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / f"{out['benchmark']}.json", json.dumps(out, indent=2, default=str) + "\n")
@@ -115,6 +136,23 @@ def public_images(args: argparse.Namespace, classes: list[str]) -> torch.utils.d
                            image_size=args.image_size, seed=0) for i in range(1, 5)]  # fmt: skip
     images = torch.utils.data.ConcatDataset([d.split(s) for d in data for s in ("train", "val", "test")])
     return torch.utils.data.DataLoader(images, batch_size=100, shuffle=False)
+
+
+class Pooled(torch.utils.data.ConcatDataset):
+    """The union of the sites' training sets, with ``labels`` like one site's (``--pooled``)."""
+
+    def __init__(self, parts: list[torch.utils.data.Dataset]):
+        super().__init__(parts)
+        self.labels = torch.cat([part.labels for part in parts])
+
+
+def use_groupnorm(model: torch.nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` of ``model`` in place by ``GroupNorm(8, C)`` (``--batchnorm groupnorm``)."""
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(model, name, torch.nn.GroupNorm(8, child.num_features))
+        else:
+            use_groupnorm(child)
 
 
 def site_weights(labels: torch.Tensor, k: int, post_clip: bool) -> torch.Tensor:
@@ -145,6 +183,19 @@ def dp_sgd_epoch(model, data, optimizer, batch_size: int, clip: float, sigma: fl
         for name, p in model.named_parameters():
             p.grad = (noisy[name] / (rate * n)).to(p.dtype)
         optimizer.step()
+
+
+def sgd_epoch(model, data, optimizer, batch_size: int, generator, weights, train_mode: bool) -> None:
+    """One epoch of plain mini-batch SGD (``--step sgd``): shuffled batches of ``batch_size``, each image's loss
+    weighted by ``weights[class]``; BatchNorm in train mode (batch statistics) only when ``train_mode``."""
+    model.train(train_mode)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    for x, y in loader:
+        loss = torch.nn.functional.cross_entropy(model(x), y, weight=weights.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
 
 if __name__ == "__main__":
     main()
