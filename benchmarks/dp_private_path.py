@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     weights = "postclip" if args.post_clip_weights else "unweighted"
     step = "sgd" if args.step == "sgd" else f"s{args.sigma:g}" + (f"_G{args.grad_clip:g}" if args.grad_clip != 1 else "")
     pooled = "_pooled" if args.pooled else ""
+    pooled += f"_shift{args.shift:g}" if args.shift != 1 else ""
     tag = f"{args.sites}x{args.images_per_site}{pooled}_{args.batchnorm}_{weights}_{step}_lr{args.lr:g}_r{args.rounds}"
     out = {"benchmark": f"dp_private_path_{tag}_seed{args.seed}", "settings": settings, "history": history}
     args.out.mkdir(parents=True, exist_ok=True)
