@@ -118,9 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     weights = "postclip" if args.post_clip_weights else "unweighted"
     step = "sgd" if args.step == "sgd" else f"s{args.sigma:g}" + (f"_G{args.grad_clip:g}" if args.grad_clip != 1 else "")
-    pooled = "_pooled" if args.pooled else ""
-    pooled += f"_shift{args.shift:g}" if args.shift != 1 else ""
-    tag = f"{args.sites}x{args.images_per_site}{pooled}_{args.batchnorm}_{weights}_{step}_lr{args.lr:g}_r{args.rounds}"
+    data = ("_pooled" if args.pooled else "") + (f"_shift{args.shift:g}" if args.shift != 1 else "")
+    tag = f"{args.sites}x{args.images_per_site}{data}_{args.batchnorm}_{weights}_{step}_lr{args.lr:g}_r{args.rounds}"
     out = {"benchmark": f"dp_private_path_{tag}_seed{args.seed}", "settings": settings, "history": history}
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / f"{out['benchmark']}.json", json.dumps(out, indent=2, default=str) + "\n")
@@ -188,7 +187,8 @@ def dp_sgd_epoch(model, data, optimizer, batch_size: int, clip: float, sigma: fl
 
 def sgd_epoch(model, data, optimizer, batch_size: int, generator, weights, train_mode: bool) -> None:
     """One epoch of plain mini-batch SGD (``--step sgd``): shuffled batches of ``batch_size``, each image's loss
-    weighted by ``weights[class]``; BatchNorm in train mode (batch statistics) only when ``train_mode``."""
+    weighted by ``weights[class]``; BatchNorm in train mode (batch statistics) only when ``train_mode``. Not
+    :func:`~medsilo.components.training.local_epochs`, which always trains in train mode."""
     model.train(train_mode)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
     for x, y in loader:
