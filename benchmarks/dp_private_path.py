@@ -13,6 +13,9 @@ the sum divided by the expected batch) — and changes one thing at a time:
   hospitals made by ``medsilo synth`` with another seed (:data:`PUBLIC_SEED`), which no site's records enter, so
   they cost no privacy; or ``groupnorm``: every ``BatchNorm2d`` replaced by ``GroupNorm(8, C)`` (per image, so
   DP-compatible); or ``train`` (``--step sgd`` only): train-mode batch statistics, what the non-private jobs use;
+  or ``site``: eval mode on statistics each site estimates on its own training images, frozen while it trains and
+  re-estimated by each site to score the global model (statistics that never leave the site, as in FedBN; the
+  true ones here, so an upper bound on what statistics estimated under DP would give);
 * without (what a ``dp`` job does) or with ``--post-clip-weights``: each image's *clipped* gradient is scaled by
   ``w_y = min(1, (N/K)/n_y)`` from the site's class counts ``n``, so a record still moves the sum by at most G. The
   counts here are the true ones: an upper bound on what privately estimated counts would give. With ``--step sgd``
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_hospital_args(parser, rounds=25)
     parser.set_defaults(sites=8, images_per_site=400, dirichlet_alpha=0.3, classes=["normal", "pneumonia", "effusion",
                         "nodule"], lr=0.03, lr_schedule="cosine", warmup_rounds=3, weight_decay=5e-4)  # the pFL recipe
-    parser.add_argument("--batchnorm", choices=["initial", "public", "groupnorm", "train"], default="initial")
+    parser.add_argument("--batchnorm", choices=["initial", "public", "groupnorm", "train", "site"], default="initial")
     parser.add_argument("--post-clip-weights", action="store_true", help="scale clipped gradients by w_y ≤ 1")
     parser.add_argument("--step", choices=["dp-sgd", "sgd"], default="dp-sgd", help="sgd: no clipping, no noise")
     parser.add_argument("--pooled", action="store_true", help="one site holding every site's training images")
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         for train, generator in zip(trains, generators):
             local = copy.deepcopy(model)
             weights = site_weights(train.labels, len(classes), args.post_clip_weights)
+            if args.batchnorm == "site":
+                recalibrate_batchnorm(local, torch.utils.data.DataLoader(train, batch_size=100))
             optimizer = make_optimizer(local.parameters(), lr=lr, weight_decay=args.weight_decay)
             if args.step == "sgd":
                 sgd_epoch(local, train, optimizer, args.batch_size, generator, weights, args.batchnorm == "train")
@@ -107,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
                                for k in states[0]})  # fmt: skip
         if public is not None:
             recalibrate_batchnorm(model, public)
-        model.eval()
-        vals = [evaluate_split(lambda x: torch.softmax(model(x), 1), site.val) for site in sites]
+        vals = [evaluate_split(lambda x, m=scored(model, site.train, args.batchnorm): torch.softmax(m(x), 1), site.val)
+                for site in sites]  # fmt: skip
         row = {"round": rnd, "val_balanced_acc": sum(v["balanced_acc"] for v in vals) / len(vals),
                "val_auroc": sum(v["auroc"] for v in vals) / len(vals),
                "constant_sites": sum(v["predicted_classes"] == 1 for v in vals), "seconds": time.time() - start}  # fmt: skip
@@ -136,6 +141,15 @@ def public_images(args: argparse.Namespace, classes: list[str]) -> torch.utils.d
                            image_size=args.image_size, seed=0) for i in range(1, 5)]  # fmt: skip
     images = torch.utils.data.ConcatDataset([d.split(s) for d in data for s in ("train", "val", "test")])
     return torch.utils.data.DataLoader(images, batch_size=100, shuffle=False)
+
+
+def scored(model: torch.nn.Module, train: torch.utils.data.Dataset, batchnorm: str) -> torch.nn.Module:
+    """The model a site scores, in eval mode: the global one, or (``--batchnorm site``) a copy with BatchNorm
+    statistics re-estimated on the site's ``train`` images."""
+    if batchnorm == "site":
+        model = copy.deepcopy(model)
+        recalibrate_batchnorm(model, torch.utils.data.DataLoader(train, batch_size=100))
+    return model.eval()
 
 
 class Pooled(torch.utils.data.ConcatDataset):

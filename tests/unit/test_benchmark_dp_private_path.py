@@ -1,12 +1,13 @@
 """The private-path diagnostic's controls change only what they name: GroupNorm replaces every BatchNorm, eval-mode
-SGD leaves BatchNorm statistics alone, the pooled site keeps every label, and DP-SGD refuses batch statistics."""
+SGD leaves BatchNorm statistics alone, the pooled site keeps every label, a site scores with its own statistics only
+under ``--batchnorm site``, and DP-SGD refuses batch statistics."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from benchmarks.dp_private_path import Pooled, main, sgd_epoch, use_groupnorm
+from benchmarks.dp_private_path import Pooled, main, scored, sgd_epoch, use_groupnorm
 from medsilo.components.training import per_record_gradients
 from medsilo.medical.models.zoo import build_model
 
@@ -65,3 +66,19 @@ def test_dp_sgd_with_batch_statistics_is_refused_before_any_work(capsys):
     with pytest.raises(SystemExit):
         main(["--step", "dp-sgd", "--batchnorm", "train"])
     assert "only with --step sgd" in capsys.readouterr().err
+
+
+def test_a_site_scores_with_statistics_of_its_own_images_only_under_site_batchnorm():
+    model = build_model("cnn", in_channels=1, num_classes=3, feature_dim=64, seed=0)
+    data = _Images(12, seed=5)
+    data.x += 2.0  # a site whose images are brighter than the initial statistics assume
+    first = model.base.backbone[1]  # the first BatchNorm2d, after the first Conv2d
+    assert torch.equal(first.running_mean, torch.zeros_like(first.running_mean))
+    own = scored(model, data, "site")
+    assert own is not model and not own.training
+    with torch.no_grad():
+        expected = model.base.backbone[0](data.x).mean(dim=(0, 2, 3))
+    assert torch.allclose(own.base.backbone[1].running_mean, expected, atol=1e-5)
+    assert torch.equal(first.running_mean, torch.zeros_like(first.running_mean))  # the global model is untouched
+    same = scored(model, data, "initial")
+    assert same is model and not model.training
