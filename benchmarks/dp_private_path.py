@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batchnorm == "groupnorm":
         use_groupnorm(model)
     generators = [torch.Generator().manual_seed(args.seed * 1000 + i) for i in range(len(sites))]
+    if public is not None:
+        recalibrate_batchnorm(model, public)  # then after each averaging, which is the next round's start
     history, start = [], time.time()
     for rnd in range(1, args.rounds + 1):
-        if public is not None:
-            recalibrate_batchnorm(model, public)
         lr = args.lr * lr_factor(args.lr_schedule, rnd, args.rounds, warmup=args.warmup_rounds)
         states = []
         for train, generator in zip(trains, generators):
