@@ -12,7 +12,9 @@ the sum divided by the expected batch) — and changes one thing at a time:
   ``public``: before each round and after averaging, the statistics are re-estimated on *public* images — synthetic
   hospitals made by ``medsilo synth`` with another seed (:data:`PUBLIC_SEED`), which no site's records enter, so
   they cost no privacy; or ``groupnorm``: every ``BatchNorm2d`` replaced by ``GroupNorm(8, C)`` (per image, so
-  DP-compatible); or ``train`` (``--step sgd`` only): train-mode batch statistics, what the non-private jobs use;
+  DP-compatible); or ``instancenorm``: every ``BatchNorm2d`` replaced by ``GroupNorm(C, C)``, instance
+  normalisation with a learned scale and shift (per image and channel, so DP-compatible, and blind to a scanner's
+  gain); or ``train`` (``--step sgd`` only): train-mode batch statistics, what the non-private jobs use;
   or ``site``: eval mode on statistics each site estimates on its own training images, frozen while it trains and
   re-estimated by each site to score the global model (statistics that never leave the site, as in FedBN; the
   true ones here, so an upper bound on what statistics estimated under DP would give);
@@ -20,6 +22,13 @@ the sum divided by the expected batch) — and changes one thing at a time:
   ``w_y = min(1, (N/K)/n_y)`` from the site's class counts ``n``, so a record still moves the sum by at most G. The
   counts here are the true ones: an upper bound on what privately estimated counts would give. With ``--step sgd``
   the same factors weight each image's loss;
+* ``--logit-adjust``: each image's loss is cross-entropy on ``logits + log(n_y/N)`` with the site's class shares
+  (the logit-adjusted loss of Menon et al., 2021); the model predicts with its plain logits, so a site's skew is
+  trained out of the predictions without scaling any gradient down (true counts again: an upper bound);
+* ``--public-pretrain E``: before round 1, E epochs of plain SGD on the *public* hospitals' labelled images
+  (logit-adjusted by their own class shares; no site's record enters, so no privacy cost), scored as round 0; and
+  ``--train head``: the sites then train the linear head alone (260 numbers at K = 4 instead of 60,836, so DP-SGD's
+  noise, whose norm grows with the square root of what it trains, is ~15× smaller against the same signal);
 * ``--step dp-sgd`` (default) or ``sgd``: plain mini-batch SGD (shuffled batches of B, no clipping, no noise), the
   same model, optimiser and schedule, to separate what DP-SGD's step costs from what the normalisation costs;
 * ``--pooled``: one site holding the union of the sites' training images (centralised training, still scored on
@@ -33,6 +42,9 @@ Run (seed 0's eight four-finding hospitals; ~1 min a round on 2 cores beside oth
 
     python -m benchmarks.dp_private_path --batchnorm public --post-clip-weights --rounds 25
     python -m benchmarks.dp_private_path --step sgd --batchnorm train --post-clip-weights --rounds 50  # reference
+    python -m benchmarks.dp_private_path --batchnorm instancenorm --logit-adjust --grad-clip 10 --sigma 1.91 --rounds 50
+    python -m benchmarks.dp_private_path --batchnorm instancenorm --public-pretrain 20 --train head --logit-adjust \
+        --sigma 1.91 --rounds 50   # σ_sgd = 1.91: ε = 8 over 50 rounds at the smallest site (benchmarks.dp)
 """
 
 from __future__ import annotations
@@ -61,7 +73,11 @@ from medsilo.medical.synth import SynthRequest, synthesize
 from medsilo.secure.dp import clipped_gradient_sum, gaussian_gradient, poisson_sample, poisson_schedule
 
 PUBLIC_SEED = 777
-"""Seed of the public synthetic hospitals whose images set the BatchNorm statistics (``--batchnorm public``)."""
+"""Seed of the public synthetic hospitals whose images set the BatchNorm statistics (``--batchnorm public``) or
+pre-train the model (``--public-pretrain``)."""
+PRETRAIN_BATCH, PRETRAIN_LR = 32, 0.03
+"""Batch size and learning rate of the public pre-training (fixed, so every run starts from the same public model,
+whatever batch and learning rate the sites then use)."""
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,15 +85,24 @@ def main(argv: list[str] | None = None) -> dict:
     add_hospital_args(parser, rounds=25)
     parser.set_defaults(sites=8, images_per_site=400, dirichlet_alpha=0.3, classes=["normal", "pneumonia", "effusion",
                         "nodule"], lr=0.03, lr_schedule="cosine", warmup_rounds=3, weight_decay=5e-4)  # the pFL recipe
-    parser.add_argument("--batchnorm", choices=["initial", "public", "groupnorm", "train", "site"], default="initial")
+    parser.add_argument("--batchnorm", choices=["initial", "public", "groupnorm", "instancenorm", "train", "site"],
+                        default="initial")  # fmt: skip
     parser.add_argument("--post-clip-weights", action="store_true", help="scale clipped gradients by w_y ≤ 1")
+    parser.add_argument("--logit-adjust", action="store_true",
+                        help="train on logits + log(n_y/N), score on the logits (Menon et al., 2021)")
     parser.add_argument("--step", choices=["dp-sgd", "sgd"], default="dp-sgd", help="sgd: no clipping, no noise")
     parser.add_argument("--pooled", action="store_true", help="one site holding every site's training images")
     parser.add_argument("--sigma", type=float, default=1e-4, help="σ_sgd (default: clip only)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="G")
+    parser.add_argument("--public-pretrain", type=int, default=0, metavar="EPOCHS",
+                        help="first train on the public synthetic hospitals' labelled images for EPOCHS epochs")
+    parser.add_argument("--train", choices=["all", "head"], default="all",
+                        help="what the sites train: every parameter, or the linear head alone")
     args = parser.parse_args(argv)
     if args.batchnorm == "train" and args.step != "sgd":
         parser.error("--batchnorm train: only with --step sgd (DP-SGD needs each image's loss to depend on it alone)")
+    if args.batchnorm == "train" and args.train == "head":
+        parser.error("--train head: not with --batchnorm train (training would still move the backbone's statistics)")
     torch.set_num_threads(1)
     classes = list(args.classes)
     _, sites_yml = hospitals(args, "pfl")
@@ -86,44 +111,45 @@ def main(argv: list[str] | None = None) -> dict:
     trains = [site.train for site in sites]
     if args.pooled:
         trains = [Pooled(trains)]
-    public = public_images(args, classes)
+    public = public_images(args, classes) if args.batchnorm == "public" or args.public_pretrain else None
     model = build_model("cnn", in_channels=1, num_classes=len(classes), feature_dim=64, seed=args.seed)
-    if args.batchnorm == "groupnorm":
-        use_groupnorm(model)
+    if args.batchnorm in ("groupnorm", "instancenorm"):
+        use_groupnorm(model, per_channel=args.batchnorm == "instancenorm")
     generators = [torch.Generator().manual_seed(args.seed * 1000 + i) for i in range(len(sites))]
-    if public is not None:
-        recalibrate_batchnorm(model, public)  # then after each averaging, which is the next round's start
     history, start = [], time.time()
+    if args.public_pretrain:
+        pretrain(model, public.dataset, args, generator=torch.Generator().manual_seed(PUBLIC_SEED))
+        history.append(evaluation(model, sites, args.batchnorm, 0, start))  # round 0: the public model alone
+    if args.batchnorm == "public":
+        recalibrate_batchnorm(model, public)  # then after each averaging, which is the next round's start
     for rnd in range(1, args.rounds + 1):
         lr = args.lr * lr_factor(args.lr_schedule, rnd, args.rounds, warmup=args.warmup_rounds)
         states = []
         for train, generator in zip(trains, generators):
             local = copy.deepcopy(model)
             weights = site_weights(train.labels, len(classes), args.post_clip_weights)
+            adjust = log_prior(train.labels, len(classes)) if args.logit_adjust else None
             if args.batchnorm == "site":
                 recalibrate_batchnorm(local, torch.utils.data.DataLoader(train, batch_size=100))
-            optimizer = make_optimizer(local.parameters(), lr=lr, weight_decay=args.weight_decay)
+            trained = local.head.parameters() if args.train == "head" else local.parameters()
+            optimizer = make_optimizer(trained, lr=lr, weight_decay=args.weight_decay)
             if args.step == "sgd":
-                sgd_epoch(local, train, optimizer, args.batch_size, generator, weights, args.batchnorm == "train")
+                sgd_epoch(local, train, optimizer, args.batch_size, generator, weights, args.batchnorm == "train", adjust)
             else:
-                dp_sgd_epoch(local, train, optimizer, args.batch_size, args.grad_clip, args.sigma, generator, weights)
+                dp_sgd_epoch(local, train, optimizer, args.batch_size, args.grad_clip, args.sigma, generator, weights,
+                             adjust)  # fmt: skip
             states.append(local.state_dict())
         model.load_state_dict({k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype)
                                for k in states[0]})  # fmt: skip
-        if public is not None:
+        if args.batchnorm == "public":
             recalibrate_batchnorm(model, public)
-        vals = [evaluate_split(lambda x, m=scored(model, site.train, args.batchnorm): torch.softmax(m(x), 1), site.val)
-                for site in sites]  # fmt: skip
-        row = {"round": rnd, "val_balanced_acc": sum(v["balanced_acc"] for v in vals) / len(vals),
-               "val_auroc": sum(v["auroc"] for v in vals) / len(vals),
-               "constant_sites": sum(v["predicted_classes"] == 1 for v in vals), "seconds": time.time() - start}  # fmt: skip
-        history.append(row)
-        print(f"round {rnd}: val balanced acc {row['val_balanced_acc']:.3f}, AUROC {row['val_auroc']:.3f}, "
-              f"{row['constant_sites']} constant site(s), {row['seconds']:.0f} s", flush=True)  # fmt: skip
+        history.append(evaluation(model, sites, args.batchnorm, rnd, start))
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    weights = "postclip" if args.post_clip_weights else "unweighted"
+    weights = ("postclip" if args.post_clip_weights else "unweighted") + ("_logitadj" if args.logit_adjust else "")
     step = "sgd" if args.step == "sgd" else f"s{args.sigma:g}" + (f"_G{args.grad_clip:g}" if args.grad_clip != 1 else "")
     data = ("_pooled" if args.pooled else "") + (f"_shift{args.shift:g}" if args.shift != 1 else "")
+    data += (f"_public{args.public_pretrain}" if args.public_pretrain else "") + ("_head" if args.train == "head" else "")
+    data += f"_B{args.batch_size}" if args.batch_size != 32 else ""
     tag = f"{args.sites}x{args.images_per_site}{data}_{args.batchnorm}_{weights}_{step}_lr{args.lr:g}_r{args.rounds}"
     out = {"benchmark": f"dp_private_path_{tag}_seed{args.seed}", "settings": settings, "history": history}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,10 +157,34 @@ def main(argv: list[str] | None = None) -> dict:
     return out
 
 
-def public_images(args: argparse.Namespace, classes: list[str]) -> torch.utils.data.DataLoader | None:
-    """The public synthetic images for ``--batchnorm public`` (every split of 4 hospitals × 100), else ``None``."""
-    if args.batchnorm != "public":
-        return None
+def evaluation(model: torch.nn.Module, sites: list, batchnorm: str, rnd: int, start: float) -> dict:
+    """One history row: the sites' mean validation balanced accuracy and AUROC, and how many predict one class."""
+    vals = [evaluate_split(lambda x, m=scored(model, site.train, batchnorm): torch.softmax(m(x), 1), site.val)
+            for site in sites]  # fmt: skip
+    row = {"round": rnd, "val_balanced_acc": sum(v["balanced_acc"] for v in vals) / len(vals),
+           "val_auroc": sum(v["auroc"] for v in vals) / len(vals),
+           "constant_sites": sum(v["predicted_classes"] == 1 for v in vals), "seconds": time.time() - start}  # fmt: skip
+    print(f"round {rnd}: val balanced acc {row['val_balanced_acc']:.3f}, AUROC {row['val_auroc']:.3f}, "
+          f"{row['constant_sites']} constant site(s), {row['seconds']:.0f} s", flush=True)  # fmt: skip
+    return row
+
+
+def pretrain(model: torch.nn.Module, public: torch.utils.data.Dataset, args: argparse.Namespace, generator) -> None:
+    """``--public-pretrain``: plain SGD on the public hospitals' labelled images (no site's record enters, so no
+    privacy cost), ``args.public_pretrain`` epochs in batches of :data:`PRETRAIN_BATCH`, at :data:`PRETRAIN_LR` on a
+    cosine schedule, each image's loss logit-adjusted by the public class prior; BatchNorm (if any) in train mode."""
+    labels = torch.cat([torch.as_tensor(part.labels) for part in public.datasets])
+    adjust = log_prior(labels, model.num_classes)
+    ones = torch.ones(model.num_classes, dtype=torch.float64)
+    for epoch in range(1, args.public_pretrain + 1):
+        lr = PRETRAIN_LR * lr_factor("cosine", epoch, args.public_pretrain)
+        optimizer = make_optimizer(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+        sgd_epoch(model, public, optimizer, PRETRAIN_BATCH, generator, ones, True, adjust)
+
+
+def public_images(args: argparse.Namespace, classes: list[str]) -> torch.utils.data.DataLoader:
+    """The public synthetic images (every split of 4 hospitals × 100, labelled): ``--batchnorm public`` estimates
+    BatchNorm statistics on them, ``--public-pretrain`` trains on them."""
     req = SynthRequest("cxr", 4, 100, seed=PUBLIC_SEED, dirichlet_alpha=1.0, shift=1.0, classes=tuple(classes))
     folder = synthesize(WORK / f"dp_public_cxr_k{len(classes)}_seed{PUBLIC_SEED}", req, progress=False).parent
     data = [load_site_data(read_manifest(folder / f"hospital-{i}" / "manifest.csv", classes), modality="cxr",
@@ -160,13 +210,16 @@ class Pooled(torch.utils.data.ConcatDataset):
         self.labels = torch.cat([part.labels for part in parts])
 
 
-def use_groupnorm(model: torch.nn.Module) -> None:
-    """Replace every ``BatchNorm2d`` of ``model`` in place by ``GroupNorm(8, C)`` (``--batchnorm groupnorm``)."""
+def use_groupnorm(model: torch.nn.Module, per_channel: bool = False) -> None:
+    """Replace every ``BatchNorm2d`` of ``model`` in place by ``GroupNorm(8, C)`` (``--batchnorm groupnorm``) or,
+    with ``per_channel``, by ``GroupNorm(C, C)`` — instance normalisation with a learned scale and shift
+    (``--batchnorm instancenorm``), which takes each image's own mean and spread out of every channel."""
     for name, child in model.named_children():
         if isinstance(child, torch.nn.BatchNorm2d):
-            setattr(model, name, torch.nn.GroupNorm(8, child.num_features))
+            c = child.num_features
+            setattr(model, name, torch.nn.GroupNorm(c if per_channel else 8, c))
         else:
-            use_groupnorm(child)
+            use_groupnorm(child, per_channel)
 
 
 def site_weights(labels: torch.Tensor, k: int, post_clip: bool) -> torch.Tensor:
@@ -177,36 +230,61 @@ def site_weights(labels: torch.Tensor, k: int, post_clip: bool) -> torch.Tensor:
     return (counts.sum() / k / counts).clamp(max=1.0)
 
 
-def dp_sgd_epoch(model, data, optimizer, batch_size: int, clip: float, sigma: float, generator, weights) -> None:
+def log_prior(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``(K,)`` ``log(n_y / N)`` of a site's labels (a class with no image counts as one), for ``--logit-adjust``."""
+    counts = torch.bincount(labels, minlength=k).float().clamp_min(1)
+    return (counts / counts.sum()).log()
+
+
+def adjusted_loss(adjust: torch.Tensor):
+    """The extra loss that turns each record's cross-entropy on ``logits`` into cross-entropy on ``logits +
+    adjust`` (the logit-adjusted loss; the model still predicts with its plain logits)."""
+
+    def extra(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy
+        return ce(logits + adjust, labels) - ce(logits, labels)
+
+    return extra
+
+
+def dp_sgd_epoch(model, data, optimizer, batch_size: int, clip: float, sigma: float, generator, weights,
+                 adjust: torch.Tensor | None = None) -> None:  # fmt: skip
     """One epoch of DP-SGD's step (:func:`~medsilo.secure.dp.poisson_schedule`), each class's clipped gradient sum
-    (:func:`~medsilo.secure.dp.clipped_gradient_sum`) scaled by ``weights[class]``; with unit weights it is
+    (:func:`~medsilo.secure.dp.clipped_gradient_sum`) scaled by ``weights[class]``, each record's loss the
+    logit-adjusted one when ``adjust`` (a ``(K,)`` log prior) is given; with unit weights and no ``adjust`` it is
     :func:`~medsilo.components.training.private_epochs`' step."""
+    extra = None if adjust is None else adjusted_loss(adjust)
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trained = {name: p for name, p in model.named_parameters() if id(p) in stepped}
     n = len(data)
     steps, rate = poisson_schedule(n, batch_size, 1)
     for _ in range(steps):
         batch = poisson_sample(n, rate, generator)
-        total = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in model.named_parameters()}
+        total = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in trained.items()}
         if len(batch):
             x, y = torch.utils.data.default_collate([data[int(i)] for i in batch])
-            grads, _ = per_record_gradients(model, x, y)
+            grads, _ = per_record_gradients(model, x, y, params=trained.values(), extra_loss=extra)
             for c in torch.unique(y):
                 for name, g in clipped_gradient_sum({k: v[y == c] for k, v in grads.items()}, clip).items():
                     total[name] += float(weights[c]) * g
         noisy = gaussian_gradient(total, clip, sigma, generator)
         optimizer.zero_grad(set_to_none=True)
-        for name, p in model.named_parameters():
+        for name, p in trained.items():
             p.grad = (noisy[name] / (rate * n)).to(p.dtype)
         optimizer.step()
 
 
-def sgd_epoch(model, data, optimizer, batch_size: int, generator, weights, train_mode: bool) -> None:
+def sgd_epoch(model, data, optimizer, batch_size: int, generator, weights, train_mode: bool,
+              adjust: torch.Tensor | None = None) -> None:  # fmt: skip
     """One epoch of plain mini-batch SGD (``--step sgd``): shuffled batches of ``batch_size``, each image's loss
-    weighted by ``weights[class]``; BatchNorm in train mode (batch statistics) only when ``train_mode``. Not
-    :func:`~medsilo.components.training.local_epochs`, which always trains in train mode."""
+    weighted by ``weights[class]`` (and logit-adjusted by ``adjust`` when given); BatchNorm in train mode (batch
+    statistics) only when ``train_mode``. Not :func:`~medsilo.components.training.local_epochs`, which always
+    trains in train mode."""
     model.train(train_mode)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
     for x, y in loader:
-        loss = torch.nn.functional.cross_entropy(model(x), y, weight=weights.float())
+        logits = model(x) if adjust is None else model(x) + adjust
+        loss = torch.nn.functional.cross_entropy(logits, y, weight=weights.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
