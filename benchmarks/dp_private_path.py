@@ -28,7 +28,9 @@ the sum divided by the expected batch) — and changes one thing at a time:
 * ``--public-pretrain E``: before round 1, E epochs of plain SGD on the *public* hospitals' labelled images
   (logit-adjusted by their own class shares; no site's record enters, so no privacy cost), scored as round 0; and
   ``--train head``: the sites then train the linear head alone (260 numbers at K = 4 instead of 60,836, so DP-SGD's
-  noise, whose norm grows with the square root of what it trains, is ~15× smaller against the same signal);
+  noise, whose norm grows with the square root of what it trains, is ~15× smaller against the same signal), or
+  ``--train frozen-bias``: every parameter but the head's bias, which keeps the public model's calibration between
+  classes;
 * ``--step dp-sgd`` (default) or ``sgd``: plain mini-batch SGD (shuffled batches of B, no clipping, no noise), the
   same model, optimiser and schedule, to separate what DP-SGD's step costs from what the normalisation costs;
 * ``--pooled``: one site holding the union of the sites' training images (centralised training, still scored on
@@ -96,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grad-clip", type=float, default=1.0, help="G")
     parser.add_argument("--public-pretrain", type=int, default=0, metavar="EPOCHS",
                         help="first train on the public synthetic hospitals' labelled images for EPOCHS epochs")
-    parser.add_argument("--train", choices=["all", "head"], default="all",
-                        help="what the sites train: every parameter, or the linear head alone")
+    parser.add_argument("--train", choices=["all", "head", "frozen-bias"], default="all",
+                        help="what the sites train: every parameter, the linear head alone, or all but the head's bias")
     args = parser.parse_args(argv)
     if args.batchnorm == "train" and args.step != "sgd":
         parser.error("--batchnorm train: only with --step sgd (DP-SGD needs each image's loss to depend on it alone)")
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             adjust = log_prior(train.labels, len(classes)) if args.logit_adjust else None
             if args.batchnorm == "site":
                 recalibrate_batchnorm(local, torch.utils.data.DataLoader(train, batch_size=100))
-            trained = local.head.parameters() if args.train == "head" else local.parameters()
+            trained = trained_parameters(local, args.train)
             optimizer = make_optimizer(trained, lr=lr, weight_decay=args.weight_decay)
             if args.step == "sgd":
                 sgd_epoch(local, train, optimizer, args.batch_size, generator, weights, args.batchnorm == "train", adjust)
@@ -148,13 +150,21 @@ def main(argv: list[str] | None = None) -> dict:
     weights = ("postclip" if args.post_clip_weights else "unweighted") + ("_logitadj" if args.logit_adjust else "")
     step = "sgd" if args.step == "sgd" else f"s{args.sigma:g}" + (f"_G{args.grad_clip:g}" if args.grad_clip != 1 else "")
     data = ("_pooled" if args.pooled else "") + (f"_shift{args.shift:g}" if args.shift != 1 else "")
-    data += (f"_public{args.public_pretrain}" if args.public_pretrain else "") + ("_head" if args.train == "head" else "")
+    data += (f"_public{args.public_pretrain}" if args.public_pretrain else "") + ("" if args.train == "all" else f"_{args.train}")
     data += f"_B{args.batch_size}" if args.batch_size != 32 else ""
     tag = f"{args.sites}x{args.images_per_site}{data}_{args.batchnorm}_{weights}_{step}_lr{args.lr:g}_r{args.rounds}"
     out = {"benchmark": f"dp_private_path_{tag}_seed{args.seed}", "settings": settings, "history": history}
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / f"{out['benchmark']}.json", json.dumps(out, indent=2, default=str) + "\n")
     return out
+
+
+def trained_parameters(model: torch.nn.Module, train: str) -> list[torch.nn.Parameter]:
+    """What a site trains (``--train``): ``all`` parameters, the ``head`` alone, or all but the head's bias
+    (``frozen-bias``: the bias keeps the public model's calibration between classes, away from DP-SGD's noise)."""
+    if train == "head":
+        return list(model.head.parameters())
+    return [p for p in model.parameters() if not (train == "frozen-bias" and p is model.head.bias)]
 
 
 def evaluation(model: torch.nn.Module, sites: list, batchnorm: str, rnd: int, start: float) -> dict:

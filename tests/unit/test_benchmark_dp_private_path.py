@@ -1,8 +1,8 @@
 """The private-path diagnostic's controls change only what they name: GroupNorm (8 groups, or one per channel)
 replaces every BatchNorm, eval-mode SGD leaves BatchNorm statistics alone, the pooled site keeps every label, a site
 scores with its own statistics only under ``--batchnorm site``, DP-SGD refuses batch statistics, the logit-adjusted
-loss is cross-entropy on shifted logits, head-only DP-SGD leaves the backbone alone, and public pre-training
-trains."""
+loss is cross-entropy on shifted logits, head-only DP-SGD leaves the backbone alone, a frozen bias stays put, and
+public pre-training trains."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from benchmarks.dp_private_path import (
     pretrain,
     scored,
     sgd_epoch,
+    trained_parameters,
     use_groupnorm,
 )
 from medsilo.components.training import per_record_gradients
@@ -157,3 +158,18 @@ def test_public_pretraining_moves_every_layer_towards_the_public_labels():
     # every weight moves (a convolution's bias does not need to: instance normalisation right after cancels it)
     assert all(not torch.equal(before[k], p) for k, p in model.named_parameters() if k.endswith("weight"))
     assert loss() < first
+
+
+def test_frozen_bias_trains_everything_but_the_heads_bias():
+    model = build_model("cnn", in_channels=1, num_classes=3, feature_dim=64, seed=0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert {names[id(p)] for p in trained_parameters(model, "head")} == {"head.weight", "head.bias"}
+    assert len(trained_parameters(model, "all")) == len(names)
+    frozen = {names[id(p)] for p in trained_parameters(model, "frozen-bias")}
+    assert frozen == set(names.values()) - {"head.bias"}
+    bias = model.head.bias.clone()
+    optimizer = torch.optim.SGD(trained_parameters(model, "frozen-bias"), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    dp_sgd_epoch(model, _Images(24, seed=10), optimizer, 8, 1.0, 1.0, torch.Generator().manual_seed(0),
+                 torch.ones(3, dtype=torch.float64))  # fmt: skip
+    assert torch.equal(model.head.bias, bias)
+    assert model.head.bias.grad is None  # no noise was even drawn for it
