@@ -26,6 +26,11 @@ Run::
     python -m benchmarks.dp --algorithm fedavg --sites 8 --images-per-site 400 --dirichlet-alpha 0.3 \
         --classes normal pneumonia effusion nodule --rounds 50 --lr 0.03 --lr-schedule cosine --warmup-rounds 3 \
         --weight-decay 0.0005 --class-weights none --epsilons 8 --references
+    python -m benchmarks.dp --algorithm fedavg ...the same... --model cnn-in --loss logit-adjusted --grad-clip 3
+
+``--model cnn-in --loss logit-adjusted`` is the private path :mod:`benchmarks.dp_private_path` found to learn: the
+instance-normalised ``cnn`` and the logit-adjusted loss, whose class counts a ``dp`` job draws once under DP
+(``--count-noise``, σ of the draw; its cost is composed into σ_sgd's calibration).
 
 It prints a Markdown table and writes ``benchmarks/results/dp_fedproto_seed<SEED>.json`` (FedAvg:
 ``dp_fedavg_<settings>[_<rows>]_seed<SEED>.json``, naming the rows of a partial run, e.g. ``_eps8``).
@@ -42,7 +47,7 @@ from benchmarks.runner import WORK, add_hospital_args, base_spec, hospitals, run
 from medsilo.config import read_manifest
 from medsilo.config.site import load_sites_file
 from medsilo.fs import write_atomic
-from medsilo.secure.dp import PrivacyAccountant, dpsgd_noise_for_epsilon, dpsgd_round_events
+from medsilo.secure.dp import GaussianEvent, PrivacyAccountant, dpsgd_noise_for_epsilon, dpsgd_round_events
 
 DELTA = 1e-5
 CLIP_ONLY_SIGMA = 1e-4
@@ -57,11 +62,17 @@ def train_sizes(sites_yml: Path) -> dict[str, int]:
     return {site: len(read_manifest(entry.manifest).split("train")) for site, entry in sorted(sites.items())}
 
 
+def once_events(args: argparse.Namespace) -> list[GaussianEvent]:
+    """What the job charges once: the class-count draw of a ``logit-adjusted`` job (its DP-SGD reads the counts)."""
+    return [GaussianEvent(noise_multiplier=args.count_noise)] if args.loss == "logit-adjusted" else []
+
+
 def planned_epsilon(sigma: float, n: int, args: argparse.Namespace) -> float:
-    """ε at δ of ``args.rounds`` rounds of the algorithm's DP events at a site with ``n`` training images."""
+    """ε at δ of ``args.rounds`` rounds of the algorithm's DP events at a site with ``n`` training images, and the
+    events charged once."""
     events = dpsgd_round_events(sigma, sigma, n=n, batch_size=args.batch_size, epochs=args.local_epochs,
                                 release=args.algorithm == "fedproto")  # fmt: skip
-    return PrivacyAccountant(delta=DELTA).cost(*events * args.rounds)[1]
+    return PrivacyAccountant(delta=DELTA).cost(*events * args.rounds, *once_events(args))[1]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,6 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epsilons", nargs="*", type=float, default=[1.0, 4.0, 8.0], help="target ε of the whole job")
     parser.add_argument("--clip", type=float, default=1.0, help="L2 bound of each feature vector")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="L2 bound of each image's gradient")
+    parser.add_argument("--model", default="cnn", help="FedAvg's backbone at every hospital (e.g. cnn-in)")
+    parser.add_argument("--count-noise", type=float, default=5.0,
+                        help="privacy.dp.count_noise_multiplier (with --loss logit-adjusted: the class counts' σ)")  # fmt: skip
     parser.add_argument("--references", nargs="*", choices=list(REFERENCES), default=list(REFERENCES),
                         help="the reference rows to run (default both; none named: only the ε rows, to compare with "
                              "ε = ∞ from another benchmark of the same hospitals, e.g. benchmarks.pfl's FedAvg)")  # fmt: skip
@@ -85,21 +99,24 @@ def main(argv: list[str] | None = None) -> dict:
         name = f"dp_fedproto_seed{args.seed}"
     else:
         req, sites_yml = hospitals(args, "pfl")  # the pFL benchmark's hospitals
-        models = "cnn"
+        models = args.model
         base = base_spec(args, req, model=models, algorithm={"name": "fedavg", "params": {"dp_form": "dp-sgd"}})
         ran = [*(f"eps{e:g}" for e in sorted(args.epsilons)), *args.references]  # a partial run names its rows
         full = args.references == parser.get_default("references") and args.epsilons == parser.get_default("epsilons")
         rows = "" if full else "_" + "_".join(ran)
-        name = f"dp_fedavg_{settings_tag(args)}{rows}_seed{args.seed}"
+        model = "" if args.model == "cnn" else f"_{args.model}"
+        clip = "" if args.grad_clip == parser.get_default("grad_clip") else f"_G{args.grad_clip:g}"
+        name = f"dp_fedavg_{settings_tag(args)}{model}{clip}{rows}_seed{args.seed}"
     sizes = train_sizes(sites_yml)
     smallest = min(sizes.values())
 
     def dp(sigma: float) -> dict:
         return {"privacy": {"mode": "dp", "dp": {"noise_multiplier": sigma, "clip": args.clip, "delta": DELTA,
-                                                 "grad_clip": args.grad_clip}}}  # fmt: skip
+                                                 "grad_clip": args.grad_clip,
+                                                 "count_noise_multiplier": args.count_noise}}}  # fmt: skip
 
     sigmas = {eps: dpsgd_noise_for_epsilon(eps, args.rounds, DELTA, n=smallest, batch_size=args.batch_size,
-                                           epochs=args.local_epochs, release=release)
+                                           epochs=args.local_epochs, release=release, once=once_events(args))
               for eps in sorted(args.epsilons)}  # fmt: skip
     variants = {REFERENCES[ref]: {} if ref == "none" else dp(CLIP_ONLY_SIGMA) for ref in args.references}
     variants |= {f"eps {eps:g}": dp(sigma) for eps, sigma in sorted(sigmas.items(), reverse=True)}

@@ -267,7 +267,10 @@ class SiteExecutor(Executor):
         if resume is not None:  # an interrupted job goes on where it stopped
             checkpoint.load_site(self._checkpoints(fl_ctx), site, resume["round"], state.client, job_id=resume["job"],
                                  spec_digest=spec_digest(self._job))  # fmt: skip
-        state.pipeline.admit(state.events)  # a DP job that cannot fit the site's budget is refused here
+        # a DP job that cannot fit the site's budget is refused here (after a resume's checkpoint: counts a resumed
+        # job already drew are not planned again)
+        once = state.client.once_dp_events(self._spec.privacy.dp) if state.pipeline.noised else []
+        state.pipeline.admit(state.events, once)
         self._started = True
         self.log_info(fl_ctx, f"{site}: joined job {job_identity(fl_ctx)}")
         return FLModelUtils.to_shareable(FLModel(params={}, params_type=ParamsType.FULL, meta={"round": 0}))
@@ -298,7 +301,9 @@ class SiteExecutor(Executor):
         nothing it learnt then can reach a later release."""
         pipeline = state.pipeline
         torch.manual_seed(state.seed * 1_000_003 + rnd)  # anything drawing from torch's global RNG: per round
-        dp = pipeline.noise(rnd, state.events)
+        # this round's cost: the algorithm's per-round events, plus what is drawn once per job (class counts)
+        events = [*state.client.once_dp_events(self._spec.privacy.dp), *state.events] if pipeline.noised else []
+        dp = pipeline.noise(rnd, events)
         before = checkpoint.snapshot(state.client)
         try:
             upload = state.client.train_private(rnd, dp) if dp is not None else state.client.train(rnd)
@@ -309,7 +314,7 @@ class SiteExecutor(Executor):
             raise MedsiloError(f"site {site}: round {rnd}'s training failed; the round is closed (the site's log "
                                "has the reason)") from exc  # fmt: skip
         try:
-            wire, spent = pipeline.protect(rnd, participants, to_numpy(upload.sums), state.events)
+            wire, spent = pipeline.protect(rnd, participants, to_numpy(upload.sums), events)
         except MedsiloError:
             checkpoint.restore_snapshot(state.client, before)
             raise

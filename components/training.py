@@ -44,7 +44,8 @@ PER_RECORD_FLOATS = 64 * 2**20
 float32; its float64 clipping works tensor by tensor on top)."""
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, class_weight: torch.Tensor | None = None) -> torch.Tensor:
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, class_weight: torch.Tensor | None = None,
+              logit_shift: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The task loss of a batch: mean cross-entropy for class indices, masked binary cross-entropy for targets.
 
     Args:
@@ -53,13 +54,17 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, class_weight: torch.Te
             for an unknown entry (multi-label: one sigmoid per output).
         class_weight: ``(K,)`` per-class loss weights (single-label only; :func:`balanced_class_weights`), the
             weighted mean as :func:`torch.nn.functional.cross_entropy` defines it.
+        logit_shift: ``(K,)`` added to every row of ``logits`` before the cross-entropy (single-label only): the
+            site's log class prior :func:`log_prior` gives the logit-adjusted loss (``training.loss:
+            logit-adjusted``). Training only; the model predicts with its plain logits.
 
     Returns:
         0-d tensor. Multi-label: the mean of ``BCEWithLogits`` over the *known* entries only; unknown entries
         contribute nothing, not even a gradient (a batch with none known gives 0).
     """
     if not labels.is_floating_point():
-        return nn.functional.cross_entropy(logits, labels, weight=class_weight)
+        shifted = logits if logit_shift is None else logits + logit_shift
+        return nn.functional.cross_entropy(shifted, labels, weight=class_weight)
     known = ~torch.isnan(labels)
     targets = torch.where(known, labels, torch.zeros_like(labels))
     per_entry = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -103,6 +108,13 @@ def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:
     return weights.float()
 
 
+def log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """``log π`` ``(K,)`` from class counts ``(K,)``: π_c = max(n_c, 1) / Σ max(n, 1), so a class with no image
+    (or, for counts released under DP, a count the noise pushed below 1) counts as one, never as log 0."""
+    counts = counts.detach().double().clamp_min(1.0)
+    return (counts / counts.sum()).log().float()
+
+
 def make_optimizer(
     params: Iterable[torch.nn.Parameter],
     *,
@@ -131,9 +143,10 @@ def local_epochs(
     forward: Forward | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     class_weight: torch.Tensor | None = None,
+    logit_shift: torch.Tensor | None = None,
 ) -> float:
     """Train for ``epochs`` passes over ``loader``; returns the mean task loss (:func:`task_loss`, with
-    ``class_weight`` when given).
+    ``class_weight`` and ``logit_shift`` when given).
 
     By default the logits are ``model.head(model.features(x))`` and ``extra_loss`` (if any) sees
     features, logits and labels. An algorithm with its own prediction path passes ``forward`` instead,
@@ -149,6 +162,7 @@ def local_epochs(
         forward: replaces the default path (then ``extra_loss`` must be ``None``).
         scheduler: stepped after every batch when given.
         class_weight: ``(K,)`` per-class loss weights (single-label; the job's ``class_weights: balanced``).
+        logit_shift: ``(K,)`` added to the logits inside the loss (single-label; ``loss: logit-adjusted``).
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (diverged training is never uploaded).
@@ -170,7 +184,7 @@ def local_epochs(
     for _ in range(epochs):
         for x, y in loader:
             logits, extra = forward(x, y)
-            loss = task_loss(logits, y, class_weight)
+            loss = task_loss(logits, y, class_weight, logit_shift)
             objective = loss + extra
             if not torch.isfinite(objective):
                 raise FloatingPointError("training loss is not finite; lower the learning rate")
@@ -196,12 +210,13 @@ def private_epochs(
     generator: torch.Generator,
     extra_loss: ExtraLoss | None = None,
     microbatch: int | None = None,
+    logit_shift: torch.Tensor | None = None,
 ) -> float:
     """DP-SGD (Abadi et al. 2016) for ``epochs`` epochs; returns the mean task (cross-entropy) loss.
 
     T, q = :func:`~medsilo.secure.dp.poisson_schedule` ``(N, batch_size, epochs)``: T = epochs·⌈N/B⌉ steps,
     each on a batch drawn by Poisson sampling at rate q = B/N (:func:`~medsilo.secure.dp.poisson_sample`).
-    Per step: the gradient of every sampled record's own loss ``CE(head(features(x_i)), y_i) +
+    Per step: the gradient of every sampled record's own loss ``CE(head(features(x_i)) [+ logit_shift], y_i) +
     extra_loss(features_i, logits_i, y_i)`` with respect to the trained parameters (those in
     ``optimizer``; others are constants) is computed with ``torch.func`` (``functional_call`` + ``vmap``
     + ``grad``), clipped to joint L2 norm ≤ ``grad_clip`` and summed
@@ -241,6 +256,9 @@ def private_epochs(
         microbatch: records per ``vmap`` call, which bounds the memory of per-record gradients (no effect
             on the result); ``None``: as many as keep them under :data:`PER_RECORD_FLOATS` floats (a whole
             batch for the ``cnn``, 5 records for ``resnet18``).
+        logit_shift: ``(K,)`` added to the logits inside each record's loss (``loss: logit-adjusted``). It must be
+            public or already charged (class counts released under DP), never the site's true counts: those
+            depend on every record, and a record's loss would then depend on the others.
 
     Raises:
         FloatingPointError: a record's loss became NaN or infinite.
@@ -257,7 +275,7 @@ def private_epochs(
     steps, rate = poisson_schedule(n, batch_size, epochs)
     expected = rate * n
     _check_frozen_batchnorm(model)
-    per_record = _per_record_gradients(model, trained, extra_loss)
+    per_record = _per_record_gradients(model, trained, extra_loss, logit_shift)
     model.eval()
     total, count = 0.0, 0
     for _ in range(steps):
@@ -290,6 +308,7 @@ def per_record_gradients(
     *,
     params: Iterable[nn.Parameter] | None = None,
     extra_loss: ExtraLoss | None = None,
+    logit_shift: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Each record's own gradient, as :func:`private_epochs` computes it (eval mode, ``torch.func``).
 
@@ -299,6 +318,7 @@ def per_record_gradients(
         y: labels ``(B,)``.
         params: the parameters to differentiate (default all of ``model``'s).
         extra_loss: as in :func:`private_epochs`, per record.
+        logit_shift: as in :func:`private_epochs`.
 
     Returns:
         name → per-record gradients ``(B, *shape)`` of the parameters in ``params``, and each record's task
@@ -307,7 +327,7 @@ def per_record_gradients(
     chosen = {id(p) for p in (model.parameters() if params is None else params)}
     trained = {name: p for name, p in model.named_parameters() if id(p) in chosen}
     model.eval()
-    grads, losses = _per_record_gradients(model, trained, extra_loss)(x, y)
+    grads, losses = _per_record_gradients(model, trained, extra_loss, logit_shift)(x, y)
     return grads, losses[:, 0]
 
 
@@ -324,7 +344,8 @@ class _SplitForward(nn.Module):
 
 
 def _per_record_gradients(
-    model: nn.Module, trained: dict[str, nn.Parameter], extra_loss: ExtraLoss | None
+    model: nn.Module, trained: dict[str, nn.Parameter], extra_loss: ExtraLoss | None,
+    logit_shift: torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """``(x (B, C, H, W), y (B,)) -> ({name: (B, *shape)}, losses (B, 2))`` at the current parameters; the
     loss columns are each record's task (cross-entropy) loss and its whole objective (task + extra)."""
@@ -336,7 +357,7 @@ def _per_record_gradients(
         state = {f"model.{name}": t for name, t in {**constants, **params}.items()}
         features, logits = functional_call(wrapper, state, (x.unsqueeze(0),))
         labels = y.unsqueeze(0)
-        task = task_loss(logits, labels)
+        task = task_loss(logits, labels, logit_shift=logit_shift)
         extra = (
             extra_loss(features, logits, labels)
             if extra_loss is not None

@@ -11,7 +11,7 @@ each mechanism are in :mod:`medsilo.secure.dp`'s docstring.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -421,6 +421,7 @@ def dpsgd_noise_for_epsilon(
     epochs: int,
     sgd_noise_multiplier: float | None = None,
     release: bool = True,
+    once: Sequence[Event] = (),
 ) -> float:
     """The smallest release σ whose ``rounds`` rounds of :func:`dpsgd_round_events` cost at most ``epsilon`` (RDP).
 
@@ -445,6 +446,8 @@ def dpsgd_noise_for_epsilon(
         sgd_noise_multiplier: a fixed σ_sgd, or ``None`` for a common σ.
         release: ``False``: rounds of DP-SGD training alone (FedAvg's ``dp-sgd`` form); the σ returned is
             σ_sgd (``sgd_noise_multiplier`` must then be ``None``).
+        once: events the job charges once besides its rounds (a ``logit-adjusted`` job's class-count release,
+            ``GaussianEvent(privacy.dp.count_noise_multiplier)``), composed into the target.
 
     Returns:
         σ > 0 (the release's; also σ_sgd when ``sgd_noise_multiplier`` is ``None``).
@@ -463,8 +466,11 @@ def dpsgd_noise_for_epsilon(
         return dpsgd_round_events(sigma, sigma if fixed is None else fixed, n=n, batch_size=batch_size,
                                   epochs=epochs, release=release)  # fmt: skip
 
+    if once and _rdp_epsilon(list(once), delta) >= target:
+        raise DPError(f"the once-charged events alone cost ε={_fmt(_rdp_epsilon(list(once), delta))} ≥ {target:g} "
+                      f"(δ={delta:g}); raise their noise multiplier")  # fmt: skip
     if fixed is not None:
-        training = _rdp_epsilon(events(1.0)[:1] * rounds, delta)
+        training = _rdp_epsilon(events(1.0)[:1] * rounds + list(once), delta)
         if training >= target:
             raise DPError(
                 f"DP-SGD at sgd_noise_multiplier={fixed:g} alone costs ε={_fmt(training)} ≥ {target:g} over "
@@ -475,7 +481,11 @@ def dpsgd_noise_for_epsilon(
         round_events = [
             dpa.SelfComposedDpEvent(unit, times) for _key, unit, times in (e._unit() for e in events(sigma))
         ]
-        return dpa.SelfComposedDpEvent(dpa.ComposedDpEvent(round_events), rounds)
+        whole = dpa.SelfComposedDpEvent(dpa.ComposedDpEvent(round_events), rounds)
+        if not once:
+            return whole
+        extra = [dpa.SelfComposedDpEvent(unit, times) for _key, unit, times in (e._unit() for e in once)]
+        return dpa.ComposedDpEvent([whole, *extra])
 
     def fresh() -> dpa.PrivacyAccountant:
         return dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)

@@ -24,6 +24,8 @@ and Δ₂ is stated per mechanism:
 * :func:`gaussian_update` releases a weight update (all tensors together): Δ₂ = 2·C; noise std 2·σ·C.
 * :func:`gaussian_gradient` (one DP-SGD step) noises the sum of per-record clipped gradients: Δ₂ = G
   (``grad_clip``); noise std σ_sgd·G per coordinate.
+* :func:`gaussian_counts` draws a site's K class counts: Δ₂ = 1; noise std σ. Nothing leaves with them: a
+  ``logit-adjusted`` job's DP-SGD reads them in place of the true counts, charged once.
 * :func:`exponential_mechanism` releases k indices among n candidates: pure ε, with the score
   sensitivity Δ given by the caller.
 
@@ -173,6 +175,7 @@ __all__ = [
     "exponential_mechanism",
     "exponential_probabilities",
     "fresh_generator",
+    "gaussian_counts",
     "gaussian_epsilon",
     "gaussian_gradient",
     "gaussian_sum",
@@ -477,6 +480,36 @@ def gaussian_update(
     return out
 
 
+def gaussian_counts(labels: torch.Tensor, num_classes: int, noise_multiplier: float,
+                    generator: Generator) -> torch.Tensor:  # fmt: skip
+    """A site's class counts ``(K,)`` with ``N(0, σ²)`` added to each: the Gaussian mechanism on a histogram.
+
+    Adding or removing one record changes one count by 1, so Δ₂ = 1 and the noise std is σ itself. The result
+    is what a ``logit-adjusted`` job's DP-SGD training may read instead of the true counts (its log prior,
+    :func:`medsilo.components.training.log_prior`); it is post-processed at the site and never sent.
+
+    Privacy effect: cost one ``GaussianEvent(noise_multiplier=σ)``, record-level, which the caller charges with
+    the first release the counts can influence (the round's upload) and declares before drawing.
+
+    Args:
+        labels: int64 class indices ``(N,)`` of the site's training records, each in ``[0, K)``.
+        num_classes: K ≥ 1.
+        noise_multiplier: σ > 0 (noise std; the sensitivity is 1).
+        generator: explicit ``torch.Generator`` or ``numpy.random.Generator``; K standard normals in float64.
+
+    Returns:
+        float64 ``(K,)``: counts plus noise (may be negative or fractional).
+    """
+    sigma = check_positive("noise_multiplier", noise_multiplier)
+    generator = _check_generator(generator)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+        raise DPError("labels must be a 1-d integer tensor of class indices")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise DPError(f"num_classes must be an integer ≥ 1, got {num_classes!r}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DPError(f"labels must lie in [0, {num_classes}); got {int(labels.min())}…{int(labels.max())}")
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    return counts + sigma * _standard_normal((num_classes,), generator)
 
 
 def gaussian_gradient(
@@ -616,6 +649,8 @@ class DPRelease:
         grad_clip: G, the per-record gradient bound of DP-SGD, or ``None`` when the round is given no
             DP-SGD settings (then an algorithm that trains with DP-SGD refuses, see :meth:`sgd`).
         sgd_noise_multiplier: σ_sgd of the DP-SGD steps, or ``None`` (with ``grad_clip``).
+        count_noise_multiplier: σ_n of a class-count release (:func:`gaussian_counts`; a ``logit-adjusted`` job),
+            or ``None``.
 
     Raises:
         DPError: a bound or multiplier that is not a finite number > 0, a generator that is not a
@@ -627,6 +662,7 @@ class DPRelease:
     generator: torch.Generator
     grad_clip: float | None = None
     sgd_noise_multiplier: float | None = None
+    count_noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clip", check_positive("clip", self.clip))
@@ -646,13 +682,18 @@ class DPRelease:
             object.__setattr__(
                 self, "sgd_noise_multiplier", check_positive("sgd_noise_multiplier", self.sgd_noise_multiplier)
             )
+        if self.count_noise_multiplier is not None:
+            object.__setattr__(self, "count_noise_multiplier",
+                               check_positive("count_noise_multiplier", self.count_noise_multiplier))  # fmt: skip
 
     @classmethod
     def from_spec(cls, spec: Any, generator: torch.Generator) -> DPRelease:
         """The settings of a job's validated ``privacy.dp`` section (a :class:`medsilo.config.job.DPSpec`:
-        ``clip``, ``noise_multiplier``, ``grad_clip``, ``sgd_noise_multiplier``) with the site's generator."""
+        ``clip``, ``noise_multiplier``, ``grad_clip``, ``sgd_noise_multiplier``, ``count_noise_multiplier``) with
+        the site's generator."""
         return cls(clip=spec.clip, noise_multiplier=spec.noise_multiplier, generator=generator,
-                   grad_clip=spec.grad_clip, sgd_noise_multiplier=spec.sgd_noise_multiplier)  # fmt: skip
+                   grad_clip=spec.grad_clip, sgd_noise_multiplier=spec.sgd_noise_multiplier,
+                   count_noise_multiplier=getattr(spec, "count_noise_multiplier", None))  # fmt: skip
 
     def sgd(self) -> tuple[float, float]:
         """``(G, σ_sgd)`` for DP-SGD training.

@@ -45,6 +45,7 @@ from medsilo.components.training import (
     Forward,
     balanced_class_weights,
     local_epochs,
+    log_prior,
     lr_factor,
     make_optimizer,
     private_epochs,
@@ -53,7 +54,15 @@ from medsilo.components.training import (
 from medsilo.config.common import Strict
 from medsilo.config.job import DPSpec, Training
 from medsilo.medical.data import SiteData
-from medsilo.secure.dp import DPRelease, Event, GaussianEvent, gaussian_update, poisson_schedule
+from medsilo.secure.dp import (
+    DPError,
+    DPRelease,
+    Event,
+    GaussianEvent,
+    gaussian_counts,
+    gaussian_update,
+    poisson_schedule,
+)
 
 Tensors = dict[str, torch.Tensor]
 """Named tensors: uploads (sums) and payloads."""
@@ -130,6 +139,9 @@ class Client:
         self.setup = setup
         self.config = config
         self.model = setup.model
+        # (K,) float64 class counts drawn under DP (logit_shift), once per job; in the checkpoint, so a resumed
+        # job reads the same counts and is not charged for them again
+        self.released_counts: torch.Tensor | None = None
 
     def receive(self, payload: Tensors | None, rnd: int) -> None:
         """Apply the server's payload before round ``rnd`` (``payload`` is ``None`` before round 1)."""
@@ -164,6 +176,21 @@ class Client:
             the events, in the order the mechanisms run.
         """
         return [GaussianEvent(noise_multiplier=dp.noise_multiplier)]
+
+    def once_dp_events(self, dp: DPSpec) -> list[Event]:
+        """DP events the *next* private round costs besides :meth:`dp_events`, charged once in the job.
+
+        A ``loss: logit-adjusted`` job whose private rounds train with DP-SGD draws its class counts under DP
+        (:meth:`logit_shift`) at the first of them: ``[GaussianEvent(dp.count_noise_multiplier)]`` until the
+        counts are drawn (:attr:`released_counts`), ``[]`` after, and ``[]`` in every other job. The site asks
+        before each round and charges these with that round's upload; a round that is not uploaded restores
+        the client as it was, counts included, so they are drawn and charged again with the next one."""
+        if self.released_counts is not None or not self._counts_under_dp():
+            return []
+        return [GaussianEvent(noise_multiplier=dp.count_noise_multiplier)]
+
+    def _counts_under_dp(self) -> bool:
+        return self.setup.training.loss == "logit-adjusted" and type(self).trains_with_dp_sgd(self.config)
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,6 +253,31 @@ class Client:
             return None
         return balanced_class_weights(self.setup.data.train.class_counts(self.setup.num_classes))
 
+    def logit_shift(self, dp: DPRelease | None = None) -> torch.Tensor | None:
+        """What the loss adds to the logits: ``None``, or with ``loss: logit-adjusted`` the log class prior
+        (:func:`~medsilo.components.training.log_prior`) of this site's training split.
+
+        Ordinary training (``dp`` ``None``; also FedAvg's ``update`` form, whose release covers the whole dataset)
+        reads the true counts. DP-SGD training (``dp`` given) must not: the first call draws them once with
+        :func:`~medsilo.secure.dp.gaussian_counts` (σ = ``dp.count_noise_multiplier``, noise from ``dp.generator``),
+        keeps them in :attr:`released_counts` and every later call reads those. Privacy effect: nothing leaves;
+        the draw is the ``GaussianEvent`` that :meth:`once_dp_events` declared for this round.
+
+        Raises:
+            medsilo.secure.dp.DPError: a DP-SGD round with no ``count_noise_multiplier`` (nothing is drawn).
+        """
+        if self.setup.training.loss != "logit-adjusted":
+            return None
+        if dp is None:
+            return log_prior(self.setup.data.train.class_counts(self.setup.num_classes))
+        if self.released_counts is None:
+            if dp.count_noise_multiplier is None:
+                raise DPError("a logit-adjusted DP-SGD round needs count_noise_multiplier (DPRelease.from_spec); "
+                              "refusing to read the true class counts")  # fmt: skip
+            self.released_counts = gaussian_counts(self.setup.data.train.labels, self.setup.num_classes,
+                                                   dp.count_noise_multiplier, dp.generator)  # fmt: skip
+        return log_prior(self.released_counts)
+
     def fit(
         self,
         rnd: int,
@@ -252,7 +304,7 @@ class Client:
         opt = self.optimizer(model.parameters() if params is None else params, rnd)
         epochs = self.setup.training.local_epochs if epochs is None else epochs
         return local_epochs(model, self.train_loader(rnd), opt, epochs=epochs, extra_loss=extra_loss, forward=forward,
-                            class_weight=self.class_weight())  # fmt: skip
+                            class_weight=self.class_weight(), logit_shift=self.logit_shift())  # fmt: skip
 
     def fit_private(self, rnd: int, dp: DPRelease, *, extra_loss: ExtraLoss | None = None) -> float:
         """Train all of ``self.model`` with DP-SGD (:func:`~medsilo.components.training.private_epochs`):
@@ -260,7 +312,8 @@ class Client:
         sampling rate, ``dp.sgd()``'s bound and multiplier, noise and batches from ``dp.generator``.
 
         Privacy effect: nothing leaves; the model becomes the output of
-        ``GaussianEvent(σ_sgd, steps=T, sampling_rate=q)``, which :meth:`dp_events` must declare.
+        ``GaussianEvent(σ_sgd, steps=T, sampling_rate=q)``, which :meth:`dp_events` must declare (and, in a
+        ``logit-adjusted`` job's first private round, of the class-count draw :meth:`once_dp_events` declares).
         Returns the mean task loss (a non-private statistic).
 
         Raises:
@@ -271,7 +324,7 @@ class Client:
         return private_epochs(self.model, self.setup.data.train, self.optimizer(self.model.parameters(), rnd),
                               epochs=self.setup.training.local_epochs, batch_size=self.setup.batch_size,
                               grad_clip=grad_clip, noise_multiplier=sigma, generator=dp.generator,
-                              extra_loss=extra_loss)  # fmt: skip
+                              extra_loss=extra_loss, logit_shift=self.logit_shift(dp))  # fmt: skip
 
 
 class Server:

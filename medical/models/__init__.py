@@ -5,7 +5,7 @@ Importing this package is cheap; torch loads only when :func:`build_model` is ca
 
 from medsilo.config import registry
 
-BACKBONES: tuple[str, ...] = ("cnn", "resnet18", "densenet121", "efficientnet-b0", "resnet10-lite", "densenet-lite")
+BACKBONES: tuple[str, ...] = ("cnn", "cnn-in", "resnet18", "densenet121", "efficientnet-b0", "resnet10-lite", "densenet-lite")
 """Backbone names a job spec may use (see :mod:`medsilo.medical.models.zoo`)."""
 registry.provide("backbones", BACKBONES)
 

@@ -249,11 +249,12 @@ class SitePipeline:
                                   f"{seq + 2} (job {statement.job}, round {statement.round}): the ledger was "
                                   "rewritten or replaced; restore it before running jobs")  # fmt: skip
 
-    def admit(self, events_per_round: Sequence[Event]) -> None:
+    def admit(self, events_per_round: Sequence[Event], once: Sequence[Event] = ()) -> None:
         """Refuse the whole job now (``refusal`` entry, :class:`~medsilo.secure.dp.BudgetExceeded`) when its
-        rounds' DP events cannot all fit the site's budget; nothing to do in modes without noise."""
+        rounds' DP events and those it charges ``once`` (a class-count draw) cannot all fit the site's budget;
+        nothing to do in modes without noise."""
         if self.noised:
-            planned = list(events_per_round) * self.terms.rounds
+            planned = list(events_per_round) * self.terms.rounds + list(once)
             self.book.check(planned, job=self.terms.job, rnd=1, what={"kind": "upload"})
 
     # ---- each round -----------------------------------------------------------------------------

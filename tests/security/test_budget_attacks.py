@@ -158,3 +158,64 @@ def test_a_job_author_who_asks_dp_sgd_for_almost_no_noise_is_charged_its_true_co
         site.protect(1, ["hospital-1", "hospital-2"], {k: v.numpy() for k, v in upload.items()}, events)
     ledger = entries(federation.ledger("hospital-1"))
     assert ledger[-1]["event"] == "refusal" and not any(e["event"] == "release" for e in ledger)
+
+
+def test_a_job_author_who_asks_for_near_exact_class_counts_is_charged_their_true_cost_and_refused(federation):
+    """``loss: logit-adjusted`` under DP-SGD makes the site read its class counts. A job author who sets
+    ``count_noise_multiplier`` near 0 (the true counts, nearly) cannot have them read for free: the site's own
+    client declares the draw at that σ with the round's events, the pipeline charges it, and a capped site refuses
+    before anything leaves."""
+    import torch
+
+    from medsilo.components.algorithms import fedavg
+    from medsilo.config.job import DPSpec
+    from medsilo.config.site import Budget, PrivacyPolicy
+    from medsilo.secure.dp import BudgetExceeded, DPRelease
+    from tests.helpers import tiny_setup
+
+    spec = DPSpec(noise_multiplier=1.0, clip=1.0, sgd_noise_multiplier=50.0, count_noise_multiplier=1e-3)
+    client = fedavg.Client(tiny_setup(n=12, loss="logit-adjusted"), fedavg.Config(dp_form="dp-sgd"))
+    events = [*client.once_dp_events(spec), *client.dp_events(spec)]
+    assert events[0] == GaussianEvent(noise_multiplier=1e-3)  # the draw, at the σ that draws it
+    upload = client.train_private(1, DPRelease.from_spec(spec, torch.Generator().manual_seed(0))).sums
+    assert client.released_counts is not None
+    site = federation.site("hospital-1", federation.terms("dp", dp=spec),
+                           PrivacyPolicy(budget=Budget(epsilon=8.0, delta=1e-5)))  # fmt: skip
+    with pytest.raises(BudgetExceeded, match="ε"):
+        site.protect(1, ["hospital-1", "hospital-2"], {k: v.numpy() for k, v in upload.items()}, events)
+    # the DP-SGD steps alone (σ_sgd = 50) would fit: it is the count draw that is refused
+    assert PrivacyAccountant.from_events(events[1:], 1e-5).epsilon < 1.0
+    ledger = entries(federation.ledger("hospital-1"))
+    assert ledger[-1]["event"] == "refusal" and not any(e["event"] == "release" for e in ledger)
+
+
+def test_a_logit_adjusted_dp_sgd_job_charges_the_count_draw_with_round_one_only(tmp_path):
+    """A real simulated job (FedAvg's ``dp-sgd`` form, the instance-normalised ``cnn-in``): each site's round-1
+    upload entry carries the class-count draw and the DP-SGD steps, round 2's the steps alone, and the ε the site
+    reports composes both."""
+    from medsilo.config import JobSpec
+    from medsilo.jobs.simulate import run_simulation
+    from medsilo.medical.synth import SynthRequest, synthesize
+    from medsilo.secure.dp import event_from_json
+
+    data = synthesize(tmp_path / "cxr", SynthRequest("cxr", sites=2, images_per_site=24, seed=5), workers=1,
+                      progress=False)  # fmt: skip
+    dp = {"noise_multiplier": 1.0, "clip": 1.0, "grad_clip": 1.0, "sgd_noise_multiplier": 1.5,
+          "count_noise_multiplier": 4.0}  # fmt: skip
+    spec = JobSpec(name="la-dp", modality="cxr", classes=["normal", "pneumonia"], dataset="cxr", image_size=16,
+                   model="cnn-in", feature_dim=8, algorithm={"name": "fedavg", "params": {"dp_form": "dp-sgd"}},
+                   training={"rounds": 2, "local_epochs": 1, "batch_size": 8, "loss": "logit-adjusted"},
+                   privacy={"mode": "dp", "dp": dp})  # fmt: skip
+    results = run_simulation(spec, data, tmp_path / "run", progress=False)
+    ledgers = data.parent / "ledgers"
+    sites = yaml.safe_load(data.read_text())["sites"]
+    for site in sites:
+        mine = [e for e in entries(ledgers / site / "privacy_ledger.jsonl") if e["job"] == results["job_id"]]
+        sent = [e for e in mine if e["event"] == "release" and e["what"]["kind"] == "upload"]
+        assert [e["round"] for e in sent] == [1, 2]
+        charged = [[event_from_json(d) for d in e["privacy"]["events"]] for e in sent]
+        assert charged[0][0] == GaussianEvent(noise_multiplier=4.0)
+        assert [e.noise_multiplier for e in charged[0][1:]] == [1.5] and charged[1] == charged[0][1:]
+        both = PrivacyAccountant.from_events(charged[0] + charged[1], 1e-5).epsilon
+        assert results["privacy_spent"][site]["epsilon"] == pytest.approx(both)
+        assert both > PrivacyAccountant.from_events(charged[0][1:] * 2, 1e-5).epsilon

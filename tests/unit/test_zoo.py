@@ -13,7 +13,7 @@ import medsilo.medical.models as models
 from medsilo.medical.models import BACKBONES
 from medsilo.medical.models.zoo import BUILDERS, PoolProjection, SplitModel, build_model, count_parameters
 
-NATIVE_DIM = {"cnn": 64, "resnet18": 512, "densenet121": 1024, "efficientnet-b0": 1280, "resnet10-lite": 128,
+NATIVE_DIM = {"cnn": 64, "cnn-in": 64, "resnet18": 512, "densenet121": 1024, "efficientnet-b0": 1280, "resnet10-lite": 128,
               "densenet-lite": 112}  # fmt: skip
 
 
@@ -54,6 +54,7 @@ def test_registry_matches_backbones():
         ("cnn", 1, 2, 64, (2, 1, 16, 16)),  # d == native: identity projection; smallest input
         ("cnn", 3, 3, 16, (2, 3, 32, 32)),  # d < native
         ("cnn", 1, 4, 128, (2, 1, 20, 24)),  # d > native, non-square input
+        ("cnn-in", 3, 4, 64, (2, 3, 16, 16)),
         ("resnet18", 1, 2, 64, (2, 1, 32, 32)),
         ("resnet18", 3, 3, 512, (2, 3, 8, 8)),
         ("densenet121", 1, 2, 2048, (2, 1, 32, 32)),
@@ -183,7 +184,7 @@ def test_nothing_downloads(monkeypatch, tmp_path):
     "kwargs, match",
     [
         (dict(name="resnet-18"), r"name: unknown backbone 'resnet-18'; did you mean 'resnet18'\?"),
-        (dict(name="vit"), r"unknown backbone 'vit'; \(valid: cnn, resnet18, densenet121, efficientnet-b0, resnet10-lite, densenet-lite\)"),
+        (dict(name="vit"), r"unknown backbone 'vit'; \(valid: cnn, cnn-in, resnet18, densenet121, efficientnet-b0, resnet10-lite, densenet-lite\)"),
         (dict(in_channels=2), r"in_channels: must be 1 or 3, got 2"),
         (dict(in_channels=True), r"in_channels: must be 1 or 3, got True"),
         (dict(num_classes=1), r"num_classes: must be an integer >= 2, got 1"),
@@ -220,3 +221,31 @@ def test_features_are_the_pooled_backbone_vector():
         native = model.base.backbone(x)  # (2, 64)
         features = model.features(x)  # (2, 16)
     torch.testing.assert_close(features, native.reshape(2, 16, 4).mean(-1))
+
+
+def test_cnn_in_is_the_cnn_with_instance_norm():
+    """Same seed, same weights and parameter count as the ``cnn``; no BatchNorm, so no running statistics."""
+    plain = build_model("cnn", in_channels=1, num_classes=4, feature_dim=64, seed=3)
+    inst = build_model("cnn-in", in_channels=1, num_classes=4, feature_dim=64, seed=3)
+    assert count_parameters(inst) == count_parameters(plain)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), inst.parameters()))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in inst.modules())
+    norms = [m for m in inst.modules() if isinstance(m, nn.GroupNorm)]
+    assert [(m.num_groups, m.num_channels) for m in norms] == [(16, 16), (32, 32), (64, 64), (64, 64)]
+    assert list(inst.buffers()) == []
+
+
+def test_cnn_in_features_ignore_a_gain_and_other_images():
+    """Each image is normalised by its own statistics: a gain on the image leaves its features as they were (an
+    offset would not, quite: the convolutions' zero padding sees it at the borders), and so does the rest of the batch, in train and eval mode alike (the BatchNorm ``cnn`` differs)."""
+    x = torch.rand(4, 1, 32, 32)
+    inst = build_model("cnn-in", in_channels=1, num_classes=2, feature_dim=64, seed=0)
+    plain = build_model("cnn", in_channels=1, num_classes=2, feature_dim=64, seed=0).eval()
+    for mode in (True, False):
+        inst.train(mode)
+        with torch.no_grad():
+            f = inst.features(x)
+            assert torch.allclose(inst.features(3.0 * x), f, atol=1e-4)
+            assert torch.allclose(inst.features(x[:1]), f[:1], atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(plain.features(3.0 * x), plain.features(x), atol=1e-2)
