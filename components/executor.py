@@ -315,8 +315,8 @@ class SiteExecutor(Executor):
                                "has the reason)") from exc  # fmt: skip
         try:
             wire, spent = pipeline.protect(rnd, participants, to_numpy(upload.sums), events)
-        except MedsiloError:
-            checkpoint.restore_snapshot(state.client, before)
+        except BaseException:  # whatever stopped the upload: nothing left, so nothing of the round may stay (class
+            checkpoint.restore_snapshot(state.client, before)  # counts drawn for it included: they were not charged)
             raise
         # after the ledger entry: a checkpoint that cannot be written stops the reply (the ledger then shows an
         # upload that never left, and the round cannot be uploaded again)

@@ -270,13 +270,20 @@ class Client:
             return None
         if dp is None:
             return log_prior(self.setup.data.train.class_counts(self.setup.num_classes))
+        if not self._counts_under_dp():  # a draw once_dp_events did not declare would go uncharged
+            raise DPError(f"{type(self).__module__}: trains with DP-SGD but does not declare it (trains_with_dp_sgd); "
+                          "refusing to draw class counts that no event charges")  # fmt: skip
         if self.released_counts is None:
             if dp.count_noise_multiplier is None:
                 raise DPError("a logit-adjusted DP-SGD round needs count_noise_multiplier (DPRelease.from_spec); "
                               "refusing to read the true class counts")  # fmt: skip
             self.released_counts = gaussian_counts(self.setup.data.train.labels, self.setup.num_classes,
                                                    dp.count_noise_multiplier, dp.generator)  # fmt: skip
-        return log_prior(self.released_counts)
+        counts = self.released_counts
+        if counts.shape != (self.setup.num_classes,) or counts.dtype != torch.float64 or not bool(counts.isfinite().all()):
+            raise DPError(f"the class counts this job drew are malformed ({tuple(counts.shape)}, {counts.dtype}; "
+                          "a damaged checkpoint?); refusing to train on them")  # fmt: skip
+        return log_prior(counts)
 
     def fit(
         self,

@@ -154,3 +154,53 @@ def test_calibration_composes_the_once_charged_draw_into_the_target():
     assert PrivacyAccountant(delta=1e-5).cost(*events)[1] == pytest.approx(8.0, abs=1e-3)
     with pytest.raises(DPError, match="once-charged"):
         dpsgd_noise_for_epsilon(0.5, 50, 1e-5, once=[GaussianEvent(noise_multiplier=0.5)], **kwargs)
+
+
+def test_counts_restored_malformed_or_drawn_by_an_undeclared_dp_sgd_path_are_refused():
+    from medsilo.components.algorithms import local
+
+    client = fedavg.Client(tiny_setup(n=12, labels=SKEW, loss="logit-adjusted"), fedavg.Config(dp_form="dp-sgd"))
+    for bad in (torch.full((3,), float("nan"), dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64),
+                torch.ones(3, dtype=torch.int64)):  # fmt: skip
+        client.released_counts = bad  # e.g. from a damaged checkpoint
+        with pytest.raises(DPError, match="malformed"):
+            client.logit_shift(_dp())
+    # an algorithm whose private round would train with DP-SGD without declaring it: the draw is refused
+    undeclared = local.Client(tiny_setup(n=12, labels=SKEW, loss="logit-adjusted"), local.Config())
+    with pytest.raises(DPError, match="does not declare"):
+        undeclared.logit_shift(_dp())
+    assert undeclared.released_counts is None
+
+
+def test_an_upload_that_fails_for_any_reason_takes_the_rounds_count_draw_with_it():
+    """Round 1 draws the counts, then sealing the upload fails with an error no pipeline check raises (memory
+    exhausted by a large CKKS body, say): nothing was charged, so the client must not keep the draw — the next
+    round draws and declares it again. The pipeline is the real check-then-charge order with the failure injected."""
+    from types import SimpleNamespace
+
+    from medsilo.components.executor import SiteExecutor, _SiteState
+
+    class SealFails:
+        noised = True
+
+        def __init__(self):
+            self.checked: list = []
+
+        def noise(self, rnd, events):
+            self.checked.append(list(events))
+            return _dp()
+
+        def protect(self, rnd, participants, arrays, events):
+            raise MemoryError("sealing ran out of memory")
+
+    client = fedavg.Client(tiny_setup(n=12, labels=SKEW, loss="logit-adjusted"), fedavg.Config(dp_form="dp-sgd"))
+    executor = SiteExecutor.__new__(SiteExecutor)  # only _train runs: no NVFlare context needed before protect
+    executor._spec = SimpleNamespace(privacy=SimpleNamespace(dp=SPEC))
+    pipeline = SealFails()
+    state = _SiteState(client=client, data=client.setup.data, batch_size=4, pipeline=pipeline,
+                       events=client.dp_events(SPEC), seed=0)  # fmt: skip
+    with pytest.raises(MemoryError):
+        executor._train("a", 1, ["a"], state, None)
+    assert pipeline.checked[0][0] == GaussianEvent(noise_multiplier=2.0)  # the draw was declared and checked
+    assert client.released_counts is None  # and, never charged, not kept
+    assert client.once_dp_events(SPEC) == [GaussianEvent(noise_multiplier=2.0)]
