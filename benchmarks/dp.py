@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
               for eps in sorted(args.epsilons)}  # fmt: skip
     variants = {REFERENCES[ref]: {} if ref == "none" else dp(CLIP_ONLY_SIGMA) for ref in args.references}
     variants |= {f"eps {eps:g}": dp(sigma) for eps, sigma in sorted(sigmas.items(), reverse=True)}
-    runs = run_variants(variants, base, sites_yml, WORK / "dp_runs")
+    runs = run_variants(variants, base, sites_yml, WORK / "dp_runs" / name)  # a folder per settings: never shared
     settings = {k: v for k, v in vars(args).items() if k != "out"} | {
         "models": models, "delta": DELTA, "train_sizes": sizes,
         "sigmas": {f"{e:g}": s for e, s in sigmas.items()}}  # fmt: skip
