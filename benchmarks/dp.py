@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epsilons", nargs="*", type=float, default=[1.0, 4.0, 8.0], help="target ε of the whole job")
     parser.add_argument("--clip", type=float, default=1.0, help="L2 bound of each feature vector")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="L2 bound of each image's gradient")
-    parser.add_argument("--model", default="cnn", help="FedAvg's backbone at every hospital (e.g. cnn-in)")
+    parser.add_argument("--model", default=None,
+                        help="one backbone at every hospital (e.g. cnn-in); default: FedAvg the cnn, FedProto the "
+                             "HtFL benchmark's three families")  # fmt: skip
     parser.add_argument("--count-noise", type=float, default=5.0,
                         help="privacy.dp.count_noise_multiplier (with --loss logit-adjusted: the class counts' σ)")  # fmt: skip
     parser.add_argument("--references", nargs="*", choices=list(REFERENCES), default=list(REFERENCES),
@@ -92,20 +94,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     release = args.algorithm == "fedproto"
+    ran = [*(f"eps{e:g}" for e in sorted(args.epsilons)), *args.references]  # a partial run names its rows
+    full = args.references == parser.get_default("references") and args.epsilons == parser.get_default("epsilons")
+    rows = "" if full else "_" + "_".join(ran)
+    clip = "" if args.grad_clip == parser.get_default("grad_clip") else f"_G{args.grad_clip:g}"
     if release:
         req, sites_yml = hospitals(args, "htfl")  # the HtFL benchmark's hospitals (cached, shared)
-        models = backbones(args.sites)
+        models = backbones(args.sites) if args.model is None else args.model
         base = base_spec(args, req, model=models, algorithm={"name": "fedproto"})
-        name = f"dp_fedproto_seed{args.seed}"
+        # the original table's file keeps its name; a run with one backbone everywhere names its settings
+        name = f"dp_fedproto_seed{args.seed}" if args.model is None else \
+            f"dp_fedproto_{settings_tag(args)}_{args.model}{clip}{rows}_seed{args.seed}"  # fmt: skip
     else:
         req, sites_yml = hospitals(args, "pfl")  # the pFL benchmark's hospitals
-        models = args.model
+        models = args.model or "cnn"
         base = base_spec(args, req, model=models, algorithm={"name": "fedavg", "params": {"dp_form": "dp-sgd"}})
-        ran = [*(f"eps{e:g}" for e in sorted(args.epsilons)), *args.references]  # a partial run names its rows
-        full = args.references == parser.get_default("references") and args.epsilons == parser.get_default("epsilons")
-        rows = "" if full else "_" + "_".join(ran)
-        model = "" if args.model == "cnn" else f"_{args.model}"
-        clip = "" if args.grad_clip == parser.get_default("grad_clip") else f"_G{args.grad_clip:g}"
+        model = "" if models == "cnn" else f"_{models}"
         name = f"dp_fedavg_{settings_tag(args)}{model}{clip}{rows}_seed{args.seed}"
     sizes = train_sizes(sites_yml)
     smallest = min(sizes.values())
