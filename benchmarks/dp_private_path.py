@@ -12,7 +12,7 @@ the sum divided by the expected batch) — and changes one thing at a time:
   ``public``: before each round and after averaging, the statistics are re-estimated on *public* images — synthetic
   hospitals made by ``medsilo synth`` with another seed (:data:`PUBLIC_SEED`), which no site's records enter, so
   they cost no privacy; or ``groupnorm``: every ``BatchNorm2d`` replaced by ``GroupNorm(8, C)`` (per image, so
-  DP-compatible); or ``instancenorm``: every ``BatchNorm2d`` replaced by ``GroupNorm(C, C)``, instance
+  DP-compatible); or ``instancenorm``: the zoo's ``cnn-in``, ``GroupNorm(C, C)`` in place of every BatchNorm, instance
   normalisation with a learned scale and shift (per image and channel, so DP-compatible, and blind to a scanner's
   gain); or ``train`` (``--step sgd`` only): train-mode batch statistics, what the non-private jobs use;
   or ``site``: eval mode on statistics each site estimates on its own training images, frozen while it trains and
@@ -62,10 +62,12 @@ import torch
 from benchmarks.runner import WORK, add_hospital_args, hospitals
 from medsilo.components.training import (
     evaluate_split,
+    log_prior,
     lr_factor,
     make_optimizer,
     per_record_gradients,
     recalibrate_batchnorm,
+    task_loss,
 )
 from medsilo.config import read_manifest
 from medsilo.config.site import load_sites_file
@@ -115,9 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pooled:
         trains = [Pooled(trains)]
     public = public_images(args, classes) if args.batchnorm == "public" or args.public_pretrain else None
-    model = build_model("cnn", in_channels=1, num_classes=len(classes), feature_dim=64, seed=args.seed)
-    if args.batchnorm in ("groupnorm", "instancenorm"):
-        use_groupnorm(model, per_channel=args.batchnorm == "instancenorm")
+    backbone = "cnn-in" if args.batchnorm == "instancenorm" else "cnn"  # the zoo's instance-normalised cnn
+    model = build_model(backbone, in_channels=1, num_classes=len(classes), feature_dim=64, seed=args.seed)
+    if args.batchnorm == "groupnorm":
+        use_groupnorm(model)
     generators = [torch.Generator().manual_seed(args.seed * 1000 + i) for i in range(len(sites))]
     history, start = [], time.time()
     if args.public_pretrain:
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         for train, generator in zip(trains, generators):
             local = copy.deepcopy(model)
             weights = site_weights(train.labels, len(classes), args.post_clip_weights)
-            adjust = log_prior(train.labels, len(classes)) if args.logit_adjust else None
+            adjust = label_prior(train.labels, len(classes)) if args.logit_adjust else None
             if args.batchnorm == "site":
                 recalibrate_batchnorm(local, torch.utils.data.DataLoader(train, batch_size=100))
             trained = trained_parameters(local, args.train)
@@ -185,7 +188,7 @@ def pretrain(model: torch.nn.Module, public: torch.utils.data.Dataset, args: arg
     privacy cost), ``args.public_pretrain`` epochs in batches of :data:`PRETRAIN_BATCH`, at :data:`PRETRAIN_LR` on a
     cosine schedule, each image's loss logit-adjusted by the public class prior; BatchNorm (if any) in train mode."""
     labels = torch.cat([torch.as_tensor(part.labels) for part in public.datasets])
-    adjust = log_prior(labels, model.num_classes)
+    adjust = label_prior(labels, model.num_classes)
     ones = torch.ones(model.num_classes, dtype=torch.float64)
     for epoch in range(1, args.public_pretrain + 1):
         lr = PRETRAIN_LR * lr_factor("cosine", epoch, args.public_pretrain)
@@ -221,16 +224,14 @@ class Pooled(torch.utils.data.ConcatDataset):
         self.labels = torch.cat([part.labels for part in parts])
 
 
-def use_groupnorm(model: torch.nn.Module, per_channel: bool = False) -> None:
-    """Replace every ``BatchNorm2d`` of ``model`` in place by ``GroupNorm(8, C)`` (``--batchnorm groupnorm``) or,
-    with ``per_channel``, by ``GroupNorm(C, C)`` — instance normalisation with a learned scale and shift
-    (``--batchnorm instancenorm``), which takes each image's own mean and spread out of every channel."""
+def use_groupnorm(model: torch.nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` of ``model`` in place by ``GroupNorm(8, C)`` (``--batchnorm groupnorm``).
+    ``--batchnorm instancenorm`` builds the zoo's ``cnn-in`` instead (``GroupNorm(C, C)``, same initial weights)."""
     for name, child in model.named_children():
         if isinstance(child, torch.nn.BatchNorm2d):
-            c = child.num_features
-            setattr(model, name, torch.nn.GroupNorm(c if per_channel else 8, c))
+            setattr(model, name, torch.nn.GroupNorm(8, child.num_features))
         else:
-            use_groupnorm(child, per_channel)
+            use_groupnorm(child)
 
 
 def site_weights(labels: torch.Tensor, k: int, post_clip: bool) -> torch.Tensor:
@@ -241,21 +242,10 @@ def site_weights(labels: torch.Tensor, k: int, post_clip: bool) -> torch.Tensor:
     return (counts.sum() / k / counts).clamp(max=1.0)
 
 
-def log_prior(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """``(K,)`` ``log(n_y / N)`` of a site's labels (a class with no image counts as one), for ``--logit-adjust``."""
-    counts = torch.bincount(labels, minlength=k).float().clamp_min(1)
-    return (counts / counts.sum()).log()
-
-
-def adjusted_loss(adjust: torch.Tensor):
-    """The extra loss that turns each record's cross-entropy on ``logits`` into cross-entropy on ``logits +
-    adjust`` (the logit-adjusted loss; the model still predicts with its plain logits)."""
-
-    def extra(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = torch.nn.functional.cross_entropy
-        return ce(logits + adjust, labels) - ce(logits, labels)
-
-    return extra
+def label_prior(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``(K,)`` ``log(n_y / N)`` of a site's labels, for ``--logit-adjust``: the jobs' own
+    :func:`~medsilo.components.training.log_prior` of their counts (a class with no image counts as one)."""
+    return log_prior(torch.bincount(labels, minlength=k))
 
 
 def dp_sgd_epoch(model, data, optimizer, batch_size: int, clip: float, sigma: float, generator, weights,
@@ -264,7 +254,6 @@ def dp_sgd_epoch(model, data, optimizer, batch_size: int, clip: float, sigma: fl
     (:func:`~medsilo.secure.dp.clipped_gradient_sum`) scaled by ``weights[class]``, each record's loss the
     logit-adjusted one when ``adjust`` (a ``(K,)`` log prior) is given; with unit weights and no ``adjust`` it is
     :func:`~medsilo.components.training.private_epochs`' step."""
-    extra = None if adjust is None else adjusted_loss(adjust)
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trained = {name: p for name, p in model.named_parameters() if id(p) in stepped}
     n = len(data)
@@ -274,7 +263,7 @@ def dp_sgd_epoch(model, data, optimizer, batch_size: int, clip: float, sigma: fl
         total = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in trained.items()}
         if len(batch):
             x, y = torch.utils.data.default_collate([data[int(i)] for i in batch])
-            grads, _ = per_record_gradients(model, x, y, params=trained.values(), extra_loss=extra)
+            grads, _ = per_record_gradients(model, x, y, params=trained.values(), logit_shift=adjust)
             for c in torch.unique(y):
                 for name, g in clipped_gradient_sum({k: v[y == c] for k, v in grads.items()}, clip).items():
                     total[name] += float(weights[c]) * g
@@ -294,8 +283,7 @@ def sgd_epoch(model, data, optimizer, batch_size: int, generator, weights, train
     model.train(train_mode)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
     for x, y in loader:
-        logits = model(x) if adjust is None else model(x) + adjust
-        loss = torch.nn.functional.cross_entropy(logits, y, weight=weights.float())
+        loss = task_loss(model(x), y, weights.float(), adjust)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -115,7 +115,7 @@ def settings_tag(args: argparse.Namespace) -> str:
     if (args.lr_schedule, args.warmup_rounds, args.weight_decay, args.class_weights) != ("constant", 0, 0.0, "none"):
         tag += (f"_lr{args.lr:g}_{args.lr_schedule}{args.warmup_rounds}_wd{args.weight_decay:g}"
                 f"{'_balanced' if args.class_weights == 'balanced' else ''}")  # fmt: skip
-    if getattr(args, "loss", "cross-entropy") != "cross-entropy":
+    if args.loss != "cross-entropy":
         tag += "_logitadj"
     return tag
 
@@ -142,7 +142,7 @@ def recipe(args: argparse.Namespace) -> dict[str, Any]:
     return {"rounds": args.rounds, "local_epochs": args.local_epochs, "batch_size": args.batch_size, "lr": args.lr,
             "optimizer": "sgd", "momentum": 0.9, "lr_schedule": args.lr_schedule,
             "warmup_rounds": args.warmup_rounds, "weight_decay": args.weight_decay,
-            "class_weights": args.class_weights, "loss": getattr(args, "loss", "cross-entropy")}  # fmt: skip
+            "class_weights": args.class_weights, "loss": args.loss}  # fmt: skip
 
 
 def run_variants(variants: dict[str, dict[str, Any]], base: dict[str, Any], sites_yml: Path,

@@ -693,7 +693,7 @@ class DPRelease:
         the site's generator."""
         return cls(clip=spec.clip, noise_multiplier=spec.noise_multiplier, generator=generator,
                    grad_clip=spec.grad_clip, sgd_noise_multiplier=spec.sgd_noise_multiplier,
-                   count_noise_multiplier=getattr(spec, "count_noise_multiplier", None))  # fmt: skip
+                   count_noise_multiplier=spec.count_noise_multiplier)  # fmt: skip
 
     def sgd(self) -> tuple[float, float]:
         """``(G, σ_sgd)`` for DP-SGD training.
